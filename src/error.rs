@@ -1,0 +1,75 @@
+//! The one error type of the library.
+//!
+//! Every message is written for the person running the engine: it says what was wrong and,
+//! where there is one, what to change. The binary prints it on one line.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in tcd-ort.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A request or option the user supplied is out of range or inconsistent.
+    #[error("{0}")]
+    InvalidInput(String),
+    /// Reading or writing a file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// What the operating system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A model directory is missing a file, or a file in it is malformed.
+    #[error("model {}: {message}", dir.display())]
+    Model {
+        /// The model directory (or file) involved.
+        dir: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// ONNX Runtime could not be found, loaded, or failed while running a graph.
+    #[error("ONNX Runtime: {0}")]
+    Runtime(String),
+    /// The tokenizer files could not be read or text could not be encoded.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// An input image could not be read, or an output image could not be written.
+    #[error("image {}: {message}", path.display())]
+    Image {
+        /// The image file involved.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The progress callback asked to stop.
+    #[error("generation cancelled")]
+    Cancelled,
+}
+
+impl Error {
+    /// Shorthand for [`Error::InvalidInput`].
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Error::InvalidInput(message.into())
+    }
+
+    /// Shorthand for [`Error::Io`].
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// Shorthand for [`Error::Model`].
+    pub fn model(dir: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::Model {
+            dir: dir.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

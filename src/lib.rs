@@ -1,0 +1,8 @@
+//! tcd-ort: Trajectory Consistency Distillation Stable Diffusion on ONNX Runtime.
+
+pub mod error;
+pub mod rng;
+pub mod sampler;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

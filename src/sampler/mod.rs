@@ -1,0 +1,3 @@
+//! Samplers.
+
+pub mod tcd;

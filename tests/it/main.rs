@@ -1,0 +1,3 @@
+//! All integration tests, compiled as one binary.
+
+mod common;
