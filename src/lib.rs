@@ -6,3 +6,5 @@ pub mod sampler;
 pub mod tokenizer;
 
 pub use error::{Error, Result};
+pub mod model;
+pub mod runtime;

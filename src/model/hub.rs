@@ -1,0 +1,203 @@
+//! Resolving Hugging Face hub ids into local directories through the shared hub cache.
+//!
+//! `--model owner/name` downloads only what an ONNX pipeline or a LoRA needs into the standard
+//! cache (`$HF_HOME/hub`, default `~/.cache/huggingface/hub`), the same one Python's
+//! `huggingface_hub` uses. `HF_ENDPOINT` selects a mirror; with `HF_HUB_OFFLINE=1` nothing is
+//! requested and the cache must already hold the files.
+
+use std::path::{Path, PathBuf};
+
+use hf_hub::api::sync::ApiBuilder;
+use hf_hub::{Cache, Repo, RepoType};
+
+use crate::{Error, Result};
+
+/// The top-level entries of a repository that an ONNX pipeline needs.
+const PIPELINE_ENTRIES: &[&str] = &[
+    "model_index.json",
+    "tcd_ort.json",
+    "scheduler",
+    "tokenizer",
+    "tokenizer_2",
+    "text_encoder",
+    "text_encoder_2",
+    "unet",
+    "vae_decoder",
+    "vae_encoder",
+];
+
+/// Files fetched from a pipeline repository's component folders.
+fn wanted_pipeline_file(name: &str) -> bool {
+    let mut parts = name.splitn(2, '/');
+    let top = parts.next().unwrap_or_default();
+    if !PIPELINE_ENTRIES.contains(&top) {
+        return false;
+    }
+    match parts.next() {
+        None => true,
+        // Only the ONNX graphs, their external data, configs and tokenizer files: a mixed
+        // repository may also hold multi-gigabyte PyTorch weights we never read.
+        Some(rest) => {
+            !rest.contains('/')
+                && (rest.ends_with(".onnx")
+                    || rest.ends_with(".onnx_data")
+                    || rest.ends_with(".onnx.data")
+                    || rest.ends_with(".json")
+                    || rest.ends_with(".txt"))
+        }
+    }
+}
+
+/// Whether `s` looks like `owner/name` rather than a local path.
+pub fn looks_like_hub_id(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p != &"."
+                && p != &".."
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        })
+}
+
+fn offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE")
+        .map(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "yes" | "ON" | "on"))
+        .unwrap_or(false)
+}
+
+fn repo(id: &str, revision: Option<&str>) -> Repo {
+    match revision {
+        Some(rev) => Repo::with_revision(id.to_string(), RepoType::Model, rev.to_string()),
+        None => Repo::new(id.to_string(), RepoType::Model),
+    }
+}
+
+/// The cached copy of `file` in `id`, if any.
+fn cached(id: &str, revision: Option<&str>, file: &str) -> Option<PathBuf> {
+    Cache::from_env().repo(repo(id, revision)).get(file)
+}
+
+fn hub_error(id: &str, what: &str, e: impl std::fmt::Display) -> Error {
+    Error::model(
+        id,
+        format!(
+            "{what}: {e} (no network? set HF_HUB_OFFLINE=1 to use the local cache at {}, or \
+             give a local directory)",
+            Cache::from_env().path().display()
+        ),
+    )
+}
+
+/// Resolves a pipeline repository to its snapshot directory, downloading what is missing.
+pub fn resolve_pipeline(id: &str, revision: Option<&str>) -> Result<PathBuf> {
+    if offline() {
+        let index = cached(id, revision, "model_index.json").ok_or_else(|| {
+            Error::model(
+                id,
+                format!(
+                    "HF_HUB_OFFLINE is set and the hub cache at {} has no copy of this model",
+                    Cache::from_env().path().display()
+                ),
+            )
+        })?;
+        return snapshot_dir(&index, id);
+    }
+    let api = ApiBuilder::from_env()
+        .with_progress(true)
+        .build()
+        .map_err(|e| hub_error(id, "could not start the hub client", e))?;
+    let remote = api.repo(repo(id, revision));
+    let info = remote
+        .info()
+        .map_err(|e| hub_error(id, "could not list the repository", e))?;
+    let files: Vec<String> = info
+        .siblings
+        .into_iter()
+        .map(|s| s.rfilename)
+        .filter(|f| wanted_pipeline_file(f))
+        .collect();
+    if !files.iter().any(|f| f == "model_index.json") {
+        return Err(Error::model(
+            id,
+            "the repository has no model_index.json: it is not a diffusers/ONNX pipeline",
+        ));
+    }
+    if !files.iter().any(|f| f.ends_with(".onnx")) {
+        return Err(Error::model(
+            id,
+            "the repository holds no ONNX graphs; export it first with `python -m export convert ID DIR`",
+        ));
+    }
+    let mut index_path = None;
+    for file in &files {
+        let local = remote
+            .get(file)
+            .map_err(|e| hub_error(id, &format!("could not download {file}"), e))?;
+        if file == "model_index.json" {
+            index_path = Some(local);
+        }
+    }
+    let index = index_path.ok_or_else(|| Error::model(id, "model_index.json was not fetched"))?;
+    snapshot_dir(&index, id)
+}
+
+/// Resolves one file of a repository (a LoRA, say), downloading it when missing.
+pub fn resolve_file(id: &str, revision: Option<&str>, file: &str) -> Result<PathBuf> {
+    if offline() {
+        return cached(id, revision, file).ok_or_else(|| {
+            Error::model(
+                id,
+                format!(
+                    "HF_HUB_OFFLINE is set and the hub cache at {} has no copy of {file}",
+                    Cache::from_env().path().display()
+                ),
+            )
+        });
+    }
+    let api = ApiBuilder::from_env()
+        .with_progress(true)
+        .build()
+        .map_err(|e| hub_error(id, "could not start the hub client", e))?;
+    api.repo(repo(id, revision))
+        .get(file)
+        .map_err(|e| hub_error(id, &format!("could not download {file}"), e))
+}
+
+fn snapshot_dir(index: &Path, id: &str) -> Result<PathBuf> {
+    index
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| Error::model(id, "the cached model_index.json has no parent directory"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_ids_are_told_apart_from_paths() {
+        assert!(looks_like_hub_id("h1t/TCD-SD15-LoRA"));
+        assert!(looks_like_hub_id(
+            "stabilityai/stable-diffusion-xl-base-1.0"
+        ));
+        assert!(!looks_like_hub_id("models/tiny-sd15/extra"));
+        assert!(!looks_like_hub_id("./model"));
+        assert!(!looks_like_hub_id("../x"));
+        assert!(!looks_like_hub_id("plain"));
+    }
+
+    #[test]
+    fn only_pipeline_files_are_fetched() {
+        assert!(wanted_pipeline_file("model_index.json"));
+        assert!(wanted_pipeline_file("unet/model.onnx"));
+        assert!(wanted_pipeline_file("unet/model.onnx_data"));
+        assert!(wanted_pipeline_file("tokenizer/merges.txt"));
+        assert!(!wanted_pipeline_file(
+            "unet/diffusion_pytorch_model.safetensors"
+        ));
+        assert!(!wanted_pipeline_file("README.md"));
+        assert!(!wanted_pipeline_file("unet/sub/model.onnx"));
+    }
+}

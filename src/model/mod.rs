@@ -1,0 +1,272 @@
+//! Model directories: the optimum-compatible layout tcd-ort reads, its configs and manifest,
+//! and resolution of Hugging Face hub ids.
+//!
+//! ```text
+//! model_index.json            pipeline class, SDXL's force_zeros_for_empty_prompt
+//! scheduler/scheduler_config.json
+//! tokenizer/  (+ tokenizer_2/)   tokenizer.json, or vocab.json + merges.txt
+//! text_encoder/ (+ text_encoder_2/)  model.onnx [+ model.onnx_data], config.json
+//! unet/ vae_decoder/ vae_encoder/    model.onnx [+ model.onnx_data], config.json
+//! tcd_ort.json                 written by tcd-ort's exporter (optional)
+//! ```
+
+pub mod hub;
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::{Error, Result};
+
+/// The model family, which decides how prompts are conditioned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// Stable Diffusion 1.x.
+    Sd15,
+    /// Stable Diffusion 2.x (base or v-prediction).
+    Sd21,
+    /// Stable Diffusion XL (two text encoders, pooled embeddings, time ids).
+    Sdxl,
+}
+
+impl Family {
+    /// Whether prompts are conditioned the SDXL way.
+    pub fn is_xl(self) -> bool {
+        self == Family::Sdxl
+    }
+}
+
+/// The `tcd_ort.json` manifest written by the exporter; every field is optional so that older or
+/// foreign directories still load.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Manifest {
+    /// Format version of the manifest.
+    #[serde(default)]
+    pub format_version: u32,
+    /// The model family.
+    pub family: Option<Family>,
+    /// `epsilon`, `v_prediction` or `sample`.
+    pub prediction_type: Option<String>,
+    /// `float32` or `float16`.
+    pub dtype: Option<String>,
+    /// Whether ONNX initializers keep their PyTorch parameter names.
+    #[serde(default)]
+    pub weights_keep_names: bool,
+}
+
+/// The parts of `unet/config.json` the pipelines read.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UnetConfig {
+    /// Latent channels the UNet takes (4, or 9 for inpainting UNets).
+    #[serde(default = "default_in_channels")]
+    pub in_channels: usize,
+    /// Default latent edge length; the default image size is this times the VAE scale factor.
+    pub sample_size: Option<usize>,
+    /// Width of the guidance embedding of guidance-distilled UNets (LCM); disables CFG.
+    pub time_cond_proj_dim: Option<usize>,
+    /// SDXL's `addition_time_embed_dim`.
+    pub addition_time_embed_dim: Option<usize>,
+    /// SDXL's `projection_class_embeddings_input_dim`.
+    pub projection_class_embeddings_input_dim: Option<usize>,
+}
+
+fn default_in_channels() -> usize {
+    4
+}
+
+/// The parts of the VAE's `config.json` the pipelines read.
+#[derive(Debug, Clone, Deserialize)]
+pub struct VaeConfig {
+    /// Channel widths per block; the spatial scale factor is `2^(len - 1)`.
+    #[serde(default = "default_vae_blocks")]
+    pub block_out_channels: Vec<usize>,
+    /// Latent channels.
+    #[serde(default = "default_in_channels")]
+    pub latent_channels: usize,
+    /// Latents are multiplied by this after encoding and divided before decoding.
+    #[serde(default = "default_scaling_factor")]
+    pub scaling_factor: f32,
+    /// Per-channel latent means (some SDXL fine-tunes).
+    pub latents_mean: Option<Vec<f32>>,
+    /// Per-channel latent standard deviations (some SDXL fine-tunes).
+    pub latents_std: Option<Vec<f32>>,
+}
+
+fn default_vae_blocks() -> Vec<usize> {
+    vec![128, 256, 512, 512]
+}
+
+fn default_scaling_factor() -> f32 {
+    0.18215
+}
+
+impl VaeConfig {
+    /// Image pixels per latent pixel along each axis, as diffusers computes it.
+    pub fn scale_factor(&self) -> usize {
+        1 << self.block_out_channels.len().saturating_sub(1)
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+struct ModelIndex {
+    #[serde(rename = "_class_name")]
+    class_name: Option<String>,
+    force_zeros_for_empty_prompt: Option<bool>,
+}
+
+/// A model directory on disk, checked and with its configs read.
+#[derive(Debug, Clone)]
+pub struct ModelDir {
+    root: PathBuf,
+    family: Family,
+    manifest: Option<Manifest>,
+    class_name: Option<String>,
+    force_zeros_for_empty_prompt: bool,
+    /// The UNet's config.
+    pub unet: UnetConfig,
+    /// The VAE's config (from `vae_decoder/`).
+    pub vae: VaeConfig,
+    /// The raw scheduler config, for [`crate::sampler::tcd::TcdConfig`].
+    pub scheduler_config: serde_json::Value,
+    /// `projection_dim` of `text_encoder_2` (SDXL), used for the time ids check.
+    pub text_encoder_2_projection_dim: Option<usize>,
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Error::model(path, "missing file")
+        } else {
+            Error::io(path, e)
+        }
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::model(path, format!("invalid JSON: {e}")))
+}
+
+impl ModelDir {
+    /// Opens a model directory, checking that the components text-to-image needs are present.
+    pub fn open(root: impl AsRef<Path>) -> Result<Self> {
+        let root = root.as_ref().to_path_buf();
+        if !root.is_dir() {
+            return Err(Error::model(
+                &root,
+                "not a directory (give a model directory exported by `python -m export`, an \
+                 optimum-cli ONNX export, or a Hugging Face hub id)",
+            ));
+        }
+        let index: ModelIndex = read_json(&root.join("model_index.json"))?;
+        let manifest_path = root.join("tcd_ort.json");
+        let manifest: Option<Manifest> = if manifest_path.is_file() {
+            Some(read_json(&manifest_path)?)
+        } else {
+            None
+        };
+        for component in ["text_encoder", "unet", "vae_decoder"] {
+            let graph = root.join(component).join("model.onnx");
+            if !graph.is_file() {
+                return Err(Error::model(
+                    &root,
+                    format!("{component}/model.onnx is missing"),
+                ));
+            }
+        }
+        let has_second_encoder = root.join("text_encoder_2").join("model.onnx").is_file();
+        let unet: UnetConfig = read_json(&root.join("unet").join("config.json"))?;
+        let vae: VaeConfig = read_json(&root.join("vae_decoder").join("config.json"))?;
+        let scheduler_config: serde_json::Value =
+            read_json(&root.join("scheduler").join("scheduler_config.json"))?;
+        let class_is_xl = index
+            .class_name
+            .as_deref()
+            .is_some_and(|c| c.contains("XL"));
+        let family = match manifest.as_ref().and_then(|m| m.family) {
+            Some(f) => f,
+            None if has_second_encoder || class_is_xl => Family::Sdxl,
+            None => {
+                let te: serde_json::Value =
+                    read_json(&root.join("text_encoder").join("config.json")).unwrap_or_default();
+                // SD 2.x uses OpenCLIP ViT-H (1024 wide); SD 1.x CLIP ViT-L (768).
+                if te.get("hidden_size").and_then(|v| v.as_u64()) == Some(1024) {
+                    Family::Sd21
+                } else {
+                    Family::Sd15
+                }
+            }
+        };
+        if family.is_xl() && !has_second_encoder {
+            return Err(Error::model(
+                &root,
+                "an SDXL model needs text_encoder_2/model.onnx, which is missing",
+            ));
+        }
+        let text_encoder_2_projection_dim = if family.is_xl() {
+            let te2: serde_json::Value =
+                read_json(&root.join("text_encoder_2").join("config.json")).unwrap_or_default();
+            te2.get("projection_dim")
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+        } else {
+            None
+        };
+        if vae.block_out_channels.is_empty() {
+            return Err(Error::model(
+                root.join("vae_decoder").join("config.json"),
+                "block_out_channels is empty",
+            ));
+        }
+        Ok(ModelDir {
+            force_zeros_for_empty_prompt: index
+                .force_zeros_for_empty_prompt
+                .unwrap_or(family.is_xl()),
+            class_name: index.class_name,
+            root,
+            family,
+            manifest,
+            unet,
+            vae,
+            scheduler_config,
+            text_encoder_2_projection_dim,
+        })
+    }
+
+    /// The directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The model family.
+    pub fn family(&self) -> Family {
+        self.family
+    }
+
+    /// The manifest, when the exporter wrote one.
+    pub fn manifest(&self) -> Option<&Manifest> {
+        self.manifest.as_ref()
+    }
+
+    /// The pipeline class named in `model_index.json`.
+    pub fn class_name(&self) -> Option<&str> {
+        self.class_name.as_deref()
+    }
+
+    /// SDXL: whether an absent negative prompt means zero embeddings (as diffusers does).
+    pub fn force_zeros_for_empty_prompt(&self) -> bool {
+        self.force_zeros_for_empty_prompt
+    }
+
+    /// The `model.onnx` of a component.
+    pub fn graph_path(&self, component: &str) -> PathBuf {
+        self.root.join(component).join("model.onnx")
+    }
+
+    /// Whether a component is present.
+    pub fn has_component(&self, component: &str) -> bool {
+        self.graph_path(component).is_file()
+    }
+
+    /// The default image edge length: the UNet's sample size times the VAE scale factor.
+    pub fn default_image_size(&self) -> usize {
+        self.unet.sample_size.unwrap_or(64) * self.vae.scale_factor()
+    }
+}

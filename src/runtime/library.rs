@@ -1,0 +1,254 @@
+//! Finding and loading the ONNX Runtime shared library.
+//!
+//! tcd-ort links ONNX Runtime dynamically so one binary can run on whichever build the user
+//! installed (CPU, CUDA/TensorRT, DirectML, CoreML). The search order is:
+//!
+//! 1. an explicit path (`--ort-lib`), a file or a directory holding the library;
+//! 2. the `ORT_DYLIB_PATH` environment variable;
+//! 3. a project-local install made by `make setup` (`.ort/lib/` in the working directory, one of
+//!    its parents, or beside the executable);
+//! 4. the `onnxruntime` package of the active Python (`$VIRTUAL_ENV`, then `python3`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use crate::{Error, Result};
+
+/// The platform's file name prefix of the ONNX Runtime library.
+#[cfg(target_os = "windows")]
+const LIB_PREFIX: &str = "onnxruntime";
+#[cfg(not(target_os = "windows"))]
+const LIB_PREFIX: &str = "libonnxruntime";
+
+#[cfg(target_os = "windows")]
+const LIB_SUFFIX: &str = ".dll";
+#[cfg(target_os = "macos")]
+const LIB_SUFFIX: &str = ".dylib";
+#[cfg(not(any(target_os = "windows", target_os = "macos")))]
+const LIB_SUFFIX: &str = ".so";
+
+/// How to get ONNX Runtime, printed whenever it cannot be found.
+pub const INSTALL_HINT: &str = "install ONNX Runtime 1.31 with `make setup` (or `pip install \
+onnxruntime==1.31.1`; `onnxruntime-gpu` for CUDA/TensorRT, `onnxruntime-directml` on Windows) \
+or point --ort-lib / ORT_DYLIB_PATH at libonnxruntime";
+
+/// The library this process loaded, once it has: ONNX Runtime can be loaded only once per process.
+static LOADED: Mutex<Option<(PathBuf, ort::environment::Environment)>> = Mutex::new(None);
+
+/// Whether `name` is an ONNX Runtime core library file name (not a provider plugin).
+fn is_ort_library_name(name: &str) -> bool {
+    if !name.starts_with(LIB_PREFIX) {
+        return false;
+    }
+    let rest = &name[LIB_PREFIX.len()..];
+    // `libonnxruntime.so`, `libonnxruntime.so.1.31.1`, `libonnxruntime.1.31.1.dylib`
+    rest.starts_with(LIB_SUFFIX)
+        || (rest.starts_with('.') && rest.ends_with(LIB_SUFFIX) && !rest.contains('_'))
+}
+
+/// Finds the library file inside `dir`, preferring the unversioned name.
+fn library_in_dir(dir: &Path) -> Option<PathBuf> {
+    let exact = dir.join(format!("{LIB_PREFIX}{LIB_SUFFIX}"));
+    if exact.is_file() {
+        return Some(exact);
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(is_ort_library_name)
+        })
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+/// Resolves a user-supplied path: a library file, or a directory that holds one.
+fn resolve_explicit(path: &Path, origin: &str) -> Result<PathBuf> {
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    if path.is_dir() {
+        return library_in_dir(path).ok_or_else(|| {
+            Error::Runtime(format!(
+                "{origin} {} holds no {LIB_PREFIX}{LIB_SUFFIX}; {INSTALL_HINT}",
+                path.display()
+            ))
+        });
+    }
+    Err(Error::Runtime(format!(
+        "{origin} {} does not exist; {INSTALL_HINT}",
+        path.display()
+    )))
+}
+
+/// `.ort/lib` in `start` or any of its ancestors.
+fn project_local(start: &Path) -> Option<PathBuf> {
+    start
+        .ancestors()
+        .map(|dir| dir.join(".ort").join("lib"))
+        .find_map(|dir| library_in_dir(&dir))
+}
+
+/// The `onnxruntime/capi` directory of a Python environment rooted at `venv`.
+fn venv_library(venv: &Path) -> Option<PathBuf> {
+    let lib = venv.join("lib");
+    let entries = std::fs::read_dir(&lib).ok()?;
+    entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("python"))
+        })
+        .find_map(|py| library_in_dir(&py.join("site-packages").join("onnxruntime").join("capi")))
+        .or_else(|| {
+            library_in_dir(
+                &venv
+                    .join("Lib")
+                    .join("site-packages")
+                    .join("onnxruntime")
+                    .join("capi"),
+            )
+        })
+}
+
+/// Asks the active `python3` where its `onnxruntime` package lives.
+fn python_library() -> Option<PathBuf> {
+    let python = if cfg!(windows) { "python" } else { "python3" };
+    let out = Command::new(python)
+        .args([
+            "-c",
+            "import os, onnxruntime; print(os.path.join(os.path.dirname(onnxruntime.__file__), 'capi'))",
+        ])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let dir = String::from_utf8(out.stdout).ok()?;
+    library_in_dir(Path::new(dir.trim()))
+}
+
+/// Finds the ONNX Runtime library without loading it.
+pub fn find_library(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(path) = explicit {
+        return resolve_explicit(path, "--ort-lib");
+    }
+    if let Some(path) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        return resolve_explicit(Path::new(&path), "ORT_DYLIB_PATH");
+    }
+    let cwd = std::env::current_dir().ok();
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf));
+    if let Some(found) = cwd
+        .iter()
+        .chain(exe_dir.iter())
+        .find_map(|dir| project_local(dir))
+    {
+        return Ok(found);
+    }
+    if let Some(found) = std::env::var_os("VIRTUAL_ENV").and_then(|v| venv_library(Path::new(&v))) {
+        return Ok(found);
+    }
+    python_library().ok_or_else(|| {
+        Error::Runtime(format!(
+            "the ONNX Runtime library was not found; {INSTALL_HINT}"
+        ))
+    })
+}
+
+/// Loads ONNX Runtime (once per process) and returns the path it was loaded from.
+///
+/// A second call with a different explicit path is an error, since a process can hold only
+/// one ONNX Runtime.
+pub fn ensure_loaded(explicit: Option<&Path>) -> Result<PathBuf> {
+    let mut loaded = LOADED
+        .lock()
+        .map_err(|_| Error::Runtime("the runtime loader was poisoned by a panic".into()))?;
+    if let Some((path, _)) = loaded.as_ref() {
+        if let Some(wanted) = explicit {
+            let wanted = resolve_explicit(wanted, "--ort-lib")?;
+            if !same_file(&wanted, path) {
+                return Err(Error::Runtime(format!(
+                    "ONNX Runtime was already loaded from {} in this process; cannot switch to {}",
+                    path.display(),
+                    wanted.display()
+                )));
+            }
+        }
+        return Ok(path.clone());
+    }
+    let path = find_library(explicit)?;
+    let env = ort::init_from(&path)
+        .map_err(|e| {
+            Error::Runtime(format!(
+                "could not load {}: {e}; {INSTALL_HINT}",
+                path.display()
+            ))
+        })?
+        .with_name("tcd-ort")
+        .with_telemetry(false)
+        .build()
+        .map_err(|e| Error::Runtime(format!("could not create the environment: {e}")))?;
+    *loaded = Some((path.clone(), env));
+    Ok(path)
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_library_names() {
+        #[cfg(target_os = "linux")]
+        {
+            assert!(is_ort_library_name("libonnxruntime.so"));
+            assert!(is_ort_library_name("libonnxruntime.so.1.31.1"));
+            assert!(!is_ort_library_name("libonnxruntime_providers_shared.so"));
+            assert!(!is_ort_library_name("libonnxruntime_providers_cuda.so"));
+            assert!(!is_ort_library_name("libother.so"));
+        }
+    }
+
+    #[test]
+    fn explicit_missing_path_is_an_error_with_a_hint() {
+        let err = find_library(Some(Path::new("/nonexistent/libonnxruntime.so")))
+            .expect_err("a missing file must not resolve");
+        let msg = err.to_string();
+        assert!(msg.contains("does not exist"), "{msg}");
+        assert!(msg.contains("pip install onnxruntime"), "{msg}");
+    }
+
+    #[test]
+    fn directory_without_library_is_an_error() {
+        let dir = std::env::temp_dir();
+        let empty = dir.join(format!("tcd-ort-empty-{}", std::process::id()));
+        std::fs::create_dir_all(&empty).expect("temp dir");
+        let err = find_library(Some(&empty)).expect_err("an empty dir must not resolve");
+        assert!(err.to_string().contains("holds no"), "{err}");
+        let _ = std::fs::remove_dir(&empty);
+    }
+}
+
+/// The environment created by [`ensure_loaded`].
+pub(crate) fn environment() -> Result<ort::environment::Environment> {
+    let loaded = LOADED
+        .lock()
+        .map_err(|_| Error::Runtime("the runtime loader was poisoned by a panic".into()))?;
+    loaded.as_ref().map(|(_, env)| env.clone()).ok_or_else(|| {
+        Error::Runtime("ONNX Runtime is not loaded yet; call runtime::ensure_loaded first".into())
+    })
+}
