@@ -1,0 +1,139 @@
+"""Command line: `python -m export {convert,tiny,full,reference} ...`.
+
+`convert` is the default: `python -m export SOURCE OUT_DIR` means `python -m export convert
+SOURCE OUT_DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+import sys
+import time
+import warnings
+
+COMMANDS = ("convert", "tiny", "full", "reference")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m export",
+        description="Export Stable Diffusion pipelines to the ONNX model directory tcd-ort reads, "
+        "build random-weight test pipelines, and run the diffusers reference.",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="only print errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser(
+        "convert",
+        help="export a diffusers pipeline (dir, .safetensors or hub id) to ONNX (default command)",
+    )
+    c.add_argument("source", help="diffusers pipeline dir, single-file .safetensors, or hub id")
+    c.add_argument("out_dir", type=pathlib.Path, help="model directory to write")
+    c.add_argument(
+        "--config",
+        help="diffusers config dir (model_index.json + component configs) for a single-file "
+        "checkpoint, so nothing is fetched from the hub",
+    )
+    c.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+
+    for name, what in (
+        ("tiny", "tiny random-weight pipeline (tests, demo)"),
+        ("full", "full-size random-weight pipeline from export/configs (benchmarks)"),
+    ):
+        t = sub.add_parser(name, help=f"write a {what} in diffusers save_pretrained layout")
+        t.add_argument("--family", choices=("sd15", "sdxl"), required=True)
+        t.add_argument("out_dir", type=pathlib.Path)
+        t.add_argument("--seed", type=int, default=0)
+        t.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+
+    r = sub.add_parser("reference", help="run the diffusers TCD pipeline (golden outputs)")
+    r.add_argument("--model", required=True, help="diffusers pipeline dir (or hub id)")
+    r.add_argument("--cases", type=pathlib.Path, help="JSON list of cases (batch mode)")
+    r.add_argument("--prompt")
+    r.add_argument("--negative-prompt", default=None)
+    r.add_argument("--steps", type=int, default=4)
+    r.add_argument("--eta", type=float, default=0.3)
+    r.add_argument("--guidance", type=float, default=0.0)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--width", type=int)
+    r.add_argument("--height", type=int)
+    r.add_argument("--num-images", type=int, default=1)
+    r.add_argument("--out-image", type=pathlib.Path, help="PNG of the first image")
+    r.add_argument("--out-latents", type=pathlib.Path, help=".npy of the final latents")
+    r.add_argument("--out-dir", type=pathlib.Path, help="image_0.png ...; batch mode output")
+    r.add_argument(
+        "--out-intermediates",
+        type=pathlib.Path,
+        help=".npz with prompt embeds (SDXL: pooled, add_time_ids) and latents after each step",
+    )
+    return p
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore")
+    for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _check_out_dir(parser: argparse.ArgumentParser, out_dir: pathlib.Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        parser.error(f"{out_dir} exists and is not a directory")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        parser.error(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `python -m export SOURCE OUT_DIR` is `convert`.
+    first = next((a for a in argv if not a.startswith("-")), None)
+    if first is not None and first not in COMMANDS:
+        argv.insert(argv.index(first), "convert")
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=logging.ERROR if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
+    _quiet_libraries()
+
+    from export.convert import UserError
+
+    try:
+        if args.command == "convert":
+            from export.convert import convert
+
+            convert(args.source, args.out_dir, args.config, args.opset, args.overwrite)
+        elif args.command in ("tiny", "full"):
+            import shutil
+
+            from export import tiny
+
+            _check_out_dir(parser, args.out_dir, args.overwrite)
+            if args.out_dir.exists():
+                shutil.rmtree(args.out_dir)
+            t = time.perf_counter()
+            build = tiny.build_tiny if args.command == "tiny" else tiny.build_full
+            build(args.family, args.out_dir, args.seed)
+            logging.getLogger("export").info(
+                "wrote %s %s pipeline to %s in %.1fs",
+                args.command,
+                args.family,
+                args.out_dir,
+                time.perf_counter() - t,
+            )
+        elif args.command == "reference":
+            from export.reference import run_from_args
+
+            run_from_args(args, parser)
+    except UserError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    return 0

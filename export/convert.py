@@ -1,0 +1,173 @@
+"""`python -m export convert`: a diffusers pipeline -> an optimum-compatible ONNX directory.
+
+Layout written (optimum's, plus the `tcd_ort.json` manifest)::
+
+    model_index.json  scheduler/scheduler_config.json  tokenizer/  [tokenizer_2/]
+    text_encoder/  [text_encoder_2/]  unet/  vae_decoder/  vae_encoder/  tcd_ort.json
+
+each model directory holding `model.onnx`, `model.onnx_data` and the component's `config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import shutil
+import time
+from typing import Any
+
+from export.manifest import build_manifest, write_manifest
+
+log = logging.getLogger("export")
+
+
+class UserError(Exception):
+    """A problem with what the user asked for; the CLI prints it without a traceback."""
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return (
+        len(parts) == 2
+        and all(parts)
+        and not source.startswith((".", "~"))
+        and not source.endswith((".safetensors", ".ckpt"))
+    )
+
+
+def _single_file_is_sdxl(path: pathlib.Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return any(k.startswith("conditioner.embedders.1.") for k in f.keys())
+
+
+def load_pipeline(source: str, config: str | None = None) -> Any:
+    """Load `source` (local pipeline dir, single-file checkpoint or hub id) in float32 on CPU."""
+    import torch
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    path = pathlib.Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise UserError(
+                f"{source}: not a diffusers pipeline directory (no model_index.json); "
+                "pass a directory written by save_pretrained, a .safetensors file or a hub id"
+            )
+        return DiffusionPipeline.from_pretrained(path, dtype=torch.float32)
+    if path.is_file():
+        if path.suffix not in (".safetensors", ".ckpt"):
+            raise UserError(f"{source}: expected a .safetensors (or .ckpt) checkpoint")
+        if config is not None:
+            index = pathlib.Path(config) / "model_index.json"
+            if not index.exists():
+                raise UserError(f"--config {config}: no model_index.json there")
+            sdxl = "XL" in json.loads(index.read_text())["_class_name"]
+        else:
+            sdxl = path.suffix == ".safetensors" and _single_file_is_sdxl(path)
+        cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+        kwargs: dict[str, Any] = {"torch_dtype": torch.float32}
+        if config is not None:
+            kwargs["config"] = str(config)
+        return cls.from_single_file(str(path), **kwargs)
+    if _looks_like_hub_id(source):
+        return DiffusionPipeline.from_pretrained(source, dtype=torch.float32)
+    raise UserError(f"{source}: no such file or directory (and not a hub id like 'owner/name')")
+
+
+def detect_family(pipe: Any) -> str:
+    if getattr(pipe, "text_encoder_2", None) is not None or "XL" in type(pipe).__name__:
+        return "sdxl"
+    if pipe.unet.config.cross_attention_dim == 1024:
+        return "sd21"
+    if pipe.unet.config.cross_attention_dim == 768:
+        return "sd15"
+    # Tiny / custom models: SD1.x layout unless the text encoder says otherwise.
+    return "sd15"
+
+
+def prediction_type(pipe: Any) -> str:
+    value = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if value not in ("epsilon", "v_prediction"):
+        raise UserError(f"unsupported prediction_type {value!r} in the scheduler config")
+    return value
+
+
+TOKENIZER_FILES = (
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
+
+
+def _save_tokenizer(tokenizer: Any, out: pathlib.Path, source: pathlib.Path | None) -> None:
+    from transformers import CLIPTokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out)
+    if source is not None and source.is_dir():
+        # Keep the classic vocab.json / merges.txt pair optimum directories carry.
+        for name in TOKENIZER_FILES:
+            if (source / name).exists() and not (out / name).exists():
+                shutil.copyfile(source / name, out / name)
+    if not (out / "tokenizer.json").exists():
+        # The engine reads tokenizer.json; convert the slow tokenizer if that is what we have.
+        CLIPTokenizerFast.from_pretrained(out).save_pretrained(out)
+
+
+def convert(
+    source: str,
+    out_dir: pathlib.Path,
+    config: str | None = None,
+    opset: int = 18,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Export every component of `source` into `out_dir`; returns the manifest written."""
+    from export.text_encoder import export_text_encoder
+    from export.unet import export_unet
+    from export.vae import export_vae_decoder, export_vae_encoder
+
+    out_dir = pathlib.Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise UserError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
+        shutil.rmtree(out_dir)
+    t0 = time.perf_counter()
+    pipe = load_pipeline(source, config)
+    family = detect_family(pipe)
+    pred = prediction_type(pipe)
+    log.info("loaded %s (%s, %s) in %.1fs", source, family, pred, time.perf_counter() - t0)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    pipe.save_config(out_dir)  # model_index.json, unchanged as optimum does
+    pipe.scheduler.save_pretrained(out_dir / "scheduler")
+    local = pathlib.Path(source).expanduser()
+    local_dir = local if local.is_dir() else None
+    sdxl = family == "sdxl"
+    for name in ("tokenizer", "tokenizer_2") if sdxl else ("tokenizer",):
+        src = local_dir / name if local_dir is not None else None
+        _save_tokenizer(getattr(pipe, name), out_dir / name, src)
+
+    steps = [("text_encoder", lambda d: export_text_encoder(pipe.text_encoder, d, opset, sdxl))]
+    pooled_dim = None
+    if sdxl:
+        te2 = pipe.text_encoder_2
+        pooled_dim = te2.config.projection_dim
+        steps.append(("text_encoder_2", lambda d: export_text_encoder(te2, d, opset, True)))
+    steps += [
+        ("unet", lambda d: export_unet(pipe.unet, d, opset, pooled_dim)),
+        ("vae_decoder", lambda d: export_vae_decoder(pipe.vae, d, opset)),
+        ("vae_encoder", lambda d: export_vae_encoder(pipe.vae, d, opset)),
+    ]
+    for name, step in steps:
+        t = time.perf_counter()
+        step(out_dir / name)
+        log.info("exported %s in %.1fs", name, time.perf_counter() - t)
+
+    manifest = build_manifest(out_dir, family, pred, opset)
+    write_manifest(out_dir, manifest)
+    log.info("wrote %s in %.1fs", out_dir, time.perf_counter() - t0)
+    return manifest

@@ -1,0 +1,61 @@
+"""`tcd_ort.json`: what the engine needs to know about a model directory without guessing.
+
+The input/output names, dtypes and shapes are read back from the saved ONNX files, so the
+manifest always describes the graphs that are actually there. Dynamic dims are axis names
+(`"batch"`, `"height"` ...), fixed dims are integers.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+from export.onnx_io import EXPORT_METHOD, ONNX_FILE, describe_io
+
+MANIFEST_FILE = "tcd_ort.json"
+FORMAT_VERSION = 1
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+
+
+def exporter_info(opset: int) -> dict[str, Any]:
+    import diffusers
+    import onnx
+    import torch
+    import transformers
+
+    return {
+        "name": "tcd-ort-export",
+        "opset": opset,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "method": EXPORT_METHOD,
+    }
+
+
+def build_manifest(
+    out_dir: pathlib.Path, family: str, prediction_type: str, opset: int
+) -> dict[str, Any]:
+    components = {}
+    for name in COMPONENTS:
+        path = out_dir / name / ONNX_FILE
+        if path.exists():
+            components[name] = describe_io(path)
+    return {
+        "format_version": FORMAT_VERSION,
+        "family": family,
+        "prediction_type": prediction_type,
+        "dtype": "float32",
+        "weights_keep_names": True,
+        "exporter": exporter_info(opset),
+        "components": components,
+        "lora": [],
+    }
+
+
+def write_manifest(out_dir: pathlib.Path, manifest: dict[str, Any]) -> pathlib.Path:
+    path = out_dir / MANIFEST_FILE
+    path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,194 @@
+"""Shared ONNX export machinery: one `torch.onnx.export` call per component.
+
+Every component is exported the same way so the engine can rely on three properties:
+
+* initializer names are the PyTorch parameter names of the exported module (LoRA deltas are
+  applied by name at session creation), which is why the graph is exported with
+  ``dynamo=True, optimize=False`` (no constant folding, no fusion renaming weights) and the
+  wrapper's attribute prefix is stripped afterwards;
+* dynamic axes carry readable names (``batch``, ``height``, ``width`` ...), not the exporter's
+  ``s17`` symbols;
+* weights live in one external data file ``model.onnx_data`` next to ``model.onnx``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import onnx
+import torch
+
+EXPORT_METHOD = "torch.onnx.export(dynamo=True, optimize=False)"
+ONNX_FILE = "model.onnx"
+DATA_FILE = "model.onnx_data"
+
+
+@dataclass
+class Io:
+    """One graph input or output: its name and the names of its dynamic axes."""
+
+    name: str
+    axes: dict[int, str] = field(default_factory=dict)
+
+
+def _rename_initializers(model: onnx.ModelProto, prefix: str) -> None:
+    """Strip the wrapper's attribute `prefix` from initializer names and their uses."""
+    if not prefix:
+        return
+    mapping: dict[str, str] = {}
+    for init in model.graph.initializer:
+        if init.name.startswith(prefix):
+            mapping[init.name] = init.name[len(prefix) :]
+            init.name = mapping[init.name]
+
+    def fix(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                if name in mapping:
+                    node.input[i] = mapping[name]
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    fix(attr.g)
+                for g in attr.graphs:
+                    fix(g)
+        for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
+            if vi.name in mapping:
+                vi.name = mapping[vi.name]
+
+    fix(model.graph)
+
+
+def _strip_metadata(model: onnx.ModelProto) -> None:
+    """Drop per-node stack traces and scopes: they are most of a small graph's bytes."""
+
+    def strip(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    strip(attr.g)
+                for g in attr.graphs:
+                    strip(g)
+        for vi in graph.value_info:
+            del vi.metadata_props[:]
+
+    strip(model.graph)
+    for fn in model.functions:
+        for node in fn.node:
+            del node.metadata_props[:]
+
+
+def _name_axes(model: onnx.ModelProto, inputs: Sequence[Io], outputs: Sequence[Io]) -> None:
+    """Replace the exporter's symbolic dims with the contract's axis names."""
+    symbols: dict[str, str] = {}
+    by_name = {vi.name: vi for vi in model.graph.input}
+    for io in inputs:
+        dims = by_name[io.name].type.tensor_type.shape.dim
+        for axis, label in io.axes.items():
+            d = dims[axis]
+            if d.HasField("dim_param"):
+                symbols.setdefault(d.dim_param, label)
+            d.dim_param = label
+
+    for vi in list(model.graph.value_info) + list(model.graph.input):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param in symbols:
+                d.dim_param = symbols[d.dim_param]
+
+    out_by_name = {vi.name: vi for vi in model.graph.output}
+    for io in outputs:
+        dims = out_by_name[io.name].type.tensor_type.shape.dim
+        for d in dims:
+            if d.HasField("dim_param") and d.dim_param in symbols:
+                d.dim_param = symbols[d.dim_param]
+        for axis, label in io.axes.items():
+            dims[axis].dim_param = label
+
+
+def export_component(
+    wrapper: torch.nn.Module,
+    args: tuple[Any, ...],
+    inputs: Sequence[Io],
+    outputs: Sequence[Io],
+    out_dir: pathlib.Path,
+    opset: int,
+    prefix: str,
+) -> onnx.ModelProto:
+    """Export `wrapper(*args)` to `out_dir/model.onnx` (+ `model.onnx_data`).
+
+    `prefix` is the wrapper attribute holding the real module (e.g. ``"unet."``); it is
+    removed from initializer names so they match the module's own `named_parameters()`.
+    """
+    wrapper = wrapper.eval()
+    dynamic_shapes = {
+        io.name: {axis: torch.export.Dim.AUTO for axis in io.axes} or None for io in inputs
+    }
+    with torch.no_grad():
+        program = torch.onnx.export(
+            wrapper,
+            args,
+            dynamo=True,
+            optimize=False,
+            opset_version=opset,
+            input_names=[io.name for io in inputs],
+            output_names=[io.name for io in outputs],
+            dynamic_shapes=dynamic_shapes,
+            verbose=False,
+        )
+    model = program.model_proto
+    _strip_metadata(model)
+    _rename_initializers(model, prefix)
+    _name_axes(model, inputs, outputs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (ONNX_FILE, DATA_FILE):
+        (out_dir / stale).unlink(missing_ok=True)
+    onnx.save_model(
+        model,
+        str(out_dir / ONNX_FILE),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=DATA_FILE,
+        size_threshold=0,
+    )
+    (out_dir / DATA_FILE).chmod(0o644)
+    onnx.checker.check_model(str(out_dir / ONNX_FILE))
+    return onnx.load(str(out_dir / ONNX_FILE), load_external_data=False)
+
+
+_DTYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.BFLOAT16: "bfloat16",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.DOUBLE: "float64",
+    onnx.TensorProto.BOOL: "bool",
+}
+
+
+def describe_io(path: pathlib.Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """Read a saved model's inputs and outputs: `{"inputs": {name: {dtype, shape}}, ...}`.
+
+    Fixed dims are integers, dynamic dims their axis name.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+
+    def one(vi: onnx.ValueInfoProto) -> dict[str, Any]:
+        t = vi.type.tensor_type
+        shape: list[int | str] = []
+        for d in t.shape.dim:
+            shape.append(d.dim_param if d.HasField("dim_param") else int(d.dim_value))
+        return {"dtype": _DTYPES.get(t.elem_type, str(t.elem_type)), "shape": shape}
+
+    return {
+        "inputs": {vi.name: one(vi) for vi in model.graph.input},
+        "outputs": {vi.name: one(vi) for vi in model.graph.output},
+    }
+
+
+def initializer_names(path: pathlib.Path) -> set[str]:
+    model = onnx.load(str(path), load_external_data=False)
+    return {init.name for init in model.graph.initializer}

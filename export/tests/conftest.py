@@ -1,0 +1,60 @@
+"""Session fixtures: build each tiny pipeline once, export it once, share the sessions."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+logging.getLogger("export").setLevel(logging.WARNING)
+
+
+class Exported:
+    def __init__(self, family: str, src: pathlib.Path, onnx_dir: pathlib.Path, manifest: dict):
+        from diffusers import DiffusionPipeline
+
+        self.family = family
+        self.src = src
+        self.dir = onnx_dir
+        self.manifest = manifest
+        self.pipe = DiffusionPipeline.from_pretrained(src, dtype=torch.float32)
+        self._sessions: dict = {}
+
+    def session(self, component: str):
+        import onnxruntime as ort
+
+        if component not in self._sessions:
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = 2
+            self._sessions[component] = ort.InferenceSession(
+                str(self.dir / component / "model.onnx"), opts, providers=["CPUExecutionProvider"]
+            )
+        return self._sessions[component]
+
+
+def _export(tmp_path_factory, family: str) -> Exported:
+    from export.convert import convert
+    from export.tiny import build_tiny
+
+    root = tmp_path_factory.mktemp(family)
+    src = build_tiny(family, root / "diffusers", seed=0)
+    manifest = convert(str(src), root / "onnx")
+    return Exported(family, src, root / "onnx", manifest)
+
+
+@pytest.fixture(scope="session")
+def sd15(tmp_path_factory) -> Exported:
+    return _export(tmp_path_factory, "sd15")
+
+
+@pytest.fixture(scope="session")
+def sdxl(tmp_path_factory) -> Exported:
+    return _export(tmp_path_factory, "sdxl")
+
+
+@pytest.fixture(scope="session", params=["sd15", "sdxl"])
+def exported(request) -> Exported:
+    return request.getfixturevalue(request.param)

@@ -1,0 +1,148 @@
+"""The directory layout, the manifest and the initializer names the engine relies on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+
+from export.onnx_io import initializer_names
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
+
+
+def _components(family):
+    names = ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
+    return names + (["text_encoder_2"] if family == "sdxl" else [])
+
+
+def _modules(exported, component):
+    pipe = exported.pipe
+    if component.startswith("text_encoder"):
+        return {"": getattr(pipe, component)}
+    if component == "unet":
+        return {"": pipe.unet}
+    if component == "vae_decoder":
+        return {"decoder.": pipe.vae.decoder, "post_quant_conv.": pipe.vae.post_quant_conv}
+    return {"encoder.": pipe.vae.encoder, "quant_conv.": pipe.vae.quant_conv}
+
+
+def test_layout(exported):
+    d = exported.dir
+    for f in ["model_index.json", "scheduler/scheduler_config.json", "tcd_ort.json"]:
+        assert (d / f).is_file(), f
+    toks = ["tokenizer"] + (["tokenizer_2"] if exported.family == "sdxl" else [])
+    for t in toks:
+        for f in ["tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"]:
+            assert (d / t / f).is_file(), (t, f)
+    for c in _components(exported.family):
+        for f in ["model.onnx", "model.onnx_data", "config.json"]:
+            assert (d / c / f).is_file(), (c, f)
+        m = onnx.load(str(d / c / "model.onnx"), load_external_data=False)
+        locations = {
+            e.value
+            for init in m.graph.initializer
+            for e in init.external_data
+            if e.key == "location"
+        }
+        assert locations == {"model.onnx_data"}, c
+    vae_cfg = json.loads((d / "vae_decoder" / "config.json").read_text())
+    assert vae_cfg["_class_name"] == "AutoencoderKL"
+    assert vae_cfg["scaling_factor"] == (0.18215 if exported.family == "sd15" else 0.13025)
+    assert json.loads((d / "vae_encoder" / "config.json").read_text()) == vae_cfg
+
+
+def test_initializers_keep_parameter_names(exported):
+    for component in _components(exported.family):
+        inits = initializer_names(exported.dir / component / "model.onnx")
+        for prefix, module in _modules(exported, component).items():
+            names = [prefix + n for n, _ in module.named_parameters()]
+            missing = [n for n in names if n not in inits]
+            assert names and not missing, (component, missing[:5])
+    inits = initializer_names(exported.dir / "unet" / "model.onnx")
+    assert "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight" in inits
+
+
+def test_manifest(exported):
+    m = json.loads((exported.dir / "tcd_ort.json").read_text())
+    assert m == exported.manifest
+    assert m["format_version"] == 1
+    assert m["family"] == exported.family
+    assert m["prediction_type"] == "epsilon"
+    assert m["dtype"] == "float32"
+    assert m["weights_keep_names"] is True
+    assert m["lora"] == []
+    ex = m["exporter"]
+    assert ex["name"] == "tcd-ort-export" and ex["opset"] == 18
+    assert "dynamo=True" in ex["method"]
+    for k in ("torch", "diffusers", "transformers", "onnx"):
+        assert ex[k]
+    comps = m["components"]
+    assert sorted(comps) == sorted(_components(exported.family))
+
+    unet = comps["unet"]
+    assert unet["inputs"]["sample"] == {
+        "dtype": "float32",
+        "shape": ["batch", 4, "height", "width"],
+    }
+    assert unet["inputs"]["timestep"] == {"dtype": "float32", "shape": ["batch"]}
+    assert unet["inputs"]["encoder_hidden_states"]["shape"][:2] == ["batch", "sequence"]
+    assert list(unet["outputs"]) == ["out_sample"]
+    te = comps["text_encoder"]
+    assert te["inputs"] == {"input_ids": {"dtype": "int32", "shape": ["batch", 77]}}
+    assert list(te["outputs"])[:2] == ["last_hidden_state", "pooler_output"]
+    assert comps["vae_decoder"]["inputs"]["latent_sample"]["shape"] == [
+        "batch", 4, "height", "width"
+    ]
+    assert list(comps["vae_decoder"]["outputs"]) == ["sample"]
+    assert comps["vae_encoder"]["outputs"]["latent_parameters"]["shape"][:2] == ["batch", 8]
+    if exported.family == "sdxl":
+        assert list(unet["inputs"]) == [
+            "sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"
+        ]
+        assert unet["inputs"]["time_ids"]["shape"] == ["batch", 6]
+        te2 = comps["text_encoder_2"]["outputs"]
+        assert list(te2)[:2] == ["last_hidden_state", "text_embeds"]
+        assert [k for k in te2 if k.startswith("hidden_states.")] == [
+            f"hidden_states.{i}" for i in range(6)
+        ]
+    else:
+        assert list(unet["inputs"]) == ["sample", "timestep", "encoder_hidden_states"]
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "export", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["convert", "/nonexistent/pipeline", "OUT"], "no such file or directory"),
+        (["/nonexistent/pipeline", "OUT"], "no such file or directory"),
+        (["convert", "{tmp}", "OUT"], "not a diffusers pipeline directory"),
+        (["tiny", "--family", "sd3", "OUT"], "invalid choice"),
+        (["reference", "--model", "/nonexistent/pipeline", "--prompt", "x"], "error"),
+    ],
+)
+def test_bad_inputs(tmp_path, args, needle):
+    args = [a.replace("{tmp}", str(tmp_path)).replace("OUT", str(tmp_path / "out")) for a in args]
+    r = _cli(*args)
+    assert r.returncode != 0
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_refuses_to_overwrite(sd15, tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    r = _cli("convert", str(sd15.src), str(tmp_path))
+    assert r.returncode == 2 and "--overwrite" in r.stderr
+    assert (tmp_path / "keep.txt").exists()

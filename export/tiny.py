@@ -1,0 +1,254 @@
+"""Deterministic random-weight diffusers pipelines for tests, demos and benchmarks.
+
+`build_tiny` makes small pipelines shaped like the ones in diffusers' own test suite
+(`tests/pipelines/stable_diffusion*/`), `build_full` makes full-size ones from the real
+SD1.5 / SDXL configs in `export/configs/`. Both write a `save_pretrained` directory that
+`python -m export convert` and `python -m export reference` read like any real checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import torch
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
+
+FAMILIES = ("sd15", "sdxl")
+
+# The scheduler config diffusers ships with SD1.5 / SDXL, as a TCDScheduler config.
+TCD_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "trained_betas": None,
+    "original_inference_steps": 50,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+    "timestep_scaling": 10.0,
+    "rescale_betas_zero_snr": False,
+}
+
+
+def _tiny_unet_config(family: str) -> dict[str, Any]:
+    common: dict[str, Any] = {
+        "block_out_channels": (32, 64),
+        "layers_per_block": 2,
+        "sample_size": 32,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    }
+    if family == "sd15":
+        return {**common, "cross_attention_dim": 32, "attention_head_dim": 8}
+    return {
+        **common,
+        "attention_head_dim": (2, 4),
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 8,
+        "transformer_layers_per_block": (1, 2),
+        # 6 micro-conditioning ids * addition_time_embed_dim + text_encoder_2 projection_dim
+        "projection_class_embeddings_input_dim": 6 * 8 + 32,
+        # concatenation of both text encoders' hidden widths (32 + 32)
+        "cross_attention_dim": 64,
+    }
+
+
+def _tiny_vae_config(family: str) -> dict[str, Any]:
+    return {
+        "block_out_channels": (32, 64),
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        "latent_channels": 4,
+        "sample_size": 64,
+        "scaling_factor": 0.18215 if family == "sd15" else 0.13025,
+    }
+
+
+def _tiny_clip_config(projection: bool) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 1,
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "layer_norm_eps": 1e-05,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 5,
+        "vocab_size": 49408,
+        "max_position_embeddings": 77,
+        "hidden_act": "gelu",
+    }
+    if projection:
+        cfg["projection_dim"] = 32
+    return cfg
+
+
+def _reinit_zeroed(module: torch.nn.Module, generator: torch.Generator) -> None:
+    """Give any all-zero weight small random values so parity tests compare real signal."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2 and torch.count_nonzero(p) == 0:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+
+
+def _tokenizers(out_dir: pathlib.Path, family: str) -> None:
+    from transformers import CLIPTokenizer, CLIPTokenizerFast
+
+    try:
+        from export.clip_vocab import write_clip_tokenizer
+    except ImportError as exc:  # pragma: no cover - depends on the repository state
+        raise RuntimeError(
+            "export/clip_vocab.py (write_clip_tokenizer) is required to build the tiny tokenizers"
+        ) from exc
+
+    names = [("tokenizer", "<|endoftext|>")]
+    if family == "sdxl":
+        names.append(("tokenizer_2", "!"))
+    for name, pad in names:
+        write_clip_tokenizer(out_dir / name, pad_token=pad)
+        # Round-trip so the directory also holds the files diffusers' loaders expect.
+        CLIPTokenizer.from_pretrained(out_dir / name)
+        CLIPTokenizerFast.from_pretrained(out_dir / name)
+
+
+def build_tiny(family: str, out_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """Write a tiny random-weight diffusers pipeline for `family` into `out_dir`."""
+    from diffusers import (
+        AutoencoderKL,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        TCDScheduler,
+        UNet2DConditionModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _tokenizers(out_dir, family)
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    unet = UNet2DConditionModel(**_tiny_unet_config(family))
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKL(**_tiny_vae_config(family))
+    torch.manual_seed(seed + 3)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_tiny_clip_config(False)))
+    for m in (unet, vae, text_encoder):
+        _reinit_zeroed(m, generator)
+    scheduler = TCDScheduler(**TCD_SCHEDULER_CONFIG)
+    tokenizer = CLIPTokenizer.from_pretrained(out_dir / "tokenizer")
+
+    if family == "sd15":
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    else:
+        torch.manual_seed(seed + 4)
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**_tiny_clip_config(True)))
+        _reinit_zeroed(text_encoder_2, generator)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(out_dir / "tokenizer_2")
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,
+        )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def load_config(family: str, component: str) -> dict[str, Any]:
+    path = CONFIG_DIR / family / f"{component}.json"
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def build_full(family: str, out_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """Write a full-size random-weight pipeline built from the real configs in `export/configs/`.
+
+    The tokenizers come from `export/clip_vocab.py`, the scheduler is a TCDScheduler with the
+    family's training schedule. Weights are random: this is for timing, not for images.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        TCDScheduler,
+        UNet2DConditionModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _tokenizers(out_dir, family)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(load_config(family, "unet"))
+    vae = AutoencoderKL.from_config(load_config(family, "vae"))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**load_config(family, "text_encoder")))
+    sched_cfg = {**TCD_SCHEDULER_CONFIG, **load_config(family, "scheduler")}
+    scheduler = TCDScheduler.from_config(sched_cfg)
+    tokenizer = CLIPTokenizer.from_pretrained(out_dir / "tokenizer")
+    if family == "sd15":
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    else:
+        text_encoder_2 = CLIPTextModelWithProjection(
+            CLIPTextConfig(**load_config(family, "text_encoder_2"))
+        )
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=CLIPTokenizer.from_pretrained(out_dir / "tokenizer_2"),
+            unet=unet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,
+        )
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
