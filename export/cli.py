@@ -78,6 +78,12 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore")
+    try:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
+    except ImportError:
+        pass
     for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript", "torch"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
@@ -100,9 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(
-        level=logging.ERROR if args.quiet else logging.INFO, format="%(message)s", stream=sys.stderr
-    )
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("export").setLevel(logging.ERROR if args.quiet else logging.INFO)
     _quiet_libraries()
 
     from export.convert import UserError

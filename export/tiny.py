@@ -190,7 +190,8 @@ def load_config(family: str, component: str) -> dict[str, Any]:
     path = CONFIG_DIR / family / f"{component}.json"
     with open(path, encoding="utf-8") as f:
         cfg = json.load(f)
-    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+    drop = {"architectures", "model_type"}
+    return {k: v for k, v in cfg.items() if not k.startswith("_") and k not in drop}
 
 
 def build_full(family: str, out_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
@@ -222,7 +223,10 @@ def build_full(family: str, out_dir: pathlib.Path, seed: int = 0) -> pathlib.Pat
     unet = UNet2DConditionModel.from_config(load_config(family, "unet"))
     vae = AutoencoderKL.from_config(load_config(family, "vae"))
     text_encoder = CLIPTextModel(CLIPTextConfig(**load_config(family, "text_encoder")))
-    sched_cfg = {**TCD_SCHEDULER_CONFIG, **load_config(family, "scheduler")}
+    # Keep only what TCDScheduler knows: the training schedule of the real checkpoint.
+    known = set(TCD_SCHEDULER_CONFIG)
+    real = {k: v for k, v in load_config(family, "scheduler").items() if k in known}
+    sched_cfg = {**TCD_SCHEDULER_CONFIG, **real}
     scheduler = TCDScheduler.from_config(sched_cfg)
     tokenizer = CLIPTokenizer.from_pretrained(out_dir / "tokenizer")
     if family == "sd15":
