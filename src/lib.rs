@@ -1,10 +1,12 @@
 //! tcd-ort: Trajectory Consistency Distillation Stable Diffusion on ONNX Runtime.
 
 pub mod error;
+pub mod image_io;
 pub mod rng;
 pub mod sampler;
 pub mod tokenizer;
 
 pub use error::{Error, Result};
 pub mod model;
+pub mod pipeline;
 pub mod runtime;

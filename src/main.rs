@@ -1,1 +1,7 @@
-fn main() {}
+//! The `tcd-ort` command line.
+
+mod cli;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
+}

@@ -207,6 +207,16 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// The environment created by [`ensure_loaded`].
+pub(crate) fn environment() -> Result<ort::environment::Environment> {
+    let loaded = LOADED
+        .lock()
+        .map_err(|_| Error::Runtime("the runtime loader was poisoned by a panic".into()))?;
+    loaded.as_ref().map(|(_, env)| env.clone()).ok_or_else(|| {
+        Error::Runtime("ONNX Runtime is not loaded yet; call runtime::ensure_loaded first".into())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,14 +251,4 @@ mod tests {
         assert!(err.to_string().contains("holds no"), "{err}");
         let _ = std::fs::remove_dir(&empty);
     }
-}
-
-/// The environment created by [`ensure_loaded`].
-pub(crate) fn environment() -> Result<ort::environment::Environment> {
-    let loaded = LOADED
-        .lock()
-        .map_err(|_| Error::Runtime("the runtime loader was poisoned by a panic".into()))?;
-    loaded.as_ref().map(|(_, env)| env.clone()).ok_or_else(|| {
-        Error::Runtime("ONNX Runtime is not loaded yet; call runtime::ensure_loaded first".into())
-    })
 }

@@ -1,6 +1,8 @@
 //! All integration tests, compiled as one binary.
 
+mod cli;
 mod common;
+mod parity;
 
 mod rng;
 mod scheduler;

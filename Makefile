@@ -1,0 +1,65 @@
+# Two entry points for a fresh machine:
+#   make demo   runs the committed tiny model (offline once ONNX Runtime is installed), writes demo.png
+#   make test   installs the pinned Python environment and ONNX Runtime, builds every fixture
+#               from diffusers, and runs fmt, clippy, cargo test and pytest
+
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+ORT_VERSION := 1.31.1
+FIXTURES := tests/fixtures/generated
+
+.PHONY: demo test setup setup-ort venv fixtures lint rust-test py-test clean-fixtures
+
+demo: setup-ort
+	cargo run --release -- run --model models/tiny-sd15 \
+		--prompt "a photo of an astronaut riding a horse on mars" \
+		--steps 4 --eta 0.3 --seed 0 --output demo.png --overwrite
+	@echo "demo.png written"
+
+test: setup fixtures lint rust-test py-test
+
+setup: setup-ort venv
+
+# ONNX Runtime's shared library from the official wheel, unpacked into .ort/lib, where
+# tcd-ort looks for it (after --ort-lib and ORT_DYLIB_PATH).
+setup-ort: .ort/lib/.installed
+
+.ort/lib/.installed:
+	rm -rf .ort/wheel && mkdir -p .ort/wheel .ort/lib
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: -d .ort/wheel onnxruntime==$(ORT_VERSION)
+	$(PYTHON) -c "import glob, os, shutil, zipfile; \
+		whl = glob.glob('.ort/wheel/onnxruntime-*.whl')[0]; z = zipfile.ZipFile(whl); \
+		libs = [n for n in z.namelist() if '/capi/' in n and ('libonnxruntime' in n or n.endswith('.dll') or n.endswith('.dylib'))]; \
+		[shutil.copyfileobj(z.open(n), open(os.path.join('.ort/lib', os.path.basename(n)), 'wb')) for n in libs]; \
+		print('installed', ', '.join(os.path.basename(n) for n in libs), 'into .ort/lib')"
+	touch $@
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: export/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -r export/requirements.txt
+	touch $@
+
+# Golden numbers: torch's generator, diffusers' TCDScheduler, transformers' tokenizer, and the
+# diffusers pipelines on tiny random-weight models (exported to ONNX here).
+fixtures: venv
+	$(VPY) tests/golden/make_rng.py
+	$(VPY) tests/golden/make_scheduler.py
+	$(VPY) tests/golden/make_tokenizer.py
+	$(VPY) tests/golden/make_parity.py $(FIXTURES)/parity
+
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+
+rust-test: setup-ort
+	cargo test
+
+py-test: venv
+	$(VPY) -m pytest -q export/tests
+
+clean-fixtures:
+	rm -rf $(FIXTURES)

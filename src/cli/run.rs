@@ -1,0 +1,288 @@
+//! `tcd-ort run`: text-to-image from the command line.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use tcd_ort::image_io::{numbered_path, write_npy, write_png};
+use tcd_ort::pipeline::{Engine, EngineOptions, GenerateRequest, Progress};
+use tcd_ort::runtime::{parse_provider_list, ExecutionProvider};
+
+/// Arguments of `tcd-ort run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Model directory (tcd-ort or optimum ONNX export) or Hugging Face hub id.
+    #[arg(long)]
+    model: String,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// What to steer away from (used when --guidance > 1).
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// Denoising steps (TCD works well with 2 to 8).
+    #[arg(long, default_value_t = 4)]
+    steps: usize,
+    /// TCD's gamma in [0, 1]: stochasticity of each step; higher blurs, 0.3 is a good default.
+    #[arg(long, default_value_t = 0.3)]
+    eta: f32,
+    /// Classifier-free guidance scale; 0 (or anything <= 1) runs no unconditional pass.
+    #[arg(long, default_value_t = 0.0)]
+    guidance: f32,
+    /// Seed; the same seed gives the noise diffusers draws with torch.Generator("cpu").manual_seed(N).
+    /// Random when omitted (it is printed and stored in the PNG).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Image width in pixels (a multiple of 8); defaults to the model's native size.
+    #[arg(long)]
+    width: Option<usize>,
+    /// Image height in pixels (a multiple of 8); defaults to the model's native size.
+    #[arg(long)]
+    height: Option<usize>,
+    /// Images to generate for the prompt; several are written as NAME-1.png, NAME-2.png, ...
+    #[arg(long, default_value_t = 1)]
+    num_images: usize,
+    /// TCD's original_inference_steps (length of the distillation schedule); default from the
+    /// scheduler config (50).
+    #[arg(long)]
+    original_inference_steps: Option<usize>,
+    /// Execution provider(s): cpu, cuda, tensorrt, directml, coreml; a comma-separated list
+    /// (tensorrt,cuda,cpu) falls back in that order.
+    #[arg(long, default_value = "cpu")]
+    ep: String,
+    /// GPU ordinal for cuda, tensorrt and directml.
+    #[arg(long, default_value_t = 0)]
+    device_id: i32,
+    /// Threads per operator (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// The ONNX Runtime library (file or directory); default: ORT_DYLIB_PATH, .ort/lib, Python's onnxruntime.
+    #[arg(long)]
+    ort_lib: Option<PathBuf>,
+    /// Hub revision (branch, tag or commit) when --model is a hub id.
+    #[arg(long)]
+    revision: Option<String>,
+    /// Output PNG path.
+    #[arg(long, short)]
+    output: PathBuf,
+    /// Replace existing output files.
+    #[arg(long)]
+    overwrite: bool,
+    /// Also write the final latents (before VAE decoding) as a NumPy .npy file.
+    #[arg(long)]
+    save_latents: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+fn random_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    // Keep seeds in the range torch's manual_seed accepts everywhere.
+    (nanos as u64 ^ u64::from(std::process::id()).rotate_left(32)) & 0x7fff_ffff_ffff_ffff
+}
+
+/// Refuses to start when an output would be overwritten, before any work is done.
+fn check_outputs(paths: &[PathBuf], overwrite: bool) -> Result<()> {
+    for path in paths {
+        if path.exists() && !overwrite {
+            bail!(
+                "{} already exists; pass --overwrite to replace it",
+                path.display()
+            );
+        }
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if !parent.is_dir() {
+                bail!(
+                    "cannot write {}: the directory {} does not exist",
+                    path.display(),
+                    parent.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+struct ProgressBar {
+    enabled: bool,
+    tty: bool,
+    started: Instant,
+}
+
+impl ProgressBar {
+    fn update(&mut self, event: Progress) -> bool {
+        if !self.enabled {
+            return true;
+        }
+        let mut err = std::io::stderr().lock();
+        match event {
+            Progress::EncodingPrompt => {
+                let _ = writeln!(err, "encoding prompt");
+            }
+            Progress::Step { step, total, .. } => {
+                let width = 30;
+                let filled = step * width / total.max(1);
+                let line = format!(
+                    "[{}{}] {step}/{total} steps, {:.1}s",
+                    "#".repeat(filled),
+                    "-".repeat(width - filled),
+                    self.started.elapsed().as_secs_f32()
+                );
+                if self.tty {
+                    let _ = write!(err, "\r{line}");
+                    if step == total {
+                        let _ = writeln!(err);
+                    }
+                } else {
+                    let _ = writeln!(err, "{line}");
+                }
+            }
+            Progress::Decoding => {
+                let _ = writeln!(err, "decoding");
+            }
+        }
+        true
+    }
+}
+
+fn parameters_text(request: &GenerateRequest, width: u32, height: u32, model: &str) -> String {
+    let mut text = request.prompt.clone();
+    if let Some(neg) = &request.negative_prompt {
+        text.push_str(&format!("\nNegative prompt: {neg}"));
+    }
+    text.push_str(&format!(
+        "\nSteps: {}, Sampler: TCD, Eta: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
+        request.steps, request.eta, request.guidance, request.seed, width, height, model
+    ));
+    if let Some(o) = request.original_inference_steps {
+        text.push_str(&format!(", Original inference steps: {o}"));
+    }
+    text
+}
+
+/// Runs `tcd-ort run`.
+pub fn run(args: RunArgs) -> Result<()> {
+    let providers: Vec<ExecutionProvider> = parse_provider_list(&args.ep)?;
+    if args
+        .output
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        != Some("png".to_string())
+    {
+        bail!(
+            "--output must be a .png path, got {}",
+            args.output.display()
+        );
+    }
+    if let Some(p) = &args.save_latents {
+        if p.extension().and_then(|e| e.to_str()) != Some("npy") {
+            bail!("--save-latents must be a .npy path, got {}", p.display());
+        }
+    }
+    let seed = args.seed.unwrap_or_else(random_seed);
+    let request = GenerateRequest {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        steps: args.steps,
+        eta: args.eta,
+        guidance: args.guidance,
+        seed,
+        width: args.width,
+        height: args.height,
+        num_images: args.num_images,
+        original_inference_steps: args.original_inference_steps,
+    };
+    // Cheap checks first, so a bad request fails before minutes of model loading.
+    if request.steps == 0 {
+        bail!("--steps must be at least 1 (TCD works well with 2 to 8)");
+    }
+    if !(0.0..=1.0).contains(&request.eta) {
+        bail!(
+            "--eta must be between 0 and 1 (it is TCD's gamma; 0.3 is a good default), got {}",
+            request.eta
+        );
+    }
+    if request.num_images == 0 {
+        bail!("--num-images must be at least 1");
+    }
+    for (name, v) in [("--width", args.width), ("--height", args.height)] {
+        if let Some(v) = v {
+            if v == 0 || v % 8 != 0 {
+                bail!("{name} must be a positive multiple of 8, got {v}");
+            }
+        }
+    }
+    let image_paths: Vec<PathBuf> = (0..request.num_images)
+        .map(|i| numbered_path(&args.output, i, request.num_images))
+        .collect();
+    let mut all_outputs = image_paths.clone();
+    all_outputs.extend(args.save_latents.iter().cloned());
+    check_outputs(&all_outputs, args.overwrite)?;
+
+    let options = EngineOptions {
+        ort_lib: args.ort_lib.clone(),
+        providers,
+        device_id: args.device_id,
+        intra_threads: args.threads,
+        revision: args.revision.clone(),
+    };
+    let load_started = Instant::now();
+    let mut engine = Engine::load(&args.model, &options)?;
+    if !args.quiet {
+        eprintln!(
+            "loaded {} ({:?}) in {:.1}s on {} with ONNX Runtime {}",
+            args.model,
+            engine.model().family(),
+            load_started.elapsed().as_secs_f32(),
+            engine
+                .providers()
+                .iter()
+                .map(|p| p.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            engine.ort_library().display()
+        );
+        if args.seed.is_none() {
+            eprintln!("seed: {seed}");
+        }
+    }
+    let mut bar = ProgressBar {
+        enabled: !args.quiet,
+        tty: std::io::stderr().is_terminal(),
+        started: Instant::now(),
+    };
+    let generated = engine.generate(&request, &mut |event| bar.update(event))?;
+
+    let model_name = Path::new(&args.model)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| args.model.clone());
+    for (image, path) in generated.images.iter().zip(&image_paths) {
+        let text = [
+            (
+                "parameters",
+                parameters_text(&request, image.width, image.height, &model_name),
+            ),
+            ("Software", format!("tcd-ort {}", env!("CARGO_PKG_VERSION"))),
+        ];
+        write_png(path, image, &text, args.overwrite)
+            .with_context(|| format!("writing {}", path.display()))?;
+        if !args.quiet {
+            eprintln!("wrote {}", path.display());
+        }
+    }
+    if let Some(path) = &args.save_latents {
+        write_npy(path, &generated.latents, args.overwrite)?;
+        if !args.quiet {
+            eprintln!("wrote {}", path.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,248 @@
+//! Pipelines: an [`Engine`] loads a model directory once (one ONNX Runtime session per
+//! component) and then generates from [`GenerateRequest`]s. The CLI, the C ABI and the server
+//! only translate to this API.
+//!
+//! ```no_run
+//! use tcd_ort::pipeline::{Engine, EngineOptions, GenerateRequest};
+//!
+//! # fn main() -> tcd_ort::Result<()> {
+//! let mut engine = Engine::load("models/tiny-sd15", &EngineOptions::default())?;
+//! let request = GenerateRequest {
+//!     prompt: "a photo of a cat".into(),
+//!     steps: 4,
+//!     eta: 0.3,
+//!     seed: 0,
+//!     ..GenerateRequest::default()
+//! };
+//! let out = engine.generate(&request, &mut |_| true)?;
+//! println!("{} image(s) of {}x{}", out.images.len(), out.images[0].width, out.images[0].height);
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod conditioning;
+mod txt2img;
+
+use std::path::{Path, PathBuf};
+
+use crate::image_io::RgbImage;
+use crate::model::{hub, ModelDir};
+use crate::runtime::{self, ExecutionProvider, Graph, SessionOptions};
+use crate::sampler::tcd::TcdConfig;
+use crate::tokenizer::ClipTokenizer;
+use crate::{Error, Result};
+
+use conditioning::TextEncoder;
+
+/// How an engine is loaded.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// The ONNX Runtime library; `None` searches as [`runtime::find_library`] describes.
+    pub ort_lib: Option<PathBuf>,
+    /// Execution providers in priority order; several means "fall back in this order".
+    pub providers: Vec<ExecutionProvider>,
+    /// GPU ordinal.
+    pub device_id: i32,
+    /// Threads per operator; `None` uses every core.
+    pub intra_threads: Option<usize>,
+    /// Hub revision when the model is a hub id.
+    pub revision: Option<String>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            ort_lib: None,
+            providers: vec![ExecutionProvider::Cpu],
+            device_id: 0,
+            intra_threads: None,
+            revision: None,
+        }
+    }
+}
+
+/// One text-to-image request; defaults follow the TCD guide (4 steps, eta 0.3, no CFG).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    /// The prompt.
+    pub prompt: String,
+    /// The negative prompt (used only with guidance > 1).
+    pub negative_prompt: Option<String>,
+    /// Denoising steps.
+    pub steps: usize,
+    /// TCD's gamma: 0 is deterministic, 1 is fully stochastic (multistep consistency sampling).
+    pub eta: f32,
+    /// Classifier-free guidance scale; values <= 1 run a single conditional pass.
+    pub guidance: f32,
+    /// Seed of the torch-compatible CPU generator.
+    pub seed: u64,
+    /// Image width; `None` uses the model's default size.
+    pub width: Option<usize>,
+    /// Image height; `None` uses the model's default size.
+    pub height: Option<usize>,
+    /// Images per prompt.
+    pub num_images: usize,
+    /// TCD's `original_inference_steps` (the distillation schedule length); `None` = config's.
+    pub original_inference_steps: Option<usize>,
+}
+
+impl Default for GenerateRequest {
+    fn default() -> Self {
+        GenerateRequest {
+            prompt: String::new(),
+            negative_prompt: None,
+            steps: 4,
+            eta: 0.3,
+            guidance: 0.0,
+            seed: 0,
+            width: None,
+            height: None,
+            num_images: 1,
+            original_inference_steps: None,
+        }
+    }
+}
+
+/// What a generation reports while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// Prompts are being encoded.
+    EncodingPrompt,
+    /// Denoising step `step` (1-based) of `total` finished at `timestep`.
+    Step {
+        /// Steps done.
+        step: usize,
+        /// Steps in all.
+        total: usize,
+        /// The timestep just denoised.
+        timestep: i64,
+    },
+    /// The VAE is decoding the latents.
+    Decoding,
+}
+
+/// The result of a generation.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    /// One image per requested image.
+    pub images: Vec<RgbImage>,
+    /// Final latents before VAE decoding, `[num_images, c, h/f, w/f]` (diffusers'
+    /// `output_type="latent"`).
+    pub latents: ndarray::ArrayD<f32>,
+    /// The timesteps that were run.
+    pub timesteps: Vec<i64>,
+}
+
+/// A loaded pipeline: tokenizers, sessions and configs, created once.
+#[derive(Debug)]
+pub struct Engine {
+    model: ModelDir,
+    encoders: Vec<TextEncoder>,
+    unet: Graph,
+    vae_decoder: Graph,
+    scheduler: TcdConfig,
+    providers: Vec<ExecutionProvider>,
+    ort_library: PathBuf,
+}
+
+/// Resolves `--model`: an existing directory, else a hub id.
+pub fn resolve_model(model: &str, revision: Option<&str>) -> Result<PathBuf> {
+    let path = Path::new(model);
+    if path.exists() {
+        return Ok(path.to_path_buf());
+    }
+    if hub::looks_like_hub_id(model) {
+        return hub::resolve_pipeline(model, revision);
+    }
+    Err(Error::model(
+        path,
+        "no such directory (and not a Hugging Face hub id of the form owner/name)",
+    ))
+}
+
+impl Engine {
+    /// Loads a model directory or hub id with the given options.
+    pub fn load(model: impl AsRef<str>, options: &EngineOptions) -> Result<Self> {
+        let root = resolve_model(model.as_ref(), options.revision.as_deref())?;
+        let model = ModelDir::open(&root)?;
+        let scheduler: TcdConfig =
+            serde_json::from_value(model.scheduler_config.clone()).map_err(|e| {
+                Error::model(
+                    root.join("scheduler").join("scheduler_config.json"),
+                    format!("not a usable scheduler config: {e}"),
+                )
+            })?;
+        let ort_library = runtime::ensure_loaded(options.ort_lib.as_deref())?;
+        let providers = runtime::select_providers(&options.providers)?;
+        let session_options = SessionOptions {
+            providers: providers.clone(),
+            device_id: options.device_id,
+            intra_threads: options.intra_threads,
+        };
+        let xl = model.family().is_xl();
+        let mut encoders = Vec::new();
+        let names: &[(&str, &str)] = if xl {
+            &[
+                ("tokenizer", "text_encoder"),
+                ("tokenizer_2", "text_encoder_2"),
+            ]
+        } else {
+            &[("tokenizer", "text_encoder")]
+        };
+        for (tok, enc) in names {
+            let tokenizer = ClipTokenizer::from_dir(&root.join(tok))?;
+            let graph = Graph::load(enc, &model.graph_path(enc), &session_options)?;
+            encoders.push(TextEncoder::new(tokenizer, graph, xl)?);
+        }
+        let unet = Graph::load("unet", &model.graph_path("unet"), &session_options)?;
+        let mut required = vec!["sample", "timestep", "encoder_hidden_states"];
+        if xl {
+            required.extend(["text_embeds", "time_ids"]);
+        }
+        unet.require_inputs(&required)?;
+        let vae_decoder = Graph::load(
+            "vae_decoder",
+            &model.graph_path("vae_decoder"),
+            &session_options,
+        )?;
+        vae_decoder.require_inputs(&["latent_sample"])?;
+        Ok(Engine {
+            model,
+            encoders,
+            unet,
+            vae_decoder,
+            scheduler,
+            providers,
+            ort_library,
+        })
+    }
+
+    /// The model directory.
+    pub fn model(&self) -> &ModelDir {
+        &self.model
+    }
+
+    /// The execution providers the sessions were registered with.
+    pub fn providers(&self) -> &[ExecutionProvider] {
+        &self.providers
+    }
+
+    /// The ONNX Runtime library in use.
+    pub fn ort_library(&self) -> &Path {
+        &self.ort_library
+    }
+
+    /// The scheduler config (diffusers' `TCDScheduler.from_config(pipe.scheduler.config)`).
+    pub fn scheduler_config(&self) -> &TcdConfig {
+        &self.scheduler
+    }
+
+    /// Runs text-to-image. `progress` returns `false` to cancel.
+    pub fn generate(
+        &mut self,
+        request: &GenerateRequest,
+        progress: &mut dyn FnMut(Progress) -> bool,
+    ) -> Result<Generated> {
+        txt2img::run(self, request, progress)
+    }
+}

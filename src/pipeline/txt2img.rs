@@ -1,0 +1,235 @@
+//! Text-to-image, step for step as diffusers' `StableDiffusionPipeline` and
+//! `StableDiffusionXLPipeline` run with `TCDScheduler`.
+
+use ndarray::{concatenate, s, ArrayD, Axis, IxDyn};
+
+use super::conditioning::{encode_sd, encode_sdxl, Conditioning, PromptSpec};
+use super::{Engine, GenerateRequest, Generated, Progress};
+use crate::image_io::vae_output_to_images;
+use crate::rng::TorchGenerator;
+use crate::runtime::TensorInput;
+use crate::sampler::tcd::TcdScheduler;
+use crate::{Error, Result};
+
+/// Checks a request against the model and returns `(height, width)`.
+pub(super) fn validate(engine: &Engine, request: &GenerateRequest) -> Result<(usize, usize)> {
+    if request.steps == 0 {
+        return Err(Error::invalid(
+            "--steps must be at least 1 (TCD works well with 2 to 8)",
+        ));
+    }
+    if !(0.0..=1.0).contains(&request.eta) {
+        return Err(Error::invalid(format!(
+            "--eta must be between 0 and 1 (it is TCD's gamma; 0.3 is a good default), got {}",
+            request.eta
+        )));
+    }
+    if !request.guidance.is_finite() || request.guidance < 0.0 {
+        return Err(Error::invalid(format!(
+            "--guidance must be a finite number >= 0, got {}",
+            request.guidance
+        )));
+    }
+    if request.num_images == 0 {
+        return Err(Error::invalid("--num-images must be at least 1"));
+    }
+    let default = engine.model.default_image_size();
+    let height = request.height.unwrap_or(default);
+    let width = request.width.unwrap_or(default);
+    let factor = engine.model.vae.scale_factor();
+    let multiple = factor.max(8);
+    for (name, v) in [("--height", height), ("--width", width)] {
+        if v == 0 || v % multiple != 0 {
+            return Err(Error::invalid(format!(
+                "{name} must be a positive multiple of {multiple}, got {v}"
+            )));
+        }
+    }
+    Ok((height, width))
+}
+
+fn check_cancel(progress: &mut dyn FnMut(Progress) -> bool, event: Progress) -> Result<()> {
+    if progress(event) {
+        Ok(())
+    } else {
+        Err(Error::Cancelled)
+    }
+}
+
+pub(super) fn encode_prompts(
+    engine: &mut Engine,
+    request: &GenerateRequest,
+    guidance: bool,
+    height: usize,
+    width: usize,
+) -> Result<Conditioning> {
+    for encoder in &engine.encoders {
+        if let Some(dropped) = encoder.tokenizer.truncated_text(&request.prompt)? {
+            eprintln!(
+                "warning: the following part of your input was truncated because CLIP can only handle sequences up to {} tokens: {dropped}",
+                encoder.tokenizer.max_length()
+            );
+            break;
+        }
+    }
+    let spec = PromptSpec {
+        prompt: &request.prompt,
+        negative_prompt: request.negative_prompt.as_deref(),
+        num_images: request.num_images,
+        guidance,
+    };
+    let force_zeros = engine.model.force_zeros_for_empty_prompt();
+    match engine.encoders.as_mut_slice() {
+        [only] => encode_sd(only, &spec),
+        [first, second] => encode_sdxl([first, second], &spec, force_zeros, height, width),
+        _ => Err(Error::Runtime("unexpected number of text encoders".into())),
+    }
+}
+
+/// One UNet evaluation with classifier-free guidance folded in, as the pipelines do it.
+pub(super) fn predict_noise(
+    engine: &mut Engine,
+    latents: &ArrayD<f32>,
+    timestep: i64,
+    cond: &Conditioning,
+    guidance: Option<f32>,
+) -> Result<ArrayD<f32>> {
+    let model_input = match guidance {
+        Some(_) => concatenate(Axis(0), &[latents.view(), latents.view()])
+            .map_err(|e| Error::Runtime(format!("batching latents: {e}")))?,
+        None => latents.clone(),
+    };
+    let batch = model_input.shape()[0];
+    let timestep_len = match engine.unet.input("timestep").map(|i| i.shape.as_slice()) {
+        // A graph with a static single timestep (some exports) takes exactly one.
+        Some([1]) => 1,
+        Some([]) => 0,
+        _ => batch,
+    };
+    let timestep_array = if timestep_len == 0 {
+        ArrayD::from_elem(IxDyn(&[]), timestep as f32)
+    } else {
+        ArrayD::from_elem(IxDyn(&[timestep_len]), timestep as f32)
+    };
+    let mut inputs = vec![
+        ("sample", TensorInput::F32(model_input)),
+        ("timestep", TensorInput::F32(timestep_array)),
+        (
+            "encoder_hidden_states",
+            TensorInput::F32(cond.hidden_states.clone()),
+        ),
+    ];
+    if let Some(pooled) = &cond.pooled {
+        inputs.push(("text_embeds", TensorInput::F32(pooled.clone())));
+    }
+    if let Some(time_ids) = &cond.time_ids {
+        inputs.push(("time_ids", TensorInput::F32(time_ids.clone())));
+    }
+    let mut out = engine.unet.run(inputs, &["out_sample"])?;
+    let noise = out
+        .pop()
+        .ok_or_else(|| Error::Runtime("unet returned nothing".into()))?;
+    match guidance {
+        Some(scale) => {
+            let half = batch / 2;
+            let uncond = noise.slice(s![..half, .., .., ..]);
+            let text = noise.slice(s![half.., .., .., ..]);
+            // uncond + scale * (text - uncond), in float32 like torch.
+            let mut guided = text.to_owned();
+            guided.zip_mut_with(&uncond, |t, &u| *t = u + scale * (*t - u));
+            Ok(guided.into_dyn())
+        }
+        None => Ok(noise),
+    }
+}
+
+/// Decodes final latents into images (diffusers' `vae.decode(latents / scaling_factor)`).
+pub(super) fn decode(engine: &mut Engine, latents: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+    let vae = &engine.model.vae;
+    let scaled = match (&vae.latents_mean, &vae.latents_std) {
+        (Some(mean), Some(std)) if mean.len() == latents.shape()[1] && std.len() == mean.len() => {
+            let mut out = latents.clone();
+            for (c, mut channel) in out.axis_iter_mut(Axis(1)).enumerate() {
+                channel.mapv_inplace(|v| v * std[c] / vae.scaling_factor + mean[c]);
+            }
+            out
+        }
+        _ => latents.mapv(|v| v / vae.scaling_factor),
+    };
+    let mut out = engine.vae_decoder.run(
+        vec![("latent_sample", TensorInput::F32(scaled))],
+        &["sample"],
+    )?;
+    out.pop()
+        .ok_or_else(|| Error::Runtime("vae_decoder returned nothing".into()))
+}
+
+pub(super) fn run(
+    engine: &mut Engine,
+    request: &GenerateRequest,
+    progress: &mut dyn FnMut(Progress) -> bool,
+) -> Result<Generated> {
+    let (height, width) = validate(engine, request)?;
+    // diffusers: CFG only when guidance_scale > 1 and the UNet is not guidance-distilled.
+    let guidance = (request.guidance > 1.0 && engine.model.unet.time_cond_proj_dim.is_none())
+        .then_some(request.guidance);
+    let mut scheduler = TcdScheduler::new(engine.scheduler.clone())?;
+    scheduler.set_timesteps(
+        Some(request.steps),
+        request.original_inference_steps,
+        None,
+        1.0,
+    )?;
+    let timesteps = scheduler.timesteps().to_vec();
+
+    check_cancel(progress, Progress::EncodingPrompt)?;
+    let cond = encode_prompts(engine, request, guidance.is_some(), height, width)?;
+
+    let factor = engine.model.vae.scale_factor();
+    let channels = engine.model.unet.in_channels;
+    if channels != engine.model.vae.latent_channels {
+        return Err(Error::model(
+            engine.model.root(),
+            format!(
+                "the UNet takes {channels} channels but the VAE has {} latent channels: this is an inpainting UNet; text-to-image needs a regular one",
+                engine.model.vae.latent_channels
+            ),
+        ));
+    }
+    let shape = [
+        request.num_images,
+        channels,
+        height / factor,
+        width / factor,
+    ];
+    let mut generator = TorchGenerator::new(request.seed);
+    let sigma = scheduler.init_noise_sigma();
+    let mut latents = generator.randn(&shape);
+    if sigma != 1.0 {
+        latents.mapv_inplace(|v| v * sigma);
+    }
+    scheduler.set_begin_index(0);
+    let total = timesteps.len();
+    for (i, &t) in timesteps.iter().enumerate() {
+        let noise_pred = predict_noise(engine, &latents, t, &cond, guidance)?;
+        latents = scheduler
+            .step(&noise_pred, t, &latents, request.eta, &mut generator)?
+            .prev_sample;
+        check_cancel(
+            progress,
+            Progress::Step {
+                step: i + 1,
+                total,
+                timestep: t,
+            },
+        )?;
+    }
+    check_cancel(progress, Progress::Decoding)?;
+    let decoded = decode(engine, &latents)?;
+    let images = vae_output_to_images(&decoded)?;
+    Ok(Generated {
+        images,
+        latents,
+        timesteps,
+    })
+}

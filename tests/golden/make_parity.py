@@ -1,0 +1,117 @@
+"""Builds the pipeline parity fixtures: tiny random-weight SD1.5-like and SDXL-like diffusers
+pipelines, their ONNX exports, and diffusers' own TCD outputs for a grid of requests.
+
+Run from the repository root with the pinned environment:
+
+    .venv/bin/python tests/golden/make_parity.py [OUT_DIR]
+
+OUT_DIR defaults to tests/fixtures/generated/parity. Layout:
+
+    OUT_DIR/<family>/diffusers/   the random-weight pipeline (save_pretrained)
+    OUT_DIR/<family>/onnx/        `python -m export convert` of it
+    OUT_DIR/<family>/cases.json   the requests
+    OUT_DIR/<family>/reference/   <name>.png (<name>_<i>.png for several) and <name>.npy
+
+Every number the Rust parity tests compare against comes from diffusers through this script.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cases(family):
+    out = []
+    sizes = [(64, 64), (48, 80)] if family == "sd15" else [(64, 64), (80, 48)]
+    for steps in (1, 4, 8):
+        for eta in (0.0, 0.3, 1.0):
+            for guidance in (0.0, 2.0):
+                for (w, h) in sizes:
+                    out.append(
+                        {
+                            "name": f"s{steps}_e{eta}_g{guidance}_{w}x{h}",
+                            "prompt": "a photo of an astronaut riding a horse on mars",
+                            "steps": steps,
+                            "eta": eta,
+                            "guidance": guidance,
+                            "seed": 1234 + steps,
+                            "width": w,
+                            "height": h,
+                        }
+                    )
+    out += [
+        {
+            "name": "negative_prompt",
+            "prompt": "papercut of a winter mountain, snow",
+            "negative_prompt": "blurry, low quality",
+            "steps": 4,
+            "eta": 0.3,
+            "guidance": 2.0,
+            "seed": 7,
+            "width": 64,
+            "height": 64,
+        },
+        {
+            "name": "two_images",
+            "prompt": "a red cube",
+            "steps": 4,
+            "eta": 0.3,
+            "guidance": 2.0,
+            "seed": 11,
+            "width": 64,
+            "height": 64,
+            "num_images": 2,
+        },
+        {
+            "name": "unicode_long_prompt",
+            "prompt": "Painting of the orange cat Otto von Garfield, Count of Bismarck-Schönhausen, "
+            "Duke of Lauenburg, Minister-President of Prussia. Depicted wearing a Prussian "
+            "Pickelhaube and eating his favorite meal - lasagna. " * 2,
+            "steps": 4,
+            "eta": 0.3,
+            "guidance": 0.0,
+            "seed": 0,
+            "width": 64,
+            "height": 64,
+        },
+        {
+            "name": "small_size",
+            "prompt": "tiny",
+            "steps": 2,
+            "eta": 0.3,
+            "guidance": 0.0,
+            "seed": 3,
+            "width": 16,
+            "height": 24,
+        },
+    ]
+    return out
+
+
+def run(*args):
+    print("+", " ".join(str(a) for a in args), flush=True)
+    subprocess.run([sys.executable, *map(str, args)], check=True, cwd=ROOT)
+
+
+def main():
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "tests/fixtures/generated/parity"
+    for family in ("sd15", "sdxl"):
+        base = out / family
+        base.mkdir(parents=True, exist_ok=True)
+        pipe = base / "diffusers"
+        onnx_dir = base / "onnx"
+        if not (pipe / "model_index.json").exists():
+            run("-m", "export", "-q", "tiny", "--family", family, pipe)
+        if not (onnx_dir / "tcd_ort.json").exists():
+            run("-m", "export", "-q", "convert", pipe, onnx_dir, "--overwrite")
+        case_file = base / "cases.json"
+        case_file.write_text(json.dumps(cases(family), indent=1))
+        run("-m", "export", "-q", "reference", "--model", pipe, "--cases", case_file,
+            "--out-dir", base / "reference")
+
+
+if __name__ == "__main__":
+    main()

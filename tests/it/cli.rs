@@ -1,0 +1,239 @@
+//! The `tcd-ort` binary: a real run on the committed demo model, and every bad input giving a
+//! one-line error and a non-zero exit without touching existing files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use tcd_ort::image_io::read_npy;
+use tcd_ort::pipeline::{Engine, EngineOptions, GenerateRequest};
+
+use crate::common::{read_png_rgb, repo_root, scratch_dir};
+
+fn demo_model() -> PathBuf {
+    repo_root().join("models").join("tiny-sd15")
+}
+
+fn tcd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tcd-ort"))
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+        .expect("the binary starts")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts a clean failure: non-zero status, one `error:` line, no panic.
+fn assert_fails_with(out: &Output, needle: &str) {
+    let err = stderr(out);
+    assert!(!out.status.success(), "expected failure, stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(errors.len(), 1, "one error line expected: {err}");
+    assert!(
+        errors[0].contains(needle),
+        "expected '{needle}' in: {}",
+        errors[0]
+    );
+}
+
+fn base_args<'a>(model: &'a str, output: &'a str) -> Vec<&'a str> {
+    vec![
+        "run", "--model", model, "--prompt", "a cat", "--seed", "0", "--output", output, "-q",
+    ]
+}
+
+#[test]
+fn run_writes_png_with_parameters_and_latents_matching_the_library() {
+    let dir = scratch_dir("cli-run");
+    let png = dir.join("out.png");
+    let npy = dir.join("latents.npy");
+    let model = demo_model();
+    let model_s = model.to_string_lossy().into_owned();
+    let png_s = png.to_string_lossy().into_owned();
+    let npy_s = npy.to_string_lossy().into_owned();
+    let mut args = base_args(&model_s, &png_s);
+    args.extend(["--steps", "2", "--eta", "0.3", "--save-latents", &npy_s]);
+    let out = tcd(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let mut engine = Engine::load(&model_s, &EngineOptions::default()).expect("loads");
+    let request = GenerateRequest {
+        prompt: "a cat".into(),
+        steps: 2,
+        eta: 0.3,
+        seed: 0,
+        ..GenerateRequest::default()
+    };
+    let expected = engine.generate(&request, &mut |_| true).expect("runs");
+    let (w, h, pixels) = read_png_rgb(&png);
+    assert_eq!(
+        (w, h),
+        (expected.images[0].width, expected.images[0].height)
+    );
+    assert_eq!(pixels, expected.images[0].pixels);
+    assert_eq!(read_npy(&npy).expect("npy"), expected.latents);
+
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(&png).expect("png"),
+    ));
+    let reader = decoder.read_info().expect("png header");
+    let text: Vec<String> = reader
+        .info()
+        .uncompressed_latin1_text
+        .iter()
+        .map(|t| format!("{}={}", t.keyword, t.text))
+        .collect();
+    let params = text
+        .iter()
+        .find(|t| t.starts_with("parameters="))
+        .expect("a parameters text chunk");
+    assert!(params.contains("a cat"), "{params}");
+    assert!(params.contains("Steps: 2"), "{params}");
+    assert!(params.contains("Seed: 0"), "{params}");
+    assert!(params.contains("Eta: 0.3"), "{params}");
+}
+
+#[test]
+fn several_images_are_numbered() {
+    let dir = scratch_dir("cli-num");
+    let png = dir.join("img.png");
+    let model_s = demo_model().to_string_lossy().into_owned();
+    let png_s = png.to_string_lossy().into_owned();
+    let mut args = base_args(&model_s, &png_s);
+    args.extend(["--steps", "1", "--num-images", "2"]);
+    let out = tcd(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let a = read_png_rgb(&dir.join("img-1.png"));
+    let b = read_png_rgb(&dir.join("img-2.png"));
+    assert_ne!(a.2, b.2, "two images from one seed batch differ");
+}
+
+#[test]
+fn never_overwrites_without_the_flag() {
+    let dir = scratch_dir("cli-overwrite");
+    let png = dir.join("exists.png");
+    std::fs::write(&png, b"keep me").expect("write");
+    let model_s = demo_model().to_string_lossy().into_owned();
+    let png_s = png.to_string_lossy().into_owned();
+    let out = tcd(&base_args(&model_s, &png_s));
+    assert_fails_with(&out, "--overwrite");
+    assert_eq!(std::fs::read(&png).expect("read"), b"keep me");
+
+    let mut args = base_args(&model_s, &png_s);
+    args.extend(["--steps", "1", "--overwrite"]);
+    let out = tcd(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(read_png_rgb(&png).0 > 0);
+}
+
+fn bad_request(extra: &[&str], needle: &str) {
+    let dir = scratch_dir("cli-bad");
+    let png = dir.join("never.png");
+    let model_s = demo_model().to_string_lossy().into_owned();
+    let png_s = png.to_string_lossy().into_owned();
+    let mut args = base_args(&model_s, &png_s);
+    args.extend(extra);
+    let out = tcd(&args);
+    assert_fails_with(&out, needle);
+    assert!(!png.exists(), "nothing is written on failure");
+}
+
+#[test]
+fn zero_steps_is_an_error() {
+    bad_request(&["--steps", "0"], "--steps");
+}
+
+#[test]
+fn eta_above_one_is_an_error() {
+    bad_request(&["--eta", "1.5"], "--eta");
+}
+
+#[test]
+fn size_not_a_multiple_of_8_is_an_error() {
+    bad_request(&["--width", "100", "--height", "100"], "multiple of 8");
+}
+
+#[test]
+fn unknown_execution_provider_is_an_error() {
+    bad_request(&["--ep", "vulkan"], "unknown execution provider");
+}
+
+#[test]
+fn provider_missing_from_the_build_is_an_error_naming_the_package() {
+    // The CPU wheel has no CUDA provider: never a silent CPU run.
+    bad_request(&["--ep", "cuda"], "onnxruntime-gpu");
+}
+
+#[test]
+fn missing_model_is_an_error() {
+    let dir = scratch_dir("cli-missing");
+    let png = dir.join("x.png");
+    let out = tcd(&base_args(
+        &dir.join("no-such-model").to_string_lossy(),
+        &png.to_string_lossy(),
+    ));
+    assert_fails_with(&out, "no such directory");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read_dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+#[test]
+fn corrupt_model_files_are_errors() {
+    let dir = scratch_dir("cli-corrupt");
+    let model = dir.join("model");
+    copy_dir(&demo_model(), &model);
+    let png = dir.join("x.png");
+    let model_s = model.to_string_lossy().into_owned();
+    let png_s = png.to_string_lossy().into_owned();
+
+    std::fs::write(model.join("unet").join("model.onnx"), b"not a protobuf").expect("corrupt");
+    assert_fails_with(&tcd(&base_args(&model_s, &png_s)), "unet");
+
+    std::fs::write(model.join("model_index.json"), b"{ not json").expect("corrupt");
+    assert_fails_with(&tcd(&base_args(&model_s, &png_s)), "model_index.json");
+
+    std::fs::remove_file(model.join("model_index.json")).expect("remove");
+    assert_fails_with(&tcd(&base_args(&model_s, &png_s)), "model_index.json");
+    assert!(!png.exists());
+}
+
+#[test]
+fn missing_onnx_runtime_is_an_error_saying_how_to_install_it() {
+    let dir = scratch_dir("cli-noort");
+    let png = dir.join("x.png");
+    let model_s = demo_model().to_string_lossy().into_owned();
+    let png_s = png.to_string_lossy().into_owned();
+    let mut args = base_args(&model_s, &png_s);
+    args.extend(["--ort-lib", "/nonexistent/libonnxruntime.so"]);
+    assert_fails_with(&tcd(&args), "pip install onnxruntime");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_tcd-ort"))
+        .args(base_args(&model_s, &png_s))
+        .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")
+        .output()
+        .expect("starts");
+    assert_fails_with(&out, "pip install onnxruntime");
+}
+
+#[test]
+fn bad_output_extension_is_an_error() {
+    let dir = scratch_dir("cli-ext");
+    let out_path = dir.join("x.jpg");
+    let model_s = demo_model().to_string_lossy().into_owned();
+    let out = tcd(&base_args(&model_s, &out_path.to_string_lossy()));
+    assert_fails_with(&out, ".png");
+}
