@@ -2,6 +2,8 @@
 
 mod cli;
 mod common;
+mod initializers;
+mod hub;
 mod parity;
 
 mod rng;

@@ -1,0 +1,391 @@
+//! Reading the weight table of an ONNX file without ONNX Runtime: initializer names, shapes,
+//! element types and where their bytes live (inside the protobuf or in external data).
+//!
+//! Load-time LoRA needs the base weights by name and must supply replacements that ONNX
+//! Runtime honours: replacements for *external* initializers are applied at full graph
+//! optimisation, while names that do not exist are silently ignored by ONNX Runtime, so every
+//! name is checked here first.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use crate::{Error, Result};
+
+/// ONNX `TensorProto.DataType` values tcd-ort reads.
+const FLOAT: i32 = 1;
+const FLOAT16: i32 = 10;
+
+/// Where an initializer's bytes are stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Storage {
+    /// `raw_data` inside the `.onnx` file, at this byte range.
+    Embedded {
+        /// Offset in the `.onnx` file.
+        offset: u64,
+        /// Length in bytes.
+        length: u64,
+    },
+    /// External data file beside the `.onnx` file.
+    External {
+        /// The data file.
+        file: PathBuf,
+        /// Offset in that file.
+        offset: u64,
+        /// Length in bytes.
+        length: u64,
+    },
+    /// Stored in a typed field (`float_data`...), which exporters use only for tiny tensors.
+    Typed,
+}
+
+/// One initializer of a graph.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Initializer {
+    /// The name (for tcd-ort exports, the PyTorch parameter name).
+    pub name: String,
+    /// Shape.
+    pub dims: Vec<usize>,
+    /// ONNX element type code.
+    pub data_type: i32,
+    /// Where the bytes are.
+    pub storage: Storage,
+}
+
+impl Initializer {
+    /// Element count.
+    pub fn numel(&self) -> usize {
+        self.dims.iter().product()
+    }
+
+    /// Whether ONNX Runtime accepts a replacement for it at full optimisation.
+    pub fn is_external(&self) -> bool {
+        matches!(self.storage, Storage::External { .. })
+    }
+}
+
+/// The initializers of one `.onnx` file, by name.
+#[derive(Debug, Clone)]
+pub struct InitializerTable {
+    model: PathBuf,
+    by_name: HashMap<String, Initializer>,
+}
+
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Cursor { buf, pos: 0 }
+    }
+
+    fn done(&self) -> bool {
+        self.pos >= self.buf.len()
+    }
+
+    fn varint(&mut self) -> Option<u64> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = *self.buf.get(self.pos)?;
+            self.pos += 1;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(value);
+            }
+        }
+        None
+    }
+
+    /// Returns (field number, wire type).
+    fn tag(&mut self) -> Option<(u64, u8)> {
+        let tag = self.varint()?;
+        Some((tag >> 3, (tag & 7) as u8))
+    }
+
+    fn bytes(&mut self) -> Option<(usize, &'a [u8])> {
+        let len = usize::try_from(self.varint()?).ok()?;
+        let start = self.pos;
+        let end = start.checked_add(len)?;
+        let slice = self.buf.get(start..end)?;
+        self.pos = end;
+        Some((start, slice))
+    }
+
+    fn skip(&mut self, wire: u8) -> Option<()> {
+        match wire {
+            0 => {
+                self.varint()?;
+            }
+            1 => self.pos = self.pos.checked_add(8)?,
+            2 => {
+                self.bytes()?;
+            }
+            5 => self.pos = self.pos.checked_add(4)?,
+            _ => return None,
+        }
+        (self.pos <= self.buf.len()).then_some(())
+    }
+}
+
+fn malformed(path: &Path, what: &str) -> Error {
+    Error::model(path, format!("not a valid ONNX file ({what})"))
+}
+
+/// Finds the length-delimited field `field` of a message and returns its (offset, bytes).
+fn find_field<'a>(buf: &'a [u8], field: u64) -> Option<Option<(usize, &'a [u8])>> {
+    let mut c = Cursor::new(buf);
+    while !c.done() {
+        let (f, wire) = c.tag()?;
+        if f == field && wire == 2 {
+            return Some(Some(c.bytes()?));
+        }
+        c.skip(wire)?;
+    }
+    Some(None)
+}
+
+fn parse_tensor(buf: &[u8], base_offset: usize, model: &Path) -> Option<Initializer> {
+    let mut c = Cursor::new(buf);
+    let mut name = String::new();
+    let mut dims = Vec::new();
+    let mut data_type = 0i32;
+    let mut raw: Option<(usize, usize)> = None;
+    let mut external: HashMap<String, String> = HashMap::new();
+    let mut data_location = 0u64;
+    while !c.done() {
+        let (field, wire) = c.tag()?;
+        match (field, wire) {
+            (1, 0) => dims.push(usize::try_from(c.varint()?).ok()?),
+            (1, 2) => {
+                let (_, packed) = c.bytes()?;
+                let mut p = Cursor::new(packed);
+                while !p.done() {
+                    dims.push(usize::try_from(p.varint()?).ok()?);
+                }
+            }
+            (2, 0) => data_type = i32::try_from(c.varint()?).ok()?,
+            (8, 2) => name = String::from_utf8(c.bytes()?.1.to_vec()).ok()?,
+            (9, 2) => {
+                let (start, bytes) = c.bytes()?;
+                raw = Some((base_offset + start, bytes.len()));
+            }
+            (13, 2) => {
+                let (_, entry) = c.bytes()?;
+                let mut e = Cursor::new(entry);
+                let (mut key, mut value) = (String::new(), String::new());
+                while !e.done() {
+                    let (f, w) = e.tag()?;
+                    match (f, w) {
+                        (1, 2) => key = String::from_utf8(e.bytes()?.1.to_vec()).ok()?,
+                        (2, 2) => value = String::from_utf8(e.bytes()?.1.to_vec()).ok()?,
+                        _ => e.skip(w)?,
+                    }
+                }
+                external.insert(key, value);
+            }
+            (14, 0) => data_location = c.varint()?,
+            _ => c.skip(wire)?,
+        }
+    }
+    let storage = if data_location == 1 {
+        let location = external.get("location")?;
+        let offset = external
+            .get("offset")
+            .map(|o| o.parse::<u64>())
+            .transpose()
+            .ok()?
+            .unwrap_or(0);
+        let length = match external.get("length") {
+            Some(l) => l.parse::<u64>().ok()?,
+            None => 0,
+        };
+        Storage::External {
+            file: model.parent().unwrap_or(Path::new(".")).join(location),
+            offset,
+            length,
+        }
+    } else if let Some((offset, length)) = raw {
+        Storage::Embedded {
+            offset: offset as u64,
+            length: length as u64,
+        }
+    } else {
+        Storage::Typed
+    };
+    Some(Initializer {
+        name,
+        dims,
+        data_type,
+        storage,
+    })
+}
+
+impl InitializerTable {
+    /// Reads the initializer table of `model` (the graph proto only; weights stay on disk).
+    pub fn read(model: &Path) -> Result<Self> {
+        let bytes = std::fs::read(model).map_err(|e| Error::io(model, e))?;
+        let (graph_offset, graph) = find_field(&bytes, 7)
+            .ok_or_else(|| malformed(model, "unreadable ModelProto"))?
+            .ok_or_else(|| malformed(model, "no graph"))?;
+        let mut by_name = HashMap::new();
+        let mut c = Cursor::new(graph);
+        while !c.done() {
+            let (field, wire) = c
+                .tag()
+                .ok_or_else(|| malformed(model, "unreadable GraphProto"))?;
+            if field == 5 && wire == 2 {
+                let (start, tensor) = c
+                    .bytes()
+                    .ok_or_else(|| malformed(model, "truncated initializer"))?;
+                let init = parse_tensor(tensor, graph_offset + start, model)
+                    .ok_or_else(|| malformed(model, "unreadable initializer"))?;
+                by_name.insert(init.name.clone(), init);
+            } else {
+                c.skip(wire)
+                    .ok_or_else(|| malformed(model, "unreadable GraphProto"))?;
+            }
+        }
+        Ok(InitializerTable {
+            model: model.to_path_buf(),
+            by_name,
+        })
+    }
+
+    /// The `.onnx` file.
+    pub fn model(&self) -> &Path {
+        &self.model
+    }
+
+    /// The initializer called `name`.
+    pub fn get(&self, name: &str) -> Option<&Initializer> {
+        self.by_name.get(name)
+    }
+
+    /// Number of initializers.
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    /// Whether the graph has no initializers.
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    /// All names (unordered).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.by_name.keys().map(String::as_str)
+    }
+
+    /// Reads an initializer's values as f32 (float32 or float16 storage).
+    pub fn read_f32(&self, init: &Initializer) -> Result<Vec<f32>> {
+        let (file, offset, length) = match &init.storage {
+            Storage::Embedded { offset, length } => (self.model.clone(), *offset, *length),
+            Storage::External {
+                file,
+                offset,
+                length,
+            } => (file.clone(), *offset, *length),
+            Storage::Typed => {
+                return Err(Error::model(
+                    &self.model,
+                    format!(
+                        "initializer '{}' is stored in a typed field; re-export with external data",
+                        init.name
+                    ),
+                ))
+            }
+        };
+        let elem = match init.data_type {
+            FLOAT => 4,
+            FLOAT16 => 2,
+            other => {
+                return Err(Error::model(
+                    &self.model,
+                    format!(
+                        "initializer '{}' has ONNX element type {other}; only float32 and float16 weights can be patched",
+                        init.name
+                    ),
+                ))
+            }
+        };
+        let expected = (init.numel() * elem) as u64;
+        let length = if length == 0 { expected } else { length };
+        if length != expected {
+            return Err(Error::model(
+                &self.model,
+                format!(
+                    "initializer '{}' holds {length} bytes but its shape {:?} needs {expected}",
+                    init.name, init.dims
+                ),
+            ));
+        }
+        let mut f = File::open(&file).map_err(|e| Error::io(&file, e))?;
+        f.seek(SeekFrom::Start(offset))
+            .map_err(|e| Error::io(&file, e))?;
+        let mut buf = vec![0u8; length as usize];
+        f.read_exact(&mut buf).map_err(|e| {
+            Error::model(
+                &file,
+                format!(
+                    "initializer '{}' runs past the end of the file: {e}",
+                    init.name
+                ),
+            )
+        })?;
+        Ok(if elem == 4 {
+            buf.chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect()
+        } else {
+            buf.chunks_exact(2)
+                .map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]])))
+                .collect()
+        })
+    }
+}
+
+/// IEEE half to single precision.
+pub fn f16_to_f32(h: u16) -> f32 {
+    let sign = u32::from(h >> 15) << 31;
+    let exp = u32::from((h >> 10) & 0x1f);
+    let mant = u32::from(h & 0x3ff);
+    let bits = match (exp, mant) {
+        (0, 0) => sign,
+        (0, m) => {
+            // Subnormal: normalise.
+            let shift = m.leading_zeros() - 21;
+            let m = (m << shift) & 0x3ff;
+            sign | ((113 - shift) << 23) | (m << 13)
+        }
+        (0x1f, m) => sign | 0x7f80_0000 | (m << 13),
+        (e, m) => sign | ((e + 112) << 23) | (m << 13),
+    };
+    f32::from_bits(bits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_precision_converts() {
+        assert_eq!(f16_to_f32(0x3c00), 1.0);
+        assert_eq!(f16_to_f32(0xc000), -2.0);
+        assert_eq!(f16_to_f32(0x0001), 5.960_464_5e-8);
+        assert!(f16_to_f32(0x7c00).is_infinite());
+    }
+
+    #[test]
+    fn garbage_is_a_clear_error() {
+        let dir = std::env::temp_dir().join(format!("tcd-ort-init-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("bad.onnx");
+        std::fs::write(&path, b"\xff\xff\xff\xff\xff").expect("write");
+        let err = InitializerTable::read(&path).expect_err("garbage");
+        assert!(err.to_string().contains("not a valid ONNX file"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
