@@ -135,7 +135,7 @@ fn malformed(path: &Path, what: &str) -> Error {
 }
 
 /// Finds the length-delimited field `field` of a message and returns its (offset, bytes).
-fn find_field<'a>(buf: &'a [u8], field: u64) -> Option<Option<(usize, &'a [u8])>> {
+fn find_field(buf: &[u8], field: u64) -> Option<Option<(usize, &[u8])>> {
     let mut c = Cursor::new(buf);
     while !c.done() {
         let (f, wire) = c.tag()?;
