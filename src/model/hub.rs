@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use hf_hub::api::sync::ApiBuilder;
+use hf_hub::api::sync::{ApiBuilder, ApiError};
 use hf_hub::{Cache, Repo, RepoType};
 
 use crate::{Error, Result};
@@ -79,7 +79,38 @@ fn cached(id: &str, revision: Option<&str>, file: &str) -> Option<PathBuf> {
     Cache::from_env().repo(repo(id, revision)).get(file)
 }
 
-fn hub_error(id: &str, what: &str, e: impl std::fmt::Display) -> Error {
+/// The HTTP status the hub answered with, when the request got that far.
+fn http_status(e: &ApiError) -> Option<u16> {
+    match e {
+        // hf-hub does not re-export ureq's error type, whose Display is "http status: 404".
+        ApiError::RequestError(inner) => inner
+            .to_string()
+            .strip_prefix("http status: ")?
+            .trim()
+            .parse()
+            .ok(),
+        _ => None,
+    }
+}
+
+fn hub_error(id: &str, what: &str, e: ApiError) -> Error {
+    // The server answered, so "no network?" would send the user the wrong way.
+    if let Some(status) = http_status(&e) {
+        let endpoint =
+            std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
+        let hint = if matches!(status, 401 | 403 | 404) {
+            format!(
+                ": check the id and --revision; a private or gated repository needs a token in {}",
+                Cache::from_env().token_path().display()
+            )
+        } else {
+            String::new()
+        };
+        return Error::model(
+            id,
+            format!("{what}: the hub at {endpoint} answered HTTP {status}{hint}"),
+        );
+    }
     Error::model(
         id,
         format!(

@@ -2,8 +2,8 @@
 
 mod cli;
 mod common;
-mod initializers;
 mod hub;
+mod initializers;
 mod parity;
 
 mod rng;
