@@ -69,6 +69,8 @@ pub struct UnetConfig {
     pub addition_time_embed_dim: Option<usize>,
     /// SDXL's `projection_class_embeddings_input_dim`.
     pub projection_class_embeddings_input_dim: Option<usize>,
+    /// ResNet layers per down block; SGM-named (kohya SDXL) LoRA keys are mapped with it.
+    pub layers_per_block: Option<usize>,
 }
 
 fn default_in_channels() -> usize {

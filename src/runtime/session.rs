@@ -78,6 +78,20 @@ pub enum TensorInput {
     I64(ArrayD<i64>),
 }
 
+/// A replacement value for a named weight, supplied when the session is built.
+///
+/// ONNX Runtime applies replacements of *external* initializers at every optimisation level;
+/// [`super::InitializerTable`] tells which names exist and where they live.
+#[derive(Debug, Clone)]
+pub struct WeightOverride {
+    /// The initializer name.
+    pub name: String,
+    /// Its shape.
+    pub shape: Vec<usize>,
+    /// The new values (float32).
+    pub values: Vec<f32>,
+}
+
 /// One loaded ONNX graph.
 pub struct Graph {
     name: String,
@@ -123,6 +137,16 @@ fn rt_err(context: &str, e: impl std::fmt::Display) -> Error {
 impl Graph {
     /// Loads `path` (an `.onnx` file, external data beside it) as component `name`.
     pub fn load(name: &str, path: &Path, options: &SessionOptions) -> Result<Self> {
+        Self::load_with_weights(name, path, options, Vec::new())
+    }
+
+    /// Loads `path` with some weights replaced (load-time LoRA).
+    pub fn load_with_weights(
+        name: &str,
+        path: &Path,
+        options: &SessionOptions,
+        overrides: Vec<WeightOverride>,
+    ) -> Result<Self> {
         if !path.is_file() {
             return Err(Error::model(path, format!("the {name} graph is missing")));
         }
@@ -156,6 +180,13 @@ impl Graph {
                 e,
             )
         })?;
+        for o in overrides {
+            let tensor = Tensor::from_array((o.shape.clone(), o.values))
+                .map_err(|e| rt_err(&format!("{context}: weight '{}'", o.name), e))?;
+            builder = builder
+                .with_external_initializer(&o.name, tensor.into_dyn())
+                .map_err(|e| rt_err(&format!("{context}: replacing weight '{}'", o.name), e))?;
+        }
         let session = builder.commit_from_file(path).map_err(|e| {
             Error::model(
                 path,
