@@ -5,6 +5,7 @@
 //! `huggingface_hub` uses. `HF_ENDPOINT` selects a mirror; with `HF_HUB_OFFLINE=1` nothing is
 //! requested and the cache must already hold the files.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use hf_hub::api::sync::{ApiBuilder, ApiError};
@@ -136,7 +137,7 @@ pub fn resolve_pipeline(id: &str, revision: Option<&str>) -> Result<PathBuf> {
         return snapshot_dir(&index, id);
     }
     let api = ApiBuilder::from_env()
-        .with_progress(true)
+        .with_progress(std::io::stderr().is_terminal())
         .build()
         .map_err(|e| hub_error(id, "could not start the hub client", e))?;
     let remote = api.repo(repo(id, revision));
@@ -188,7 +189,7 @@ pub fn resolve_file(id: &str, revision: Option<&str>, file: &str) -> Result<Path
         });
     }
     let api = ApiBuilder::from_env()
-        .with_progress(true)
+        .with_progress(std::io::stderr().is_terminal())
         .build()
         .map_err(|e| hub_error(id, "could not start the hub client", e))?;
     api.repo(repo(id, revision))
