@@ -6,10 +6,11 @@
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
+VENV_OPTIMUM := .venv-optimum
 ORT_VERSION := 1.31.1
 FIXTURES := tests/fixtures/generated
 
-.PHONY: demo test setup setup-ort venv fixtures lint rust-test py-test clean-fixtures
+.PHONY: demo test setup setup-ort venv venv-optimum fixtures lint rust-test py-test clean-fixtures
 
 demo: setup-ort
 	cargo run --release -- run --model models/tiny-sd15 \
@@ -43,13 +44,23 @@ $(VENV)/.installed: export/requirements.txt
 	$(VPY) -m pip install -q -r export/requirements.txt
 	touch $@
 
+# optimum-cli needs an older transformers than the exporter, so it gets its own environment.
+venv-optimum: $(VENV_OPTIMUM)/.installed
+
+$(VENV_OPTIMUM)/.installed: export/requirements-optimum.txt
+	$(PYTHON) -m venv $(VENV_OPTIMUM)
+	$(VENV_OPTIMUM)/bin/python -m pip install -q --upgrade pip
+	$(VENV_OPTIMUM)/bin/python -m pip install -q -r export/requirements-optimum.txt
+	touch $@
+
 # Golden numbers: torch's generator, diffusers' TCDScheduler, transformers' tokenizer, and the
-# diffusers pipelines on tiny random-weight models (exported to ONNX here).
-fixtures: venv
+# diffusers pipelines on tiny random-weight models (exported to ONNX here, and with optimum-cli).
+fixtures: venv venv-optimum
 	$(VPY) tests/golden/make_rng.py
 	$(VPY) tests/golden/make_scheduler.py
 	$(VPY) tests/golden/make_tokenizer.py
 	$(VPY) tests/golden/make_parity.py $(FIXTURES)/parity
+	$(VENV_OPTIMUM)/bin/python tests/golden/make_optimum.py $(FIXTURES)/parity $(FIXTURES)/optimum
 
 lint:
 	cargo fmt --check

@@ -4,6 +4,7 @@ mod cli;
 mod common;
 mod hub;
 mod initializers;
+mod optimum;
 mod parity;
 
 mod rng;

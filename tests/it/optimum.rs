@@ -1,0 +1,162 @@
+//! Plain `optimum-cli export onnx` output loads as-is and generates what diffusers generates.
+//!
+//! `tests/golden/make_optimum.py` (run by `make fixtures`, in the optimum-onnx 0.1.0 environment of
+//! `export/requirements-optimum.txt`) exports the tiny parity pipelines with
+//! `optimum-cli export onnx --task text-to-image` into `optimum/<family>/`, untouched: no
+//! `tcd_ort.json`, tokenizers as `vocab.json` + `merges.txt`, int64 `input_ids` with a dynamic
+//! sequence length, a scalar float `timestep`, and `hidden_states.N` outputs on both SDXL encoders.
+//! The weights are the parity pipelines' own, so the references are diffusers' outputs in
+//! `parity/<family>/reference/` (from `tests/golden/make_parity.py`), held to the parity tests'
+//! tolerances: latents within 1e-4 of their largest magnitude, pixels within 2/255.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use tcd_ort::image_io::read_npy;
+use tcd_ort::pipeline::{Engine, EngineOptions, GenerateRequest};
+
+use crate::common::{fixtures_dir, read_png_rgb};
+
+#[derive(Debug, Deserialize)]
+struct Case {
+    name: String,
+    prompt: String,
+    negative_prompt: Option<String>,
+    steps: usize,
+    eta: f32,
+    guidance: f32,
+    seed: u64,
+    width: usize,
+    height: usize,
+    #[serde(default = "one")]
+    num_images: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// A few parity cases that between them cover: one step without guidance at a non-square size,
+/// several steps with guidance (a batch of two through a scalar timestep), a negative prompt, two
+/// images per prompt, and a prompt long enough to be truncated.
+fn wanted(case: &Case) -> bool {
+    let square = case.width == case.height;
+    let single = case.steps == 1 && case.eta == 0.0 && case.guidance == 0.0 && !square;
+    let guided = case.steps == 4 && case.eta == 0.3 && case.guidance == 2.0 && square;
+    single
+        || guided
+        || matches!(
+            case.name.as_str(),
+            "negative_prompt" | "two_images" | "unicode_long_prompt"
+        )
+}
+
+fn check_family(family: &str) {
+    let optimum: PathBuf = fixtures_dir().join("optimum").join(family);
+    let parity = fixtures_dir().join("parity").join(family);
+    assert!(
+        optimum.join("model_index.json").is_file(),
+        "{}: no optimum export; generate the fixtures with `make fixtures`",
+        optimum.display()
+    );
+    let cases_path = parity.join("cases.json");
+    let text = std::fs::read_to_string(&cases_path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; generate the parity fixtures with `make fixtures`",
+            cases_path.display()
+        )
+    });
+    let cases: Vec<Case> = serde_json::from_str(&text).expect("cases.json parses");
+    let cases: Vec<Case> = cases.into_iter().filter(wanted).collect();
+    assert!(cases.len() >= 5, "{family}: expected parity cases missing");
+
+    let mut engine = Engine::load(optimum.to_string_lossy(), &EngineOptions::default())
+        .unwrap_or_else(|e| panic!("{family}: the optimum export does not load: {e}"));
+    assert!(
+        engine.model().manifest().is_none(),
+        "{family}: the optimum export must be tested as-is, without a tcd_ort.json"
+    );
+    let mut failures = Vec::new();
+    let mut worst_latent = 0f32;
+    let mut worst_pixel = 0u8;
+    for case in &cases {
+        let request = GenerateRequest {
+            prompt: case.prompt.clone(),
+            negative_prompt: case.negative_prompt.clone(),
+            steps: case.steps,
+            eta: case.eta,
+            guidance: case.guidance,
+            seed: case.seed,
+            width: Some(case.width),
+            height: Some(case.height),
+            num_images: case.num_images,
+            original_inference_steps: None,
+        };
+        let out = engine
+            .generate(&request, &mut |_| true)
+            .unwrap_or_else(|e| panic!("{family}/{}: {e}", case.name));
+        let reference = read_npy(&parity.join("reference").join(format!("{}.npy", case.name)))
+            .expect("reference latents");
+        if reference.shape() != out.latents.shape() {
+            failures.push(format!(
+                "{}: latent shape {:?} vs diffusers {:?}",
+                case.name,
+                out.latents.shape(),
+                reference.shape()
+            ));
+            continue;
+        }
+        let scale = reference
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()))
+            .max(1e-12);
+        let diff = out
+            .latents
+            .iter()
+            .zip(reference.iter())
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+            / scale;
+        worst_latent = worst_latent.max(diff);
+        if diff > 1e-4 {
+            failures.push(format!("{}: latents differ by {diff:e} of max", case.name));
+        }
+        for (i, image) in out.images.iter().enumerate() {
+            let name = if case.num_images > 1 {
+                format!("{}_{i}.png", case.name)
+            } else {
+                format!("{}.png", case.name)
+            };
+            let (w, h, pixels) = read_png_rgb(&parity.join("reference").join(&name));
+            assert_eq!((w, h), (image.width, image.height), "{name}: size");
+            let max = pixels
+                .iter()
+                .zip(&image.pixels)
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap_or(0);
+            worst_pixel = worst_pixel.max(max);
+            if max > 2 {
+                failures.push(format!("{name}: pixels differ by up to {max}/255"));
+            }
+        }
+    }
+    eprintln!(
+        "{family} (optimum-cli export): {} cases, worst latent diff {worst_latent:e} of max, worst pixel diff {worst_pixel}/255",
+        cases.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{family} optimum export differs from diffusers:\n{}",
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn sd15_optimum_export_matches_diffusers() {
+    check_family("sd15");
+}
+
+#[test]
+fn sdxl_optimum_export_matches_diffusers() {
+    check_family("sdxl");
+}
