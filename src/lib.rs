@@ -2,6 +2,7 @@
 
 pub mod error;
 pub mod image_io;
+pub mod lora;
 pub mod rng;
 pub mod sampler;
 pub mod tokenizer;

@@ -4,6 +4,7 @@ mod cli;
 mod common;
 mod hub;
 mod initializers;
+mod lora;
 mod optimum;
 mod parity;
 
