@@ -40,12 +40,21 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
 
-    for name, what in (
-        ("tiny", "tiny random-weight pipeline (tests, demo)"),
-        ("full", "full-size random-weight pipeline from export/configs (benchmarks)"),
+    # Mirrors export.tiny.FAMILIES / FULL_FAMILIES without importing torch to parse arguments.
+    for name, what, families in (
+        (
+            "tiny",
+            "tiny random-weight pipeline (tests, demo)",
+            ("sd15", "sd21", "sd21v", "sdxl"),
+        ),
+        (
+            "full",
+            "full-size random-weight pipeline from export/configs (benchmarks)",
+            ("sd15", "sdxl"),
+        ),
     ):
         t = sub.add_parser(name, help=f"write a {what} in diffusers save_pretrained layout")
-        t.add_argument("--family", choices=("sd15", "sdxl"), required=True)
+        t.add_argument("--family", choices=families, required=True)
         t.add_argument("out_dir", type=pathlib.Path)
         t.add_argument("--seed", type=int, default=0)
         t.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")

@@ -77,13 +77,25 @@ def load_pipeline(source: str, config: str | None = None) -> Any:
 
 
 def detect_family(pipe: Any) -> str:
+    """`sdxl`, `sd21` (SD2.x, base or v-prediction) or `sd15`.
+
+    Real checkpoints are told apart by the text encoder width the UNet attends to: 1024 for
+    SD2.x's OpenCLIP ViT-H, 768 for SD1.x's CLIP ViT-L. Other widths (tiny test models, custom
+    ones) fall back to the tokenizer: SD2.x's pads with "!" (id 0), SD1.x's with <|endoftext|>.
+    That is the trait the engine's conditioning actually depends on, and it travels with the
+    model directory, unlike the scheduler's prediction_type (SD2.1-base predicts epsilon, some
+    SD1.x fine-tunes predict v).
+    """
     if getattr(pipe, "text_encoder_2", None) is not None or "XL" in type(pipe).__name__:
         return "sdxl"
-    if pipe.unet.config.cross_attention_dim == 1024:
+    width = pipe.unet.config.cross_attention_dim
+    if width == 1024:
         return "sd21"
-    if pipe.unet.config.cross_attention_dim == 768:
+    if width == 768:
         return "sd15"
-    # Tiny / custom models: SD1.x layout unless the text encoder says otherwise.
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is not None and getattr(tokenizer, "pad_token", None) == "!":
+        return "sd21"
     return "sd15"
 
 

@@ -4,6 +4,19 @@
 (`tests/pipelines/stable_diffusion*/`), `build_full` makes full-size ones from the real
 SD1.5 / SDXL configs in `export/configs/`. Both write a `save_pretrained` directory that
 `python -m export convert` and `python -m export reference` read like any real checkpoint.
+
+Tiny families:
+
+- ``sd15``: SD1.5-like, epsilon prediction.
+- ``sdxl``: SDXL-like (two text encoders, micro-conditioning), epsilon prediction.
+- ``sd21``: SD2.1-base-like, epsilon prediction.
+- ``sd21v``: SD2.1-like (768), v-prediction.
+
+The SD2 ones carry the traits that set SD2 apart from SD1 in the real checkpoints: a UNet with
+``use_linear_projection`` and a per-block ``attention_head_dim`` (as in diffusers'
+``tests/pipelines/stable_diffusion_2`` dummies) and a tokenizer that pads with ``!`` (id 0) like
+``stabilityai/stable-diffusion-2-1/tokenizer``. Every tiny text encoder uses ``gelu`` as
+diffusers' dummies do (OpenCLIP-H's activation; real SD1.5 uses ``quick_gelu``).
 """
 
 from __future__ import annotations
@@ -16,7 +29,10 @@ import torch
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 
-FAMILIES = ("sd15", "sdxl")
+FAMILIES = ("sd15", "sd21", "sd21v", "sdxl")
+# `build_full` needs the real configs in `export/configs/<family>/`.
+FULL_FAMILIES = ("sd15", "sdxl")
+SD2_FAMILIES = ("sd21", "sd21v")
 
 # The scheduler config diffusers ships with SD1.5 / SDXL, as a TCDScheduler config.
 TCD_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -36,6 +52,17 @@ TCD_SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 
+def tiny_scheduler_config(family: str) -> dict[str, Any]:
+    """The family's training schedule as a TCDScheduler config.
+
+    SD2.1 (768) predicts v, like `stabilityai/stable-diffusion-2-1/scheduler`; everything else
+    about the schedule is the same as SD1.5's and SD2.1-base's.
+    """
+    if family == "sd21v":
+        return {**TCD_SCHEDULER_CONFIG, "prediction_type": "v_prediction"}
+    return dict(TCD_SCHEDULER_CONFIG)
+
+
 def _tiny_unet_config(family: str) -> dict[str, Any]:
     common: dict[str, Any] = {
         "block_out_channels": (32, 64),
@@ -48,6 +75,17 @@ def _tiny_unet_config(family: str) -> dict[str, Any]:
     }
     if family == "sd15":
         return {**common, "cross_attention_dim": 32, "attention_head_dim": 8}
+    if family in SD2_FAMILIES:
+        return {
+            **common,
+            "cross_attention_dim": 32,
+            # SD2's UNet: heads per block ([5, 10, 20, 20] scaled down) and linear projections
+            # in and out of every transformer block instead of 1x1 convolutions.
+            "attention_head_dim": (2, 4),
+            "use_linear_projection": True,
+            # stable-diffusion-2-1 (v) upcasts attention; a no-op in float32, kept for the graph.
+            "upcast_attention": family == "sd21v",
+        }
     return {
         **common,
         "attention_head_dim": (2, 4),
@@ -71,7 +109,7 @@ def _tiny_vae_config(family: str) -> dict[str, Any]:
         "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
         "latent_channels": 4,
         "sample_size": 64,
-        "scaling_factor": 0.18215 if family == "sd15" else 0.13025,
+        "scaling_factor": 0.13025 if family == "sdxl" else 0.18215,
     }
 
 
@@ -112,7 +150,8 @@ def _tokenizers(out_dir: pathlib.Path, family: str) -> None:
             "export/clip_vocab.py (write_clip_tokenizer) is required to build the tiny tokenizers"
         ) from exc
 
-    names = [("tokenizer", "<|endoftext|>")]
+    # SD2's tokenizer pads with "!" (id 0), SD1's with <|endoftext|>; SDXL has one of each.
+    names = [("tokenizer", "!" if family in SD2_FAMILIES else "<|endoftext|>")]
     if family == "sdxl":
         names.append(("tokenizer_2", "!"))
     for name, pad in names:
@@ -153,10 +192,10 @@ def build_tiny(family: str, out_dir: pathlib.Path, seed: int = 0) -> pathlib.Pat
     text_encoder = CLIPTextModel(CLIPTextConfig(**_tiny_clip_config(False)))
     for m in (unet, vae, text_encoder):
         _reinit_zeroed(m, generator)
-    scheduler = TCDScheduler(**TCD_SCHEDULER_CONFIG)
+    scheduler = TCDScheduler(**tiny_scheduler_config(family))
     tokenizer = CLIPTokenizer.from_pretrained(out_dir / "tokenizer")
 
-    if family == "sd15":
+    if family != "sdxl":
         pipe = StableDiffusionPipeline(
             vae=vae,
             text_encoder=text_encoder,
@@ -214,8 +253,8 @@ def build_full(family: str, out_dir: pathlib.Path, seed: int = 0) -> pathlib.Pat
         CLIPTokenizer,
     )
 
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if family not in FULL_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FULL_FAMILIES)}")
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _tokenizers(out_dir, family)

@@ -55,6 +55,13 @@ def sdxl(tmp_path_factory) -> Exported:
     return _export(tmp_path_factory, "sdxl")
 
 
-@pytest.fixture(scope="session", params=["sd15", "sdxl"])
+@pytest.fixture(scope="session")
+def sd21v(tmp_path_factory) -> Exported:
+    return _export(tmp_path_factory, "sd21v")
+
+
+# sd21v stands for both SD2 tiny families: sd21 differs from it only in the scheduler's
+# prediction_type and a no-op (float32) attention upcast.
+@pytest.fixture(scope="session", params=["sd15", "sdxl", "sd21v"])
 def exported(request) -> Exported:
     return request.getfixturevalue(request.param)

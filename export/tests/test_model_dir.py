@@ -38,6 +38,10 @@ def test_layout(exported):
     for t in toks:
         for f in ["tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"]:
             assert (d / t / f).is_file(), (t, f)
+    # SD2's tokenizer pads with "!" (id 0), SD1's with <|endoftext|>; SDXL has one of each.
+    pads = {"sd15": ["<|endoftext|>"], "sd21v": ["!"], "sdxl": ["<|endoftext|>", "!"]}
+    for t, pad in zip(toks, pads[exported.family]):
+        assert json.loads((d / t / "tokenizer_config.json").read_text())["pad_token"] == pad, t
     for c in _components(exported.family):
         for f in ["model.onnx", "model.onnx_data", "config.json"]:
             assert (d / c / f).is_file(), (c, f)
@@ -51,7 +55,7 @@ def test_layout(exported):
         assert locations == {"model.onnx_data"}, c
     vae_cfg = json.loads((d / "vae_decoder" / "config.json").read_text())
     assert vae_cfg["_class_name"] == "AutoencoderKL"
-    assert vae_cfg["scaling_factor"] == (0.18215 if exported.family == "sd15" else 0.13025)
+    assert vae_cfg["scaling_factor"] == (0.13025 if exported.family == "sdxl" else 0.18215)
     assert json.loads((d / "vae_encoder" / "config.json").read_text()) == vae_cfg
 
 
@@ -70,8 +74,12 @@ def test_manifest(exported):
     m = json.loads((exported.dir / "tcd_ort.json").read_text())
     assert m == exported.manifest
     assert m["format_version"] == 1
-    assert m["family"] == exported.family
-    assert m["prediction_type"] == "epsilon"
+    # The tiny SD2 models are too narrow for width-based detection; the "!" pad token decides.
+    assert m["family"] == {"sd21v": "sd21"}.get(exported.family, exported.family)
+    v = exported.family == "sd21v"
+    assert m["prediction_type"] == ("v_prediction" if v else "epsilon")
+    sched = json.loads((exported.dir / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == m["prediction_type"]
     assert m["dtype"] == "float32"
     assert m["weights_keep_names"] is True
     assert m["lora"] == []

@@ -1,11 +1,18 @@
-"""Builds the pipeline parity fixtures: tiny random-weight SD1.5-like and SDXL-like diffusers
-pipelines, their ONNX exports, and diffusers' own TCD outputs for a grid of requests.
+"""Builds the pipeline parity fixtures: tiny random-weight SD1.5-like, SD2.1-like (epsilon and
+v-prediction) and SDXL-like diffusers pipelines, their ONNX exports, and diffusers' own TCD
+outputs for a grid of requests.
+
+SD1.5 and SDXL get the full grid. The SD2 families share SD1.5's conditioning code in the engine
+and differ in the tokenizer's pad token and (sd21v) the prediction type, so a smaller grid keeps
+fixture and test time down while still covering one and several steps, eta 0 and > 0, with and
+without guidance, a non-square size and a negative prompt.
 
 Run from the repository root with the pinned environment:
 
-    .venv/bin/python tests/golden/make_parity.py [OUT_DIR]
+    .venv/bin/python tests/golden/make_parity.py [OUT_DIR [FAMILY ...]]
 
-OUT_DIR defaults to tests/fixtures/generated/parity. Layout:
+OUT_DIR defaults to tests/fixtures/generated/parity, FAMILY to all of sd15 sdxl sd21 sd21v.
+Pipelines and exports already there are kept; the references are always rewritten. Layout:
 
     OUT_DIR/<family>/diffusers/   the random-weight pipeline (save_pretrained)
     OUT_DIR/<family>/onnx/        `python -m export convert` of it
@@ -23,7 +30,60 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+FAMILIES = ("sd15", "sdxl", "sd21", "sd21v")
+SD2_FAMILIES = ("sd21", "sd21v")
+
+
+def sd2_cases(family):
+    out = []
+    for steps in (1, 4):
+        for eta in (0.0, 0.3):
+            for guidance in (0.0, 2.0):
+                # One non-square size per family, alternating so each setting meets both.
+                w, h = (64, 64) if (steps + (guidance > 0)) % 2 else (48, 80)
+                out.append(
+                    {
+                        "name": f"s{steps}_e{eta}_g{guidance}_{w}x{h}",
+                        "prompt": "a photo of an astronaut riding a horse on mars",
+                        "steps": steps,
+                        "eta": eta,
+                        "guidance": guidance,
+                        "seed": 1234 + steps,
+                        "width": w,
+                        "height": h,
+                    }
+                )
+    out += [
+        {
+            # SD2's tokenizer treats "!" as its pad token (id 0) wherever it appears.
+            "name": "negative_prompt",
+            "prompt": "papercut of a winter mountain, snow!",
+            "negative_prompt": "blurry, low quality",
+            "steps": 8,
+            "eta": 1.0,
+            "guidance": 2.0,
+            "seed": 7,
+            "width": 64,
+            "height": 64,
+        },
+        {
+            "name": "two_images",
+            "prompt": "a red cube",
+            "steps": 4,
+            "eta": 0.3,
+            "guidance": 2.0,
+            "seed": 11,
+            "width": 64,
+            "height": 64,
+            "num_images": 2,
+        },
+    ]
+    return out
+
+
 def cases(family):
+    if family in SD2_FAMILIES:
+        return sd2_cases(family)
     out = []
     sizes = [(64, 64), (48, 80)] if family == "sd15" else [(64, 64), (80, 48)]
     for steps in (1, 4, 8):
@@ -98,7 +158,8 @@ def run(*args):
 
 def main():
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "tests/fixtures/generated/parity"
-    for family in ("sd15", "sdxl"):
+    families = sys.argv[2:] or FAMILIES
+    for family in families:
         base = out / family
         base.mkdir(parents=True, exist_ok=True)
         pipe = base / "diffusers"
