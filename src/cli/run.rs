@@ -7,7 +7,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use tcd_ort::image_io::{numbered_path, write_npy, write_png};
-use tcd_ort::pipeline::{Engine, EngineOptions, GenerateRequest, Progress};
+use tcd_ort::lora::parse_lora_arg;
+use tcd_ort::pipeline::{Engine, EngineOptions, GenerateRequest, LoraSpec, Progress};
 use tcd_ort::runtime::{parse_provider_list, ExecutionProvider};
 
 /// Arguments of `tcd-ort run`.
@@ -61,6 +62,18 @@ pub struct RunArgs {
     /// The ONNX Runtime library (file or directory); default: ORT_DYLIB_PATH, .ort/lib, Python's onnxruntime.
     #[arg(long)]
     ort_lib: Option<PathBuf>,
+    /// A LoRA to apply at load time: a .safetensors file, a directory or a hub id, with an
+    /// optional weight (`h1t/TCD-SD15-LoRA:1.0`). Repeat for several (summed, like diffusers'
+    /// set_adapters).
+    #[arg(long = "lora", value_name = "PATH_OR_ID[:WEIGHT]")]
+    loras: Vec<String>,
+    /// The file to read from LoRA directories and repositories
+    /// (default pytorch_lora_weights.safetensors).
+    #[arg(long)]
+    lora_weight_name: Option<String>,
+    /// Skip LoRA entries that match no weight of the model instead of failing.
+    #[arg(long)]
+    lora_allow_unmatched: bool,
     /// Hub revision (branch, tag or commit) when --model is a hub id.
     #[arg(long)]
     revision: Option<String>,
@@ -226,12 +239,23 @@ pub fn run(args: RunArgs) -> Result<()> {
     all_outputs.extend(args.save_latents.iter().cloned());
     check_outputs(&all_outputs, args.overwrite)?;
 
+    let loras = args
+        .loras
+        .iter()
+        .map(|s| {
+            let (source, weight) = parse_lora_arg(s)?;
+            Ok(LoraSpec { source, weight })
+        })
+        .collect::<Result<Vec<_>>>()?;
     let options = EngineOptions {
         ort_lib: args.ort_lib.clone(),
         providers,
         device_id: args.device_id,
         intra_threads: args.threads,
         revision: args.revision.clone(),
+        loras,
+        lora_weight_name: args.lora_weight_name.clone(),
+        lora_allow_unmatched: args.lora_allow_unmatched,
     };
     let load_started = Instant::now();
     let mut engine = Engine::load(&args.model, &options)?;
@@ -249,6 +273,26 @@ pub fn run(args: RunArgs) -> Result<()> {
                 .join(","),
             engine.ort_library().display()
         );
+        let report = engine.lora_report();
+        if report.adapters > 0 {
+            let patched: Vec<String> = report
+                .patched
+                .iter()
+                .map(|(c, n)| format!("{n} in {c}"))
+                .collect();
+            eprintln!(
+                "applied {} LoRA(s), {} modules: patched {} weights",
+                report.adapters,
+                report.modules,
+                patched.join(", ")
+            );
+            if !report.unmatched.is_empty() {
+                eprintln!(
+                    "warning: skipped {} LoRA target(s) that match no weight",
+                    report.unmatched.len()
+                );
+            }
+        }
         if args.seed.is_none() {
             eprintln!("seed: {seed}");
         }

@@ -188,8 +188,17 @@ impl ModelDir {
             None => {
                 let te: serde_json::Value =
                     read_json(&root.join("text_encoder").join("config.json")).unwrap_or_default();
-                // SD 2.x uses OpenCLIP ViT-H (1024 wide); SD 1.x CLIP ViT-L (768).
-                if te.get("hidden_size").and_then(|v| v.as_u64()) == Some(1024) {
+                // SD 2.x uses OpenCLIP ViT-H (1024 wide) and pads prompts with "!"; SD 1.x
+                // uses CLIP ViT-L (768) and pads with the end-of-text token.
+                let tok: serde_json::Value =
+                    read_json(&root.join("tokenizer").join("tokenizer_config.json"))
+                        .unwrap_or_default();
+                let pads_with_bang = match tok.get("pad_token") {
+                    Some(serde_json::Value::String(s)) => s == "!",
+                    Some(v) => v.get("content").and_then(|c| c.as_str()) == Some("!"),
+                    None => false,
+                };
+                if te.get("hidden_size").and_then(|v| v.as_u64()) == Some(1024) || pads_with_bang {
                     Family::Sd21
                 } else {
                     Family::Sd15

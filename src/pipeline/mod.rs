@@ -21,7 +21,10 @@
 //! ```
 
 pub mod conditioning;
+mod lora;
 mod txt2img;
+
+pub use lora::{LoraReport, LoraSpec};
 
 use std::path::{Path, PathBuf};
 
@@ -47,6 +50,13 @@ pub struct EngineOptions {
     pub intra_threads: Option<usize>,
     /// Hub revision when the model is a hub id.
     pub revision: Option<String>,
+    /// LoRAs applied at load time, summed with their weights (diffusers' `set_adapters`).
+    pub loras: Vec<LoraSpec>,
+    /// The file to read from LoRA repositories or directories (default
+    /// `pytorch_lora_weights.safetensors`).
+    pub lora_weight_name: Option<String>,
+    /// Skip LoRA targets that match no weight instead of failing.
+    pub lora_allow_unmatched: bool,
 }
 
 impl Default for EngineOptions {
@@ -57,6 +67,9 @@ impl Default for EngineOptions {
             device_id: 0,
             intra_threads: None,
             revision: None,
+            loras: Vec::new(),
+            lora_weight_name: None,
+            lora_allow_unmatched: false,
         }
     }
 }
@@ -143,6 +156,7 @@ pub struct Engine {
     scheduler: TcdConfig,
     providers: Vec<ExecutionProvider>,
     ort_library: PathBuf,
+    lora_report: LoraReport,
 }
 
 /// Resolves `--model`: an existing directory, else a hub id.
@@ -179,6 +193,20 @@ impl Engine {
             device_id: options.device_id,
             intra_threads: options.intra_threads,
         };
+        let (mut overrides, lora_report) = lora::weight_overrides(
+            &model,
+            &options.loras,
+            options.lora_weight_name.as_deref(),
+            options.lora_allow_unmatched,
+        )?;
+        let mut load = |component: &str| -> Result<Graph> {
+            Graph::load_with_weights(
+                component,
+                &model.graph_path(component),
+                &session_options,
+                overrides.remove(component).unwrap_or_default(),
+            )
+        };
         let xl = model.family().is_xl();
         let mut encoders = Vec::new();
         let names: &[(&str, &str)] = if xl {
@@ -191,10 +219,10 @@ impl Engine {
         };
         for (tok, enc) in names {
             let tokenizer = ClipTokenizer::from_dir(&root.join(tok))?;
-            let graph = Graph::load(enc, &model.graph_path(enc), &session_options)?;
+            let graph = load(enc)?;
             encoders.push(TextEncoder::new(tokenizer, graph, xl)?);
         }
-        let unet = Graph::load("unet", &model.graph_path("unet"), &session_options)?;
+        let unet = load("unet")?;
         let mut required = vec!["sample", "timestep", "encoder_hidden_states"];
         if xl {
             required.extend(["text_embeds", "time_ids"]);
@@ -214,7 +242,13 @@ impl Engine {
             scheduler,
             providers,
             ort_library,
+            lora_report,
         })
+    }
+
+    /// What load-time LoRA application did.
+    pub fn lora_report(&self) -> &LoraReport {
+        &self.lora_report
     }
 
     /// The model directory.

@@ -1,0 +1,244 @@
+//! Load-time LoRA: resolves adapters (paths or hub ids), computes their summed deltas and turns
+//! them into weight replacements for the ONNX sessions, checking every name and shape first
+//! (ONNX Runtime silently ignores replacements for names it does not know).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+
+use crate::lora::{param_aliases, Delta, LoraSet, LoraSource, UnetLayout};
+use crate::model::{hub, ModelDir};
+use crate::runtime::{InitializerTable, WeightOverride};
+use crate::{Error, Result};
+
+/// One LoRA as the user names it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSpec {
+    /// A `.safetensors` path or a hub repository id.
+    pub source: String,
+    /// The adapter weight (diffusers' `adapter_weights`).
+    pub weight: f32,
+}
+
+/// What loading LoRAs did, for the user.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoraReport {
+    /// Adapters applied.
+    pub adapters: usize,
+    /// LoRA modules read across all adapters.
+    pub modules: usize,
+    /// Patched weights per component directory.
+    pub patched: BTreeMap<String, usize>,
+    /// LoRA targets with no matching weight (only when unmatched targets are allowed).
+    pub unmatched: Vec<String>,
+}
+
+/// The file diffusers' `load_lora_weights` reads from a repository when none is named.
+const DEFAULT_WEIGHT_NAME: &str = "pytorch_lora_weights.safetensors";
+
+fn resolve_source(spec: &LoraSpec, weight_name: Option<&str>) -> Result<PathBuf> {
+    let path = Path::new(&spec.source);
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    if path.is_dir() {
+        let file = path.join(weight_name.unwrap_or(DEFAULT_WEIGHT_NAME));
+        if file.is_file() {
+            return Ok(file);
+        }
+        return Err(Error::invalid(format!(
+            "LoRA directory {} has no {}; name the file with --lora-weight-name",
+            path.display(),
+            file.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
+        )));
+    }
+    if hub::looks_like_hub_id(&spec.source) {
+        return hub::resolve_file(
+            &spec.source,
+            None,
+            weight_name.unwrap_or(DEFAULT_WEIGHT_NAME),
+        );
+    }
+    Err(Error::invalid(format!(
+        "LoRA {}: no such file (and not a hub id of the form owner/name)",
+        spec.source
+    )))
+}
+
+/// Computes the weight replacements for every component, keyed by component directory name.
+pub(super) fn weight_overrides(
+    model: &ModelDir,
+    specs: &[LoraSpec],
+    weight_name: Option<&str>,
+    allow_unmatched: bool,
+) -> Result<(BTreeMap<String, Vec<WeightOverride>>, LoraReport)> {
+    let mut report = LoraReport::default();
+    if specs.is_empty() {
+        return Ok((BTreeMap::new(), report));
+    }
+    for spec in specs {
+        if !spec.weight.is_finite() {
+            return Err(Error::invalid(format!(
+                "LoRA {}: weight must be a finite number",
+                spec.source
+            )));
+        }
+    }
+    let sources = specs
+        .iter()
+        .map(|s| {
+            Ok(LoraSource {
+                path: resolve_source(s, weight_name)?,
+                weight: s.weight,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let layout = UnetLayout {
+        layers_per_block: model.unet.layers_per_block.unwrap_or(2),
+    };
+    let set = LoraSet::load(&sources, &layout)?;
+    report.adapters = sources.len();
+    report.modules = set.module_count();
+    let deltas = set.deltas()?;
+
+    let mut by_component: BTreeMap<&'static str, Vec<_>> = BTreeMap::new();
+    for delta in deltas {
+        by_component
+            .entry(delta.component.as_str())
+            .or_default()
+            .push(delta);
+    }
+    let mut overrides = BTreeMap::new();
+    for (component, deltas) in by_component {
+        if !model.has_component(component) {
+            if allow_unmatched {
+                report
+                    .unmatched
+                    .extend(deltas.iter().map(|d| format!("{component}.{}", d.param)));
+                continue;
+            }
+            return Err(Error::invalid(format!(
+                "the LoRA patches {component}, which this model does not have (a LoRA for another base model?)"
+            )));
+        }
+        let graph = model.graph_path(component);
+        let table = InitializerTable::read(&graph)?;
+        // The name under which this export holds the parameter (CLIP weights sit under
+        // `text_model.` or not depending on the exporter's transformers version).
+        let located = |d: &Delta| {
+            param_aliases(d.component, &d.param)
+                .into_iter()
+                .find(|n| table.get(n).is_some())
+        };
+        let (present, missing): (Vec<_>, Vec<_>) = deltas
+            .into_iter()
+            .map(|d| (located(&d), d))
+            .partition(|(name, _)| name.is_some());
+        if present.is_empty() {
+            let keeps_names = model.manifest().is_some_and(|m| m.weights_keep_names);
+            return Err(Error::model(
+                &graph,
+                if keeps_names {
+                    format!(
+                        "none of the LoRA's {} targets in {component} exist in this model (e.g. '{}'): a LoRA for another base model?",
+                        missing.len(),
+                        missing.first().map(|(_, d)| d.param.as_str()).unwrap_or_default()
+                    )
+                } else {
+                    "the model's weights do not carry their PyTorch names (a plain optimum \
+                     export, say), so a LoRA cannot be applied at load time; re-export with \
+                     `python -m export convert SOURCE DIR` (keeps names), or fuse the LoRA at \
+                     export with `--lora FILE --fuse-lora`"
+                        .to_string()
+                },
+            ));
+        }
+        if !missing.is_empty() {
+            let names: Vec<String> = missing
+                .iter()
+                .map(|(_, d)| format!("{component}.{}", d.param))
+                .collect();
+            if !allow_unmatched {
+                let shown = names.iter().take(8).cloned().collect::<Vec<_>>().join(", ");
+                return Err(Error::invalid(format!(
+                    "{} LoRA target(s) match no weight in {component}: {shown}{} (pass --lora-allow-unmatched to skip them)",
+                    names.len(),
+                    if names.len() > 8 { ", ..." } else { "" }
+                )));
+            }
+            report.unmatched.extend(names);
+        }
+        let patched: Vec<WeightOverride> = present
+            .into_par_iter()
+            .map(|(name, d)| {
+                let init = name
+                    .as_deref()
+                    .and_then(|n| table.get(n))
+                    .ok_or_else(|| Error::Runtime(format!("weight {} vanished", d.param)))?;
+                if squeeze(&init.dims) != squeeze(&d.shape) {
+                    return Err(Error::invalid(format!(
+                        "LoRA delta for {component}.{} has shape {:?} but the model's weight is {:?}: a LoRA for another base model?",
+                        d.param, d.shape, init.dims
+                    )));
+                }
+                if !init.is_external() {
+                    return Err(Error::model(
+                        &graph,
+                        format!(
+                            "weight '{}' is embedded in the graph; ONNX Runtime ignores replacements of embedded weights, so re-export with external data (`python -m export convert`)",
+                            init.name
+                        ),
+                    ));
+                }
+                let mut values = table.read_f32(init)?;
+                if values.len() != d.values.len() {
+                    return Err(Error::invalid(format!(
+                        "LoRA delta for {component}.{} has {} values but the weight has {}",
+                        d.param,
+                        d.values.len(),
+                        values.len()
+                    )));
+                }
+                // W' = W + sum of w_i * (alpha_i / r_i) * B_i A_i, as diffusers' fuse_lora.
+                for (w, delta) in values.iter_mut().zip(&d.values) {
+                    *w += delta;
+                }
+                Ok(WeightOverride {
+                    name: init.name.clone(),
+                    shape: init.dims.clone(),
+                    values,
+                })
+            })
+            .collect::<Result<_>>()?;
+        report.patched.insert(component.to_string(), patched.len());
+        overrides.insert(component.to_string(), patched);
+    }
+    Ok((overrides, report))
+}
+
+/// Drops trailing 1s, so a linear delta fits a 1x1 convolution weight and vice versa.
+fn squeeze(shape: &[usize]) -> &[usize] {
+    let mut n = shape.len();
+    while n > 2 && shape[n - 1] == 1 {
+        n -= 1;
+    }
+    &shape[..n]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_lora_file_is_an_error() {
+        let spec = LoraSpec {
+            source: "/nonexistent/lora.safetensors".into(),
+            weight: 1.0,
+        };
+        let err = resolve_source(&spec, None).expect_err("missing");
+        assert!(err.to_string().contains("no such file"), "{err}");
+    }
+}
