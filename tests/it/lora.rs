@@ -369,7 +369,7 @@ fn sdxl_kohya_sgm_names_map_to_diffusers_modules() {
         ),
         (
             Unet,
-            "down_blocks.2.attentions.0.transformer_blocks.0.ff.net.0.proj.weight",
+            "down_blocks.2.attentions.0.transformer_blocks.1.ff.net.0.proj.weight",
         ),
         (
             Unet,
