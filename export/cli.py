@@ -39,6 +39,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    c.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="ID_OR_PATH[:WEIGHT]",
+        help="a LoRA (.safetensors file, dir or hub id) with an optional adapter weight "
+        "(default 1.0); repeatable. Recorded in the manifest for the engine to apply at load "
+        "time, or baked in with --fuse-lora",
+    )
+    c.add_argument(
+        "--lora-weight-name",
+        metavar="NAME",
+        help="the .safetensors file to use inside --lora dirs and hub repos",
+    )
+    c.add_argument(
+        "--fuse-lora",
+        action="store_true",
+        help="fuse the LoRAs into the exported weights (diffusers' set_adapters + fuse_lora)",
+    )
 
     # Mirrors export.tiny.FAMILIES / FULL_FAMILIES without importing torch to parse arguments.
     for name, what, families in (
@@ -68,6 +87,15 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--eta", type=float, default=0.3)
     r.add_argument("--guidance", type=float, default=0.0)
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:WEIGHT]",
+        help="load a LoRA as its own adapter (repeatable; set_adapters with the weights); in "
+        "batch mode it applies to cases that set no \"loras\"",
+    )
+    r.add_argument("--fuse-lora", action="store_true", help="fuse the --lora adapters first")
     r.add_argument("--width", type=int)
     r.add_argument("--height", type=int)
     r.add_argument("--num-images", type=int, default=1)
@@ -125,7 +153,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "convert":
             from export.convert import convert
 
-            convert(args.source, args.out_dir, args.config, args.opset, args.overwrite)
+            from export.lora import parse_lora_spec
+
+            if args.fuse_lora and not args.lora:
+                parser.error("--fuse-lora needs at least one --lora")
+            if args.lora_weight_name is not None and not args.lora:
+                parser.error("--lora-weight-name needs --lora")
+            loras = [parse_lora_spec(s, args.lora_weight_name) for s in args.lora]
+            convert(
+                args.source,
+                args.out_dir,
+                args.config,
+                args.opset,
+                args.overwrite,
+                loras=loras,
+                fuse_lora=args.fuse_lora,
+            )
         elif args.command in ("tiny", "full"):
             import shutil
 

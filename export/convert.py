@@ -136,13 +136,23 @@ def convert(
     config: str | None = None,
     opset: int = 18,
     overwrite: bool = False,
+    loras: list[Any] | None = None,
+    fuse_lora: bool = False,
 ) -> dict[str, Any]:
-    """Export every component of `source` into `out_dir`; returns the manifest written."""
+    """Export every component of `source` into `out_dir`; returns the manifest written.
+
+    `loras` (export.lora.LoraSpec) are fused into the weights with `fuse_lora`, otherwise
+    recorded in the manifest for the engine to apply; see export/lora.py.
+    """
+    from export import lora as lora_mod
     from export.text_encoder import export_text_encoder
     from export.unet import export_unet
     from export.vae import export_vae_decoder, export_vae_encoder
 
     out_dir = pathlib.Path(out_dir)
+    specs = [lora_mod.resolve_lora(s) for s in loras or []]
+    if fuse_lora and not specs:
+        raise UserError("--fuse-lora needs at least one --lora")
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
             raise UserError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
@@ -152,6 +162,11 @@ def convert(
     family = detect_family(pipe)
     pred = prediction_type(pipe)
     log.info("loaded %s (%s, %s) in %.1fs", source, family, pred, time.perf_counter() - t0)
+    if fuse_lora:
+        lora_mod.fuse_loras(pipe, specs)
+        log.info("fused %d LoRA(s) into the weights", len(specs))
+    else:
+        lora_mod.check_loras_fit(pipe, specs)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     pipe.save_config(out_dir)  # model_index.json, unchanged as optimum does
@@ -179,7 +194,15 @@ def convert(
         step(out_dir / name)
         log.info("exported %s in %.1fs", name, time.perf_counter() - t)
 
-    manifest = build_manifest(out_dir, family, pred, opset)
+    entries = [s.manifest_entry() for s in specs]
+    manifest = build_manifest(
+        out_dir,
+        family,
+        pred,
+        opset,
+        lora=[] if fuse_lora else entries,
+        fused_lora=entries if fuse_lora else [],
+    )
     write_manifest(out_dir, manifest)
     log.info("wrote %s in %.1fs", out_dir, time.perf_counter() - t0)
     return manifest

@@ -36,8 +36,16 @@ def exporter_info(opset: int) -> dict[str, Any]:
 
 
 def build_manifest(
-    out_dir: pathlib.Path, family: str, prediction_type: str, opset: int
+    out_dir: pathlib.Path,
+    family: str,
+    prediction_type: str,
+    opset: int,
+    lora: list[dict[str, Any]] | None = None,
+    fused_lora: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """`lora`: LoRAs the engine applies at load time, each `{"source", "weight",
+    "weight_name"}`; `fused_lora`: the same for LoRAs already fused into the weights (for the
+    record only: the engine must not apply them again)."""
     components = {}
     for name in COMPONENTS:
         path = out_dir / name / ONNX_FILE
@@ -51,7 +59,8 @@ def build_manifest(
         "weights_keep_names": True,
         "exporter": exporter_info(opset),
         "components": components,
-        "lora": [],
+        "lora": list(lora or []),
+        "fused_lora": list(fused_lora or []),
     }
 
 

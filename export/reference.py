@@ -16,6 +16,13 @@ are several, `<name>.npy` (final latents) and, when a case sets `"intermediates"
 
     python -m export reference --model DIR --cases cases.json --out-dir golden/
 
+LoRAs: `--lora FILE[:WEIGHT]` (repeatable) loads each file as its own adapter and calls
+`set_adapters(names, adapter_weights)`; `--fuse-lora` then calls `fuse_lora()` over the
+unet and text encoders, exactly what a diffusers user writes. In batch mode a case may carry
+its own `"loras": [{"file": ..., "weight": ...}]` (paths relative to the cases file) and
+`"fuse": true`; cases without `"loras"` use the command line's. After a fused case the
+pipeline is reloaded, so later cases start from the unmodified base weights.
+
 Final latents are what `output_type="latent"` returns: the latents after the last scheduler
 step, before the VAE (not divided by `scaling_factor`), float32 [num_images, C, H/f, W/f].
 The intermediates file holds `initial_latents` (the seeded noise), `timesteps`,
@@ -50,6 +57,8 @@ class Case:
     num_images: int = 1
     name: str = "image"
     intermediates: bool = False
+    loras: list[Any] | None = None
+    fuse: bool = False
 
     @classmethod
     def from_json(cls, obj: Any, index: int) -> "Case":
@@ -75,6 +84,29 @@ class Case:
             raise UserError(f"{what}: num_images must be >= 1")
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise UserError(f"{what}: name must be a plain file name")
+        if self.loras is not None:
+            if not isinstance(self.loras, list):
+                raise UserError(f"{what}: loras must be a list of {{\"file\", \"weight\"}}")
+            for item in self.loras:
+                if not isinstance(item, dict) or not isinstance(item.get("file"), str):
+                    raise UserError(f"{what}: each lora needs a \"file\"")
+                unknown = sorted(set(item) - {"file", "weight"})
+                if unknown:
+                    raise UserError(f"{what}: unknown lora field(s) {', '.join(unknown)}")
+                if not isinstance(item.get("weight", 1.0), (int, float)):
+                    raise UserError(f"{what}: lora weight must be a number")
+        if self.fuse and not self.loras:
+            raise UserError(f"{what}: fuse needs loras")
+
+    def lora_specs(self, base: pathlib.Path) -> list[Any]:
+        from export.lora import LoraSpec, resolve_lora
+
+        out = []
+        for item in self.loras or []:
+            path = pathlib.Path(item["file"]).expanduser()
+            path = path if path.is_absolute() else base / path
+            out.append(resolve_lora(LoraSpec(str(path), float(item.get("weight", 1.0)))))
+        return out
 
 
 @dataclass
@@ -93,6 +125,15 @@ def load_reference_pipeline(model: str) -> Any:
     pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def apply_loras(pipe: Any, specs: list[Any], fuse: bool) -> None:
+    """Load `specs` as adapters with set_adapters weights; fuse them when asked."""
+    from export.lora import load_loras, lora_components
+
+    names = load_loras(pipe, specs)
+    if fuse and names:
+        pipe.fuse_lora(components=lora_components(pipe), adapter_names=names)
 
 
 def run_case(pipe: Any, case: Case) -> Result:
@@ -160,10 +201,17 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         if not isinstance(raw, list):
             parser.error(f"--cases {args.cases}: expected a JSON list of cases")
         cases = [Case.from_json(obj, i) for i, obj in enumerate(raw)]
+        if args.fuse_lora and not args.lora:
+            parser.error("--fuse-lora needs --lora")
+        for case in cases:
+            if case.loras is None and args.lora:
+                # Command-line paths are relative to the working directory: make them absolute.
+                case.loras = [_cli_lora(s, absolute=True) for s in args.lora]
+                case.fuse = bool(args.fuse_lora)
         names = [c.name for c in cases]
         if len(set(names)) != len(names):
             parser.error(f"--cases {args.cases}: case names must be unique")
-        run_batch(args.model, cases, args.out_dir)
+        run_batch(args.model, cases, args.out_dir, args.cases.parent)
         return
 
     if args.prompt is None:
@@ -181,8 +229,12 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         height=args.height,
         num_images=args.num_images,
     )
+    if args.lora:
+        case.loras = [_cli_lora(s) for s in args.lora]
+    case.fuse = bool(args.fuse_lora)
     case.validate("reference")
     pipe = load_reference_pipeline(args.model)
+    apply_loras(pipe, case.lora_specs(pathlib.Path.cwd()), case.fuse)
     result = run_case(pipe, case)
     if args.out_image is not None:
         args.out_image.parent.mkdir(parents=True, exist_ok=True)
@@ -198,14 +250,39 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         _write_npz(args.out_intermediates, result.intermediates)
 
 
-def run_batch(model: str, cases: list[Case], out_dir: pathlib.Path) -> None:
+def _cli_lora(text: str, absolute: bool = False) -> dict[str, Any]:
+    from export.lora import parse_lora_spec
+
+    spec = parse_lora_spec(text)
+    path = pathlib.Path(spec.source).expanduser()
+    return {"file": str(path.resolve()) if absolute else str(path), "weight": spec.weight}
+
+
+def run_batch(
+    model: str, cases: list[Case], out_dir: pathlib.Path, base: pathlib.Path | None = None
+) -> None:
+    """Run `cases` on one pipeline; LoRA files in cases are relative to `base` (the cases file's
+    directory)."""
     import logging
 
     log = logging.getLogger("export")
+    base = pathlib.Path.cwd() if base is None else base
+    specs = [case.lora_specs(base) for case in cases]  # check every file before running any
     pipe = load_reference_pipeline(model)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for case in cases:
-        result = run_case(pipe, case)
+    for n, case in enumerate(cases):
+        if specs[n]:
+            apply_loras(pipe, specs[n], case.fuse)
+        try:
+            result = run_case(pipe, case)
+        finally:
+            if specs[n]:
+                if case.fuse and n + 1 < len(cases):
+                    # unfuse_lora subtracts the delta back, leaving rounding noise in the base
+                    # weights; a fresh pipeline keeps the later cases exact.
+                    pipe = load_reference_pipeline(model)
+                else:
+                    pipe.unload_lora_weights()
         result.images[0].save(out_dir / f"{case.name}.png")
         if len(result.images) > 1:
             for i, image in enumerate(result.images):
