@@ -500,7 +500,8 @@ def make_family(family, out):
     index["bad"]["other_base.safetensors"] = {
         "what": f"a diffusers-format LoRA for the tiny {other} pipeline (shapes do not fit)"}
     for name in index["bad"]:
-        index["bad"][name]["diffusers"] = diffusers_verdict(pipe, base, bad / name)
+        verdict = diffusers_verdict(pipe, base, bad / name)
+        index["bad"][name]["diffusers"] = verdict.replace(str(bad / name), name)
     log(f"{family}: LoRA files, deltas and bad inputs in {time.perf_counter() - t0:.1f}s")
     del pipe
 
