@@ -354,8 +354,20 @@ fn cache_repo_dir(hf_home: &Path, id: &str) -> PathBuf {
 /// Runs `tcd-ort run` on `model` with the hub environment of one test and nothing inherited
 /// that could send a request elsewhere (a token, an endpoint, a proxy).
 fn tcd_run(model: &str, output: &Path, hf_home: &Path, endpoint: Option<&str>) -> Output {
+    tcd_run_with(model, &[], output, hf_home, endpoint)
+}
+
+/// [`tcd_run`] with extra arguments (LoRAs).
+fn tcd_run_with(
+    model: &str,
+    extra: &[&str],
+    output: &Path,
+    hf_home: &Path,
+    endpoint: Option<&str>,
+) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tcd-ort"));
     cmd.args(["run", "--model", model, "--prompt", "a cat", "--seed", "0"])
+        .args(extra)
         .args(["--steps", "1", "-q", "--output"])
         .arg(output)
         .current_dir(repo_root())
@@ -606,5 +618,109 @@ fn a_repository_the_hub_does_not_have_is_an_error() {
     assert_eq!(
         hub.requests(),
         vec!["GET /api/models/tcd-ort/no-such-model/revision/main".to_string()]
+    );
+}
+
+/// A small LoRA for the demo model in diffusers' peft format: one attention projection of the
+/// first attention block (64 channels), rank 2, with values large enough to move the image.
+fn tiny_lora_bytes() -> Vec<u8> {
+    let module = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q";
+    let a: Vec<f32> = (0..2 * 64)
+        .map(|i| ((i as f32) * 0.37).sin() * 0.8)
+        .collect();
+    let b: Vec<f32> = (0..64 * 2)
+        .map(|i| ((i as f32) * 0.53).cos() * 0.8)
+        .collect();
+    let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let (a_bytes, b_bytes) = (bytes(&a), bytes(&b));
+    let tensors = [
+        (
+            format!("{module}.lora_A.weight"),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 64], &a_bytes)
+                .expect("view"),
+        ),
+        (
+            format!("{module}.lora_B.weight"),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![64, 2], &b_bytes)
+                .expect("view"),
+        ),
+    ];
+    safetensors::serialize(tensors, None).expect("serialize")
+}
+
+#[test]
+fn a_lora_hub_id_downloads_its_weights_file_and_then_works_offline() {
+    let dir = scratch_dir("hub-lora");
+    let hf_home = dir.join("hf");
+    let lora = tiny_lora_bytes();
+    let local_lora = dir.join("local_lora.safetensors");
+    std::fs::write(&local_lora, &lora).expect("write lora");
+    let mut files = BTreeMap::new();
+    files.insert("pytorch_lora_weights.safetensors".to_string(), lora);
+    files.insert("README.md".to_string(), b"a LoRA".to_vec());
+    let mut repos = HashMap::new();
+    repos.insert(
+        "tcd-ort/tiny-lora".to_string(),
+        FakeRepo {
+            sha: COMMIT.to_string(),
+            files,
+        },
+    );
+    let hub = FakeHub::start(repos);
+    let model = demo_model().to_string_lossy().into_owned();
+
+    let from_hub = dir.join("hub.png");
+    let out = tcd_run_with(
+        &model,
+        &["--lora", "tcd-ort/tiny-lora:0.8"],
+        &from_hub,
+        &hf_home,
+        Some(&hub.endpoint()),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        hub.file_hits("tcd-ort/tiny-lora", "pytorch_lora_weights.safetensors"),
+        2,
+        "one metadata and one download request: {:?}",
+        hub.requests()
+    );
+    assert_eq!(hub.file_hits("tcd-ort/tiny-lora", "README.md"), 0);
+
+    let from_file = dir.join("file.png");
+    let local_arg = format!("{}:0.8", local_lora.display());
+    let out = tcd_run_with(&model, &["--lora", &local_arg], &from_file, &hf_home, None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let hub_pixels = read_png_rgb(&from_hub);
+    assert_eq!(hub_pixels, read_png_rgb(&from_file));
+    assert_ne!(
+        &hub_pixels,
+        reference_pixels(),
+        "the LoRA must change the image"
+    );
+
+    drop(hub);
+    let offline = dir.join("offline.png");
+    let out = tcd_run_with(
+        &model,
+        &["--lora", "tcd-ort/tiny-lora:0.8"],
+        &offline,
+        &hf_home,
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(read_png_rgb(&offline), hub_pixels);
+
+    let missing = dir.join("missing.png");
+    let out = tcd_run_with(
+        &model,
+        &["--lora", "tcd-ort/other-lora"],
+        &missing,
+        &hf_home,
+        None,
+    );
+    assert_fails_with(
+        &out,
+        &missing,
+        &["HF_HUB_OFFLINE", "pytorch_lora_weights.safetensors"],
     );
 }
