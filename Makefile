@@ -53,13 +53,15 @@ $(VENV_OPTIMUM)/.installed: export/requirements-optimum.txt
 	$(VENV_OPTIMUM)/bin/python -m pip install -q -r export/requirements-optimum.txt
 	touch $@
 
-# Golden numbers: torch's generator, diffusers' TCDScheduler, transformers' tokenizer, and the
-# diffusers pipelines on tiny random-weight models (exported to ONNX here, and with optimum-cli).
+# Golden numbers: torch's generator, diffusers' TCDScheduler, transformers' tokenizer, the
+# diffusers pipelines on tiny random-weight models (exported to ONNX here, and with optimum-cli),
+# and LoRAs in every key format with diffusers' own deltas and images.
 fixtures: venv venv-optimum
 	$(VPY) tests/golden/make_rng.py
 	$(VPY) tests/golden/make_scheduler.py
 	$(VPY) tests/golden/make_tokenizer.py
 	$(VPY) tests/golden/make_parity.py $(FIXTURES)/parity
+	$(VPY) tests/golden/make_lora.py $(FIXTURES)/lora
 	$(VENV_OPTIMUM)/bin/python tests/golden/make_optimum.py $(FIXTURES)/parity $(FIXTURES)/optimum
 
 lint:

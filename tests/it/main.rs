@@ -5,6 +5,7 @@ mod common;
 mod hub;
 mod initializers;
 mod lora;
+mod lora_parity;
 mod optimum;
 mod parity;
 

@@ -1,0 +1,238 @@
+//! LoRA end to end: the engine with adapters applied at load time against diffusers'
+//! `load_lora_weights` + `set_adapters` (and `fuse_lora`) on the same tiny models, and the
+//! export-fused model against load-time application.
+//!
+//! References come from `tests/golden/make_lora.py` (run by `make fixtures`).
+
+use std::path::{Path, PathBuf};
+
+use ndarray::ArrayD;
+use serde::Deserialize;
+use tcd_ort::image_io::{read_npy, RgbImage};
+use tcd_ort::pipeline::{Engine, EngineOptions, GenerateRequest, LoraSpec};
+
+use crate::common::{fixtures_dir, read_png_rgb};
+
+#[derive(Debug, Deserialize)]
+struct LoraRef {
+    file: String,
+    weight: f32,
+}
+
+#[derive(Debug, Deserialize)]
+struct Case {
+    name: String,
+    prompt: String,
+    negative_prompt: Option<String>,
+    steps: usize,
+    eta: f32,
+    guidance: f32,
+    seed: u64,
+    width: usize,
+    height: usize,
+    loras: Vec<LoraRef>,
+    #[serde(default)]
+    fuse: bool,
+}
+
+fn lora_dir(family: &str) -> PathBuf {
+    fixtures_dir().join("lora").join(family)
+}
+
+fn base_model(family: &str) -> String {
+    fixtures_dir()
+        .join("parity")
+        .join(family)
+        .join("onnx")
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn request(case: &Case) -> GenerateRequest {
+    GenerateRequest {
+        prompt: case.prompt.clone(),
+        negative_prompt: case.negative_prompt.clone(),
+        steps: case.steps,
+        eta: case.eta,
+        guidance: case.guidance,
+        seed: case.seed,
+        width: Some(case.width),
+        height: Some(case.height),
+        num_images: 1,
+        original_inference_steps: None,
+    }
+}
+
+fn relative_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
+    assert_eq!(a.shape(), b.shape());
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+    a.iter()
+        .zip(b.iter())
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}
+
+fn pixel_diff(image: &RgbImage, png: &Path) -> u8 {
+    let (w, h, pixels) = read_png_rgb(png);
+    assert_eq!((w, h), (image.width, image.height), "{}", png.display());
+    pixels
+        .iter()
+        .zip(&image.pixels)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap_or(0)
+}
+
+fn cases(family: &str) -> Vec<Case> {
+    let path = lora_dir(family).join("cases.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; generate the LoRA fixtures with `make fixtures`",
+            path.display()
+        )
+    });
+    serde_json::from_str(&text).expect("cases.json parses")
+}
+
+fn check_family(family: &str) {
+    let dir = lora_dir(family);
+    let cases = cases(family);
+    assert!(
+        cases.iter().any(|c| c.loras.len() > 1),
+        "a multi-adapter case"
+    );
+    let mut failures = Vec::new();
+    let mut worst = (0f32, 0u8);
+    for case in &cases {
+        let options = EngineOptions {
+            loras: case
+                .loras
+                .iter()
+                .map(|l| LoraSpec {
+                    source: dir.join(&l.file).to_string_lossy().into_owned(),
+                    weight: l.weight,
+                })
+                .collect(),
+            ..EngineOptions::default()
+        };
+        let mut engine = Engine::load(base_model(family), &options)
+            .unwrap_or_else(|e| panic!("{family}/{}: {e}", case.name));
+        assert!(
+            engine.lora_report().patched.values().sum::<usize>() > 0,
+            "{}: nothing patched",
+            case.name
+        );
+        let out = engine
+            .generate(&request(case), &mut |_| true)
+            .unwrap_or_else(|e| panic!("{family}/{}: {e}", case.name));
+        let reference = read_npy(&dir.join("reference").join(format!("{}.npy", case.name)))
+            .expect("reference latents");
+        let latent = relative_diff(&out.latents, &reference);
+        let pixel = pixel_diff(
+            &out.images[0],
+            &dir.join("reference").join(format!("{}.png", case.name)),
+        );
+        worst = (worst.0.max(latent), worst.1.max(pixel));
+        if latent > 1e-4 || pixel > 2 {
+            failures.push(format!(
+                "{} (fuse={}): latents {latent:e} of max, pixels {pixel}/255",
+                case.name, case.fuse
+            ));
+        }
+    }
+    eprintln!(
+        "{family}: {} LoRA cases, worst latent diff {:e} of max, worst pixel diff {}/255",
+        cases.len(),
+        worst.0,
+        worst.1
+    );
+    assert!(
+        failures.is_empty(),
+        "{family} LoRA parity failures:\n{}",
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn sd15_loras_at_load_time_match_diffusers() {
+    check_family("sd15");
+}
+
+#[test]
+fn sdxl_loras_at_load_time_match_diffusers() {
+    check_family("sdxl");
+}
+
+/// The export-fused model (`convert --lora A --lora B:0.7 --fuse-lora`) and the same adapters
+/// applied at load time to the unfused export give the same latents.
+fn check_fused_export(family: &str) {
+    let dir = lora_dir(family);
+    let case = cases(family)
+        .into_iter()
+        .find(|c| c.loras.len() > 1 && !c.fuse)
+        .expect("a multi-adapter case");
+    let loaded = EngineOptions {
+        loras: case
+            .loras
+            .iter()
+            .map(|l| LoraSpec {
+                source: dir.join(&l.file).to_string_lossy().into_owned(),
+                weight: l.weight,
+            })
+            .collect(),
+        ..EngineOptions::default()
+    };
+    let a = Engine::load(base_model(family), &loaded)
+        .expect("loads with LoRAs")
+        .generate(&request(&case), &mut |_| true)
+        .expect("runs");
+    let fused = dir.join("fused_onnx");
+    let b = Engine::load(fused.to_string_lossy(), &EngineOptions::default())
+        .expect("the fused export loads")
+        .generate(&request(&case), &mut |_| true)
+        .expect("runs");
+    let diff = relative_diff(&a.latents, &b.latents);
+    eprintln!("{family}: export-fused vs load-time latents differ by {diff:e} of max");
+    assert!(diff <= 1e-4, "{family}: {diff:e}");
+    let pixels = a.images[0]
+        .pixels
+        .iter()
+        .zip(&b.images[0].pixels)
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(0);
+    assert!(pixels <= 2, "{family}: pixels differ by {pixels}/255");
+}
+
+#[test]
+fn sd15_export_fused_equals_load_time() {
+    check_fused_export("sd15");
+}
+
+#[test]
+fn sdxl_export_fused_equals_load_time() {
+    check_fused_export("sdxl");
+}
+
+/// Bad adapters are clear errors at load time, before any session is built.
+#[test]
+fn bad_adapters_are_clear_errors() {
+    let bad = lora_dir("sd15").join("bad");
+    for (file, needle) in [
+        ("truncated.safetensors", "truncated.safetensors"),
+        ("not_safetensors.safetensors", "not_safetensors.safetensors"),
+        ("rank_mismatch.safetensors", "rank"),
+        ("nan.safetensors", "NaN"),
+        ("other_base.safetensors", "another base model"),
+    ] {
+        let options = EngineOptions {
+            loras: vec![LoraSpec {
+                source: bad.join(file).to_string_lossy().into_owned(),
+                weight: 1.0,
+            }],
+            ..EngineOptions::default()
+        };
+        let err = Engine::load(base_model("sd15"), &options).expect_err(file);
+        assert!(err.to_string().contains(needle), "{file}: {err}");
+    }
+}
