@@ -244,7 +244,11 @@ pub fn run(args: RunArgs) -> Result<()> {
         .iter()
         .map(|s| {
             let (source, weight) = parse_lora_arg(s)?;
-            Ok(LoraSpec { source, weight })
+            Ok(LoraSpec {
+                source,
+                weight,
+                weight_name: None,
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     let options = EngineOptions {

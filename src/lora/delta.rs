@@ -28,51 +28,66 @@ pub(crate) fn delta_shape(down: &Tensor, up: &Tensor) -> Vec<usize> {
 /// Every term must have the same delta shape (checked by the caller).
 pub(crate) fn accumulate(terms: &[Term<'_>], out: usize, cols: usize) -> Vec<f32> {
     let mut values = vec![0.0f32; out * cols];
+    add_into(terms, cols, &mut values);
+    values
+}
+
+/// Adds the summed delta of `terms` into `base` (`out × cols`, row-major), rows split across
+/// threads.
+///
+/// Each block of rows gets its delta computed in a small scratch buffer and then added, so the
+/// result is `w + Σ terms` exactly as when the whole delta is materialised first (and as peft's
+/// merge adds a computed delta), without a delta-sized allocation.
+pub(crate) fn add_into(terms: &[Term<'_>], cols: usize, base: &mut [f32]) {
     // A few rows per task keeps the per-task overhead small next to r·cols FMAs per row.
     let rows_per_task = (4096 / cols.max(1)).clamp(1, 64);
-    values
-        .par_chunks_mut(rows_per_task * cols)
+    base.par_chunks_mut(rows_per_task * cols)
         .enumerate()
         .for_each(|(chunk, block)| {
             let first = chunk * rows_per_task;
-            for (i, row) in block.chunks_exact_mut(cols).enumerate() {
-                let o = first + i;
-                for t in terms {
-                    let r = t.up.shape[1];
-                    let up_row = &t.up.values[o * r..(o + 1) * r];
-                    let down = &t.down.values[..r * cols];
-                    // Four ranks per pass: the output row is loaded and stored a quarter as
-                    // often, which is what bounds this loop once `down` sits in cache.
-                    let mut k = 0;
-                    while k + 4 <= r {
-                        let s = [
-                            up_row[k] * t.scale,
-                            up_row[k + 1] * t.scale,
-                            up_row[k + 2] * t.scale,
-                            up_row[k + 3] * t.scale,
-                        ];
-                        let d0 = &down[k * cols..(k + 1) * cols];
-                        let d1 = &down[(k + 1) * cols..(k + 2) * cols];
-                        let d2 = &down[(k + 2) * cols..(k + 3) * cols];
-                        let d3 = &down[(k + 3) * cols..(k + 4) * cols];
-                        for ((((d, &a0), &a1), &a2), &a3) in
-                            row.iter_mut().zip(d0).zip(d1).zip(d2).zip(d3)
-                        {
-                            *d += s[0] * a0 + s[1] * a1 + s[2] * a2 + s[3] * a3;
-                        }
-                        k += 4;
-                    }
-                    for (kk, &u) in up_row.iter().enumerate().skip(k) {
-                        let s = u * t.scale;
-                        let down_row = &down[kk * cols..(kk + 1) * cols];
-                        for (d, &a) in row.iter_mut().zip(down_row) {
-                            *d += s * a;
-                        }
-                    }
-                }
+            let mut delta = vec![0.0f32; block.len()];
+            for (i, row) in delta.chunks_exact_mut(cols).enumerate() {
+                delta_row(terms, first + i, cols, row);
+            }
+            for (w, d) in block.iter_mut().zip(&delta) {
+                *w += d;
             }
         });
-    values
+}
+
+/// Row `o` of the summed delta, accumulated into `row` (zeroed by the caller).
+fn delta_row(terms: &[Term<'_>], o: usize, cols: usize, row: &mut [f32]) {
+    for t in terms {
+        let r = t.up.shape[1];
+        let up_row = &t.up.values[o * r..(o + 1) * r];
+        let down = &t.down.values[..r * cols];
+        // Four ranks per pass: the output row is loaded and stored a quarter as
+        // often, which is what bounds this loop once `down` sits in cache.
+        let mut k = 0;
+        while k + 4 <= r {
+            let s = [
+                up_row[k] * t.scale,
+                up_row[k + 1] * t.scale,
+                up_row[k + 2] * t.scale,
+                up_row[k + 3] * t.scale,
+            ];
+            let d0 = &down[k * cols..(k + 1) * cols];
+            let d1 = &down[(k + 1) * cols..(k + 2) * cols];
+            let d2 = &down[(k + 2) * cols..(k + 3) * cols];
+            let d3 = &down[(k + 3) * cols..(k + 4) * cols];
+            for ((((d, &a0), &a1), &a2), &a3) in row.iter_mut().zip(d0).zip(d1).zip(d2).zip(d3) {
+                *d += s[0] * a0 + s[1] * a1 + s[2] * a2 + s[3] * a3;
+            }
+            k += 4;
+        }
+        for (kk, &u) in up_row.iter().enumerate().skip(k) {
+            let s = u * t.scale;
+            let down_row = &down[kk * cols..(kk + 1) * cols];
+            for (d, &a) in row.iter_mut().zip(down_row) {
+                *d += s * a;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

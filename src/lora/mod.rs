@@ -135,6 +135,55 @@ pub struct Delta {
     pub values: Vec<f32>,
 }
 
+/// The change of one parameter, computed when it is applied (see [`LoraSet::pending`]).
+pub struct PendingDelta<'a> {
+    /// The model it patches.
+    pub component: Component,
+    /// The parameter (= ONNX initializer) name.
+    pub param: String,
+    /// `(out, in)` for linear layers, `(out, in, kh, kw)` for convolutions.
+    pub shape: Vec<usize>,
+    terms: Vec<delta::Term<'a>>,
+}
+
+impl PendingDelta<'_> {
+    /// Adds the summed delta into `base`, the row-major base weight: `W' = W + Σ weight ·
+    /// alpha/r · up @ down`, as diffusers' `fuse_lora` computes it (delta first, then added).
+    pub fn add_to(&self, base: &mut [f32]) -> Result<()> {
+        let numel: usize = self.shape.iter().product();
+        if base.len() != numel {
+            return Err(Error::invalid(format!(
+                "LoRA delta for {}.{} has {numel} values but the weight has {}",
+                self.component.as_str(),
+                self.param,
+                base.len()
+            )));
+        }
+        delta::add_into(&self.terms, self.cols(), base);
+        Ok(())
+    }
+
+    /// The summed delta as its own buffer.
+    pub fn values(&self) -> Vec<f32> {
+        delta::accumulate(&self.terms, self.shape[0], self.cols())
+    }
+
+    fn cols(&self) -> usize {
+        self.shape[1..].iter().product()
+    }
+}
+
+impl std::fmt::Debug for PendingDelta<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingDelta")
+            .field("component", &self.component)
+            .field("param", &self.param)
+            .field("shape", &self.shape)
+            .field("terms", &self.terms.len())
+            .finish()
+    }
+}
+
 /// A parameter the loaded adapters change, before any delta is computed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Target {
@@ -266,9 +315,27 @@ impl LoraSet {
     /// The summed delta of every changed parameter, computed in parallel, sorted by component
     /// and name.
     pub fn deltas(&self) -> Result<Vec<Delta>> {
-        let groups: Vec<_> = self.groups().into_iter().collect();
-        groups
+        Ok(self
+            .pending()?
             .into_par_iter()
+            .map(|p| {
+                let values = p.values();
+                Delta {
+                    component: p.component,
+                    param: p.param,
+                    shape: p.shape,
+                    values,
+                }
+            })
+            .collect())
+    }
+
+    /// Every changed parameter with its delta not yet computed, sorted by component and name;
+    /// [`PendingDelta::add_to`] adds one into a base weight in place, so patching a whole model
+    /// never holds more than the patched weights (SDXL's TCD LoRA changes 2.3 B parameters).
+    pub fn pending(&self) -> Result<Vec<PendingDelta<'_>>> {
+        self.groups()
+            .into_iter()
             .map(|((component, param), terms)| {
                 let (a0, m0) = terms[0];
                 let shape = delta::delta_shape(&m0.down, &m0.up);
@@ -285,9 +352,7 @@ impl LoraSet {
                         )));
                     }
                 }
-                let out = shape[0];
-                let cols: usize = shape[1..].iter().product();
-                let terms: Vec<delta::Term<'_>> = terms
+                let terms = terms
                     .iter()
                     .map(|(a, m)| delta::Term {
                         down: &m.down,
@@ -295,12 +360,11 @@ impl LoraSet {
                         scale: a.weight * m.scale,
                     })
                     .collect();
-                let values = delta::accumulate(&terms, out, cols);
-                Ok(Delta {
+                Ok(PendingDelta {
                     component,
                     param,
                     shape,
-                    values,
+                    terms,
                 })
             })
             .collect()

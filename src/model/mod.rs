@@ -53,6 +53,25 @@ pub struct Manifest {
     /// Whether ONNX initializers keep their PyTorch parameter names.
     #[serde(default)]
     pub weights_keep_names: bool,
+    /// LoRAs recorded at export for the engine to apply at load time.
+    #[serde(default)]
+    pub lora: Vec<ManifestLora>,
+}
+
+/// A LoRA recorded in the manifest (`python -m export convert --lora ...` without fusing).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ManifestLora {
+    /// A `.safetensors` path, a directory or a hub id.
+    pub source: String,
+    /// The adapter weight.
+    #[serde(default = "one")]
+    pub weight: f32,
+    /// The file inside a directory or repository.
+    pub weight_name: Option<String>,
+}
+
+fn one() -> f32 {
+    1.0
 }
 
 /// The parts of `unet/config.json` the pipelines read.

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use crate::lora::{param_aliases, Delta, LoraSet, LoraSource, UnetLayout};
+use crate::lora::{param_aliases, LoraSet, LoraSource, PendingDelta, UnetLayout};
 use crate::model::{hub, ModelDir};
 use crate::runtime::{InitializerTable, WeightOverride};
 use crate::{Error, Result};
@@ -19,6 +19,8 @@ pub struct LoraSpec {
     pub source: String,
     /// The adapter weight (diffusers' `adapter_weights`).
     pub weight: f32,
+    /// The file to read from a directory or repository; `None` uses the engine-wide choice.
+    pub weight_name: Option<String>,
 }
 
 /// What loading LoRAs did, for the user.
@@ -68,6 +70,23 @@ fn resolve_source(spec: &LoraSpec, weight_name: Option<&str>) -> Result<PathBuf>
     )))
 }
 
+/// Does the load-time LoRA work of [`super::Engine`] on a model directory without ONNX
+/// Runtime: opens `model_dir`, resolves and parses the LoRAs, checks every target against the
+/// model's weights and computes the patched weights, then drops them.
+///
+/// Returns how many weights were patched and the report. For benchmarks of that step and for
+/// checking that LoRAs fit a model before loading it.
+pub fn apply_loras(
+    model_dir: &Path,
+    specs: &[LoraSpec],
+    weight_name: Option<&str>,
+    allow_unmatched: bool,
+) -> Result<(usize, LoraReport)> {
+    let model = ModelDir::open(model_dir)?;
+    let (overrides, report) = weight_overrides(&model, specs, weight_name, allow_unmatched)?;
+    Ok((overrides.values().map(Vec::len).sum(), report))
+}
+
 /// Computes the weight replacements for every component, keyed by component directory name.
 pub(super) fn weight_overrides(
     model: &ModelDir,
@@ -91,7 +110,7 @@ pub(super) fn weight_overrides(
         .iter()
         .map(|s| {
             Ok(LoraSource {
-                path: resolve_source(s, weight_name)?,
+                path: resolve_source(s, s.weight_name.as_deref().or(weight_name))?,
                 weight: s.weight,
             })
         })
@@ -102,7 +121,9 @@ pub(super) fn weight_overrides(
     let set = LoraSet::load(&sources, &layout)?;
     report.adapters = sources.len();
     report.modules = set.module_count();
-    let deltas = set.deltas()?;
+    // Deltas are computed per weight and added into it as it is read, so the peak is the patched
+    // weights themselves, not those plus every delta.
+    let deltas = set.pending()?;
 
     let mut by_component: BTreeMap<&'static str, Vec<_>> = BTreeMap::new();
     for delta in deltas {
@@ -128,7 +149,7 @@ pub(super) fn weight_overrides(
         let table = InitializerTable::read(&graph)?;
         // The name under which this export holds the parameter (CLIP weights sit under
         // `text_model.` or not depending on the exporter's transformers version).
-        let located = |d: &Delta| {
+        let located = |d: &PendingDelta<'_>| {
             param_aliases(d.component, &d.param)
                 .into_iter()
                 .find(|n| table.get(n).is_some())
@@ -194,18 +215,8 @@ pub(super) fn weight_overrides(
                     ));
                 }
                 let mut values = table.read_f32(init)?;
-                if values.len() != d.values.len() {
-                    return Err(Error::invalid(format!(
-                        "LoRA delta for {component}.{} has {} values but the weight has {}",
-                        d.param,
-                        d.values.len(),
-                        values.len()
-                    )));
-                }
                 // W' = W + sum of w_i * (alpha_i / r_i) * B_i A_i, as diffusers' fuse_lora.
-                for (w, delta) in values.iter_mut().zip(&d.values) {
-                    *w += delta;
-                }
+                d.add_to(&mut values)?;
                 Ok(WeightOverride {
                     name: init.name.clone(),
                     shape: init.dims.clone(),
@@ -237,6 +248,7 @@ mod tests {
         let spec = LoraSpec {
             source: "/nonexistent/lora.safetensors".into(),
             weight: 1.0,
+            weight_name: None,
         };
         let err = resolve_source(&spec, None).expect_err("missing");
         assert!(err.to_string().contains("no such file"), "{err}");

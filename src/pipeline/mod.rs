@@ -24,7 +24,7 @@ pub mod conditioning;
 mod lora;
 mod txt2img;
 
-pub use lora::{LoraReport, LoraSpec};
+pub use lora::{apply_loras, LoraReport, LoraSpec};
 
 use std::path::{Path, PathBuf};
 
@@ -193,9 +193,24 @@ impl Engine {
             device_id: options.device_id,
             intra_threads: options.intra_threads,
         };
+        // LoRAs the export recorded come first, then the caller's.
+        let mut loras: Vec<LoraSpec> = model
+            .manifest()
+            .map(|m| {
+                m.lora
+                    .iter()
+                    .map(|l| LoraSpec {
+                        source: l.source.clone(),
+                        weight: l.weight,
+                        weight_name: l.weight_name.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        loras.extend(options.loras.iter().cloned());
         let (mut overrides, lora_report) = lora::weight_overrides(
             &model,
-            &options.loras,
+            &loras,
             options.lora_weight_name.as_deref(),
             options.lora_allow_unmatched,
         )?;

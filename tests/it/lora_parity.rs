@@ -111,6 +111,7 @@ fn check_family(family: &str) {
                 .map(|l| LoraSpec {
                     source: dir.join(&l.file).to_string_lossy().into_owned(),
                     weight: l.weight,
+                    weight_name: None,
                 })
                 .collect(),
             ..EngineOptions::default()
@@ -178,6 +179,7 @@ fn check_fused_export(family: &str) {
             .map(|l| LoraSpec {
                 source: dir.join(&l.file).to_string_lossy().into_owned(),
                 weight: l.weight,
+                weight_name: None,
             })
             .collect(),
         ..EngineOptions::default()
@@ -229,10 +231,63 @@ fn bad_adapters_are_clear_errors() {
             loras: vec![LoraSpec {
                 source: bad.join(file).to_string_lossy().into_owned(),
                 weight: 1.0,
+                weight_name: None,
             }],
             ..EngineOptions::default()
         };
         let err = Engine::load(base_model("sd15"), &options).expect_err(file);
         assert!(err.to_string().contains(needle), "{file}: {err}");
     }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read_dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+/// An unfused export that records LoRAs in its manifest gets them applied at load time, the
+/// same as passing them explicitly.
+#[test]
+fn loras_recorded_in_the_manifest_are_applied_at_load() {
+    let dir = lora_dir("sd15");
+    let case = cases("sd15")
+        .into_iter()
+        .find(|c| c.loras.len() > 1 && !c.fuse)
+        .expect("a multi-adapter case");
+    let model = crate::common::scratch_dir("manifest-lora").join("model");
+    copy_dir(Path::new(&base_model("sd15")), &model);
+    let manifest_path = model.join("tcd_ort.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest_path).expect("manifest"))
+            .expect("json");
+    manifest["lora"] = case
+        .loras
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "source": dir.join(&l.file).to_string_lossy(),
+                "weight": l.weight,
+                "weight_name": null,
+            })
+        })
+        .collect();
+    std::fs::write(&manifest_path, manifest.to_string()).expect("write manifest");
+    let mut engine =
+        Engine::load(model.to_string_lossy(), &EngineOptions::default()).expect("loads");
+    assert_eq!(engine.lora_report().adapters, case.loras.len());
+    let out = engine
+        .generate(&request(&case), &mut |_| true)
+        .expect("runs");
+    let reference = read_npy(&dir.join("reference").join(format!("{}.npy", case.name)))
+        .expect("reference latents");
+    let diff = relative_diff(&out.latents, &reference);
+    assert!(diff <= 1e-4, "{diff:e}");
 }
