@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
         (
             "tiny",
             "tiny random-weight pipeline (tests, demo)",
-            ("sd15", "sd21", "sd21v", "sdxl"),
+            ("sd15", "sd21", "sd21v", "sdxl", "sd15-inpaint", "sdxl-inpaint"),
         ),
         (
             "full",

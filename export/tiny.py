@@ -11,6 +11,12 @@ Tiny families:
 - ``sdxl``: SDXL-like (two text encoders, micro-conditioning), epsilon prediction.
 - ``sd21``: SD2.1-base-like, epsilon prediction.
 - ``sd21v``: SD2.1-like (768), v-prediction.
+- ``sd15-inpaint`` / ``sdxl-inpaint``: ``sd15`` / ``sdxl`` with an inpainting UNet: 9 input
+  channels (latents 4 + mask 1 + masked-image latents 4, concatenated in that order), saved as
+  a ``StableDiffusionInpaintPipeline`` / ``StableDiffusionXLInpaintPipeline`` like
+  ``stable-diffusion-v1-5/stable-diffusion-inpainting`` and
+  ``diffusers/stable-diffusion-xl-1.0-inpainting-0.1`` (no aesthetic score, zeroed embeddings
+  for an empty negative prompt).
 
 The SD2 ones carry the traits that set SD2 apart from SD1 in the real checkpoints: a UNet with
 ``use_linear_projection`` and a per-block ``attention_head_dim`` (as in diffusers'
@@ -29,7 +35,11 @@ import torch
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 
-FAMILIES = ("sd15", "sd21", "sd21v", "sdxl")
+FAMILIES = ("sd15", "sd21", "sd21v", "sdxl", "sd15-inpaint", "sdxl-inpaint")
+INPAINT_SUFFIX = "-inpaint"
+# Latents, mask and masked-image latents: what diffusers' inpainting pipelines feed a UNet
+# whose config says 9 input channels.
+INPAINT_IN_CHANNELS = 4 + 1 + 4
 # `build_full` needs the real configs in `export/configs/<family>/`.
 FULL_FAMILIES = ("sd15", "sdxl")
 SD2_FAMILIES = ("sd21", "sd21v")
@@ -52,6 +62,15 @@ TCD_SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 
+def base_family(family: str) -> str:
+    """The text-to-image family an inpainting family is built on (``sdxl-inpaint`` -> ``sdxl``)."""
+    return family.removesuffix(INPAINT_SUFFIX)
+
+
+def is_inpaint_family(family: str) -> bool:
+    return family.endswith(INPAINT_SUFFIX)
+
+
 def tiny_scheduler_config(family: str) -> dict[str, Any]:
     """The family's training schedule as a TCDScheduler config.
 
@@ -64,11 +83,13 @@ def tiny_scheduler_config(family: str) -> dict[str, Any]:
 
 
 def _tiny_unet_config(family: str) -> dict[str, Any]:
+    in_channels = INPAINT_IN_CHANNELS if is_inpaint_family(family) else 4
+    family = base_family(family)
     common: dict[str, Any] = {
         "block_out_channels": (32, 64),
         "layers_per_block": 2,
         "sample_size": 32,
-        "in_channels": 4,
+        "in_channels": in_channels,
         "out_channels": 4,
         "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
         "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -109,7 +130,7 @@ def _tiny_vae_config(family: str) -> dict[str, Any]:
         "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
         "latent_channels": 4,
         "sample_size": 64,
-        "scaling_factor": 0.13025 if family == "sdxl" else 0.18215,
+        "scaling_factor": 0.13025 if base_family(family) == "sdxl" else 0.18215,
     }
 
 
@@ -165,7 +186,9 @@ def build_tiny(family: str, out_dir: pathlib.Path, seed: int = 0) -> pathlib.Pat
     """Write a tiny random-weight diffusers pipeline for `family` into `out_dir`."""
     from diffusers import (
         AutoencoderKL,
+        StableDiffusionInpaintPipeline,
         StableDiffusionPipeline,
+        StableDiffusionXLInpaintPipeline,
         StableDiffusionXLPipeline,
         TCDScheduler,
         UNet2DConditionModel,
@@ -179,9 +202,10 @@ def build_tiny(family: str, out_dir: pathlib.Path, seed: int = 0) -> pathlib.Pat
 
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    inpaint = is_inpaint_family(family)
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _tokenizers(out_dir, family)
+    _tokenizers(out_dir, base_family(family))
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed + 1)
@@ -195,8 +219,9 @@ def build_tiny(family: str, out_dir: pathlib.Path, seed: int = 0) -> pathlib.Pat
     scheduler = TCDScheduler(**tiny_scheduler_config(family))
     tokenizer = CLIPTokenizer.from_pretrained(out_dir / "tokenizer")
 
-    if family != "sdxl":
-        pipe = StableDiffusionPipeline(
+    if base_family(family) != "sdxl":
+        cls = StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
+        pipe = cls(
             vae=vae,
             text_encoder=text_encoder,
             tokenizer=tokenizer,
@@ -211,7 +236,12 @@ def build_tiny(family: str, out_dir: pathlib.Path, seed: int = 0) -> pathlib.Pat
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**_tiny_clip_config(True)))
         _reinit_zeroed(text_encoder_2, generator)
         tokenizer_2 = CLIPTokenizer.from_pretrained(out_dir / "tokenizer_2")
-        pipe = StableDiffusionXLPipeline(
+        kwargs: dict[str, Any] = {"force_zeros_for_empty_prompt": True}
+        if inpaint:
+            # stable-diffusion-xl-1.0-inpainting-0.1 conditions on sizes, not aesthetic scores.
+            kwargs["requires_aesthetics_score"] = False
+        cls = StableDiffusionXLInpaintPipeline if inpaint else StableDiffusionXLPipeline
+        pipe = cls(
             vae=vae,
             text_encoder=text_encoder,
             text_encoder_2=text_encoder_2,
@@ -219,7 +249,7 @@ def build_tiny(family: str, out_dir: pathlib.Path, seed: int = 0) -> pathlib.Pat
             tokenizer_2=tokenizer_2,
             unet=unet,
             scheduler=scheduler,
-            force_zeros_for_empty_prompt=True,
+            **kwargs,
         )
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
