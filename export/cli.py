@@ -98,6 +98,26 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--fuse-lora", action="store_true", help="fuse the --lora adapters first")
     r.add_argument("--width", type=int)
     r.add_argument("--height", type=int)
+    r.add_argument(
+        "--image",
+        type=pathlib.Path,
+        help="init image: image-to-image, or inpainting with --mask (batch: a case's \"image\")",
+    )
+    r.add_argument(
+        "--mask", type=pathlib.Path, help="inpainting mask, white = repaint (needs --image)"
+    )
+    r.add_argument(
+        "--strength",
+        type=float,
+        help="how much of the image to repaint, (0, 1]; default: the diffusers pipeline's "
+        "(img2img 0.8, SDXL img2img 0.3, inpaint 1.0, SDXL inpaint 0.9999)",
+    )
+    r.add_argument(
+        "--image-dir",
+        type=pathlib.Path,
+        help="directory relative image/mask paths are read from (default: the cases file's "
+        "directory in batch mode, else the working directory)",
+    )
     r.add_argument("--num-images", type=int, default=1)
     r.add_argument("--out-image", type=pathlib.Path, help="PNG of the first image")
     r.add_argument("--out-latents", type=pathlib.Path, help=".npy of the final latents")

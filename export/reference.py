@@ -29,6 +29,48 @@ The intermediates file holds `initial_latents` (the seeded noise), `timesteps`,
 `latents` [steps, num_images, C, h, w] (after each step), `prompt_embeds` (with classifier-free
 guidance: negative and positive concatenated on the batch axis, as the UNet sees them) and for
 SDXL `add_text_embeds` and `add_time_ids` (same batching).
+
+Image-to-image and inpainting: a case with `"image": PATH` runs diffusers'
+`StableDiffusion[XL]Img2ImgPipeline`, one that also has `"mask": PATH` (white = repaint) runs
+`StableDiffusion[XL]InpaintPipeline`, both made from the loaded pipeline's components with
+`AutoPipelineForImage2Image` / `AutoPipelineForInpainting.from_pipe` (so a model directory
+holding a 9-channel inpainting UNet, saved as an inpainting pipeline, runs only inpainting
+cases). `"strength"` defaults to the pipeline's own default (`StableDiffusionImg2ImgPipeline`
+0.8, `StableDiffusionXLImg2ImgPipeline` 0.3, `StableDiffusionInpaintPipeline` 1.0,
+`StableDiffusionXLInpaintPipeline` 0.9999). Paths are relative to `--image-dir` (default: the
+cases file's directory; the working directory for a single run). Both files are read with
+`PIL.Image.open(path).convert("RGB")` and passed to the pipeline as PIL images, as diffusers'
+`load_image` does. Inpainting passes the case's `width` / `height` to the pipeline; the
+image-to-image pipelines take no size, so when a case gives one the image is first resized to
+it with the pipeline's own `image_processor` (`get_default_height_width` + `resize`, the very
+calls `preprocess` makes when the inpainting pipelines get a size), and the pipeline then sees
+an image of the right size. Without a size both use the image's size rounded down to a
+multiple of the VAE scale factor.
+
+Extra intermediates of image cases (absent where the pipeline never computes them):
+
+* `image`: the preprocessed init image, [1, 3, H, W] in [-1, 1] (after resizing).
+* `mask_image`: the preprocessed mask, [1, 1, H, W], binarised (0 keep, 1 repaint).
+* `image_latent_parameters` / `masked_image_latent_parameters`: what the VAE encoder returned
+  for the init image / the masked image (`latent_dist.parameters`: mean and log-variance on
+  channels, the `vae_encoder` graph's `latent_parameters`), [1, 2C, h, w].
+* `image_latents`: the init image's latents, sampled from that distribution with the case's
+  generator and multiplied by `scaling_factor`, repeated to [num_images, C, h, w]. Inpainting
+  with a 9-channel UNet at strength 1 never encodes the init image and has none.
+* `noise`: the Gaussian noise drawn for the initial latents, [num_images, C, h, w].
+* `latent_timestep`: the timestep the noise is added at (the first of `timesteps`).
+* `initial_latents`: the latents entering the loop: `add_noise(image_latents, noise,
+  latent_timestep)`, or for inpainting at strength 1 the noise itself (`init_noise_sigma` is 1).
+* `mask`: the mask at latent size (nearest-neighbour `interpolate` of `mask_image`),
+  [num_images, 1, h, w], and `masked_image_latents`: the latents of `image * (mask_image <
+  0.5)`, [num_images, C, h, w]; both without the classifier-free-guidance duplication the
+  pipeline adds (both halves are equal). A 4-channel UNet never sees them, but the masked image
+  is encoded all the same, drawing from the generator.
+* `timesteps`: the timesteps the loop runs (the last `int(steps * strength)` of the
+  schedule), `schedule_timesteps`: the scheduler's whole schedule for `steps`, `strength`.
+* `latents`: after each step; for inpainting with a 4-channel UNet after the blend
+  `(1 - mask) * add_noise(image_latents, noise, next_t) + mask * latents` (at the last step
+  `image_latents` unnoised).
 """
 
 from __future__ import annotations
@@ -59,6 +101,9 @@ class Case:
     intermediates: bool = False
     loras: list[Any] | None = None
     fuse: bool = False
+    image: str | None = None
+    mask: str | None = None
+    strength: float | None = None
 
     @classmethod
     def from_json(cls, obj: Any, index: int) -> "Case":
@@ -97,6 +142,37 @@ class Case:
                     raise UserError(f"{what}: lora weight must be a number")
         if self.fuse and not self.loras:
             raise UserError(f"{what}: fuse needs loras")
+        for key in ("image", "mask"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise UserError(f"{what}: {key} must be a file path")
+        if self.mask is not None and self.image is None:
+            raise UserError(f"{what}: a mask needs an image to inpaint")
+        if self.strength is not None:
+            if self.image is None:
+                raise UserError(f"{what}: strength needs an image (image-to-image, inpainting)")
+            if not isinstance(self.strength, (int, float)) or not 0.0 < self.strength <= 1.0:
+                raise UserError(f"{what}: strength must be in (0, 1]")
+
+    @property
+    def task(self) -> str:
+        if self.image is None:
+            return "text2img"
+        return "img2img" if self.mask is None else "inpaint"
+
+    def image_paths(self, base: pathlib.Path) -> dict[str, pathlib.Path]:
+        """The case's image files (`image`, `mask`) resolved against `base`; checks they exist."""
+        out = {}
+        for key in ("image", "mask"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            path = pathlib.Path(value).expanduser()
+            path = path if path.is_absolute() else base / path
+            if not path.is_file():
+                raise UserError(f"case {self.name!r}: {key} {path}: no such file")
+            out[key] = path
+        return out
 
     def lora_specs(self, base: pathlib.Path) -> list[Any]:
         from export.lora import LoraSpec, resolve_lora
@@ -136,49 +212,185 @@ def apply_loras(pipe: Any, specs: list[Any], fuse: bool) -> None:
         pipe.fuse_lora(components=lora_components(pipe), adapter_names=names)
 
 
-def run_case(pipe: Any, case: Case) -> Result:
-    import torch
+def task_pipeline(pipe: Any, task: str) -> Any:
+    """The pipeline diffusers runs `task` with, sharing `pipe`'s components."""
+    from diffusers import (
+        AutoPipelineForImage2Image,
+        AutoPipelineForInpainting,
+        AutoPipelineForText2Image,
+    )
 
+    in_channels = pipe.unet.config.in_channels
+    if in_channels != 4 and task != "inpaint":
+        raise UserError(
+            f"this model's UNet takes {in_channels} input channels (an inpainting model): "
+            "give every case an image and a mask"
+        )
+    auto = {
+        "text2img": AutoPipelineForText2Image,
+        "img2img": AutoPipelineForImage2Image,
+        "inpaint": AutoPipelineForInpainting,
+    }[task]
+    if task == "text2img" and "Img2Img" not in type(pipe).__name__ and "Inpaint" not in type(
+        pipe
+    ).__name__:
+        return pipe
+    runner = auto.from_pipe(pipe)
+    runner.set_progress_bar_config(disable=True)
+    return runner
+
+
+def _np(t: Any) -> np.ndarray:
+    return t.detach().float().cpu().numpy().copy()
+
+
+def run_case(pipe: Any, case: Case, image_base: pathlib.Path | None = None) -> Result:
+    """Run one case; `image_base` resolves relative image/mask paths (default: cwd)."""
+    import inspect
+
+    import torch
+    from PIL import Image
+
+    task = case.task
+    runner = task_pipeline(pipe, task)
+    images = {
+        key: Image.open(path).convert("RGB")
+        for key, path in case.image_paths(image_base or pathlib.Path.cwd()).items()
+    }
     steps: list[np.ndarray] = []
+    timesteps: list[float] = []
     extra: dict[str, np.ndarray] = {}
     wanted = ["latents", "prompt_embeds", "add_text_embeds", "add_time_ids"]
-    tensor_inputs = [k for k in wanted if k in getattr(pipe, "_callback_tensor_inputs", [])]
+    tensor_inputs = [k for k in wanted if k in getattr(runner, "_callback_tensor_inputs", [])]
+    n = case.num_images
+    phase: list[str] = []  # which prepare_* call is running, for the VAE-encode capture
 
-    def on_step_end(_pipe: Any, i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        steps.append(kwargs["latents"].detach().float().cpu().numpy().copy())
+    def on_step_end(_pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        steps.append(_np(kwargs["latents"]))
+        timesteps.append(float(t))
         if i == 0:
             for k in tensor_inputs[1:]:
-                extra[k] = kwargs[k].detach().float().cpu().numpy().copy()
+                extra[k] = _np(kwargs[k])
         return {}
 
-    original_prepare = pipe.prepare_latents
+    patched: list[tuple[Any, str]] = []
 
-    def prepare_latents(*args: Any, **kwargs: Any) -> Any:
-        latents = original_prepare(*args, **kwargs)
-        extra["initial_latents"] = latents.detach().float().cpu().numpy().copy()
-        return latents
+    def patch(obj: Any, name: str, wrapper: Any) -> None:
+        setattr(obj, name, wrapper(getattr(obj, name)))
+        patched.append((obj, name))
 
-    pipe.prepare_latents = prepare_latents
+    def prepare_latents(fn: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            phase.append("image")
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                phase.pop()
+            if isinstance(out, tuple):  # the inpainting pipelines: latents, noise[, image latents]
+                extra["initial_latents"] = _np(out[0])
+                extra["noise"] = _np(out[1])
+                if len(out) > 2:
+                    extra["image_latents"] = _np(out[2])
+            else:
+                extra["initial_latents"] = _np(out)
+            return out
+
+        return wrapped
+
+    def prepare_mask_latents(fn: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            phase.append("masked_image")
+            try:
+                mask, masked = fn(*args, **kwargs)
+            finally:
+                phase.pop()
+            extra["mask"] = _np(mask[-n:])
+            if masked is not None:
+                extra["masked_image_latents"] = _np(masked[-n:])
+            return mask, masked
+
+        return wrapped
+
+    def add_noise(fn: Any) -> Any:
+        def wrapped(original: Any, noise: Any, t: Any) -> Any:
+            if phase == ["image"]:  # the initial latents, not the 4-channel inpainting blend
+                extra["image_latents"] = _np(original)
+                extra["noise"] = _np(noise)
+                extra["latent_timestep"] = _np(t.reshape(-1)[:1])
+            return fn(original, noise, t)
+
+        return wrapped
+
+    def vae_encode(fn: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            out = fn(*args, **kwargs)
+            if phase:
+                extra[f"{phase[-1]}_latent_parameters"] = _np(out.latent_dist.parameters)
+            return out
+
+        return wrapped
+
+    def preprocess(key: str) -> Any:
+        def wrapper(fn: Any) -> Any:
+            def wrapped(*args: Any, **kwargs: Any) -> Any:
+                out = fn(*args, **kwargs)
+                extra[key] = _np(out)
+                return out
+
+            return wrapped
+
+        return wrapper
+
+    kwargs: dict[str, Any] = {}
+    patch(runner, "prepare_latents", prepare_latents)
+    if task == "text2img":
+        kwargs.update(width=case.width, height=case.height)
+    else:
+        strength = case.strength
+        if strength is None:
+            strength = inspect.signature(runner.__call__).parameters["strength"].default
+        extra["strength"] = np.asarray(strength, dtype=np.float32)
+        image = images["image"]
+        if task == "img2img":
+            # The img2img pipelines take no size: resize exactly as preprocess(height=, width=)
+            # would, so the pipeline's own preprocess finds the size already right.
+            proc = runner.image_processor
+            height, width = proc.get_default_height_width(image, case.height, case.width)
+            if image.size != (width, height):
+                image = proc.resize(image, height, width)
+        else:
+            kwargs.update(width=case.width, height=case.height, mask_image=images["mask"])
+            patch(runner, "prepare_mask_latents", prepare_mask_latents)
+            patch(runner.mask_processor, "preprocess", preprocess("mask_image"))
+        kwargs.update(image=image, strength=strength)
+        patch(runner.image_processor, "preprocess", preprocess("image"))
+        patch(runner.scheduler, "add_noise", add_noise)
+        patch(runner.vae, "encode", vae_encode)
     try:
-        out = pipe(
+        out = runner(
             prompt=case.prompt,
             negative_prompt=case.negative_prompt,
             num_inference_steps=case.steps,
             guidance_scale=case.guidance,
             eta=case.eta,
-            width=case.width,
-            height=case.height,
             num_images_per_prompt=case.num_images,
             generator=torch.Generator("cpu").manual_seed(case.seed),
             output_type="pil",
             callback_on_step_end=on_step_end,
             callback_on_step_end_tensor_inputs=tensor_inputs,
+            **kwargs,
         )
-    except ValueError as exc:  # diffusers' own argument checks (sizes, prompts)
+    except ValueError as exc:  # diffusers' own argument checks (sizes, prompts, strength)
         raise UserError(f"case {case.name!r}: {exc}") from exc
     finally:
-        del pipe.prepare_latents
-    extra["timesteps"] = pipe.scheduler.timesteps.detach().float().cpu().numpy()
+        for obj, name in patched:
+            # Each was an instance attribute set over a class attribute: deleting restores it.
+            delattr(obj, name)
+    if task == "text2img":
+        extra["timesteps"] = runner.scheduler.timesteps.detach().float().cpu().numpy()
+    else:
+        extra["timesteps"] = np.asarray(timesteps, dtype=np.float32)
+        extra["schedule_timesteps"] = _np(runner.scheduler.timesteps)
     extra["latents"] = np.stack(steps).astype(np.float32)
     return Result(out.images, steps[-1].astype(np.float32), extra)
 
@@ -200,6 +412,8 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             parser.error(f"--cases {args.cases}: invalid JSON: {exc}")
         if not isinstance(raw, list):
             parser.error(f"--cases {args.cases}: expected a JSON list of cases")
+        if args.image is not None or args.mask is not None or args.strength is not None:
+            parser.error("--image, --mask and --strength are per case in batch mode")
         cases = [Case.from_json(obj, i) for i, obj in enumerate(raw)]
         if args.fuse_lora and not args.lora:
             parser.error("--fuse-lora needs --lora")
@@ -211,7 +425,7 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         names = [c.name for c in cases]
         if len(set(names)) != len(names):
             parser.error(f"--cases {args.cases}: case names must be unique")
-        run_batch(args.model, cases, args.out_dir, args.cases.parent)
+        run_batch(args.model, cases, args.out_dir, args.cases.parent, args.image_dir)
         return
 
     if args.prompt is None:
@@ -228,6 +442,9 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         width=args.width,
         height=args.height,
         num_images=args.num_images,
+        image=None if args.image is None else str(args.image),
+        mask=None if args.mask is None else str(args.mask),
+        strength=args.strength,
     )
     if args.lora:
         case.loras = [_cli_lora(s) for s in args.lora]
@@ -235,7 +452,7 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     case.validate("reference")
     pipe = load_reference_pipeline(args.model)
     apply_loras(pipe, case.lora_specs(pathlib.Path.cwd()), case.fuse)
-    result = run_case(pipe, case)
+    result = run_case(pipe, case, args.image_dir)
     if args.out_image is not None:
         args.out_image.parent.mkdir(parents=True, exist_ok=True)
         result.images[0].save(args.out_image)
@@ -259,22 +476,30 @@ def _cli_lora(text: str, absolute: bool = False) -> dict[str, Any]:
 
 
 def run_batch(
-    model: str, cases: list[Case], out_dir: pathlib.Path, base: pathlib.Path | None = None
+    model: str,
+    cases: list[Case],
+    out_dir: pathlib.Path,
+    base: pathlib.Path | None = None,
+    image_base: pathlib.Path | None = None,
 ) -> None:
     """Run `cases` on one pipeline; LoRA files in cases are relative to `base` (the cases file's
-    directory)."""
+    directory), image and mask files to `image_base` (default `base`)."""
     import logging
 
     log = logging.getLogger("export")
     base = pathlib.Path.cwd() if base is None else base
-    specs = [case.lora_specs(base) for case in cases]  # check every file before running any
+    image_base = base if image_base is None else image_base
+    # Check every file before running any case.
+    specs = [case.lora_specs(base) for case in cases]
+    for case in cases:
+        case.image_paths(image_base)
     pipe = load_reference_pipeline(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     for n, case in enumerate(cases):
         if specs[n]:
             apply_loras(pipe, specs[n], case.fuse)
         try:
-            result = run_case(pipe, case)
+            result = run_case(pipe, case, image_base)
         finally:
             if specs[n]:
                 if case.fuse and n + 1 < len(cases):
