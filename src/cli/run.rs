@@ -1,4 +1,5 @@
-//! `tcd-ort run`: text-to-image from the command line.
+//! `tcd-ort run`: text-to-image, image-to-image (`--image`) and inpainting (`--image --mask`)
+//! from the command line.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -6,9 +7,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use tcd_ort::image_io::{numbered_path, write_npy, write_png};
+use tcd_ort::image_io::{
+    image_grid, load_image, mask_preview, numbered_path, resize_lanczos, write_npy, write_png,
+};
 use tcd_ort::lora::parse_lora_arg;
-use tcd_ort::pipeline::{Engine, EngineOptions, GenerateRequest, LoraSpec, Progress};
+use tcd_ort::pipeline::{Engine, EngineOptions, GenerateRequest, LoraSpec, Progress, Task};
 use tcd_ort::runtime::{parse_provider_list, ExecutionProvider};
 
 /// Arguments of `tcd-ort run`.
@@ -77,6 +80,20 @@ pub struct RunArgs {
     /// Hub revision (branch, tag or commit) when --model is a hub id.
     #[arg(long)]
     revision: Option<String>,
+    /// Start from this image (PNG or JPEG): image-to-image, or inpainting with --mask. The output
+    /// size defaults to the image's, rounded down to a multiple of 8.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Inpainting mask: white repaints, black keeps; resized to the output size if it differs.
+    #[arg(long)]
+    mask: Option<PathBuf>,
+    /// How much of --image to repaint, in (0, 1]: the share of the schedule that runs.
+    /// Default 0.8 for image-to-image, 1.0 for inpainting (diffusers' SD defaults).
+    #[arg(long)]
+    strength: Option<f64>,
+    /// Also write the input, the mask and the result side by side to this PNG.
+    #[arg(long)]
+    grid: Option<PathBuf>,
     /// Output PNG path.
     #[arg(long, short)]
     output: PathBuf,
@@ -199,6 +216,46 @@ pub fn run(args: RunArgs) -> Result<()> {
             bail!("--save-latents must be a .npy path, got {}", p.display());
         }
     }
+    if args.image.is_none() {
+        if args.mask.is_some() {
+            bail!("--mask needs --image (the picture to inpaint)");
+        }
+        if args.strength.is_some() {
+            bail!("--strength needs --image (it says how much of that image to repaint)");
+        }
+        if args.grid.is_some() {
+            bail!("--grid needs --image (it shows the input beside the result)");
+        }
+    }
+    if let Some(s) = args.strength {
+        if !(s > 0.0 && s <= 1.0) {
+            bail!(
+                "--strength must be in (0, 1], got {s}: 1 repaints everything, smaller values \
+                 keep more of the input image"
+            );
+        }
+    }
+    if let Some(p) = &args.grid {
+        if p.extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            != Some("png".to_string())
+        {
+            bail!("--grid must be a .png path, got {}", p.display());
+        }
+    }
+    let task = match (&args.image, &args.mask) {
+        (None, _) => Task::TextToImage,
+        (Some(image), None) => Task::ImageToImage {
+            image: load_image(image)?,
+            strength: args.strength.unwrap_or(0.8),
+        },
+        (Some(image), Some(mask)) => Task::Inpaint {
+            image: load_image(image)?,
+            mask: load_image(mask)?,
+            strength: args.strength.unwrap_or(1.0),
+        },
+    };
     let seed = args.seed.unwrap_or_else(random_seed);
     let request = GenerateRequest {
         prompt: args.prompt.clone(),
@@ -237,6 +294,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         .collect();
     let mut all_outputs = image_paths.clone();
     all_outputs.extend(args.save_latents.iter().cloned());
+    all_outputs.extend(args.grid.iter().cloned());
     check_outputs(&all_outputs, args.overwrite)?;
 
     let loras = args
@@ -306,7 +364,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         tty: std::io::stderr().is_terminal(),
         started: Instant::now(),
     };
-    let generated = engine.generate(&request, &mut |event| bar.update(event))?;
+    let generated = engine.run(&request, &task, &mut |event| bar.update(event))?;
 
     let model_name = Path::new(&args.model)
         .file_name()
@@ -321,6 +379,25 @@ pub fn run(args: RunArgs) -> Result<()> {
             ("Software", format!("tcd-ort {}", env!("CARGO_PKG_VERSION"))),
         ];
         write_png(path, image, &text, args.overwrite)
+            .with_context(|| format!("writing {}", path.display()))?;
+        if !args.quiet {
+            eprintln!("wrote {}", path.display());
+        }
+    }
+    if let (Some(path), Some(first)) = (&args.grid, generated.images.first()) {
+        let (w, h) = (first.width, first.height);
+        let mut cells = Vec::new();
+        match &task {
+            Task::TextToImage => {}
+            Task::ImageToImage { image, .. } => cells.push(resize_lanczos(image, w, h)?),
+            Task::Inpaint { image, mask, .. } => {
+                cells.push(resize_lanczos(image, w, h)?);
+                cells.push(mask_preview(mask, w, h)?);
+            }
+        }
+        cells.extend(generated.images.iter().cloned());
+        let grid = image_grid(&cells.iter().collect::<Vec<_>>())?;
+        write_png(path, &grid, &[], args.overwrite)
             .with_context(|| format!("writing {}", path.display()))?;
         if !args.quiet {
             eprintln!("wrote {}", path.display());

@@ -21,6 +21,8 @@
 //! ```
 
 pub mod conditioning;
+mod img2img;
+mod inpaint;
 mod lora;
 mod txt2img;
 
@@ -116,6 +118,39 @@ impl Default for GenerateRequest {
     }
 }
 
+/// What a generation starts from. Text-to-image needs nothing; image-to-image and inpainting
+/// take decoded RGB images (see [`crate::image_io::load_image`] to read files,
+/// [`RgbImage::from_rgba`] for RGBA buffers).
+///
+/// Kept beside [`GenerateRequest`] rather than inside it so that existing request literals stay
+/// valid and the text-only path carries no image data.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Task {
+    /// Text-to-image from pure noise.
+    TextToImage,
+    /// diffusers' `StableDiffusion(XL)Img2ImgPipeline`: noise the encoded image to the timestep
+    /// `strength` selects, then denoise.
+    ImageToImage {
+        /// The starting image; resized (Lanczos) to the requested size when that differs.
+        image: RgbImage,
+        /// In `(0, 1]`: the fraction of the schedule that runs (1 ignores the image's content
+        /// but keeps its size). diffusers' default is 0.8 for SD, 0.3 for SDXL.
+        strength: f64,
+    },
+    /// diffusers' `StableDiffusion(XL)InpaintPipeline`: repaint where the mask is white.
+    /// A 9-channel (inpainting) UNet sees the mask and the masked image; a regular 4-channel
+    /// UNet keeps the unmasked area by blending in the re-noised image after every step.
+    Inpaint {
+        /// The image to repaint.
+        image: RgbImage,
+        /// White (>= 128 after grayscale conversion) = repaint, black = keep; resized to the
+        /// output size when it differs.
+        mask: RgbImage,
+        /// In `(0, 1]`; 1 starts from pure noise (diffusers' default).
+        strength: f64,
+    },
+}
+
 /// What a generation reports while it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Progress {
@@ -153,6 +188,8 @@ pub struct Engine {
     encoders: Vec<TextEncoder>,
     unet: Graph,
     vae_decoder: Graph,
+    vae_encoder: Option<Graph>,
+    requires_aesthetics_score: bool,
     scheduler: TcdConfig,
     providers: Vec<ExecutionProvider>,
     ort_library: PathBuf,
@@ -249,11 +286,30 @@ impl Engine {
             &session_options,
         )?;
         vae_decoder.require_inputs(&["latent_sample"])?;
+        let vae_encoder = if model.has_component("vae_encoder") {
+            let graph = Graph::load(
+                "vae_encoder",
+                &model.graph_path("vae_encoder"),
+                &session_options,
+            )?;
+            graph.require_inputs(&["sample"])?;
+            Some(graph)
+        } else {
+            None
+        };
+        // SDXL refiners condition on an aesthetic score instead of the target size.
+        let requires_aesthetics_score = std::fs::read_to_string(root.join("model_index.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.get("requires_aesthetics_score")?.as_bool())
+            .unwrap_or(false);
         Ok(Engine {
             model,
             encoders,
             unet,
             vae_decoder,
+            vae_encoder,
+            requires_aesthetics_score,
             scheduler,
             providers,
             ort_library,
@@ -286,12 +342,40 @@ impl Engine {
         &self.scheduler
     }
 
+    /// Whether the model has a VAE encoder (needed by image-to-image and inpainting).
+    pub fn has_vae_encoder(&self) -> bool {
+        self.vae_encoder.is_some()
+    }
+
     /// Runs text-to-image. `progress` returns `false` to cancel.
     pub fn generate(
         &mut self,
         request: &GenerateRequest,
         progress: &mut dyn FnMut(Progress) -> bool,
     ) -> Result<Generated> {
-        txt2img::run(self, request, progress)
+        self.run(request, &Task::TextToImage, progress)
+    }
+
+    /// Runs `task` with the prompt, seed and sampling settings of `request`. The output size is
+    /// `request.width`/`height` when given, else the input image's size rounded down to a
+    /// multiple of 8 (diffusers' `get_default_height_width`). `progress` returns `false` to
+    /// cancel.
+    pub fn run(
+        &mut self,
+        request: &GenerateRequest,
+        task: &Task,
+        progress: &mut dyn FnMut(Progress) -> bool,
+    ) -> Result<Generated> {
+        match task {
+            Task::TextToImage => txt2img::run(self, request, progress),
+            Task::ImageToImage { image, strength } => {
+                img2img::run(self, request, image, *strength, progress)
+            }
+            Task::Inpaint {
+                image,
+                mask,
+                strength,
+            } => inpaint::run(self, request, image, mask, *strength, progress),
+        }
     }
 }

@@ -48,7 +48,10 @@ pub(super) fn validate(engine: &Engine, request: &GenerateRequest) -> Result<(us
     Ok((height, width))
 }
 
-fn check_cancel(progress: &mut dyn FnMut(Progress) -> bool, event: Progress) -> Result<()> {
+pub(super) fn check_cancel(
+    progress: &mut dyn FnMut(Progress) -> bool,
+    event: Progress,
+) -> Result<()> {
     if progress(event) {
         Ok(())
     } else {

@@ -3,6 +3,7 @@
 mod cli;
 mod common;
 mod hub;
+mod img2img;
 mod initializers;
 mod lora;
 mod lora_parity;

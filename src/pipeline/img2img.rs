@@ -1,0 +1,266 @@
+//! Image-to-image, step for step as diffusers' `StableDiffusionImg2ImgPipeline` and
+//! `StableDiffusionXLImg2ImgPipeline` run with `TCDScheduler`, and the helpers inpainting
+//! shares: output size, strength-shortened schedules, VAE encoding.
+
+use ndarray::{concatenate, s, ArrayD, Axis, IxDyn};
+
+use super::conditioning::Conditioning;
+use super::txt2img::{check_cancel, decode, encode_prompts, predict_noise, validate};
+use super::{Engine, GenerateRequest, Generated, Progress};
+use crate::image_io::{image_to_tensor, vae_output_to_images, RgbImage};
+use crate::rng::TorchGenerator;
+use crate::runtime::TensorInput;
+use crate::sampler::tcd::TcdScheduler;
+use crate::{Error, Result};
+
+/// The output `(height, width)`: the request's, else the image's rounded down to the multiple
+/// the model needs (diffusers' `get_default_height_width`), checked like text-to-image.
+pub(super) fn output_size(
+    engine: &Engine,
+    request: &GenerateRequest,
+    image: &RgbImage,
+) -> Result<(usize, usize)> {
+    let multiple = engine.model.vae.scale_factor().max(8);
+    let round = |v: u32, name: &str| -> Result<usize> {
+        let v = v as usize - v as usize % multiple;
+        if v == 0 {
+            return Err(Error::invalid(format!(
+                "the input image is {}x{}: its {name} must be at least {multiple} pixels",
+                image.width, image.height
+            )));
+        }
+        Ok(v)
+    };
+    let mut sized = request.clone();
+    sized.width = Some(match request.width {
+        Some(w) => w,
+        None => round(image.width, "width")?,
+    });
+    sized.height = Some(match request.height {
+        Some(h) => h,
+        None => round(image.height, "height")?,
+    });
+    validate(engine, &sized)
+}
+
+/// The scheduler and the timesteps that run for `strength` (the pipelines' `get_timesteps`):
+/// the last `int(steps * strength)` of the TCD schedule, with the scheduler's begin index set.
+pub(super) fn strength_schedule(
+    engine: &Engine,
+    request: &GenerateRequest,
+    strength: f64,
+) -> Result<(TcdScheduler, Vec<i64>)> {
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(Error::invalid(format!(
+            "--strength must be in (0, 1], got {strength}: 1 repaints everything, smaller values \
+             keep more of the input image"
+        )));
+    }
+    let mut scheduler = TcdScheduler::new(engine.scheduler.clone())?;
+    scheduler.set_timesteps(
+        Some(request.steps),
+        request.original_inference_steps,
+        None,
+        1.0,
+    )?;
+    let all = scheduler.timesteps().to_vec();
+    let steps = all.len();
+    // Python's int(num_inference_steps * strength): float64 product, truncated.
+    let init_timestep = ((steps as f64 * strength) as usize).min(steps);
+    if init_timestep < 1 {
+        return Err(Error::invalid(format!(
+            "--strength {strength} with {steps} steps leaves {init_timestep} denoising steps \
+             (steps x strength is rounded down); raise --strength or --steps so that their \
+             product is at least 1"
+        )));
+    }
+    let t_start = steps - init_timestep;
+    scheduler.set_begin_index(t_start);
+    Ok((scheduler, all[t_start..].to_vec()))
+}
+
+/// How encoded latents are scaled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum LatentScaling {
+    /// `scaling_factor * x` (SD pipelines, SDXL inpainting).
+    Factor,
+    /// `(x - latents_mean) * scaling_factor / latents_std` where the VAE config has them
+    /// (SDXL image-to-image).
+    MeanStd,
+}
+
+/// `vae.encode(image).latent_dist.sample(generator)` scaled for the UNet: one draw of the
+/// mean's shape from `generator`, exactly as diffusers' `DiagonalGaussianDistribution`.
+pub(super) fn encode_image(
+    engine: &mut Engine,
+    image: &ArrayD<f32>,
+    generator: &mut TorchGenerator,
+    scaling: LatentScaling,
+) -> Result<ArrayD<f32>> {
+    let channels = engine.model.vae.latent_channels;
+    let Some(encoder) = engine.vae_encoder.as_mut() else {
+        return Err(Error::model(
+            engine.model.root(),
+            "vae_encoder/model.onnx is missing; image-to-image and inpainting need the VAE \
+             encoder (re-export the model with `python -m export convert`)",
+        ));
+    };
+    let mut out = encoder.run(
+        vec![("sample", TensorInput::F32(image.clone()))],
+        &["latent_parameters"],
+    )?;
+    let params = out
+        .pop()
+        .ok_or_else(|| Error::Runtime("vae_encoder returned nothing".into()))?;
+    if params.ndim() != 4 || params.shape()[1] != 2 * channels {
+        return Err(Error::model(
+            engine.model.root(),
+            format!(
+                "vae_encoder output has shape {:?}; expected [batch, {}, h, w] (mean and log \
+                 variance of {channels} latent channels)",
+                params.shape(),
+                2 * channels
+            ),
+        ));
+    }
+    let mean = params
+        .slice(s![.., ..channels, .., ..])
+        .to_owned()
+        .into_dyn();
+    let logvar = params.slice(s![.., channels.., .., ..]);
+    let noise = generator.randn(mean.shape());
+    let mut latents = mean;
+    ndarray::Zip::from(&mut latents)
+        .and(&logvar.into_dyn())
+        .and(&noise)
+        .for_each(|m, &lv, &z| {
+            let std = (0.5 * lv.clamp(-30.0, 20.0)).exp();
+            *m += std * z;
+        });
+    let vae = &engine.model.vae;
+    match (scaling, &vae.latents_mean, &vae.latents_std) {
+        (LatentScaling::MeanStd, Some(mean), Some(std))
+            if mean.len() == channels && std.len() == channels =>
+        {
+            for (c, mut channel) in latents.axis_iter_mut(Axis(1)).enumerate() {
+                channel.mapv_inplace(|v| (v - mean[c]) * vae.scaling_factor / std[c]);
+            }
+        }
+        _ => latents.mapv_inplace(|v| vae.scaling_factor * v),
+    }
+    Ok(latents)
+}
+
+/// Repeats a batch-1 tensor `n` times along axis 0 (`tensor.repeat(n, 1, 1, 1)`).
+pub(super) fn repeat_batch(a: &ArrayD<f32>, n: usize) -> Result<ArrayD<f32>> {
+    let views: Vec<_> = (0..n).map(|_| a.view()).collect();
+    concatenate(Axis(0), &views).map_err(|e| Error::Runtime(format!("batching: {e}")))
+}
+
+/// Replaces SDXL time ids with the refiner form `(original size, crop, aesthetic score)` when
+/// the pipeline config asks for it (`requires_aesthetics_score`), with diffusers' default
+/// scores 6.0 and 2.5 (negative).
+pub(super) fn apply_aesthetics(
+    engine: &Engine,
+    cond: &mut Conditioning,
+    request: &GenerateRequest,
+    guidance: bool,
+    height: usize,
+    width: usize,
+) -> Result<()> {
+    if !engine.requires_aesthetics_score || cond.time_ids.is_none() {
+        return Ok(());
+    }
+    let row = |score: f32| [height as f32, width as f32, 0.0, 0.0, score];
+    let n = request.num_images;
+    let mut values = Vec::new();
+    if guidance {
+        for _ in 0..n {
+            values.extend(row(2.5));
+        }
+    }
+    for _ in 0..n {
+        values.extend(row(6.0));
+    }
+    let rows = values.len() / 5;
+    cond.time_ids = Some(
+        ArrayD::from_shape_vec(IxDyn(&[rows, 5]), values)
+            .map_err(|e| Error::Runtime(format!("time ids: {e}")))?,
+    );
+    Ok(())
+}
+
+/// Classifier-free guidance as the pipelines decide it.
+pub(super) fn guidance_of(engine: &Engine, request: &GenerateRequest) -> Option<f32> {
+    (request.guidance > 1.0 && engine.model.unet.time_cond_proj_dim.is_none())
+        .then_some(request.guidance)
+}
+
+pub(super) fn run(
+    engine: &mut Engine,
+    request: &GenerateRequest,
+    image: &RgbImage,
+    strength: f64,
+    progress: &mut dyn FnMut(Progress) -> bool,
+) -> Result<Generated> {
+    let (height, width) = output_size(engine, request, image)?;
+    let channels = engine.model.unet.in_channels;
+    if channels != engine.model.vae.latent_channels {
+        return Err(Error::model(
+            engine.model.root(),
+            format!(
+                "the UNet takes {channels} channels: this is an inpainting UNet; give a mask \
+                 (--mask) or use a regular model for image-to-image"
+            ),
+        ));
+    }
+    let guidance = guidance_of(engine, request);
+    let (mut scheduler, timesteps) = strength_schedule(engine, request, strength)?;
+
+    check_cancel(progress, Progress::EncodingPrompt)?;
+    let mut cond = encode_prompts(engine, request, guidance.is_some(), height, width)?;
+    apply_aesthetics(
+        engine,
+        &mut cond,
+        request,
+        guidance.is_some(),
+        height,
+        width,
+    )?;
+
+    let pixels = image_to_tensor(image, width as u32, height as u32)?;
+    let mut generator = TorchGenerator::new(request.seed);
+    let scaling = if engine.model.family().is_xl() {
+        LatentScaling::MeanStd
+    } else {
+        LatentScaling::Factor
+    };
+    let init = encode_image(engine, &pixels, &mut generator, scaling)?;
+    let init = repeat_batch(&init, request.num_images)?;
+    let noise = generator.randn(init.shape());
+    let mut latents = scheduler.add_noise(&init, &noise, &timesteps[..1])?;
+
+    let total = timesteps.len();
+    for (i, &t) in timesteps.iter().enumerate() {
+        let noise_pred = predict_noise(engine, &latents, t, &cond, guidance)?;
+        latents = scheduler
+            .step(&noise_pred, t, &latents, request.eta, &mut generator)?
+            .prev_sample;
+        check_cancel(
+            progress,
+            Progress::Step {
+                step: i + 1,
+                total,
+                timestep: t,
+            },
+        )?;
+    }
+    check_cancel(progress, Progress::Decoding)?;
+    let decoded = decode(engine, &latents)?;
+    let images = vae_output_to_images(&decoded)?;
+    Ok(Generated {
+        images,
+        latents,
+        timesteps,
+    })
+}

@@ -1,0 +1,216 @@
+//! Image-to-image and inpainting parity with diffusers on tiny random-weight models: SD1.5-like
+//! and SDXL-like image-to-image, and inpainting with 9-channel inpainting UNets and with regular
+//! 4-channel UNets (latent blending).
+//!
+//! The references come from diffusers' `StableDiffusion(XL)Img2ImgPipeline` and
+//! `StableDiffusion(XL)InpaintPipeline` with `TCDScheduler`, through
+//! `tests/golden/make_img2img.py` (run by `make fixtures`); nothing here is hand-written.
+//! As for text-to-image, the final latents are the real check (within 1e-4 of their largest
+//! magnitude) and pixels must agree within 2/255.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use tcd_ort::image_io::{load_image, read_npy};
+use tcd_ort::pipeline::{Engine, EngineOptions, GenerateRequest, Task};
+
+use crate::common::{fixtures_dir, read_png_rgb};
+
+#[derive(Debug, Deserialize)]
+struct Case {
+    name: String,
+    prompt: String,
+    negative_prompt: Option<String>,
+    steps: usize,
+    eta: f32,
+    guidance: f32,
+    seed: u64,
+    width: usize,
+    height: usize,
+    #[serde(default = "one")]
+    num_images: usize,
+    image: String,
+    mask: Option<String>,
+    strength: Option<f64>,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn root() -> PathBuf {
+    fixtures_dir().join("img2img")
+}
+
+/// The model a family's cases run on: the text-to-image parity exports for image-to-image,
+/// dedicated exports for the inpainting families.
+fn model_dir(family: &str) -> PathBuf {
+    match family {
+        "sd15" | "sdxl" => fixtures_dir().join("parity").join(family).join("onnx"),
+        _ => root().join(family).join("onnx"),
+    }
+}
+
+/// diffusers' default strength of each pipeline, for cases that leave it out.
+fn default_strength(family: &str) -> f64 {
+    match family {
+        "sd15" => 0.8,
+        "sdxl" => 0.3,
+        "sd15-inpaint" => 1.0,
+        _ => 0.9999,
+    }
+}
+
+/// Runs every case of a family and reports all failures at once.
+fn check_family(family: &str) {
+    let dir = root().join(family);
+    let cases_path = dir.join("cases.json");
+    let text = std::fs::read_to_string(&cases_path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; generate the image-to-image fixtures with `make fixtures`",
+            cases_path.display()
+        )
+    });
+    let cases: Vec<Case> = serde_json::from_str(&text).expect("cases.json parses");
+    assert!(!cases.is_empty());
+    let model = model_dir(family);
+    let mut engine = Engine::load(model.to_string_lossy(), &EngineOptions::default())
+        .unwrap_or_else(|e| panic!("{}: {e}; run `make fixtures`", model.display()));
+    let mut failures = Vec::new();
+    let mut worst_latent = 0f32;
+    let mut worst_pixel = 0u8;
+    for case in &cases {
+        let request = GenerateRequest {
+            prompt: case.prompt.clone(),
+            negative_prompt: case.negative_prompt.clone(),
+            steps: case.steps,
+            eta: case.eta,
+            guidance: case.guidance,
+            seed: case.seed,
+            width: Some(case.width),
+            height: Some(case.height),
+            num_images: case.num_images,
+            original_inference_steps: None,
+        };
+        let image = load_image(&root().join(&case.image)).expect("input image");
+        let strength = case.strength.unwrap_or_else(|| default_strength(family));
+        let task = match &case.mask {
+            Some(mask) => Task::Inpaint {
+                image,
+                mask: load_image(&root().join(mask)).expect("mask image"),
+                strength,
+            },
+            None => Task::ImageToImage { image, strength },
+        };
+        let out = match engine.run(&request, &task, &mut |_| true) {
+            Ok(out) => out,
+            Err(e) => {
+                failures.push(format!("{}: {e}", case.name));
+                continue;
+            }
+        };
+        let reference = read_npy(&dir.join("reference").join(format!("{}.npy", case.name)))
+            .expect("reference latents");
+        if reference.shape() != out.latents.shape() {
+            failures.push(format!(
+                "{}: latent shape {:?} vs diffusers {:?}",
+                case.name,
+                out.latents.shape(),
+                reference.shape()
+            ));
+            continue;
+        }
+        let scale = reference
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()))
+            .max(1e-12);
+        let diff = out
+            .latents
+            .iter()
+            .zip(reference.iter())
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+            / scale;
+        worst_latent = worst_latent.max(diff);
+        if diff > 1e-4 || diff.is_nan() {
+            failures.push(format!("{}: latents differ by {diff:e} of max", case.name));
+        }
+        for (i, image) in out.images.iter().enumerate() {
+            let name = if case.num_images > 1 {
+                format!("{}_{i}.png", case.name)
+            } else {
+                format!("{}.png", case.name)
+            };
+            let (w, h, pixels) = read_png_rgb(&dir.join("reference").join(&name));
+            if (w, h) != (image.width, image.height) {
+                failures.push(format!(
+                    "{name}: size {}x{} vs diffusers {w}x{h}",
+                    image.width, image.height
+                ));
+                continue;
+            }
+            let max = pixels
+                .iter()
+                .zip(&image.pixels)
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap_or(0);
+            worst_pixel = worst_pixel.max(max);
+            if max > 2 {
+                failures.push(format!("{name}: pixels differ by up to {max}/255"));
+            }
+        }
+    }
+    eprintln!(
+        "{family}: {} cases, worst latent diff {worst_latent:e} of max, worst pixel diff {worst_pixel}/255",
+        cases.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{family} parity failures:\n{}",
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn sd15_image_to_image_matches_diffusers() {
+    check_family("sd15");
+}
+
+#[test]
+fn sdxl_image_to_image_matches_diffusers() {
+    check_family("sdxl");
+}
+
+#[test]
+fn sd15_inpainting_matches_diffusers() {
+    check_family("sd15-inpaint");
+}
+
+#[test]
+fn sdxl_inpainting_matches_diffusers() {
+    check_family("sdxl-inpaint");
+}
+
+/// A strength that leaves no step is refused with a message that says what to change.
+#[test]
+fn strength_leaving_no_step_is_refused() {
+    let model = fixtures_dir().join("parity").join("sd15").join("onnx");
+    let mut engine = Engine::load(model.to_string_lossy(), &EngineOptions::default())
+        .expect("the exported tiny model loads");
+    let request = GenerateRequest {
+        prompt: "a cat".into(),
+        steps: 2,
+        width: Some(64),
+        height: Some(64),
+        ..GenerateRequest::default()
+    };
+    let image = tcd_ort::image_io::RgbImage::new(64, 64, vec![128; 64 * 64 * 3]).expect("image");
+    let task = Task::ImageToImage {
+        image,
+        strength: 0.3,
+    };
+    let err = engine
+        .run(&request, &task, &mut |_| true)
+        .expect_err("0.3 x 2 steps rounds down to 0");
+    assert!(err.to_string().contains("--strength"), "{err}");
+}
