@@ -237,3 +237,98 @@ fn bad_output_extension_is_an_error() {
     let out = tcd(&base_args(&model_s, &out_path.to_string_lossy()));
     assert_fails_with(&out, ".png");
 }
+
+/// A small RGB test picture and a mask of another size, written as PNGs into `dir`.
+fn write_inputs(dir: &Path) -> (PathBuf, PathBuf) {
+    let image = dir.join("in.png");
+    let pixels: Vec<u8> = (0..64 * 64 * 3).map(|i| (i * 7 % 251) as u8).collect();
+    let rgb = tcd_ort::image_io::RgbImage::new(64, 64, pixels).expect("image");
+    tcd_ort::image_io::write_png(&image, &rgb, &[], true).expect("write image");
+    let mask = dir.join("mask.png");
+    let gray: Vec<u8> = (0..48 * 40)
+        .map(|i| if (i % 48) > 20 { 255 } else { 0 })
+        .collect();
+    let m = tcd_ort::image_io::RgbImage::from_gray(48, 40, &gray).expect("mask");
+    tcd_ort::image_io::write_png(&mask, &m, &[], true).expect("write mask");
+    (image, mask)
+}
+
+#[test]
+fn image_to_image_and_inpainting_write_images_and_grids() {
+    let dir = scratch_dir("cli-img2img");
+    let (image, mask) = write_inputs(&dir);
+    let model = demo_model();
+    let model_s = model.to_string_lossy().into_owned();
+    let (image_s, mask_s) = (
+        image.to_string_lossy().into_owned(),
+        mask.to_string_lossy().into_owned(),
+    );
+    for (name, extra) in [
+        ("i2i", vec!["--image", &image_s, "--strength", "0.5"]),
+        ("inpaint", vec!["--image", &image_s, "--mask", &mask_s]),
+    ] {
+        let png = dir.join(format!("{name}.png"));
+        let grid = dir.join(format!("{name}-grid.png"));
+        let (png_s, grid_s) = (
+            png.to_string_lossy().into_owned(),
+            grid.to_string_lossy().into_owned(),
+        );
+        let mut args = base_args(&model_s, &png_s);
+        args.extend(["--steps", "2", "--grid", &grid_s]);
+        args.extend(extra.iter().copied());
+        let out = tcd(&args);
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        // The output takes the input's size; the grid holds input (+ mask) + result.
+        assert_eq!(read_png_rgb(&png).0, 64, "{name}");
+        let cells = if name == "inpaint" { 3 } else { 2 };
+        assert_eq!(read_png_rgb(&grid).0, 64 * cells, "{name} grid");
+        // The grid is an output too: it is never replaced without --overwrite.
+        std::fs::remove_file(&png).expect("remove");
+        assert_fails_with(&tcd(&args), "--overwrite");
+        assert!(!png.exists(), "{name}: nothing written on failure");
+    }
+}
+
+/// Bad image-to-image inputs fail before anything is written.
+fn bad_image_request(extra: &[&str], needle: &str) {
+    let dir = scratch_dir("cli-bad-img");
+    let (image, _) = write_inputs(&dir);
+    let png = dir.join("out.png");
+    let (model_s, png_s) = (
+        demo_model().to_string_lossy().into_owned(),
+        png.to_string_lossy().into_owned(),
+    );
+    let image_s = image.to_string_lossy().into_owned();
+    let mut args = base_args(&model_s, &png_s);
+    for a in extra {
+        args.push(if *a == "IMAGE" { &image_s } else { a });
+    }
+    assert_fails_with(&tcd(&args), needle);
+    assert!(!png.exists(), "nothing is written on failure");
+}
+
+#[test]
+fn unreadable_image_is_an_error() {
+    bad_image_request(&["--image", "Cargo.toml"], "Cargo.toml");
+    bad_image_request(&["--image", "no/such/image.png"], "image.png");
+}
+
+#[test]
+fn strength_outside_zero_one_is_an_error() {
+    bad_image_request(&["--image", "IMAGE", "--strength", "0"], "--strength");
+    bad_image_request(&["--image", "IMAGE", "--strength", "1.5"], "--strength");
+}
+
+#[test]
+fn mask_or_strength_without_image_is_an_error() {
+    bad_image_request(&["--mask", "IMAGE"], "--mask needs --image");
+    bad_image_request(&["--strength", "0.5"], "--strength needs --image");
+}
+
+#[test]
+fn strength_leaving_no_steps_is_an_error() {
+    bad_image_request(
+        &["--image", "IMAGE", "--steps", "2", "--strength", "0.2"],
+        "--strength",
+    );
+}
