@@ -325,8 +325,7 @@ impl InitializerTable {
         let mut f = File::open(&file).map_err(|e| Error::io(&file, e))?;
         f.seek(SeekFrom::Start(offset))
             .map_err(|e| Error::io(&file, e))?;
-        let mut buf = vec![0u8; length as usize];
-        f.read_exact(&mut buf).map_err(|e| {
+        let truncated = |e: std::io::Error| {
             Error::model(
                 &file,
                 format!(
@@ -334,7 +333,20 @@ impl InitializerTable {
                     init.name
                 ),
             )
-        })?;
+        };
+        if elem == 4 && cfg!(target_endian = "little") {
+            // Read straight into the f32 buffer: no second copy of multi-gigabyte UNets.
+            let mut values = vec![0f32; init.numel()];
+            // SAFETY: the byte view covers exactly the vector's initialised f32 storage; u8 has
+            // alignment 1 and every bit pattern is a valid f32, so any bytes read are sound.
+            let bytes = unsafe {
+                std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), values.len() * 4)
+            };
+            f.read_exact(bytes).map_err(truncated)?;
+            return Ok(values);
+        }
+        let mut buf = vec![0u8; length as usize];
+        f.read_exact(&mut buf).map_err(truncated)?;
         Ok(if elem == 4 {
             buf.chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
