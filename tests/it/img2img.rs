@@ -42,13 +42,14 @@ fn root() -> PathBuf {
     fixtures_dir().join("img2img")
 }
 
-/// The model a family's cases run on: the text-to-image parity exports for image-to-image,
-/// dedicated exports for the inpainting families.
+/// The model a family's cases run on: the family's own export when the generator wrote one,
+/// else the text-to-image parity export (the same tiny SD1.5/SDXL weights).
 fn model_dir(family: &str) -> PathBuf {
-    match family {
-        "sd15" | "sdxl" => fixtures_dir().join("parity").join(family).join("onnx"),
-        _ => root().join(family).join("onnx"),
+    let own = root().join(family).join("onnx");
+    if own.is_dir() {
+        return own;
     }
+    fixtures_dir().join("parity").join(family).join("onnx")
 }
 
 /// diffusers' default strength of each pipeline, for cases that leave it out.
@@ -109,8 +110,14 @@ fn check_family(family: &str) {
                 continue;
             }
         };
-        let reference = read_npy(&dir.join("reference").join(format!("{}.npy", case.name)))
-            .expect("reference latents");
+        let reference_path = dir.join("reference").join(format!("{}.npy", case.name));
+        let reference = match read_npy(&reference_path) {
+            Ok(r) => r,
+            Err(e) => {
+                failures.push(format!("{e}; run `make fixtures`"));
+                continue;
+            }
+        };
         if reference.shape() != out.latents.shape() {
             failures.push(format!(
                 "{}: latent shape {:?} vs diffusers {:?}",
