@@ -181,7 +181,13 @@ impl ProgressBar {
     }
 }
 
-fn parameters_text(request: &GenerateRequest, width: u32, height: u32, model: &str) -> String {
+fn parameters_text(
+    request: &GenerateRequest,
+    task: &Task,
+    width: u32,
+    height: u32,
+    model: &str,
+) -> String {
     let mut text = request.prompt.clone();
     if let Some(neg) = &request.negative_prompt {
         text.push_str(&format!("\nNegative prompt: {neg}"));
@@ -192,6 +198,15 @@ fn parameters_text(request: &GenerateRequest, width: u32, height: u32, model: &s
     ));
     if let Some(o) = request.original_inference_steps {
         text.push_str(&format!(", Original inference steps: {o}"));
+    }
+    match task {
+        Task::TextToImage => {}
+        Task::ImageToImage { strength, .. } => {
+            text.push_str(&format!(", Task: img2img, Denoising strength: {strength}"))
+        }
+        Task::Inpaint { strength, .. } => {
+            text.push_str(&format!(", Task: inpaint, Denoising strength: {strength}"))
+        }
     }
     text
 }
@@ -374,7 +389,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         let text = [
             (
                 "parameters",
-                parameters_text(&request, image.width, image.height, &model_name),
+                parameters_text(&request, &task, image.width, image.height, &model_name),
             ),
             ("Software", format!("tcd-ort {}", env!("CARGO_PKG_VERSION"))),
         ];
