@@ -59,3 +59,47 @@ def test_inpaint_unet(inpaint):
     assert got.shape == (b, 4, h, w)
     assert float(ref.abs().mean()) > 1e-2
     assert float(np.abs(got - ref.numpy()).max()) <= TOL
+
+
+def test_reference_inpaint_case(inpaint, tmp_path):
+    from PIL import Image
+
+    from export.convert import UserError
+    from export.reference import Case, load_reference_pipeline, run_case
+
+    Image.new("RGB", (40, 24), (200, 80, 40)).save(tmp_path / "image.png")
+    mask = Image.new("L", (40, 24), 0)
+    mask.paste(255, (8, 4, 24, 20))
+    mask.save(tmp_path / "mask.png")
+    pipe = load_reference_pipeline(str(inpaint.src))
+    case = Case(prompt="a cat", steps=4, eta=0.3, seed=3, width=32, height=16, image="image.png",
+                mask="mask.png", strength=0.75)
+    result = run_case(pipe, case, tmp_path)
+    inter = result.intermediates
+    assert result.images[0].size == (32, 16)
+    assert result.latents.shape == (1, 4, 8, 16)
+    # int(4 * 0.75) = 3 of the 4 scheduled timesteps, noise added at the first of them.
+    assert inter["timesteps"].tolist() == inter["schedule_timesteps"][1:].tolist()
+    assert inter["latent_timestep"].tolist() == inter["timesteps"][:1].tolist()
+    assert inter["mask"].shape == (1, 1, 8, 16) and set(np.unique(inter["mask"])) == {0.0, 1.0}
+    assert inter["masked_image_latents"].shape == (1, 4, 8, 16)
+    assert inter["latents"].shape == (3, 1, 4, 8, 16)
+    # A 9-channel UNet cannot run image-to-image.
+    with pytest.raises(UserError, match="inpainting model"):
+        run_case(pipe, Case(prompt="a cat", image="image.png"), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"mask": "m.png"}, "needs an image"),
+        ({"image": "i.png", "strength": 0.0}, "strength"),
+        ({"strength": 0.5}, "strength needs an image"),
+    ],
+)
+def test_reference_image_case_checks(fields, message):
+    from export.convert import UserError
+    from export.reference import Case
+
+    with pytest.raises(UserError, match=message):
+        Case.from_json({"name": "x", "prompt": "p", **fields}, 0)
