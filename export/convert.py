@@ -43,10 +43,33 @@ def _single_file_is_sdxl(path: pathlib.Path) -> bool:
         return any(k.startswith("conditioner.embedders.1.") for k in f.keys())
 
 
+def _check_single_file_loaded(pipe: Any, source: str, config: str | None) -> None:
+    """Fail on weights `from_single_file` left unset (on the meta device) instead of exporting them.
+
+    diffusers fills each component from the keys it recognises and leaves the rest on the meta
+    device without an error, e.g. when the checkpoint lacks a component the config names.
+    """
+    import torch
+
+    for name, component in pipe.components.items():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        tensors = [*component.named_parameters(), *component.named_buffers()]
+        missing = [n for n, t in tensors if t.is_meta]
+        if missing:
+            shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+            hint = f" for --config {config}" if config is not None else ""
+            raise UserError(
+                f"{source}: the checkpoint has no weights{hint} for {len(missing)} tensor(s) of "
+                f"{name} ({shown}); is it a complete checkpoint of the same model family?"
+            )
+
+
 def load_pipeline(source: str, config: str | None = None) -> Any:
     """Load `source` (local pipeline dir, single-file checkpoint or hub id) in float32 on CPU."""
     import torch
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
     path = pathlib.Path(source).expanduser()
     if path.is_dir():
@@ -70,7 +93,20 @@ def load_pipeline(source: str, config: str | None = None) -> Any:
         kwargs: dict[str, Any] = {"torch_dtype": torch.float32}
         if config is not None:
             kwargs["config"] = str(config)
-        return cls.from_single_file(str(path), **kwargs)
+        try:
+            pipe = cls.from_single_file(str(path), **kwargs)
+        except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
+            if config is not None:
+                raise
+            # Without --config diffusers guesses the model from the checkpoint's keys and
+            # fetches that model's configs from the hub.
+            raise UserError(
+                f"{source}: could not fetch the diffusers config for this checkpoint from the hub "
+                f"({type(exc).__name__}); pass --config DIR, a diffusers directory of the same "
+                "model (model_index.json and the component config.json files), to convert offline"
+            ) from None
+        _check_single_file_loaded(pipe, source, config)
+        return pipe
     if _looks_like_hub_id(source):
         return DiffusionPipeline.from_pretrained(source, dtype=torch.float32)
     raise UserError(f"{source}: no such file or directory (and not a hub id like 'owner/name')")
