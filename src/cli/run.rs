@@ -11,8 +11,28 @@ use tcd_ort::image_io::{
     image_grid, load_image, mask_preview, numbered_path, resize_lanczos, write_npy, write_png,
 };
 use tcd_ort::lora::parse_lora_arg;
-use tcd_ort::pipeline::{Engine, EngineOptions, GenerateRequest, LoraSpec, Progress, Task};
+use tcd_ort::pipeline::{
+    Engine, EngineOptions, GenerateRequest, InpaintMode, LoraSpec, Progress, Task,
+};
 use tcd_ort::runtime::{parse_provider_list, ExecutionProvider};
+
+/// `--inpaint-mode` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum InpaintModeArg {
+    Auto,
+    Blend,
+    Unet,
+}
+
+impl From<InpaintModeArg> for InpaintMode {
+    fn from(m: InpaintModeArg) -> Self {
+        match m {
+            InpaintModeArg::Auto => InpaintMode::Auto,
+            InpaintModeArg::Blend => InpaintMode::Blend,
+            InpaintModeArg::Unet => InpaintMode::Unet,
+        }
+    }
+}
 
 /// Arguments of `tcd-ort run`.
 #[derive(Debug, Args)]
@@ -91,6 +111,10 @@ pub struct RunArgs {
     /// Default 0.8 for image-to-image, 1.0 for inpainting (diffusers' SD defaults).
     #[arg(long)]
     strength: Option<f64>,
+    /// Inpainting method: auto (follow the UNet), blend (latent blending with a regular UNet) or
+    /// unet (a 9-channel inpainting UNet); a method the model cannot do is an error.
+    #[arg(long, value_enum, default_value_t = InpaintModeArg::Auto)]
+    inpaint_mode: InpaintModeArg,
     /// Also write the input, the mask and the result side by side to this PNG.
     #[arg(long)]
     grid: Option<PathBuf>,
@@ -242,6 +266,9 @@ pub fn run(args: RunArgs) -> Result<()> {
             bail!("--grid needs --image (it shows the input beside the result)");
         }
     }
+    if args.mask.is_none() && args.inpaint_mode != InpaintModeArg::Auto {
+        bail!("--inpaint-mode needs --image and --mask");
+    }
     if let Some(s) = args.strength {
         if !(s > 0.0 && s <= 1.0) {
             bail!(
@@ -269,6 +296,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             image: load_image(image)?,
             mask: load_image(mask)?,
             strength: args.strength.unwrap_or(1.0),
+            mode: args.inpaint_mode.into(),
         },
     };
     let seed = args.seed.unwrap_or_else(random_seed);

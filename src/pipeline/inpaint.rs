@@ -14,7 +14,7 @@ use super::img2img::{
     LatentScaling,
 };
 use super::txt2img::{check_cancel, decode, encode_prompts, predict_noise};
-use super::{Engine, GenerateRequest, Generated, Progress};
+use super::{Engine, GenerateRequest, Generated, InpaintMode, Progress};
 use crate::image_io::{image_to_tensor, mask_to_tensor, vae_output_to_images, RgbImage};
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -53,6 +53,7 @@ pub(super) fn run(
     image: &RgbImage,
     mask: &RgbImage,
     strength: f64,
+    mode: InpaintMode,
     progress: &mut dyn FnMut(Progress) -> bool,
 ) -> Result<Generated> {
     let (height, width) = output_size(engine, request, image)?;
@@ -72,6 +73,23 @@ pub(super) fn run(
             ),
         ));
     };
+    match (mode, concat) {
+        (InpaintMode::Unet, false) => {
+            return Err(Error::invalid(format!(
+                "--inpaint-mode unet needs an inpainting UNet ({} input channels) but this model's \
+                 UNet takes {unet_channels}; use --inpaint-mode blend (or auto), or an inpainting \
+                 checkpoint such as diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
+                2 * latent_channels + 1
+            )))
+        }
+        (InpaintMode::Blend, true) => {
+            return Err(Error::invalid(
+                "--inpaint-mode blend needs a regular 4-channel UNet, but this model has a \
+                 9-channel inpainting UNet; use --inpaint-mode unet (or auto)",
+            ))
+        }
+        _ => {}
+    }
     let guidance = guidance_of(engine, request);
     let (mut scheduler, timesteps) = strength_schedule(engine, request, strength)?;
     let is_strength_max = strength == 1.0;

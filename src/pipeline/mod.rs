@@ -148,7 +148,22 @@ pub enum Task {
         mask: RgbImage,
         /// In `(0, 1]`; 1 starts from pure noise (diffusers' default).
         strength: f64,
+        /// Which inpainting method the caller expects; [`InpaintMode::Auto`] follows the UNet.
+        mode: InpaintMode,
     },
+}
+
+/// How inpainting is done, which depends on the UNet the model has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InpaintMode {
+    /// Whatever the UNet supports: the 9-channel path for inpainting UNets, blending otherwise.
+    #[default]
+    Auto,
+    /// Latent blending with a regular 4-channel UNet.
+    Blend,
+    /// A 9-channel inpainting UNet (latents, mask and masked-image latents).
+    Unet,
 }
 
 /// What a generation reports while it runs.
@@ -375,7 +390,8 @@ impl Engine {
                 image,
                 mask,
                 strength,
-            } => inpaint::run(self, request, image, mask, *strength, progress),
+                mode,
+            } => inpaint::run(self, request, image, mask, *strength, *mode, progress),
         }
     }
 }

@@ -332,3 +332,41 @@ fn strength_leaving_no_steps_is_an_error() {
         "--strength",
     );
 }
+
+#[test]
+fn an_inpainting_method_the_unet_cannot_do_is_an_error() {
+    let dir = scratch_dir("cli-inpaint-mode");
+    let (image, mask) = write_inputs(&dir);
+    let png = dir.join("out.png");
+    let (model_s, png_s) = (
+        demo_model().to_string_lossy().into_owned(),
+        png.to_string_lossy().into_owned(),
+    );
+    let (image_s, mask_s) = (
+        image.to_string_lossy().into_owned(),
+        mask.to_string_lossy().into_owned(),
+    );
+    // The demo model has a regular 4-channel UNet: the 9-channel path is refused.
+    let mut args = base_args(&model_s, &png_s);
+    args.extend([
+        "--image",
+        &image_s,
+        "--mask",
+        &mask_s,
+        "--inpaint-mode",
+        "unet",
+    ]);
+    assert_fails_with(&tcd(&args), "inpainting UNet");
+    assert!(!png.exists());
+    // Blending is what it can do.
+    let mut args = base_args(&model_s, &png_s);
+    args.extend(["--steps", "1", "--image", &image_s, "--mask", &mask_s]);
+    args.extend(["--inpaint-mode", "blend"]);
+    let out = tcd(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Without a mask there is nothing to inpaint.
+    bad_image_request(
+        &["--image", "IMAGE", "--inpaint-mode", "unet"],
+        "--inpaint-mode needs",
+    );
+}

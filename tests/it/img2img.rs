@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 use tcd_ort::image_io::{load_image, read_npy};
-use tcd_ort::pipeline::{Engine, EngineOptions, GenerateRequest, Task};
+use tcd_ort::pipeline::{Engine, EngineOptions, GenerateRequest, InpaintMode, Task};
 
 use crate::common::{fixtures_dir, read_png_rgb};
 
@@ -100,6 +100,7 @@ fn check_family(family: &str) {
                 image,
                 mask: load_image(&root().join(mask)).expect("mask image"),
                 strength,
+                mode: InpaintMode::Auto,
             },
             None => Task::ImageToImage { image, strength },
         };
@@ -220,4 +221,30 @@ fn strength_leaving_no_step_is_refused() {
         .run(&request, &task, &mut |_| true)
         .expect_err("0.3 x 2 steps rounds down to 0");
     assert!(err.to_string().contains("--strength"), "{err}");
+}
+
+/// A 9-channel inpainting UNet cannot blend latents: asking for that is an error naming the fix.
+#[test]
+fn blending_with_an_inpainting_unet_is_refused() {
+    let mut engine = Engine::load(
+        model_dir("sd15-inpaint").to_string_lossy(),
+        &EngineOptions::default(),
+    )
+    .expect("the inpainting model loads");
+    let image = load_image(&root().join("images").join("scene_64x64.png")).expect("image");
+    let mask = load_image(&root().join("images").join("mask_rect_64x64.png")).expect("mask");
+    let request = GenerateRequest {
+        prompt: "a cat".into(),
+        ..GenerateRequest::default()
+    };
+    let task = Task::Inpaint {
+        image,
+        mask,
+        strength: 1.0,
+        mode: InpaintMode::Blend,
+    };
+    let err = engine
+        .run(&request, &task, &mut |_| true)
+        .expect_err("blend on a 9-channel UNet");
+    assert!(err.to_string().contains("--inpaint-mode unet"), "{err}");
 }
