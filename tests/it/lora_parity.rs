@@ -291,3 +291,107 @@ fn loras_recorded_in_the_manifest_are_applied_at_load() {
     let diff = relative_diff(&out.latents, &reference);
     assert!(diff <= 1e-4, "{diff:e}");
 }
+
+/// Writes a diffusers-format LoRA (rank 2) for the given `(module, out, in)` linear layers.
+fn write_linear_lora(path: &Path, modules: &[(&str, usize, usize)]) {
+    let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (i, (module, out, inp)) in modules.iter().enumerate() {
+        let bytes = |n: usize, k: f32| -> Vec<u8> {
+            (0..n)
+                .flat_map(|j| (((j as f32) * k + i as f32).sin() * 0.5).to_le_bytes())
+                .collect()
+        };
+        owned.push((
+            format!("{module}.lora_A.weight"),
+            vec![2, *inp],
+            bytes(2 * inp, 0.37),
+        ));
+        owned.push((
+            format!("{module}.lora_B.weight"),
+            vec![*out, 2],
+            bytes(out * 2, 0.53),
+        ));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
+        .iter()
+        .map(|(name, shape, data)| {
+            (
+                name.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                    .expect("view"),
+            )
+        })
+        .collect();
+    std::fs::write(
+        path,
+        safetensors::serialize(views, None).expect("serialize"),
+    )
+    .expect("write");
+}
+
+/// Targets that match no weight are an error listing them, unless the caller allows skipping.
+#[test]
+fn unmatched_targets_are_listed_or_skipped_on_request() {
+    let dir = crate::common::scratch_dir("lora-unmatched");
+    let file = dir.join("partial.safetensors");
+    write_linear_lora(
+        &file,
+        &[
+            (
+                "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+                64,
+                64,
+            ),
+            (
+                "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn9.to_q",
+                64,
+                64,
+            ),
+        ],
+    );
+    let mut options = EngineOptions {
+        loras: vec![LoraSpec {
+            source: file.to_string_lossy().into_owned(),
+            weight: 1.0,
+            weight_name: None,
+        }],
+        ..EngineOptions::default()
+    };
+    let err = Engine::load(base_model("sd15"), &options).expect_err("an unmatched target");
+    let msg = err.to_string();
+    assert!(msg.contains("attn9.to_q"), "{msg}");
+    assert!(msg.contains("--lora-allow-unmatched"), "{msg}");
+
+    options.lora_allow_unmatched = true;
+    let engine = Engine::load(base_model("sd15"), &options).expect("loads, skipping one");
+    let report = engine.lora_report();
+    assert_eq!(report.patched.get("unet"), Some(&1));
+    assert_eq!(report.unmatched.len(), 1, "{:?}", report.unmatched);
+}
+
+/// An export whose weights lost their PyTorch names (plain optimum-cli) cannot take a LoRA at
+/// load time: the error says how to re-export.
+#[test]
+fn a_model_without_parameter_names_asks_for_a_re_export() {
+    let optimum = fixtures_dir().join("optimum").join("sd15");
+    assert!(
+        optimum.join("model_index.json").exists(),
+        "{} is missing; run `make fixtures`",
+        optimum.display()
+    );
+    let options = EngineOptions {
+        loras: vec![LoraSpec {
+            source: lora_dir("sd15")
+                .join("diffusers.safetensors")
+                .to_string_lossy()
+                .into_owned(),
+            weight: 1.0,
+            weight_name: None,
+        }],
+        ..EngineOptions::default()
+    };
+    let err = Engine::load(optimum.to_string_lossy(), &options).expect_err("names are gone");
+    let msg = err.to_string();
+    assert!(msg.contains("re-export"), "{msg}");
+    assert!(msg.contains("python -m export convert"), "{msg}");
+}
