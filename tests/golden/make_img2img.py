@@ -7,7 +7,7 @@ sdxl families reuse its pipelines and exports):
 
     .venv/bin/python tests/golden/make_img2img.py [OUT_DIR [FAMILY ...]]
 
-OUT_DIR defaults to tests/fixtures/generated/img2img, FAMILY to all of sd15 sdxl sd15-inpaint
+OUT_DIR defaults to tests/fixtures/generated/img2img, FAMILY to all of sd15 sdxl sd21v sd15-inpaint
 sdxl-inpaint. Images and references are always rewritten; pipelines and exports already there
 are kept. Layout:
 
@@ -41,9 +41,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 PARITY = ROOT / "tests/fixtures/generated/parity"
 
-FAMILIES = ("sd15", "sdxl", "sd15-inpaint", "sdxl-inpaint")
+FAMILIES = ("sd15", "sdxl", "sd21v", "sd15-inpaint", "sdxl-inpaint")
 # Families whose pipeline and export come from make_parity.py.
-PARITY_FAMILIES = ("sd15", "sdxl")
+PARITY_FAMILIES = ("sd15", "sdxl", "sd21v")
 PROMPT = "a photo of a red house by a lake at sunset"
 
 
@@ -242,6 +242,9 @@ def inpaint_cases(family):
 
 
 def cases(family):
+    if family == "sd21v":
+        # SD 2.x (v-prediction, "!" padding) takes the SD path; a sample of each grid is enough.
+        return img2img_cases()[::4] + inpaint_cases(family)[::4]
     if family in PARITY_FAMILIES:
         return img2img_cases() + inpaint_cases(family)
     return inpaint_cases(family)

@@ -190,6 +190,11 @@ fn sdxl_image_to_image_matches_diffusers() {
 }
 
 #[test]
+fn sd21v_image_to_image_and_inpainting_match_diffusers() {
+    check_family("sd21v");
+}
+
+#[test]
 fn sd15_inpainting_matches_diffusers() {
     check_family("sd15-inpaint");
 }
