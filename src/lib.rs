@@ -1,5 +1,6 @@
 //! tcd-ort: Trajectory Consistency Distillation Stable Diffusion on ONNX Runtime.
 
+pub mod control;
 pub mod error;
 pub mod image_io;
 pub mod lora;

@@ -1,5 +1,6 @@
 //! All integration tests, compiled as one binary.
 
+mod canny;
 mod cli;
 mod common;
 mod hub;
