@@ -3,6 +3,7 @@
 mod canny;
 mod cli;
 mod common;
+mod ffi;
 mod hub;
 mod img2img;
 mod initializers;

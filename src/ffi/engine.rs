@@ -1,0 +1,212 @@
+//! `tcd_engine` and `tcd_result`: loading a model and generating images.
+
+use std::ffi::{c_int, c_void};
+
+use super::options::tcd_engine_options;
+use super::request::tcd_request;
+use super::status::{borrow, borrow_mut, free_box, guard, guard_value, tcd_status, Failure};
+use crate::image_io::RgbImage;
+use crate::pipeline::{Engine, Progress};
+
+/// A loaded model: one ONNX Runtime session per component. Created by `tcd_engine_new`, freed
+/// by `tcd_engine_free`. An engine may be moved to and used from any thread, but it runs one
+/// generation at a time: calls that take it must not overlap (guard it with a mutex, or give
+/// each thread its own engine). Engines do not share state, except that ONNX Runtime is
+/// loaded once per process.
+pub struct tcd_engine {
+    engine: Engine,
+}
+
+/// The images of one generation. Created by `tcd_engine_generate`, freed by
+/// `tcd_result_free`. Immutable: it may be read from several threads at once, and freed once
+/// no thread reads it.
+pub struct tcd_result {
+    images: Vec<RgbImage>,
+}
+
+/// Called after every denoising step with `step` (1-based) of `total` steps and the
+/// `user_data` given to `tcd_engine_generate`; return 0 to go on, nonzero to cancel (the
+/// generation then fails with `TCD_ERR_CANCELLED`). It runs on the thread that called
+/// `tcd_engine_generate`, and must not unwind (no C++ exception may leave it) nor call into
+/// the same engine.
+pub type tcd_progress_callback =
+    Option<unsafe extern "C" fn(user_data: *mut c_void, step: u32, total: u32) -> c_int>;
+
+/// Loads the model the options name (the model must be set) and writes the new engine to
+/// `*out_engine`; on failure `*out_engine` is set to NULL. The options are copied: they may be
+/// freed right after. Errors: `TCD_ERR_MODEL` for a missing or malformed model,
+/// `TCD_ERR_RUNTIME` when ONNX Runtime or an execution provider is unavailable, `TCD_ERR_IO`,
+/// `TCD_ERR_TOKENIZER`, `TCD_ERR_INVALID_ARGUMENT` (e.g. a LoRA that does not fit).
+///
+/// # Safety
+///
+/// `options` is NULL or a live handle no other thread uses during the call; `out_engine` is
+/// NULL or points to writable storage for a pointer.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_engine_new(
+    options: *const tcd_engine_options,
+    out_engine: *mut *mut tcd_engine,
+) -> tcd_status {
+    guard("tcd_engine_new", || {
+        if out_engine.is_null() {
+            return Err(Failure::null("out_engine"));
+        }
+        // SAFETY: out_engine is non-NULL and writable by the caller's contract.
+        unsafe { *out_engine = std::ptr::null_mut() };
+        // SAFETY: the caller's contract.
+        let options = unsafe { borrow(options, "options") }?;
+        let model = options
+            .model
+            .as_deref()
+            .ok_or_else(|| Failure::invalid("no model: call tcd_engine_options_set_model first"))?;
+        let engine = Engine::load(model, &options.options)?;
+        // SAFETY: as above.
+        unsafe { *out_engine = Box::into_raw(Box::new(tcd_engine { engine })) };
+        Ok(())
+    })
+}
+
+/// Frees an engine and its sessions; NULL is a no-op.
+///
+/// # Safety
+///
+/// `engine` is NULL or came from `tcd_engine_new`, has not been freed, and no other call is
+/// using it.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_engine_free(engine: *mut tcd_engine) {
+    // SAFETY: the caller's contract.
+    unsafe { free_box(engine) }
+}
+
+/// Runs `request` on `engine` and writes the images to `*out_result` (NULL on failure).
+/// `progress` may be NULL; otherwise it is called after each denoising step with `user_data`
+/// and cancels the generation by returning nonzero (`TCD_ERR_CANCELLED`). Generation is
+/// deterministic: the same request on the same model and execution provider gives the same
+/// pixels as the Rust API and the CLI.
+///
+/// # Safety
+///
+/// `engine` is NULL or a live engine that no other call uses during this one; `request` is
+/// NULL or a live request that no thread modifies during the call; `out_result` is NULL or
+/// points to writable storage for a pointer; `progress`, when not NULL, is safe to call with
+/// `user_data` from this thread.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_engine_generate(
+    engine: *mut tcd_engine,
+    request: *const tcd_request,
+    progress: tcd_progress_callback,
+    user_data: *mut c_void,
+    out_result: *mut *mut tcd_result,
+) -> tcd_status {
+    guard("tcd_engine_generate", || {
+        if out_result.is_null() {
+            return Err(Failure::null("out_result"));
+        }
+        // SAFETY: out_result is non-NULL and writable by the caller's contract.
+        unsafe { *out_result = std::ptr::null_mut() };
+        // SAFETY: the caller's contract.
+        let engine = unsafe { borrow_mut(engine, "engine") }?;
+        // SAFETY: the caller's contract.
+        let request = unsafe { borrow(request, "request") }?;
+        let (request, task) = request.to_task()?;
+        let mut on_progress = |event: Progress| match (progress, event) {
+            (Some(callback), Progress::Step { step, total, .. }) => {
+                let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+                // SAFETY: the caller vouches for the callback and its user data.
+                unsafe { callback(user_data, clamp(step), clamp(total)) == 0 }
+            }
+            _ => true,
+        };
+        let generated = engine.engine.run(request, &task, &mut on_progress)?;
+        let result = tcd_result {
+            images: generated.images,
+        };
+        // SAFETY: as above.
+        unsafe { *out_result = Box::into_raw(Box::new(result)) };
+        Ok(())
+    })
+}
+
+/// The number of images in a result (0 for NULL).
+///
+/// # Safety
+///
+/// `result` is NULL or a live result.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_result_count(result: *const tcd_result) -> usize {
+    guard_value(0, || {
+        // SAFETY: the caller's contract.
+        unsafe { result.as_ref() }.map_or(0, |r| r.images.len())
+    })
+}
+
+/// Describes image `index` of a result: its size, and its pixels as tightly packed RGB8
+/// (`height` rows of `stride` = `width * 3` bytes, R, G, B per pixel, no alpha: the VAE's
+/// output as is, with no copy). The pixels belong to the result and stay valid until
+/// `tcd_result_free`. Every output pointer is required; on failure they are left unchanged.
+///
+/// # Safety
+///
+/// `result` is NULL or a live result; each output pointer is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_result_image(
+    result: *const tcd_result,
+    index: usize,
+    out_width: *mut u32,
+    out_height: *mut u32,
+    out_stride: *mut usize,
+    out_pixels: *mut *const u8,
+) -> tcd_status {
+    guard("tcd_result_image", || {
+        // SAFETY: the caller's contract.
+        let result = unsafe { borrow(result, "result") }?;
+        for (ptr, what) in [
+            (out_width.is_null(), "out_width"),
+            (out_height.is_null(), "out_height"),
+            (out_stride.is_null(), "out_stride"),
+            (out_pixels.is_null(), "out_pixels"),
+        ] {
+            if ptr {
+                return Err(Failure::null(what));
+            }
+        }
+        let image = result.images.get(index).ok_or_else(|| {
+            Failure::invalid(format!(
+                "image index {index} is out of range: the result has {} image(s)",
+                result.images.len()
+            ))
+        })?;
+        // SAFETY: every output pointer is non-NULL and writable by the caller's contract.
+        unsafe {
+            *out_width = image.width;
+            *out_height = image.height;
+            *out_stride = image.width as usize * 3;
+            *out_pixels = image.pixels.as_ptr();
+        }
+        Ok(())
+    })
+}
+
+/// Frees a result and its pixels; NULL is a no-op.
+///
+/// # Safety
+///
+/// `result` is NULL or came from `tcd_engine_generate` and has not been freed; no pointer
+/// from `tcd_result_image` is used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_result_free(result: *mut tcd_result) {
+    // SAFETY: the caller's contract.
+    unsafe { free_box(result) }
+}
+
+// The thread-safety the header promises: engines and results move between threads, results
+// are also shared.
+const _: () = {
+    const fn send<T: Send>() {}
+    const fn sync<T: Sync>() {}
+    send::<tcd_engine>();
+    send::<tcd_result>();
+    sync::<tcd_result>();
+    send::<super::options::tcd_engine_options>();
+    send::<tcd_request>();
+};

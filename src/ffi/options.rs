@@ -1,0 +1,246 @@
+//! `tcd_engine_options`: how an engine is loaded ([`EngineOptions`] plus the model).
+
+use std::ffi::c_char;
+use std::path::PathBuf;
+
+use super::status::{borrow_mut, free_box, guard, guard_new, opt_string, string, tcd_status};
+use crate::pipeline::{EngineOptions, LoraSpec};
+use crate::runtime::parse_provider_list;
+
+/// Engine options: the model and how to run it. Created by `tcd_engine_options_new`, freed by
+/// `tcd_engine_options_free`. Not thread-safe: use one from one thread at a time (it may move
+/// between threads). `tcd_engine_new` copies what it needs, so the options may be freed or
+/// reused right after.
+pub struct tcd_engine_options {
+    pub(crate) model: Option<String>,
+    pub(crate) options: EngineOptions,
+}
+
+/// New options: no model yet, the CPU execution provider, device 0, every core, ONNX Runtime
+/// searched for as the CLI does (`ORT_DYLIB_PATH`, `.ort/lib` beside the working directory or
+/// the executable, Python's onnxruntime), no LoRAs. NULL only if the library panicked.
+#[no_mangle]
+pub extern "C" fn tcd_engine_options_new() -> *mut tcd_engine_options {
+    guard_new("tcd_engine_options_new", || tcd_engine_options {
+        model: None,
+        options: EngineOptions::default(),
+    })
+}
+
+/// Frees options; NULL is a no-op.
+///
+/// # Safety
+///
+/// `options` is NULL or came from `tcd_engine_options_new` and has not been freed.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_engine_options_free(options: *mut tcd_engine_options) {
+    // SAFETY: the caller's contract.
+    unsafe { free_box(options) }
+}
+
+/// Sets the model: a model directory (a tcd-ort or optimum ONNX export) or a Hugging Face hub
+/// id (`owner/name`, downloaded on `tcd_engine_new`). Required.
+///
+/// # Safety
+///
+/// `options` is NULL or a live handle not used by another thread during the call; `model` is
+/// NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_engine_options_set_model(
+    options: *mut tcd_engine_options,
+    model: *const c_char,
+) -> tcd_status {
+    guard("tcd_engine_options_set_model", || {
+        // SAFETY: the caller's contract.
+        let options = unsafe { borrow_mut(options, "options") }?;
+        // SAFETY: the caller's contract.
+        let model = unsafe { string(model, "model") }?;
+        if model.is_empty() {
+            return Err(super::status::Failure::invalid(
+                "the model is empty: pass a model directory or a hub id",
+            ));
+        }
+        options.model = Some(model);
+        Ok(())
+    })
+}
+
+/// Sets the hub revision (branch, tag or commit) used when the model is a hub id; NULL
+/// restores the default (`main`).
+///
+/// # Safety
+///
+/// `options` is NULL or a live handle not used by another thread during the call; `revision`
+/// is NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_engine_options_set_revision(
+    options: *mut tcd_engine_options,
+    revision: *const c_char,
+) -> tcd_status {
+    guard("tcd_engine_options_set_revision", || {
+        // SAFETY: the caller's contract.
+        let options = unsafe { borrow_mut(options, "options") }?;
+        // SAFETY: the caller's contract.
+        options.options.revision = unsafe { opt_string(revision, "revision") }?;
+        Ok(())
+    })
+}
+
+/// Sets the execution providers from a comma-separated list in priority order, as the CLI's
+/// `--ep`: `"cpu"`, `"cuda"`, `"tensorrt,cuda,cpu"` (fall back in that order). Also accepts
+/// `"directml"` and `"coreml"`. An unknown name is `TCD_ERR_INVALID_ARGUMENT`; a provider that
+/// is known but unavailable is reported by `tcd_engine_new`.
+///
+/// # Safety
+///
+/// `options` is NULL or a live handle not used by another thread during the call; `providers`
+/// is NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_engine_options_set_providers(
+    options: *mut tcd_engine_options,
+    providers: *const c_char,
+) -> tcd_status {
+    guard("tcd_engine_options_set_providers", || {
+        // SAFETY: the caller's contract.
+        let options = unsafe { borrow_mut(options, "options") }?;
+        // SAFETY: the caller's contract.
+        let providers = unsafe { string(providers, "providers") }?;
+        options.options.providers = parse_provider_list(&providers)?;
+        Ok(())
+    })
+}
+
+/// Sets the GPU ordinal for the CUDA, TensorRT and DirectML providers (default 0).
+///
+/// # Safety
+///
+/// `options` is NULL or a live handle not used by another thread during the call.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_engine_options_set_device_id(
+    options: *mut tcd_engine_options,
+    device_id: i32,
+) -> tcd_status {
+    guard("tcd_engine_options_set_device_id", || {
+        // SAFETY: the caller's contract.
+        let options = unsafe { borrow_mut(options, "options") }?;
+        if device_id < 0 {
+            return Err(super::status::Failure::invalid(format!(
+                "the device id must be >= 0, got {device_id}"
+            )));
+        }
+        options.options.device_id = device_id;
+        Ok(())
+    })
+}
+
+/// Sets the ONNX Runtime shared library (a file, or a directory holding it); NULL restores the
+/// search described at `tcd_engine_options_new`. ONNX Runtime is loaded once per process: a
+/// later engine asking for a different library fails with `TCD_ERR_RUNTIME`.
+///
+/// # Safety
+///
+/// `options` is NULL or a live handle not used by another thread during the call; `path` is
+/// NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_engine_options_set_ort_library(
+    options: *mut tcd_engine_options,
+    path: *const c_char,
+) -> tcd_status {
+    guard("tcd_engine_options_set_ort_library", || {
+        // SAFETY: the caller's contract.
+        let options = unsafe { borrow_mut(options, "options") }?;
+        // SAFETY: the caller's contract.
+        options.options.ort_lib = unsafe { opt_string(path, "path") }?.map(PathBuf::from);
+        Ok(())
+    })
+}
+
+/// Sets the threads ONNX Runtime uses per operator; 0 (the default) uses every core.
+///
+/// # Safety
+///
+/// `options` is NULL or a live handle not used by another thread during the call.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_engine_options_set_threads(
+    options: *mut tcd_engine_options,
+    threads: u32,
+) -> tcd_status {
+    guard("tcd_engine_options_set_threads", || {
+        // SAFETY: the caller's contract.
+        let options = unsafe { borrow_mut(options, "options") }?;
+        options.options.intra_threads = (threads > 0).then_some(threads as usize);
+        Ok(())
+    })
+}
+
+/// Adds a LoRA applied at load time: a `.safetensors` file, a directory or a hub id, with its
+/// weight (diffusers' `adapter_weights`; 1.0 applies it fully). Several are summed, like
+/// diffusers' `set_adapters`, after any LoRA the model's export recorded.
+///
+/// # Safety
+///
+/// `options` is NULL or a live handle not used by another thread during the call; `source` is
+/// NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_engine_options_add_lora(
+    options: *mut tcd_engine_options,
+    source: *const c_char,
+    weight: f32,
+) -> tcd_status {
+    guard("tcd_engine_options_add_lora", || {
+        // SAFETY: the caller's contract.
+        let options = unsafe { borrow_mut(options, "options") }?;
+        // SAFETY: the caller's contract.
+        let source = unsafe { string(source, "source") }?;
+        if !weight.is_finite() {
+            return Err(super::status::Failure::invalid(format!(
+                "the weight of LoRA {source} must be a finite number, got {weight}"
+            )));
+        }
+        options.options.loras.push(LoraSpec {
+            source,
+            weight,
+            weight_name: None,
+        });
+        Ok(())
+    })
+}
+
+/// Sets the file read from LoRA directories and repositories; NULL restores the default
+/// (`pytorch_lora_weights.safetensors`).
+///
+/// # Safety
+///
+/// `options` is NULL or a live handle not used by another thread during the call; `name` is
+/// NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_engine_options_set_lora_weight_name(
+    options: *mut tcd_engine_options,
+    name: *const c_char,
+) -> tcd_status {
+    guard("tcd_engine_options_set_lora_weight_name", || {
+        // SAFETY: the caller's contract.
+        let options = unsafe { borrow_mut(options, "options") }?;
+        // SAFETY: the caller's contract.
+        options.options.lora_weight_name = unsafe { opt_string(name, "name") }?;
+        Ok(())
+    })
+}
+
+/// Nonzero skips LoRA targets that match no weight of the model instead of failing (default 0).
+///
+/// # Safety
+///
+/// `options` is NULL or a live handle not used by another thread during the call.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_engine_options_set_lora_allow_unmatched(
+    options: *mut tcd_engine_options,
+    allow: i32,
+) -> tcd_status {
+    guard("tcd_engine_options_set_lora_allow_unmatched", || {
+        // SAFETY: the caller's contract.
+        let options = unsafe { borrow_mut(options, "options") }?;
+        options.options.lora_allow_unmatched = allow != 0;
+        Ok(())
+    })
+}
