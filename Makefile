@@ -10,7 +10,7 @@ VENV_OPTIMUM := .venv-optimum
 ORT_VERSION := 1.31.1
 FIXTURES := tests/fixtures/generated
 
-.PHONY: demo test setup setup-ort venv venv-optimum fixtures lint rust-test py-test clean-fixtures
+.PHONY: demo test ffi setup setup-ort venv venv-optimum fixtures lint rust-test py-test clean-fixtures
 
 demo: setup-ort
 	cargo run --release -- run --model models/tiny-sd15 \
@@ -18,7 +18,30 @@ demo: setup-ort
 		--steps 4 --eta 0.3 --seed 0 --output demo.png --overwrite
 	@echo "demo.png written"
 
-test: setup fixtures lint rust-test py-test
+test: setup fixtures lint rust-test py-test ffi
+
+# The C ABI end to end: builds the cdylib, compiles examples/cpp/main.cpp with g++ against
+# include/ and it (rpath to target/<profile>), runs it on the tiny model, installs it into a
+# scratch prefix and links the example through pkg-config, then runs it under valgrind with the
+# smallest request (1 step at the model's native size, one thread): 0 errors, nothing lost.
+# FFI_PROFILE=release uses a release build.
+FFI_PROFILE ?= debug
+FFI_DIR := target/ffi
+FFI_CXX := g++ -std=c++17 -Wall -Wextra -Werror -O1
+
+ffi: setup-ort
+	cargo build --lib $(if $(filter release,$(FFI_PROFILE)),--release)
+	mkdir -p $(FFI_DIR)
+	$(FFI_CXX) -Iinclude examples/cpp/main.cpp -Ltarget/$(FFI_PROFILE) -ltcd_ort \
+		-Wl,-rpath,$(CURDIR)/target/$(FFI_PROFILE) -o $(FFI_DIR)/tcd_example
+	$(FFI_DIR)/tcd_example --model models/tiny-sd15 --output $(FFI_DIR)/example.png --steps 4
+	examples/cpp/install.sh $(FFI_DIR)/prefix $(FFI_PROFILE)
+	$(FFI_CXX) examples/cpp/main.cpp \
+		$$(PKG_CONFIG_PATH=$(FFI_DIR)/prefix/lib/pkgconfig pkg-config --cflags --libs tcd-ort) \
+		-Wl,-rpath,$(CURDIR)/$(FFI_DIR)/prefix/lib -o $(FFI_DIR)/tcd_example_pkgconfig
+	$(FFI_DIR)/tcd_example_pkgconfig --steps 1 --output $(FFI_DIR)/example-pkgconfig.png > /dev/null
+	valgrind -q --leak-check=full --num-callers=40 --error-exitcode=1 --suppressions=examples/cpp/valgrind.supp \
+		$(FFI_DIR)/tcd_example --steps 1 --threads 1 --output $(FFI_DIR)/example-valgrind.png
 
 setup: setup-ort venv
 

@@ -1,0 +1,235 @@
+// A C++17 host for the tcd-ort C ABI: loads a model, generates an image and writes it as a PNG,
+// cancels a second run from the progress callback, and shows how errors from bad input come
+// back. Exits 0 only when every step behaved as documented in tcd_ort.h.
+//
+// usage: tcd_example [--model DIR] [--output PNG] [--steps N] [--threads N]
+
+#include "tcd_ort.h"
+
+#include <array>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace {
+
+// Owning handles: every _free accepts NULL, so a default-constructed handle is fine to drop.
+struct OptionsFree { void operator()(tcd_engine_options* p) const { tcd_engine_options_free(p); } };
+struct EngineFree { void operator()(tcd_engine* p) const { tcd_engine_free(p); } };
+struct RequestFree { void operator()(tcd_request* p) const { tcd_request_free(p); } };
+struct ResultFree { void operator()(tcd_result* p) const { tcd_result_free(p); } };
+using Options = std::unique_ptr<tcd_engine_options, OptionsFree>;
+using Engine = std::unique_ptr<tcd_engine, EngineFree>;
+using Request = std::unique_ptr<tcd_request, RequestFree>;
+using Result = std::unique_ptr<tcd_result, ResultFree>;
+
+// The calling thread's last error, sized with a first call as tcd_last_error_message allows.
+std::string last_error() {
+    size_t len = tcd_last_error_message(nullptr, 0);
+    std::string message(len + 1, '\0');
+    tcd_last_error_message(message.data(), message.size());
+    message.resize(len);
+    return message;
+}
+
+int failures = 0;
+
+// Checks a status against the expected one and reports both the code and the message.
+bool expect(tcd_status got, tcd_status want, const char* what) {
+    if (got == want) {
+        if (got != TCD_OK) {
+            std::printf("ok: %s -> %s: %s\n", what, tcd_status_name(got), last_error().c_str());
+        }
+        return true;
+    }
+    std::fprintf(stderr, "FAILED: %s returned %s (expected %s): %s\n", what, tcd_status_name(got),
+                 tcd_status_name(want), last_error().c_str());
+    ++failures;
+    return false;
+}
+
+// --- A minimal PNG writer: stored (uncompressed) deflate blocks, CRC-32 and Adler-32. -------
+
+uint32_t crc32(const uint8_t* data, size_t len, uint32_t crc = 0) {
+    static const std::array<uint32_t, 256> table = [] {
+        std::array<uint32_t, 256> t{};
+        for (uint32_t n = 0; n < 256; ++n) {
+            uint32_t c = n;
+            for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+            t[n] = c;
+        }
+        return t;
+    }();
+    crc = ~crc;
+    for (size_t i = 0; i < len; ++i) crc = table[(crc ^ data[i]) & 0xFF] ^ (crc >> 8);
+    return ~crc;
+}
+
+void put_be32(std::vector<uint8_t>& out, uint32_t v) {
+    for (int shift = 24; shift >= 0; shift -= 8) out.push_back(static_cast<uint8_t>(v >> shift));
+}
+
+void put_chunk(std::vector<uint8_t>& png, const char type[4], const std::vector<uint8_t>& data) {
+    put_be32(png, static_cast<uint32_t>(data.size()));
+    std::vector<uint8_t> body(type, type + 4);
+    body.insert(body.end(), data.begin(), data.end());
+    png.insert(png.end(), body.begin(), body.end());
+    put_be32(png, crc32(body.data(), body.size()));
+}
+
+// Writes tightly or loosely packed RGB8 rows as an 8-bit truecolor PNG.
+bool write_png(const std::string& path, uint32_t width, uint32_t height, size_t stride,
+               const uint8_t* rgb) {
+    std::vector<uint8_t> raw;  // each row: filter type 0 (None), then the pixels
+    raw.reserve((size_t(width) * 3 + 1) * height);
+    for (uint32_t y = 0; y < height; ++y) {
+        raw.push_back(0);
+        raw.insert(raw.end(), rgb + y * stride, rgb + y * stride + size_t(width) * 3);
+    }
+    std::vector<uint8_t> z = {0x78, 0x01};  // zlib header: deflate, 32K window, no dictionary
+    size_t pos = 0;
+    do {
+        size_t n = std::min<size_t>(65535, raw.size() - pos);
+        bool last = pos + n == raw.size();
+        z.push_back(last ? 1 : 0);  // BFINAL, BTYPE = 00 (stored)
+        z.push_back(uint8_t(n & 0xFF));
+        z.push_back(uint8_t(n >> 8));
+        z.push_back(uint8_t(~n & 0xFF));
+        z.push_back(uint8_t((~n >> 8) & 0xFF));
+        z.insert(z.end(), raw.begin() + pos, raw.begin() + pos + n);
+        pos += n;
+    } while (pos < raw.size());
+    uint32_t a = 1, b = 0;  // Adler-32 of the uncompressed data
+    for (uint8_t byte : raw) {
+        a = (a + byte) % 65521;
+        b = (b + a) % 65521;
+    }
+    put_be32(z, (b << 16) | a);
+
+    std::vector<uint8_t> png = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1A, '\n'};
+    std::vector<uint8_t> ihdr;
+    put_be32(ihdr, width);
+    put_be32(ihdr, height);
+    ihdr.insert(ihdr.end(), {8, 2, 0, 0, 0});  // 8 bits, truecolor, deflate, filter 0, no interlace
+    put_chunk(png, "IHDR", ihdr);
+    put_chunk(png, "IDAT", z);
+    put_chunk(png, "IEND", {});
+    std::ofstream file(path, std::ios::binary);
+    file.write(reinterpret_cast<const char*>(png.data()), std::streamsize(png.size()));
+    return bool(file);
+}
+
+// --- Progress callbacks. ----------------------------------------------------------------------
+
+int print_progress(void* /*user_data*/, uint32_t step, uint32_t total) {
+    std::printf("step %u/%u\n", step, total);
+    return 0;  // go on
+}
+
+struct CancelAfter {
+    uint32_t step;
+    uint32_t calls;
+};
+
+int cancel_after(void* user_data, uint32_t step, uint32_t /*total*/) {
+    auto* cancel = static_cast<CancelAfter*>(user_data);
+    ++cancel->calls;
+    return step >= cancel->step ? 1 : 0;  // nonzero cancels
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    std::string model = "models/tiny-sd15";
+    std::string output = "target/ffi/example.png";
+    uint32_t steps = 4;
+    uint32_t threads = 0;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        std::string flag = argv[i];
+        if (flag == "--model") model = argv[i + 1];
+        else if (flag == "--output") output = argv[i + 1];
+        else if (flag == "--steps") steps = uint32_t(std::strtoul(argv[i + 1], nullptr, 10));
+        else if (flag == "--threads") threads = uint32_t(std::strtoul(argv[i + 1], nullptr, 10));
+        else {
+            std::fprintf(stderr, "unknown flag %s\n", argv[i]);
+            return 2;
+        }
+    }
+    std::printf("tcd-ort %s\n", tcd_version());
+
+    // Bad input is reported by the setter, before anything is loaded.
+    Request request(tcd_request_new());
+    expect(tcd_request_set_steps(request.get(), 0), TCD_ERR_INVALID_ARGUMENT, "steps = 0");
+    expect(tcd_request_set_eta(request.get(), 2.0f), TCD_ERR_INVALID_ARGUMENT, "eta = 2");
+    tcd_result* no_result = nullptr;
+    expect(tcd_engine_generate(nullptr, request.get(), nullptr, nullptr, &no_result),
+           TCD_ERR_NULL_POINTER, "generate without an engine");
+    {
+        // A missing model, and the message read through a buffer that is too small.
+        Options options(tcd_engine_options_new());
+        tcd_engine_options_set_model(options.get(), "models/tiny-sd15/no-such-model");
+        tcd_engine* raw = nullptr;
+        expect(tcd_engine_new(options.get(), &raw), TCD_ERR_MODEL, "a missing model");
+        Engine missing(raw);
+        char small[16];
+        size_t needed = tcd_last_error_message(small, sizeof small);
+        std::printf("ok: %zu-byte message truncated to \"%s\"\n", needed, small);
+        if (missing || needed < sizeof small || std::strlen(small) != sizeof small - 1) ++failures;
+    }
+
+    Options options(tcd_engine_options_new());
+    expect(tcd_engine_options_set_model(options.get(), model.c_str()), TCD_OK, "set model");
+    expect(tcd_engine_options_set_providers(options.get(), "cpu"), TCD_OK, "set providers");
+    expect(tcd_engine_options_set_threads(options.get(), threads), TCD_OK, "set threads");
+    tcd_engine* raw_engine = nullptr;
+    if (!expect(tcd_engine_new(options.get(), &raw_engine), TCD_OK, "load the model")) return 1;
+    Engine engine(raw_engine);
+    options.reset();  // the engine keeps what it needs
+
+    expect(tcd_request_set_prompt(request.get(), "a photo of an astronaut riding a horse on mars"),
+           TCD_OK, "set prompt");
+    expect(tcd_request_set_steps(request.get(), steps), TCD_OK, "set steps");
+    expect(tcd_request_set_eta(request.get(), 0.3f), TCD_OK, "set eta");
+    expect(tcd_request_set_seed(request.get(), 0), TCD_OK, "set seed");
+
+    tcd_result* raw_result = nullptr;
+    if (!expect(tcd_engine_generate(engine.get(), request.get(), print_progress, nullptr,
+                                    &raw_result),
+                TCD_OK, "generate")) {
+        return 1;
+    }
+    Result result(raw_result);
+    uint32_t width = 0, height = 0;
+    size_t stride = 0;
+    const uint8_t* pixels = nullptr;
+    if (tcd_result_count(result.get()) != 1 ||
+        !expect(tcd_result_image(result.get(), 0, &width, &height, &stride, &pixels), TCD_OK,
+                "read image 0")) {
+        return 1;
+    }
+    if (!write_png(output, width, height, stride, pixels)) {
+        std::fprintf(stderr, "FAILED: cannot write %s\n", output.c_str());
+        return 1;
+    }
+    std::printf("wrote %s (%ux%u)\n", output.c_str(), width, height);
+    result.reset();
+
+    // A second run, cancelled from the callback after its first step.
+    CancelAfter cancel{1, 0};
+    tcd_result* cancelled = nullptr;
+    expect(tcd_engine_generate(engine.get(), request.get(), cancel_after, &cancel, &cancelled),
+           TCD_ERR_CANCELLED, "cancel from the callback");
+    if (cancelled != nullptr || cancel.calls != 1) ++failures;
+
+    if (failures > 0) {
+        std::fprintf(stderr, "%d check(s) failed\n", failures);
+        return 1;
+    }
+    std::printf("all checks passed\n");
+    return 0;
+}
