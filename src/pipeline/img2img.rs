@@ -5,9 +5,9 @@
 use ndarray::{concatenate, s, ArrayD, Axis, IxDyn};
 
 use super::conditioning::Conditioning;
-use super::txt2img::{check_cancel, decode, encode_prompts, predict_noise, validate};
+use super::txt2img::{check_cancel, denoise, encode_prompts, finish, validate};
 use super::{Engine, GenerateRequest, Generated, Progress};
-use crate::image_io::{image_to_tensor, vae_output_to_images, RgbImage};
+use crate::image_io::{image_to_tensor, RgbImage};
 use crate::rng::TorchGenerator;
 use crate::runtime::TensorInput;
 use crate::sampler::tcd::TcdScheduler;
@@ -238,29 +238,17 @@ pub(super) fn run(
     let init = encode_image(engine, &pixels, &mut generator, scaling)?;
     let init = repeat_batch(&init, request.num_images)?;
     let noise = generator.randn(init.shape());
-    let mut latents = scheduler.add_noise(&init, &noise, &timesteps[..1])?;
-
-    let total = timesteps.len();
-    for (i, &t) in timesteps.iter().enumerate() {
-        let noise_pred = predict_noise(engine, &latents, t, &cond, guidance)?;
-        latents = scheduler
-            .step(&noise_pred, t, &latents, request.eta, &mut generator)?
-            .prev_sample;
-        check_cancel(
-            progress,
-            Progress::Step {
-                step: i + 1,
-                total,
-                timestep: t,
-            },
-        )?;
-    }
-    check_cancel(progress, Progress::Decoding)?;
-    let decoded = decode(engine, &latents)?;
-    let images = vae_output_to_images(&decoded)?;
-    Ok(Generated {
-        images,
+    let latents = scheduler.add_noise(&init, &noise, &timesteps[..1])?;
+    let latents = denoise(
+        engine,
+        &mut scheduler,
+        &timesteps,
         latents,
-        timesteps,
-    })
+        &cond,
+        guidance,
+        request.eta,
+        &mut generator,
+        progress,
+    )?;
+    finish(engine, latents, timesteps, progress)
 }

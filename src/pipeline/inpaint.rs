@@ -13,9 +13,9 @@ use super::img2img::{
     apply_aesthetics, encode_image, guidance_of, output_size, repeat_batch, strength_schedule,
     LatentScaling,
 };
-use super::txt2img::{check_cancel, decode, encode_prompts, predict_noise};
+use super::txt2img::{check_cancel, encode_prompts, finish, predict_noise};
 use super::{Engine, GenerateRequest, Generated, InpaintMode, Progress};
-use crate::image_io::{image_to_tensor, mask_to_tensor, vae_output_to_images, RgbImage};
+use crate::image_io::{image_to_tensor, mask_to_tensor, RgbImage};
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
 
@@ -183,12 +183,5 @@ pub(super) fn run(
             },
         )?;
     }
-    check_cancel(progress, Progress::Decoding)?;
-    let decoded = decode(engine, &latents)?;
-    let images = vae_output_to_images(&decoded)?;
-    Ok(Generated {
-        images,
-        latents,
-        timesteps,
-    })
+    finish(engine, latents, timesteps, progress)
 }

@@ -212,11 +212,38 @@ pub(super) fn run(
         latents.mapv_inplace(|v| v * sigma);
     }
     scheduler.set_begin_index(0);
+    let latents = denoise(
+        engine,
+        &mut scheduler,
+        &timesteps,
+        latents,
+        &cond,
+        guidance,
+        request.eta,
+        &mut generator,
+        progress,
+    )?;
+    finish(engine, latents, timesteps, progress)
+}
+
+/// The TCD loop shared by text-to-image and image-to-image: predict, step, report.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn denoise(
+    engine: &mut Engine,
+    scheduler: &mut TcdScheduler,
+    timesteps: &[i64],
+    mut latents: ArrayD<f32>,
+    cond: &Conditioning,
+    guidance: Option<f32>,
+    eta: f32,
+    generator: &mut TorchGenerator,
+    progress: &mut dyn FnMut(Progress) -> bool,
+) -> Result<ArrayD<f32>> {
     let total = timesteps.len();
     for (i, &t) in timesteps.iter().enumerate() {
-        let noise_pred = predict_noise(engine, &latents, t, &cond, guidance)?;
+        let noise_pred = predict_noise(engine, &latents, t, cond, guidance)?;
         latents = scheduler
-            .step(&noise_pred, t, &latents, request.eta, &mut generator)?
+            .step(&noise_pred, t, &latents, eta, generator)?
             .prev_sample;
         check_cancel(
             progress,
@@ -227,6 +254,16 @@ pub(super) fn run(
             },
         )?;
     }
+    Ok(latents)
+}
+
+/// Decodes the final latents into images: the end every task shares.
+pub(super) fn finish(
+    engine: &mut Engine,
+    latents: ArrayD<f32>,
+    timesteps: Vec<i64>,
+    progress: &mut dyn FnMut(Progress) -> bool,
+) -> Result<Generated> {
     check_cancel(progress, Progress::Decoding)?;
     let decoded = decode(engine, &latents)?;
     let images = vae_output_to_images(&decoded)?;
