@@ -32,3 +32,92 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).expect("scratch dir");
     dir
 }
+
+/// Worst differences against diffusers' references over a set of cases, and every case that
+/// broke a bound, so one run reports all failures at once.
+#[derive(Debug, Default)]
+pub struct ParityReport {
+    /// Largest latent difference, relative to the reference's largest magnitude.
+    pub worst_latent: f32,
+    /// Largest per-channel pixel difference.
+    pub worst_pixel: u8,
+    /// What went wrong, one line per case.
+    pub failures: Vec<String>,
+}
+
+impl ParityReport {
+    /// Records a case that could not run.
+    pub fn fail(&mut self, message: String) {
+        self.failures.push(message);
+    }
+
+    /// Compares a generation with diffusers' `<dir>/<name>.npy` (final latents) and
+    /// `<name>.png` (`<name>_<i>.png` for several images): latents within 1e-4 of the
+    /// reference's largest magnitude, pixels within 2/255.
+    pub fn check(&mut self, out: &tcd_ort::pipeline::Generated, dir: &Path, name: &str) {
+        let reference = match tcd_ort::image_io::read_npy(&dir.join(format!("{name}.npy"))) {
+            Ok(r) => r,
+            Err(e) => return self.fail(format!("{e}; run `make fixtures`")),
+        };
+        if reference.shape() != out.latents.shape() {
+            return self.fail(format!(
+                "{name}: latent shape {:?} vs diffusers {:?}",
+                out.latents.shape(),
+                reference.shape()
+            ));
+        }
+        let scale = reference
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()))
+            .max(1e-12);
+        let diff = out
+            .latents
+            .iter()
+            .zip(reference.iter())
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+            / scale;
+        self.worst_latent = self.worst_latent.max(diff);
+        if diff > 1e-4 || diff.is_nan() {
+            self.fail(format!("{name}: latents differ by {diff:e} of max"));
+        }
+        let several = out.images.len() > 1;
+        for (i, image) in out.images.iter().enumerate() {
+            let png = if several {
+                format!("{name}_{i}.png")
+            } else {
+                format!("{name}.png")
+            };
+            let (w, h, pixels) = read_png_rgb(&dir.join(&png));
+            if (w, h) != (image.width, image.height) {
+                self.fail(format!(
+                    "{png}: size {}x{} vs diffusers {w}x{h}",
+                    image.width, image.height
+                ));
+                continue;
+            }
+            let max = pixels
+                .iter()
+                .zip(&image.pixels)
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap_or(0);
+            self.worst_pixel = self.worst_pixel.max(max);
+            if max > 2 {
+                self.fail(format!("{png}: pixels differ by up to {max}/255"));
+            }
+        }
+    }
+
+    /// Prints the worst figures and fails the test if any case broke a bound.
+    pub fn finish(&self, what: &str, cases: usize) {
+        eprintln!(
+            "{what}: {cases} cases, worst latent diff {:e} of max, worst pixel diff {}/255",
+            self.worst_latent, self.worst_pixel
+        );
+        assert!(
+            self.failures.is_empty(),
+            "{what} differs from diffusers:\n{}",
+            self.failures.join("\n")
+        );
+    }
+}

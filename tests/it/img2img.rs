@@ -11,10 +11,10 @@
 use std::path::PathBuf;
 
 use serde::Deserialize;
-use tcd_ort::image_io::{load_image, read_npy};
+use tcd_ort::image_io::load_image;
 use tcd_ort::pipeline::{Engine, EngineOptions, GenerateRequest, InpaintMode, Task};
 
-use crate::common::{fixtures_dir, read_png_rgb};
+use crate::common::{fixtures_dir, ParityReport};
 
 #[derive(Debug, Deserialize)]
 struct Case {
@@ -77,9 +77,7 @@ fn check_family(family: &str) {
     let model = model_dir(family);
     let mut engine = Engine::load(model.to_string_lossy(), &EngineOptions::default())
         .unwrap_or_else(|e| panic!("{}: {e}; run `make fixtures`", model.display()));
-    let mut failures = Vec::new();
-    let mut worst_latent = 0f32;
-    let mut worst_pixel = 0u8;
+    let mut report = ParityReport::default();
     for case in &cases {
         let request = GenerateRequest {
             prompt: case.prompt.clone(),
@@ -107,76 +105,13 @@ fn check_family(family: &str) {
         let out = match engine.run(&request, &task, &mut |_| true) {
             Ok(out) => out,
             Err(e) => {
-                failures.push(format!("{}: {e}", case.name));
+                report.fail(format!("{}: {e}", case.name));
                 continue;
             }
         };
-        let reference_path = dir.join("reference").join(format!("{}.npy", case.name));
-        let reference = match read_npy(&reference_path) {
-            Ok(r) => r,
-            Err(e) => {
-                failures.push(format!("{e}; run `make fixtures`"));
-                continue;
-            }
-        };
-        if reference.shape() != out.latents.shape() {
-            failures.push(format!(
-                "{}: latent shape {:?} vs diffusers {:?}",
-                case.name,
-                out.latents.shape(),
-                reference.shape()
-            ));
-            continue;
-        }
-        let scale = reference
-            .iter()
-            .fold(0f32, |m, v| m.max(v.abs()))
-            .max(1e-12);
-        let diff = out
-            .latents
-            .iter()
-            .zip(reference.iter())
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
-            / scale;
-        worst_latent = worst_latent.max(diff);
-        if diff > 1e-4 || diff.is_nan() {
-            failures.push(format!("{}: latents differ by {diff:e} of max", case.name));
-        }
-        for (i, image) in out.images.iter().enumerate() {
-            let name = if case.num_images > 1 {
-                format!("{}_{i}.png", case.name)
-            } else {
-                format!("{}.png", case.name)
-            };
-            let (w, h, pixels) = read_png_rgb(&dir.join("reference").join(&name));
-            if (w, h) != (image.width, image.height) {
-                failures.push(format!(
-                    "{name}: size {}x{} vs diffusers {w}x{h}",
-                    image.width, image.height
-                ));
-                continue;
-            }
-            let max = pixels
-                .iter()
-                .zip(&image.pixels)
-                .map(|(a, b)| a.abs_diff(*b))
-                .max()
-                .unwrap_or(0);
-            worst_pixel = worst_pixel.max(max);
-            if max > 2 {
-                failures.push(format!("{name}: pixels differ by up to {max}/255"));
-            }
-        }
+        report.check(&out, &dir.join("reference"), &case.name);
     }
-    eprintln!(
-        "{family}: {} cases, worst latent diff {worst_latent:e} of max, worst pixel diff {worst_pixel}/255",
-        cases.len()
-    );
-    assert!(
-        failures.is_empty(),
-        "{family} parity failures:\n{}",
-        failures.join("\n")
-    );
+    report.finish(family, cases.len());
 }
 
 #[test]

@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 
 use ndarray::ArrayD;
 use serde::Deserialize;
-use tcd_ort::image_io::{read_npy, RgbImage};
+use tcd_ort::image_io::read_npy;
 use tcd_ort::pipeline::{Engine, EngineOptions, GenerateRequest, LoraSpec};
 
-use crate::common::{fixtures_dir, read_png_rgb};
+use crate::common::{fixtures_dir, ParityReport};
 
 #[derive(Debug, Deserialize)]
 struct LoraRef {
@@ -72,17 +72,6 @@ fn relative_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
         / scale
 }
 
-fn pixel_diff(image: &RgbImage, png: &Path) -> u8 {
-    let (w, h, pixels) = read_png_rgb(png);
-    assert_eq!((w, h), (image.width, image.height), "{}", png.display());
-    pixels
-        .iter()
-        .zip(&image.pixels)
-        .map(|(a, b)| a.abs_diff(*b))
-        .max()
-        .unwrap_or(0)
-}
-
 fn cases(family: &str) -> Vec<Case> {
     let path = lora_dir(family).join("cases.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
@@ -101,8 +90,7 @@ fn check_family(family: &str) {
         cases.iter().any(|c| c.loras.len() > 1),
         "a multi-adapter case"
     );
-    let mut failures = Vec::new();
-    let mut worst = (0f32, 0u8);
+    let mut report = ParityReport::default();
     for case in &cases {
         let options = EngineOptions {
             loras: case
@@ -126,32 +114,9 @@ fn check_family(family: &str) {
         let out = engine
             .generate(&request(case), &mut |_| true)
             .unwrap_or_else(|e| panic!("{family}/{}: {e}", case.name));
-        let reference = read_npy(&dir.join("reference").join(format!("{}.npy", case.name)))
-            .expect("reference latents");
-        let latent = relative_diff(&out.latents, &reference);
-        let pixel = pixel_diff(
-            &out.images[0],
-            &dir.join("reference").join(format!("{}.png", case.name)),
-        );
-        worst = (worst.0.max(latent), worst.1.max(pixel));
-        if latent > 1e-4 || pixel > 2 {
-            failures.push(format!(
-                "{} (fuse={}): latents {latent:e} of max, pixels {pixel}/255",
-                case.name, case.fuse
-            ));
-        }
+        report.check(&out, &dir.join("reference"), &case.name);
     }
-    eprintln!(
-        "{family}: {} LoRA cases, worst latent diff {:e} of max, worst pixel diff {}/255",
-        cases.len(),
-        worst.0,
-        worst.1
-    );
-    assert!(
-        failures.is_empty(),
-        "{family} LoRA parity failures:\n{}",
-        failures.join("\n")
-    );
+    report.finish(&format!("{family} with LoRAs"), cases.len());
 }
 
 #[test]

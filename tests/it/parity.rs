@@ -9,11 +9,10 @@
 use std::path::PathBuf;
 
 use serde::Deserialize;
-use tcd_ort::image_io::read_npy;
 use tcd_ort::model::Family;
 use tcd_ort::pipeline::{Engine, EngineOptions, GenerateRequest};
 
-use crate::common::{fixtures_dir, read_png_rgb};
+use crate::common::{fixtures_dir, ParityReport};
 
 #[derive(Debug, Deserialize)]
 struct Case {
@@ -68,9 +67,7 @@ fn check_family(family: &str) {
         expected_family(family),
         "tcd_ort.json family"
     );
-    let mut failures = Vec::new();
-    let mut worst_latent = 0f32;
-    let mut worst_pixel = 0u8;
+    let mut report = ParityReport::default();
     for case in &cases {
         let request = GenerateRequest {
             prompt: case.prompt.clone(),
@@ -87,60 +84,9 @@ fn check_family(family: &str) {
         let out = engine
             .generate(&request, &mut |_| true)
             .unwrap_or_else(|e| panic!("{family}/{}: {e}", case.name));
-        let reference = read_npy(&dir.join("reference").join(format!("{}.npy", case.name)))
-            .expect("reference latents");
-        if reference.shape() != out.latents.shape() {
-            failures.push(format!(
-                "{}: latent shape {:?} vs diffusers {:?}",
-                case.name,
-                out.latents.shape(),
-                reference.shape()
-            ));
-            continue;
-        }
-        let scale = reference
-            .iter()
-            .fold(0f32, |m, v| m.max(v.abs()))
-            .max(1e-12);
-        let diff = out
-            .latents
-            .iter()
-            .zip(reference.iter())
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
-            / scale;
-        worst_latent = worst_latent.max(diff);
-        if diff > 1e-4 {
-            failures.push(format!("{}: latents differ by {diff:e} of max", case.name));
-        }
-        for (i, image) in out.images.iter().enumerate() {
-            let name = if case.num_images > 1 {
-                format!("{}_{i}.png", case.name)
-            } else {
-                format!("{}.png", case.name)
-            };
-            let (w, h, pixels) = read_png_rgb(&dir.join("reference").join(&name));
-            assert_eq!((w, h), (image.width, image.height), "{name}: size");
-            let max = pixels
-                .iter()
-                .zip(&image.pixels)
-                .map(|(a, b)| a.abs_diff(*b))
-                .max()
-                .unwrap_or(0);
-            worst_pixel = worst_pixel.max(max);
-            if max > 2 {
-                failures.push(format!("{name}: pixels differ by up to {max}/255"));
-            }
-        }
+        report.check(&out, &dir.join("reference"), &case.name);
     }
-    eprintln!(
-        "{family}: {} cases, worst latent diff {worst_latent:e} of max, worst pixel diff {worst_pixel}/255",
-        cases.len()
-    );
-    assert!(
-        failures.is_empty(),
-        "{family} parity failures:\n{}",
-        failures.join("\n")
-    );
+    report.finish(family, cases.len());
 }
 
 #[test]
