@@ -401,6 +401,30 @@ tcd_status tcd_engine_options_set_lora_allow_unmatched(struct tcd_engine_options
                                                        int32_t allow);
 
 /**
+ * Adds a ControlNet: a directory or hub id of a `python -m export controlnet` export, made for
+ * the model's base (SD 1.x/2.x or SDXL). Requests then give one control image per ControlNet,
+ * in the order they were added (`tcd_request_add_control_image`).
+ *
+ * # Safety
+ *
+ * `options` is NULL or a live handle not used by another thread during the call; `source` is
+ * NULL or a NUL-terminated string.
+ */
+tcd_status tcd_engine_options_add_controlnet(struct tcd_engine_options *options,
+                                             const char *source);
+
+/**
+ * Sets the depth estimator used by `TCD_CONTROL_DEPTH` control images: a directory or hub id of
+ * a `python -m export depth` export (e.g. of Intel/dpt-hybrid-midas); NULL removes it.
+ *
+ * # Safety
+ *
+ * `options` is NULL or a live handle not used by another thread during the call; `path` is
+ * NULL or a NUL-terminated string.
+ */
+tcd_status tcd_engine_options_set_depth_model(struct tcd_engine_options *options, const char *path);
+
+/**
  * A new text-to-image request with TCD's defaults: empty prompt, no negative prompt, 4 steps,
  * eta 0.3, guidance 0 (no classifier-free guidance), seed 0, the model's native size, one
  * image. NULL only if the library panicked.
@@ -567,6 +591,50 @@ tcd_status tcd_request_set_mask(struct tcd_request *request,
                                 uint32_t width,
                                 uint32_t height,
                                 size_t stride);
+
+/**
+ * Adds the control image of the next ControlNet (the engine's ControlNets take the images in
+ * the order they were added with `tcd_engine_options_add_controlnet`), as RGBA8 pixels laid out
+ * as for `tcd_request_set_image`. `scale` is diffusers' `controlnet_conditioning_scale` (0.5
+ * generalises well with TCD); the ControlNet acts from the fraction `start` of the steps to
+ * the fraction `end` (diffusers' `control_guidance_start`/`_end`; 0 and 1 for every step);
+ * `preprocess` is a `tcd_control_preprocess` value. The image is resized to the output size,
+ * which defaults to the first control image's (rounded down to a multiple of 8). The pixels
+ * are copied. Text-to-image only.
+ *
+ * # Safety
+ *
+ * `request` is NULL or a live handle that no other thread uses during the call; `pixels` is
+ * NULL or points to at least `stride * (height - 1) + width * 4` readable bytes.
+ */
+tcd_status tcd_request_add_control_image(struct tcd_request *request,
+                                         const uint8_t *pixels,
+                                         uint32_t width,
+                                         uint32_t height,
+                                         size_t stride,
+                                         float scale,
+                                         float start,
+                                         float end,
+                                         int32_t preprocess);
+
+/**
+ * Removes every control image, so the request runs without ControlNet.
+ *
+ * # Safety
+ *
+ * `request` is NULL or a live handle that no other thread uses during the call.
+ */
+tcd_status tcd_request_clear_control_images(struct tcd_request *request);
+
+/**
+ * Sets the hysteresis thresholds of `TCD_CONTROL_CANNY` images, as `cv2.Canny(image, low,
+ * high)` takes them (default 100 and 200); finite, >= 0, `low <= high`.
+ *
+ * # Safety
+ *
+ * `request` is NULL or a live handle that no other thread uses during the call.
+ */
+tcd_status tcd_request_set_canny_thresholds(struct tcd_request *request, float low, float high);
 
 /**
  * Copies the calling thread's last error message into `buf` and returns its full length in

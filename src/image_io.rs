@@ -262,6 +262,21 @@ fn fit(image: &RgbImage, width: u32, height: u32) -> Result<std::borrow::Cow<'_,
 /// diffusers' `VaeImageProcessor.preprocess` of an RGB image: resize (Lanczos) to
 /// `(width, height)`, `/ 255`, `* 2 - 1`; `[1, 3, height, width]` float32.
 pub fn image_to_tensor(image: &RgbImage, width: u32, height: u32) -> Result<ArrayD<f32>> {
+    rgb_tensor(image, width, height, |unit| 2.0 * unit - 1.0)
+}
+
+/// The same without the normalisation to `[-1, 1]` (`do_normalize=False`, as ControlNet
+/// pipelines prepare control images): values `v / 255` in `[0, 1]`.
+pub fn image_to_unit_tensor(image: &RgbImage, width: u32, height: u32) -> Result<ArrayD<f32>> {
+    rgb_tensor(image, width, height, |unit| unit)
+}
+
+fn rgb_tensor(
+    image: &RgbImage,
+    width: u32,
+    height: u32,
+    map: impl Fn(f32) -> f32,
+) -> Result<ArrayD<f32>> {
     let image = fit(image, width, height)?;
     let (w, h) = (width as usize, height as usize);
     let mut out = ArrayD::<f32>::zeros(ndarray::IxDyn(&[1, 3, h, w]));
@@ -269,7 +284,7 @@ pub fn image_to_tensor(image: &RgbImage, width: u32, height: u32) -> Result<Arra
         for x in 0..w {
             for c in 0..3 {
                 let unit = f32::from(image.pixels[(y * w + x) * 3 + c]) / 255.0;
-                out[[0, c, y, x]] = 2.0 * unit - 1.0;
+                out[[0, c, y, x]] = map(unit);
             }
         }
     }

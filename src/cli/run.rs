@@ -10,9 +10,10 @@ use clap::Args;
 use tcd_ort::image_io::{
     image_grid, load_image, mask_preview, numbered_path, resize_lanczos, write_npy, write_png,
 };
-use tcd_ort::lora::parse_lora_arg;
+use tcd_ort::lora::{parse_lora_arg, parse_weighted_source};
 use tcd_ort::pipeline::{
-    Engine, EngineOptions, GenerateRequest, InpaintMode, LoraSpec, Progress, Task,
+    ControlImage, ControlPreprocess, Engine, EngineOptions, GenerateRequest, InpaintMode, LoraSpec,
+    Progress, Task,
 };
 use tcd_ort::runtime::{parse_provider_list, ExecutionProvider};
 
@@ -32,6 +33,14 @@ impl From<InpaintModeArg> for InpaintMode {
             InpaintModeArg::Unet => InpaintMode::Unet,
         }
     }
+}
+
+/// `--control-preprocess` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ControlPreprocessArg {
+    None,
+    Canny,
+    Depth,
 }
 
 /// Arguments of `tcd-ort run`.
@@ -115,7 +124,40 @@ pub struct RunArgs {
     /// unet (a 9-channel inpainting UNet); a method the model cannot do is an error.
     #[arg(long, value_enum, default_value_t = InpaintModeArg::Auto)]
     inpaint_mode: InpaintModeArg,
-    /// Also write the input, the mask and the result side by side to this PNG.
+    /// A ControlNet (a directory or hub id of a `python -m export controlnet` export) with an
+    /// optional conditioning scale (`DIR:0.5`; default 1.0, 0.5 generalises well with TCD).
+    /// Repeat for several: their residuals add up. Give one --control-image per ControlNet.
+    #[arg(long = "controlnet", value_name = "DIR_OR_ID[:SCALE]")]
+    controlnets: Vec<String>,
+    /// The control image of each --controlnet, in the same order (PNG or JPEG); resized to the
+    /// output size, which defaults to the first control image's.
+    #[arg(long = "control-image", value_name = "PATH")]
+    control_images: Vec<PathBuf>,
+    /// How each control image is made: none (it already is an edge or depth map), canny (edges
+    /// of a photo, as cv2.Canny), depth (a depth map of a photo, with --depth-model). One value
+    /// for every ControlNet, or one per ControlNet.
+    #[arg(long = "control-preprocess", value_enum)]
+    control_preprocess: Vec<ControlPreprocessArg>,
+    /// Canny's lower hysteresis threshold.
+    #[arg(long, default_value_t = 100.0)]
+    canny_low: f32,
+    /// Canny's upper hysteresis threshold.
+    #[arg(long, default_value_t = 200.0)]
+    canny_high: f32,
+    /// Fraction of the steps before each ControlNet starts acting (diffusers'
+    /// control_guidance_start); one value, or one per ControlNet.
+    #[arg(long = "control-start")]
+    control_start: Vec<f32>,
+    /// Fraction of the steps after which each ControlNet stops (control_guidance_end); one
+    /// value, or one per ControlNet.
+    #[arg(long = "control-end")]
+    control_end: Vec<f32>,
+    /// The depth estimator for --control-preprocess depth: a directory or hub id of a
+    /// `python -m export depth` export (e.g. of Intel/dpt-hybrid-midas).
+    #[arg(long)]
+    depth_model: Option<String>,
+    /// Also write the inputs (image, mask, control images as the ControlNets saw them) and the
+    /// results side by side to this PNG.
     #[arg(long)]
     grid: Option<PathBuf>,
     /// Output PNG path.
@@ -211,6 +253,7 @@ fn parameters_text(
     width: u32,
     height: u32,
     model: &str,
+    controlnets: &[String],
 ) -> String {
     let mut text = request.prompt.clone();
     if let Some(neg) = &request.negative_prompt {
@@ -223,6 +266,16 @@ fn parameters_text(
     if let Some(o) = request.original_inference_steps {
         text.push_str(&format!(", Original inference steps: {o}"));
     }
+    for (i, c) in request.control.iter().enumerate() {
+        text.push_str(&format!(
+            ", ControlNet {}: {} (scale {}, steps {}-{})",
+            i + 1,
+            controlnets.get(i).map(String::as_str).unwrap_or("?"),
+            c.scale,
+            c.start,
+            c.end
+        ));
+    }
     match task {
         Task::TextToImage => {}
         Task::ImageToImage { strength, .. } => {
@@ -233,6 +286,72 @@ fn parameters_text(
         }
     }
     text
+}
+
+/// One value for every ControlNet, or one each.
+fn per_controlnet<T: Copy>(flag: &str, values: &[T], default: T, count: usize) -> Result<Vec<T>> {
+    match values.len() {
+        0 => Ok(vec![default; count]),
+        1 => Ok(vec![values[0]; count]),
+        n if n == count => Ok(values.to_vec()),
+        n => bail!("{flag} was given {n} times for {count} ControlNet(s): give it once, or once per --controlnet"),
+    }
+}
+
+/// The ControlNet sources and the control images of the request.
+fn control_args(args: &RunArgs) -> Result<(Vec<String>, Vec<ControlImage>)> {
+    let count = args.controlnets.len();
+    if count == 0 {
+        if !args.control_images.is_empty() {
+            bail!("--control-image needs a --controlnet to read it");
+        }
+        if !args.control_preprocess.is_empty()
+            || !args.control_start.is_empty()
+            || !args.control_end.is_empty()
+        {
+            bail!("--control-preprocess, --control-start and --control-end need a --controlnet");
+        }
+        return Ok((Vec::new(), Vec::new()));
+    }
+    if args.control_images.len() != count {
+        bail!(
+            "{count} --controlnet but {} --control-image: give one control image per ControlNet, in the same order",
+            args.control_images.len()
+        );
+    }
+    let preprocess = per_controlnet(
+        "--control-preprocess",
+        &args.control_preprocess,
+        ControlPreprocessArg::None,
+        count,
+    )?;
+    if preprocess.contains(&ControlPreprocessArg::Depth) && args.depth_model.is_none() {
+        bail!("--control-preprocess depth needs --depth-model DIR_OR_ID (a `python -m export depth` export of e.g. Intel/dpt-hybrid-midas)");
+    }
+    let starts = per_controlnet("--control-start", &args.control_start, 0.0, count)?;
+    let ends = per_controlnet("--control-end", &args.control_end, 1.0, count)?;
+    let mut sources = Vec::with_capacity(count);
+    let mut control = Vec::with_capacity(count);
+    for (i, spec) in args.controlnets.iter().enumerate() {
+        let (source, scale) = parse_weighted_source("--controlnet", "SCALE", spec)?;
+        let image = load_image(&args.control_images[i])?;
+        control.push(ControlImage {
+            image,
+            scale,
+            start: starts[i],
+            end: ends[i],
+            preprocess: match preprocess[i] {
+                ControlPreprocessArg::None => ControlPreprocess::None,
+                ControlPreprocessArg::Canny => ControlPreprocess::Canny {
+                    low: args.canny_low,
+                    high: args.canny_high,
+                },
+                ControlPreprocessArg::Depth => ControlPreprocess::Depth,
+            },
+        });
+        sources.push(source);
+    }
+    Ok((sources, control))
 }
 
 /// Runs `tcd-ort run`.
@@ -262,8 +381,10 @@ pub fn run(args: RunArgs) -> Result<()> {
         if args.strength.is_some() {
             bail!("--strength needs --image (it says how much of that image to repaint)");
         }
-        if args.grid.is_some() {
-            bail!("--grid needs --image (it shows the input beside the result)");
+        if args.grid.is_some() && args.control_images.is_empty() {
+            bail!(
+                "--grid needs --image or --control-image (it shows the inputs beside the result)"
+            );
         }
     }
     if args.mask.is_none() && args.inpaint_mode != InpaintModeArg::Auto {
@@ -299,6 +420,10 @@ pub fn run(args: RunArgs) -> Result<()> {
             mode: args.inpaint_mode.into(),
         },
     };
+    let (controlnets, control) = control_args(&args)?;
+    if !control.is_empty() && args.image.is_some() {
+        bail!("ControlNet runs with text-to-image only; drop --image/--mask or the ControlNets");
+    }
     let seed = args.seed.unwrap_or_else(random_seed);
     let request = GenerateRequest {
         prompt: args.prompt.clone(),
@@ -311,6 +436,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         height: args.height,
         num_images: args.num_images,
         original_inference_steps: args.original_inference_steps,
+        control,
     };
     // Cheap checks first, so a bad request fails before minutes of model loading.
     if request.steps == 0 {
@@ -361,6 +487,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         loras,
         lora_weight_name: args.lora_weight_name.clone(),
         lora_allow_unmatched: args.lora_allow_unmatched,
+        controlnets: controlnets.clone(),
+        depth_estimator: args.depth_model.clone(),
     };
     let load_started = Instant::now();
     let mut engine = Engine::load(&args.model, &options)?;
@@ -417,7 +545,14 @@ pub fn run(args: RunArgs) -> Result<()> {
         let text = [
             (
                 "parameters",
-                parameters_text(&request, &task, image.width, image.height, &model_name),
+                parameters_text(
+                    &request,
+                    &task,
+                    image.width,
+                    image.height,
+                    &model_name,
+                    &controlnets,
+                ),
             ),
             ("Software", format!("tcd-ort {}", env!("CARGO_PKG_VERSION"))),
         ];
@@ -438,6 +573,7 @@ pub fn run(args: RunArgs) -> Result<()> {
                 cells.push(mask_preview(mask, w, h)?);
             }
         }
+        cells.extend(generated.control_images.iter().cloned());
         cells.extend(generated.images.iter().cloned());
         let grid = image_grid(&cells.iter().collect::<Vec<_>>())?;
         write_png(path, &grid, &[], args.overwrite)

@@ -117,7 +117,7 @@ pub unsafe extern "C" fn tcd_engine_generate(
             }
             _ => true,
         };
-        let generated = engine.engine.run(request, &task, &mut on_progress)?;
+        let generated = engine.engine.run(&request, &task, &mut on_progress)?;
         let result = tcd_result {
             images: generated.images,
         };

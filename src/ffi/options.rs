@@ -244,3 +244,52 @@ pub unsafe extern "C" fn tcd_engine_options_set_lora_allow_unmatched(
         Ok(())
     })
 }
+
+/// Adds a ControlNet: a directory or hub id of a `python -m export controlnet` export, made for
+/// the model's base (SD 1.x/2.x or SDXL). Requests then give one control image per ControlNet,
+/// in the order they were added (`tcd_request_add_control_image`).
+///
+/// # Safety
+///
+/// `options` is NULL or a live handle not used by another thread during the call; `source` is
+/// NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_engine_options_add_controlnet(
+    options: *mut tcd_engine_options,
+    source: *const c_char,
+) -> tcd_status {
+    guard("tcd_engine_options_add_controlnet", || {
+        // SAFETY: the caller's contract.
+        let options = unsafe { borrow_mut(options, "options") }?;
+        // SAFETY: the caller's contract.
+        let source = unsafe { string(source, "source") }?;
+        if source.is_empty() {
+            return Err(super::status::Failure::invalid(
+                "the ControlNet is empty: pass a directory or a hub id",
+            ));
+        }
+        options.options.controlnets.push(source);
+        Ok(())
+    })
+}
+
+/// Sets the depth estimator used by `TCD_CONTROL_DEPTH` control images: a directory or hub id of
+/// a `python -m export depth` export (e.g. of Intel/dpt-hybrid-midas); NULL removes it.
+///
+/// # Safety
+///
+/// `options` is NULL or a live handle not used by another thread during the call; `path` is
+/// NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_engine_options_set_depth_model(
+    options: *mut tcd_engine_options,
+    path: *const c_char,
+) -> tcd_status {
+    guard("tcd_engine_options_set_depth_model", || {
+        // SAFETY: the caller's contract.
+        let options = unsafe { borrow_mut(options, "options") }?;
+        // SAFETY: the caller's contract.
+        options.options.depth_estimator = unsafe { opt_string(path, "path") }?;
+        Ok(())
+    })
+}

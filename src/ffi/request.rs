@@ -4,7 +4,7 @@ use std::ffi::c_char;
 
 use super::status::{borrow_mut, free_box, guard, guard_new, opt_string, tcd_status, Failure};
 use crate::image_io::RgbImage;
-use crate::pipeline::{GenerateRequest, InpaintMode, Task};
+use crate::pipeline::{ControlImage, ControlPreprocess, GenerateRequest, InpaintMode, Task};
 
 /// What a request generates (the values `tcd_request_set_task` takes).
 #[repr(i32)]
@@ -31,6 +31,19 @@ pub enum tcd_inpaint_mode {
     TCD_INPAINT_UNET = 2,
 }
 
+/// How a control image is made (the values `tcd_request_add_control_image` takes).
+#[repr(i32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum tcd_control_preprocess {
+    /// The image already is a control image (an edge map, a depth map ...).
+    TCD_CONTROL_NONE = 0,
+    /// OpenCV's Canny edges of a photo (thresholds from `tcd_request_set_canny_thresholds`).
+    TCD_CONTROL_CANNY = 1,
+    /// A depth map of a photo from the engine's depth estimator
+    /// (`tcd_engine_options_set_depth_model`).
+    TCD_CONTROL_DEPTH = 2,
+}
+
 /// A generation request. Created by `tcd_request_new`, freed by `tcd_request_free`. Not
 /// thread-safe: set it from one thread at a time (it may move between threads); while
 /// `tcd_engine_generate` reads it, do not change it. One request may be used for any number of
@@ -42,11 +55,13 @@ pub struct tcd_request {
     mode: InpaintMode,
     image: Option<RgbImage>,
     mask: Option<RgbImage>,
+    control: Vec<(ControlImage, tcd_control_preprocess)>,
+    canny: (f32, f32),
 }
 
 impl tcd_request {
     /// The library's request and task; fails when the task lacks its images.
-    pub(crate) fn to_task(&self) -> Result<(&GenerateRequest, Task), Failure> {
+    pub(crate) fn to_task(&self) -> Result<(GenerateRequest, Task), Failure> {
         let needs = |what: Option<&RgbImage>, setter: &str, task: &str| {
             what.cloned().ok_or_else(|| {
                 Failure::invalid(format!("{task} needs an input: call {setter} first"))
@@ -69,7 +84,26 @@ impl tcd_request {
                 mode: self.mode,
             },
         };
-        Ok((&self.request, task))
+        let (low, high) = self.canny;
+        let control = self
+            .control
+            .iter()
+            .map(|(image, kind)| ControlImage {
+                preprocess: match kind {
+                    tcd_control_preprocess::TCD_CONTROL_NONE => ControlPreprocess::None,
+                    tcd_control_preprocess::TCD_CONTROL_CANNY => {
+                        ControlPreprocess::Canny { low, high }
+                    }
+                    tcd_control_preprocess::TCD_CONTROL_DEPTH => ControlPreprocess::Depth,
+                },
+                ..image.clone()
+            })
+            .collect();
+        let request = GenerateRequest {
+            control,
+            ..self.request.clone()
+        };
+        Ok((request, task))
     }
 }
 
@@ -85,6 +119,8 @@ pub extern "C" fn tcd_request_new() -> *mut tcd_request {
         mode: InpaintMode::Auto,
         image: None,
         mask: None,
+        control: Vec::new(),
+        canny: (100.0, 200.0),
     })
 }
 
@@ -461,6 +497,111 @@ pub unsafe extern "C" fn tcd_request_set_mask(
         let r = unsafe { borrow_mut(request, "request") }?;
         // SAFETY: the caller's contract.
         r.mask = Some(unsafe { copy_rgba(pixels, width, height, stride) }?);
+        Ok(())
+    })
+}
+
+/// Adds the control image of the next ControlNet (the engine's ControlNets take the images in
+/// the order they were added with `tcd_engine_options_add_controlnet`), as RGBA8 pixels laid out
+/// as for `tcd_request_set_image`. `scale` is diffusers' `controlnet_conditioning_scale` (0.5
+/// generalises well with TCD); the ControlNet acts from the fraction `start` of the steps to
+/// the fraction `end` (diffusers' `control_guidance_start`/`_end`; 0 and 1 for every step);
+/// `preprocess` is a `tcd_control_preprocess` value. The image is resized to the output size,
+/// which defaults to the first control image's (rounded down to a multiple of 8). The pixels
+/// are copied. Text-to-image only.
+///
+/// # Safety
+///
+/// `request` is NULL or a live handle that no other thread uses during the call; `pixels` is
+/// NULL or points to at least `stride * (height - 1) + width * 4` readable bytes.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn tcd_request_add_control_image(
+    request: *mut tcd_request,
+    pixels: *const u8,
+    width: u32,
+    height: u32,
+    stride: usize,
+    scale: f32,
+    start: f32,
+    end: f32,
+    preprocess: i32,
+) -> tcd_status {
+    guard("tcd_request_add_control_image", || {
+        // SAFETY: the caller's contract.
+        let r = unsafe { borrow_mut(request, "request") }?;
+        let kind = match preprocess {
+            0 => tcd_control_preprocess::TCD_CONTROL_NONE,
+            1 => tcd_control_preprocess::TCD_CONTROL_CANNY,
+            2 => tcd_control_preprocess::TCD_CONTROL_DEPTH,
+            _ => {
+                return Err(Failure::invalid(format!(
+                    "unknown control preprocessing {preprocess}: use TCD_CONTROL_NONE (0), \
+                     TCD_CONTROL_CANNY (1) or TCD_CONTROL_DEPTH (2)"
+                )))
+            }
+        };
+        if !scale.is_finite() {
+            return Err(Failure::invalid(format!(
+                "the conditioning scale must be a finite number, got {scale}"
+            )));
+        }
+        if !(start.is_finite() && end.is_finite() && 0.0 <= start && start < end && end <= 1.0) {
+            return Err(Failure::invalid(format!(
+                "the guidance window must satisfy 0 <= start < end <= 1, got start {start}, end {end}"
+            )));
+        }
+        // SAFETY: the caller's contract.
+        let image = unsafe { copy_rgba(pixels, width, height, stride) }?;
+        r.control.push((
+            ControlImage {
+                scale,
+                start,
+                end,
+                ..ControlImage::new(image)
+            },
+            kind,
+        ));
+        Ok(())
+    })
+}
+
+/// Removes every control image, so the request runs without ControlNet.
+///
+/// # Safety
+///
+/// `request` is NULL or a live handle that no other thread uses during the call.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_request_clear_control_images(request: *mut tcd_request) -> tcd_status {
+    guard("tcd_request_clear_control_images", || {
+        // SAFETY: the caller's contract.
+        let r = unsafe { borrow_mut(request, "request") }?;
+        r.control.clear();
+        Ok(())
+    })
+}
+
+/// Sets the hysteresis thresholds of `TCD_CONTROL_CANNY` images, as `cv2.Canny(image, low,
+/// high)` takes them (default 100 and 200); finite, >= 0, `low <= high`.
+///
+/// # Safety
+///
+/// `request` is NULL or a live handle that no other thread uses during the call.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_request_set_canny_thresholds(
+    request: *mut tcd_request,
+    low: f32,
+    high: f32,
+) -> tcd_status {
+    guard("tcd_request_set_canny_thresholds", || {
+        // SAFETY: the caller's contract.
+        let r = unsafe { borrow_mut(request, "request") }?;
+        if !(low.is_finite() && high.is_finite() && 0.0 <= low && low <= high) {
+            return Err(Failure::invalid(format!(
+                "Canny thresholds must be finite with 0 <= low <= high, got {low} and {high}"
+            )));
+        }
+        r.canny = (low, high);
         Ok(())
     })
 }

@@ -405,33 +405,40 @@ pub fn param_aliases(component: Component, param: &str) -> Vec<String> {
 /// Only a trailing `:<number>` is a weight, so `C:\loras\x.safetensors` and `h1t/TCD-SDXL-LoRA`
 /// keep their colons and `C:\x.safetensors:0.5` splits at the last one.
 pub fn parse_lora_arg(s: &str) -> Result<(String, f32)> {
+    parse_weighted_source("--lora", "WEIGHT", s)
+}
+
+/// Parses `PATH_OR_ID[:NUMBER]` for option `flag` (`--lora`, `--controlnet`); the number
+/// defaults to 1.0. `what` names the number in messages (`WEIGHT`, `SCALE`).
+pub fn parse_weighted_source(flag: &str, what: &str, s: &str) -> Result<(String, f32)> {
     let s = s.trim();
     if s.is_empty() {
-        return Err(Error::invalid(
-            "empty --lora argument; expected PATH_OR_ID[:WEIGHT]",
-        ));
+        return Err(Error::invalid(format!(
+            "empty {flag} argument; expected PATH_OR_ID[:{what}]"
+        )));
     }
+    let word = what.to_ascii_lowercase();
     if let Some((head, tail)) = s.rsplit_once(':') {
         if tail.is_empty() {
             return Err(Error::invalid(format!(
-                "--lora {s}: nothing after ':'; expected PATH_OR_ID[:WEIGHT], e.g. {head}:0.8"
+                "{flag} {s}: nothing after ':'; expected PATH_OR_ID[:{what}], e.g. {head}:0.8"
             )));
         }
-        // A Windows drive letter alone (`C:\...`) is never a weight: its tail starts with a slash.
+        // A Windows drive letter alone (`C:\...`) is never a number: its tail starts with a slash.
         let looks_numeric = tail
             .chars()
             .all(|c| c.is_ascii_digit() || matches!(c, '.' | '-' | '+' | 'e' | 'E'))
             && tail.chars().any(|c| c.is_ascii_digit());
         if looks_numeric {
             let w: f32 = tail.parse().map_err(|_| {
-                Error::invalid(format!("--lora {s}: weight {tail} is not a number"))
+                Error::invalid(format!("{flag} {s}: {word} {tail} is not a number"))
             })?;
             if !w.is_finite() {
-                return Err(Error::invalid(format!("--lora {s}: weight must be finite")));
+                return Err(Error::invalid(format!("{flag} {s}: {word} must be finite")));
             }
             if head.is_empty() {
                 return Err(Error::invalid(format!(
-                    "--lora {s}: missing path before the weight"
+                    "{flag} {s}: missing path before the {word}"
                 )));
             }
             return Ok((head.to_string(), w));

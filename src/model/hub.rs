@@ -175,6 +175,68 @@ pub fn resolve_pipeline(id: &str, revision: Option<&str>) -> Result<PathBuf> {
     snapshot_dir(&index, id)
 }
 
+/// Top-level files of a single-graph repository (a ControlNet, a depth estimator): the graph,
+/// its external data and its JSON configs.
+fn wanted_flat_file(name: &str) -> bool {
+    !name.contains('/')
+        && (name.ends_with(".onnx")
+            || name.ends_with(".onnx_data")
+            || name.ends_with(".onnx.data")
+            || name.ends_with(".json"))
+}
+
+/// Resolves a repository that holds one exported graph at its top level (`model.onnx` beside
+/// `tcd_ort.json`, as `python -m export controlnet|depth` writes it) to its snapshot
+/// directory, downloading what is missing. `what` names the kind of model in errors.
+pub fn resolve_single_graph(id: &str, revision: Option<&str>, what: &str) -> Result<PathBuf> {
+    if offline() {
+        let graph = cached(id, revision, "model.onnx").ok_or_else(|| {
+            Error::model(
+                id,
+                format!(
+                    "HF_HUB_OFFLINE is set and the hub cache at {} has no copy of this {what}",
+                    Cache::from_env().path().display()
+                ),
+            )
+        })?;
+        return snapshot_dir(&graph, id);
+    }
+    let api = ApiBuilder::from_env()
+        .with_progress(std::io::stderr().is_terminal())
+        .build()
+        .map_err(|e| hub_error(id, "could not start the hub client", e))?;
+    let remote = api.repo(repo(id, revision));
+    let info = remote
+        .info()
+        .map_err(|e| hub_error(id, "could not list the repository", e))?;
+    let files: Vec<String> = info
+        .siblings
+        .into_iter()
+        .map(|s| s.rfilename)
+        .filter(|f| wanted_flat_file(f))
+        .collect();
+    if !files.iter().any(|f| f == "model.onnx") {
+        return Err(Error::model(
+            id,
+            format!(
+                "the repository has no model.onnx at its top level: it is not an exported {what} \
+                 (export it with `python -m export`)"
+            ),
+        ));
+    }
+    let mut graph = None;
+    for file in &files {
+        let local = remote
+            .get(file)
+            .map_err(|e| hub_error(id, &format!("could not download {file}"), e))?;
+        if file == "model.onnx" {
+            graph = Some(local);
+        }
+    }
+    let graph = graph.ok_or_else(|| Error::model(id, "model.onnx was not fetched"))?;
+    snapshot_dir(&graph, id)
+}
+
 /// Resolves one file of a repository (a LoRA, say), downloading it when missing.
 pub fn resolve_file(id: &str, revision: Option<&str>, file: &str) -> Result<PathBuf> {
     if offline() {
@@ -197,11 +259,10 @@ pub fn resolve_file(id: &str, revision: Option<&str>, file: &str) -> Result<Path
         .map_err(|e| hub_error(id, &format!("could not download {file}"), e))
 }
 
-fn snapshot_dir(index: &Path, id: &str) -> Result<PathBuf> {
-    index
-        .parent()
+fn snapshot_dir(file: &Path, id: &str) -> Result<PathBuf> {
+    file.parent()
         .map(Path::to_path_buf)
-        .ok_or_else(|| Error::model(id, "the cached model_index.json has no parent directory"))
+        .ok_or_else(|| Error::model(id, "a cached file has no parent directory"))
 }
 
 #[cfg(test)]

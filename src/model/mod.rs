@@ -90,6 +90,15 @@ pub struct UnetConfig {
     pub projection_class_embeddings_input_dim: Option<usize>,
     /// ResNet layers per down block; SGM-named (kohya SDXL) LoRA keys are mapped with it.
     pub layers_per_block: Option<usize>,
+    /// Channels of each down block (ControlNet residual shapes follow them).
+    #[serde(default)]
+    pub block_out_channels: Vec<usize>,
+    /// The down blocks; every one but the last halves the resolution.
+    #[serde(default)]
+    pub down_block_types: Vec<String>,
+    /// Width of the text conditioning (a number, or one per block in some configs).
+    #[serde(default)]
+    pub cross_attention_dim: serde_json::Value,
 }
 
 fn default_in_channels() -> usize {

@@ -248,6 +248,7 @@ pub(super) fn run(
         guidance,
         request.eta,
         &mut generator,
+        None,
         progress,
     )?;
     finish(engine, latents, timesteps, progress)

@@ -155,9 +155,9 @@ pub(super) fn run(
             Some(extra) => {
                 let input = concatenate(Axis(1), &[latents.view(), extra.view()])
                     .map_err(|e| Error::Runtime(format!("building the UNet input: {e}")))?;
-                predict_noise(engine, &input, t, &cond, guidance)?
+                predict_noise(engine, &input, t, &cond, guidance, None)?
             }
-            None => predict_noise(engine, &latents, t, &cond, guidance)?,
+            None => predict_noise(engine, &latents, t, &cond, guidance, None)?,
         };
         latents = scheduler
             .step(&noise_pred, t, &latents, request.eta, &mut generator)?

@@ -21,11 +21,13 @@
 //! ```
 
 pub mod conditioning;
+mod controlnet;
 mod img2img;
 mod inpaint;
 mod lora;
 mod txt2img;
 
+pub use controlnet::{ControlImage, ControlNet, ControlPreprocess};
 pub use lora::{apply_loras, LoraReport, LoraSpec};
 
 use std::path::{Path, PathBuf};
@@ -59,6 +61,12 @@ pub struct EngineOptions {
     pub lora_weight_name: Option<String>,
     /// Skip LoRA targets that match no weight instead of failing.
     pub lora_allow_unmatched: bool,
+    /// ControlNets (directories or hub ids of `python -m export controlnet` exports), in the
+    /// order [`GenerateRequest::control`] gives their images.
+    pub controlnets: Vec<String>,
+    /// The depth estimator (a directory or hub id of a `python -m export depth` export) for
+    /// [`ControlPreprocess::Depth`].
+    pub depth_estimator: Option<String>,
 }
 
 impl Default for EngineOptions {
@@ -72,6 +80,8 @@ impl Default for EngineOptions {
             loras: Vec::new(),
             lora_weight_name: None,
             lora_allow_unmatched: false,
+            controlnets: Vec::new(),
+            depth_estimator: None,
         }
     }
 }
@@ -99,6 +109,9 @@ pub struct GenerateRequest {
     pub num_images: usize,
     /// TCD's `original_inference_steps` (the distillation schedule length); `None` = config's.
     pub original_inference_steps: Option<usize>,
+    /// One control image per loaded ControlNet ([`EngineOptions::controlnets`]); empty runs
+    /// without ControlNet. Text-to-image only.
+    pub control: Vec<ControlImage>,
 }
 
 impl Default for GenerateRequest {
@@ -114,6 +127,7 @@ impl Default for GenerateRequest {
             height: None,
             num_images: 1,
             original_inference_steps: None,
+            control: Vec::new(),
         }
     }
 }
@@ -194,6 +208,9 @@ pub struct Generated {
     pub latents: ndarray::ArrayD<f32>,
     /// The timesteps that were run.
     pub timesteps: Vec<i64>,
+    /// The control images the ControlNets saw, after preprocessing (Canny edges, depth maps),
+    /// at the output size; empty without ControlNet.
+    pub control_images: Vec<RgbImage>,
 }
 
 /// A loaded pipeline: tokenizers, sessions and configs, created once.
@@ -204,6 +221,9 @@ pub struct Engine {
     unet: Graph,
     vae_decoder: Graph,
     vae_encoder: Option<Graph>,
+    controlnets: Vec<ControlNet>,
+    residuals: Option<controlnet::ResidualLayout>,
+    depth: Option<controlnet::DepthStandIn>,
     requires_aesthetics_score: bool,
     scheduler: TcdConfig,
     providers: Vec<ExecutionProvider>,
@@ -295,6 +315,28 @@ impl Engine {
             required.extend(["text_embeds", "time_ids"]);
         }
         unet.require_inputs(&required)?;
+        let residuals = controlnet::ResidualLayout::from_unet(&unet, &model.unet, &root)?;
+        if let Some(depth) = &options.depth_estimator {
+            return Err(Error::invalid(format!(
+                "--depth-model {depth}: depth estimation is not wired in yet"
+            )));
+        }
+        let mut controlnets = Vec::with_capacity(options.controlnets.len());
+        for source in &options.controlnets {
+            let net = ControlNet::load(source, options.revision.as_deref(), &session_options)?;
+            match &residuals {
+                Some(layout) => layout.check(&net, xl, &model.unet)?,
+                None => {
+                    return Err(Error::model(
+                        &root,
+                        "the UNet of this model takes no ControlNet residuals (an older or an \
+                         optimum export); re-export it with `python -m export convert` to use \
+                         ControlNets",
+                    ))
+                }
+            }
+            controlnets.push(net);
+        }
         let vae_decoder = Graph::load(
             "vae_decoder",
             &model.graph_path("vae_decoder"),
@@ -324,6 +366,9 @@ impl Engine {
             unet,
             vae_decoder,
             vae_encoder,
+            controlnets,
+            residuals,
+            depth: None,
             requires_aesthetics_score,
             scheduler,
             providers,
@@ -357,6 +402,17 @@ impl Engine {
         &self.scheduler
     }
 
+    /// The loaded ControlNets, in load order.
+    pub fn controlnets(&self) -> &[ControlNet] {
+        &self.controlnets
+    }
+
+    /// Whether the UNet takes ControlNet residuals (exports made before ControlNet support, and
+    /// optimum's, do not).
+    pub fn accepts_controlnet(&self) -> bool {
+        self.residuals.is_some()
+    }
+
     /// Whether the model has a VAE encoder (needed by image-to-image and inpainting).
     pub fn has_vae_encoder(&self) -> bool {
         self.vae_encoder.is_some()
@@ -381,6 +437,12 @@ impl Engine {
         task: &Task,
         progress: &mut dyn FnMut(Progress) -> bool,
     ) -> Result<Generated> {
+        controlnet::validate(self.controlnets.len(), &request.control)?;
+        if !request.control.is_empty() && *task != Task::TextToImage {
+            return Err(Error::invalid(
+                "ControlNet runs with text-to-image only; drop --image/--mask or the control images",
+            ));
+        }
         match task {
             Task::TextToImage => txt2img::run(self, request, progress),
             Task::ImageToImage { image, strength } => {

@@ -4,6 +4,7 @@
 use ndarray::{concatenate, s, ArrayD, Axis, IxDyn};
 
 use super::conditioning::{encode_sd, encode_sdxl, Conditioning, PromptSpec};
+use super::controlnet::{self, ControlState};
 use super::{Engine, GenerateRequest, Generated, Progress};
 use crate::image_io::vae_output_to_images;
 use crate::rng::TorchGenerator;
@@ -34,9 +35,18 @@ pub(super) fn validate(engine: &Engine, request: &GenerateRequest) -> Result<(us
         return Err(Error::invalid("--num-images must be at least 1"));
     }
     let default = engine.model.default_image_size();
-    let height = request.height.unwrap_or(default);
-    let width = request.width.unwrap_or(default);
     let factor = engine.model.vae.scale_factor();
+    // ControlNet pipelines default to the (first) control image's size, rounded down to a
+    // multiple of the VAE factor.
+    let (default_w, default_h) = match request.control.first() {
+        Some(c) => (
+            c.image.width as usize / factor * factor,
+            c.image.height as usize / factor * factor,
+        ),
+        None => (default, default),
+    };
+    let height = request.height.unwrap_or(default_h);
+    let width = request.width.unwrap_or(default_w);
     let multiple = factor.max(8);
     for (name, v) in [("--height", height), ("--width", width)] {
         if v == 0 || v % multiple != 0 {
@@ -90,12 +100,14 @@ pub(super) fn encode_prompts(
 }
 
 /// One UNet evaluation with classifier-free guidance folded in, as the pipelines do it.
+/// `control` is the ControlNet state and the step index, when ControlNets take part.
 pub(super) fn predict_noise(
     engine: &mut Engine,
     latents: &ArrayD<f32>,
     timestep: i64,
     cond: &Conditioning,
     guidance: Option<f32>,
+    control: Option<(&ControlState, usize)>,
 ) -> Result<ArrayD<f32>> {
     let model_input = match guidance {
         Some(_) => concatenate(Axis(0), &[latents.view(), latents.view()])
@@ -114,7 +126,7 @@ pub(super) fn predict_noise(
     } else {
         ArrayD::from_elem(IxDyn(&[timestep_len]), timestep as f32)
     };
-    let mut inputs = vec![
+    let mut shared = vec![
         ("sample", TensorInput::F32(model_input)),
         ("timestep", TensorInput::F32(timestep_array)),
         (
@@ -123,11 +135,29 @@ pub(super) fn predict_noise(
         ),
     ];
     if let Some(pooled) = &cond.pooled {
-        inputs.push(("text_embeds", TensorInput::F32(pooled.clone())));
+        shared.push(("text_embeds", TensorInput::F32(pooled.clone())));
     }
     if let Some(time_ids) = &cond.time_ids {
-        inputs.push(("time_ids", TensorInput::F32(time_ids.clone())));
+        shared.push(("time_ids", TensorInput::F32(time_ids.clone())));
     }
+    let residuals = {
+        let TensorInput::F32(sample) = &shared[0].1 else {
+            return Err(Error::Runtime("the UNet sample must be float".into()));
+        };
+        controlnet::unet_residuals(
+            engine.residuals.as_ref(),
+            &mut engine.controlnets,
+            control,
+            &shared,
+            sample,
+        )?
+    };
+    let mut inputs = shared;
+    inputs.extend(
+        residuals
+            .iter()
+            .map(|(name, value)| (name.as_str(), TensorInput::F32(value.clone()))),
+    );
     let mut out = engine.unet.run(inputs, &["out_sample"])?;
     let noise = out
         .pop()
@@ -212,6 +242,14 @@ pub(super) fn run(
         latents.mapv_inplace(|v| v * sigma);
     }
     scheduler.set_begin_index(0);
+    let control = controlnet::prepare(
+        &request.control,
+        &mut engine.depth,
+        timesteps.len(),
+        (height, width),
+        request.num_images,
+        guidance.is_some(),
+    )?;
     let latents = denoise(
         engine,
         &mut scheduler,
@@ -221,9 +259,14 @@ pub(super) fn run(
         guidance,
         request.eta,
         &mut generator,
+        control.as_ref(),
         progress,
     )?;
-    finish(engine, latents, timesteps, progress)
+    let mut generated = finish(engine, latents, timesteps, progress)?;
+    if let Some(control) = control {
+        generated.control_images = control.into_previews();
+    }
+    Ok(generated)
 }
 
 /// The TCD loop shared by text-to-image and image-to-image: predict, step, report.
@@ -237,11 +280,13 @@ pub(super) fn denoise(
     guidance: Option<f32>,
     eta: f32,
     generator: &mut TorchGenerator,
+    control: Option<&ControlState>,
     progress: &mut dyn FnMut(Progress) -> bool,
 ) -> Result<ArrayD<f32>> {
     let total = timesteps.len();
     for (i, &t) in timesteps.iter().enumerate() {
-        let noise_pred = predict_noise(engine, &latents, t, cond, guidance)?;
+        let noise_pred =
+            predict_noise(engine, &latents, t, cond, guidance, control.map(|c| (c, i)))?;
         latents = scheduler
             .step(&noise_pred, t, &latents, eta, generator)?
             .prev_sample;
@@ -271,5 +316,6 @@ pub(super) fn finish(
         images,
         latents,
         timesteps,
+        control_images: Vec::new(),
     })
 }

@@ -90,6 +90,7 @@ fn check_family(family: &str) {
             height: Some(case.height),
             num_images: case.num_images,
             original_inference_steps: None,
+            control: Vec::new(),
         };
         let image = load_image(&root().join(&case.image)).expect("input image");
         let strength = case.strength.unwrap_or_else(|| default_strength(family));

@@ -60,6 +60,7 @@ fn request(case: &Case) -> GenerateRequest {
         height: Some(case.height),
         num_images: 1,
         original_inference_steps: None,
+        control: Vec::new(),
     }
 }
 

@@ -3,6 +3,7 @@
 mod canny;
 mod cli;
 mod common;
+mod controlnet;
 mod ffi;
 mod hub;
 mod img2img;

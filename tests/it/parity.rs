@@ -80,6 +80,7 @@ fn check_family(family: &str) {
             height: Some(case.height),
             num_images: case.num_images,
             original_inference_steps: None,
+            control: Vec::new(),
         };
         let out = engine
             .generate(&request, &mut |_| true)

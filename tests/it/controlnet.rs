@@ -1,0 +1,308 @@
+//! ControlNet parity with diffusers on tiny random-weight models: SD1.5-like and SDXL-like
+//! pipelines with one and two ControlNets (`ControlNetModel.from_unet`, zero convolutions
+//! re-initialised so the residuals matter), scales 0.5 and 1, guidance 0 and 2, guidance
+//! windows, Canny preprocessing and control images of another size than the output.
+//!
+//! The references come from diffusers' `StableDiffusionControlNetPipeline` and
+//! `StableDiffusionXLControlNetPipeline` with `TCDScheduler`, through
+//! `tests/golden/make_controlnet.py` (run by `make fixtures`); nothing here is hand-written.
+//! Final latents must agree within 1e-4 of their largest magnitude, pixels within 2/255.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use tcd_ort::image_io::load_image;
+use tcd_ort::pipeline::{
+    ControlImage, ControlPreprocess, Engine, EngineOptions, GenerateRequest, Task,
+};
+
+use crate::common::{fixtures_dir, read_png_rgb, ParityReport};
+
+#[derive(Debug, Deserialize)]
+struct Net {
+    onnx: String,
+    scale: f32,
+}
+
+#[derive(Debug, Deserialize)]
+struct Case {
+    name: String,
+    prompt: String,
+    negative_prompt: Option<String>,
+    steps: usize,
+    eta: f32,
+    guidance: f32,
+    seed: u64,
+    width: usize,
+    height: usize,
+    #[serde(default = "one")]
+    num_images: usize,
+    controlnets: Vec<Net>,
+    control_images: Vec<String>,
+    control_start: Option<Vec<f32>>,
+    control_end: Option<Vec<f32>>,
+    control_preprocess: Option<String>,
+    canny_low: Option<f32>,
+    canny_high: Option<f32>,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn root() -> PathBuf {
+    fixtures_dir().join("controlnet")
+}
+
+fn model_dir(family: &str) -> PathBuf {
+    let own = root().join(family).join("onnx");
+    if own.is_dir() {
+        return own;
+    }
+    fixtures_dir().join("parity").join(family).join("onnx")
+}
+
+fn load_engine(family: &str, nets: &[PathBuf]) -> Engine {
+    let options = EngineOptions {
+        controlnets: nets
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect(),
+        ..EngineOptions::default()
+    };
+    let model = model_dir(family);
+    Engine::load(model.to_string_lossy(), &options)
+        .unwrap_or_else(|e| panic!("{}: {e}; run `make fixtures`", model.display()))
+}
+
+fn request(case: &Case, base: &Path) -> GenerateRequest {
+    let preprocess = match case.control_preprocess.as_deref() {
+        None | Some("none") => ControlPreprocess::None,
+        Some("canny") => ControlPreprocess::Canny {
+            low: case.canny_low.unwrap_or(100.0),
+            high: case.canny_high.unwrap_or(200.0),
+        },
+        Some(other) => panic!("{}: unknown control_preprocess {other}", case.name),
+    };
+    let control = case
+        .controlnets
+        .iter()
+        .zip(&case.control_images)
+        .enumerate()
+        .map(|(k, (net, image))| ControlImage {
+            image: load_image(&base.join(image)).expect("control image"),
+            scale: net.scale,
+            start: case.control_start.as_ref().map_or(0.0, |s| s[k]),
+            end: case.control_end.as_ref().map_or(1.0, |e| e[k]),
+            preprocess,
+        })
+        .collect();
+    GenerateRequest {
+        prompt: case.prompt.clone(),
+        negative_prompt: case.negative_prompt.clone(),
+        steps: case.steps,
+        eta: case.eta,
+        guidance: case.guidance,
+        seed: case.seed,
+        width: Some(case.width),
+        height: Some(case.height),
+        num_images: case.num_images,
+        original_inference_steps: None,
+        control,
+    }
+}
+
+fn cases(family: &str) -> Vec<Case> {
+    let path = root().join(family).join("cases.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; generate the ControlNet fixtures with `make fixtures`",
+            path.display()
+        )
+    });
+    serde_json::from_str(&text).expect("cases.json parses")
+}
+
+/// Runs every case of a family (one engine per set of ControlNets) and reports all failures
+/// at once.
+fn check_family(family: &str) {
+    let dir = root().join(family);
+    let cases = cases(family);
+    assert!(!cases.is_empty());
+    let mut engines: HashMap<Vec<PathBuf>, Engine> = HashMap::new();
+    let mut report = ParityReport::default();
+    let mut canny_checked = 0;
+    for case in &cases {
+        let nets: Vec<PathBuf> = case.controlnets.iter().map(|n| dir.join(&n.onnx)).collect();
+        let engine = engines
+            .entry(nets.clone())
+            .or_insert_with(|| load_engine(family, &nets));
+        let request = request(case, &root());
+        let out = match engine.run(&request, &Task::TextToImage, &mut |_| true) {
+            Ok(out) => out,
+            Err(e) => {
+                report.fail(format!("{}: {e}", case.name));
+                continue;
+            }
+        };
+        report.check(&out, &dir.join("reference"), &case.name);
+        assert_eq!(out.control_images.len(), case.controlnets.len());
+        // The reference saved its cv2.Canny edge images: ours must be the same bytes (before
+        // the resize to the output size, which the latents above cover).
+        if matches!(case.control_preprocess.as_deref(), Some("canny")) {
+            for (k, path) in case.control_images.iter().enumerate() {
+                let photo = load_image(&root().join(path)).expect("photo");
+                let ours = tcd_ort::control::canny(
+                    &photo,
+                    case.canny_low.unwrap_or(100.0),
+                    case.canny_high.unwrap_or(200.0),
+                )
+                .expect("canny");
+                let reference = dir
+                    .join("reference")
+                    .join(format!("{}_control_{k}.png", case.name));
+                let (w, h, pixels) = read_png_rgb(&reference);
+                assert_eq!((w, h), (ours.width, ours.height), "{}", case.name);
+                assert!(pixels == ours.pixels, "{}: Canny edges differ", case.name);
+                canny_checked += 1;
+            }
+        }
+    }
+    assert!(canny_checked > 0, "no Canny case in {family}");
+    report.finish(&format!("{family} ControlNet"), cases.len());
+}
+
+#[test]
+fn sd15_controlnet_matches_diffusers() {
+    check_family("sd15");
+}
+
+#[test]
+fn sdxl_controlnet_matches_diffusers() {
+    check_family("sdxl");
+}
+
+/// Without control images a UNet that takes residuals gets zeros: the output is the same, bit
+/// for bit, with or without ControlNets loaded (and the text-to-image parity tests run on the
+/// same residual-taking exports).
+#[test]
+fn zero_residuals_leave_text_to_image_unchanged() {
+    let dir = root().join("sd15");
+    let net = dir.join("controlnet_0").join("onnx");
+    let request = GenerateRequest {
+        prompt: "a red house".into(),
+        width: Some(64),
+        height: Some(64),
+        ..GenerateRequest::default()
+    };
+    let mut plain = load_engine("sd15", &[]);
+    assert!(plain.accepts_controlnet());
+    let a = plain.generate(&request, &mut |_| true).expect("plain");
+    let mut with_net = load_engine("sd15", &[net]);
+    let b = with_net
+        .generate(&request, &mut |_| true)
+        .expect("with a ControlNet loaded");
+    assert_eq!(a.latents, b.latents);
+    assert_eq!(a.images, b.images);
+}
+
+fn control_for(image: &str) -> ControlImage {
+    ControlImage {
+        scale: 0.5,
+        ..ControlImage::new(load_image(&root().join(image)).expect("control image"))
+    }
+}
+
+fn first_control_image(family: &str) -> String {
+    cases(family)
+        .into_iter()
+        .find(|c| c.control_preprocess.is_none())
+        .and_then(|c| c.control_images.into_iter().next())
+        .expect("a case with a plain control image")
+}
+
+/// Bad inputs: a ControlNet for another base, a missing directory, a pipeline given as a
+/// ControlNet, image counts that do not match, a request with control images but no
+/// ControlNet, ControlNet with image-to-image.
+#[test]
+fn bad_controlnet_inputs_are_refused() {
+    let dir = root().join("sd15");
+    let options = |nets: Vec<PathBuf>| EngineOptions {
+        controlnets: nets
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect(),
+        ..EngineOptions::default()
+    };
+    let model = model_dir("sd15");
+    let model = model.to_string_lossy();
+    let err = Engine::load(
+        &model,
+        &options(vec![dir.join("controlnet_other").join("onnx")]),
+    )
+    .expect_err("an SDXL ControlNet on an SD1.5 model");
+    assert!(err.to_string().contains("another base model"), "{err}");
+    let err = Engine::load(&model, &options(vec![dir.join("no-such-controlnet")]))
+        .expect_err("missing dir");
+    assert!(err.to_string().contains("no such ControlNet"), "{err}");
+    let err = Engine::load(&model, &options(vec![model_dir("sd15")]))
+        .expect_err("a pipeline is not a ControlNet");
+    assert!(err.to_string().contains("not a ControlNet"), "{err}");
+
+    let image = first_control_image("sd15");
+    let mut engine = load_engine("sd15", &[dir.join("controlnet_0").join("onnx")]);
+    let mut request = GenerateRequest {
+        prompt: "a cat".into(),
+        width: Some(64),
+        height: Some(64),
+        control: vec![control_for(&image), control_for(&image)],
+        ..GenerateRequest::default()
+    };
+    let err = engine
+        .generate(&request, &mut |_| true)
+        .expect_err("two images, one ControlNet");
+    assert!(
+        err.to_string().contains("2 control image(s) given for 1"),
+        "{err}"
+    );
+    request.control.truncate(1);
+    let task = Task::ImageToImage {
+        image: load_image(&root().join(&image)).expect("image"),
+        strength: 0.5,
+    };
+    let err = engine
+        .run(&request, &task, &mut |_| true)
+        .expect_err("ControlNet with image-to-image");
+    assert!(err.to_string().contains("text-to-image only"), "{err}");
+    request.control[0].preprocess = ControlPreprocess::Depth;
+    let err = engine
+        .generate(&request, &mut |_| true)
+        .expect_err("depth without an estimator");
+    assert!(err.to_string().contains("--depth-model"), "{err}");
+
+    let mut plain = load_engine("sd15", &[]);
+    request.control[0].preprocess = ControlPreprocess::None;
+    let err = plain
+        .generate(&request, &mut |_| true)
+        .expect_err("control image without ControlNet");
+    assert!(err.to_string().contains("no ControlNet is loaded"), "{err}");
+}
+
+/// An export whose UNet takes no residuals (optimum's) refuses ControlNets at load.
+#[test]
+fn unet_without_residual_inputs_refuses_controlnets() {
+    let optimum = fixtures_dir().join("optimum").join("sd15");
+    let options = EngineOptions {
+        controlnets: vec![root()
+            .join("sd15")
+            .join("controlnet_0")
+            .join("onnx")
+            .to_string_lossy()
+            .into_owned()],
+        ..EngineOptions::default()
+    };
+    let err = Engine::load(optimum.to_string_lossy(), &options)
+        .expect_err("optimum UNet has no residual inputs");
+    assert!(err.to_string().contains("re-export"), "{err}");
+}
