@@ -169,9 +169,54 @@ pub struct RunArgs {
     /// Also write the final latents (before VAE decoding) as a NumPy .npy file.
     #[arg(long)]
     save_latents: Option<PathBuf>,
+    /// Write where the time went to this JSON file (for benchmarks): load, prompt encoding,
+    /// each denoising step, VAE decoding and the whole run, in seconds.
+    #[arg(long)]
+    timings: Option<PathBuf>,
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
+}
+
+/// Seconds since the generation started at each progress event, for `--timings`.
+#[derive(Debug, Default)]
+struct Timeline {
+    encoding: Option<f64>,
+    denoising: Option<f64>,
+    steps: Vec<f64>,
+    decoding: Option<f64>,
+}
+
+impl Timeline {
+    fn record(&mut self, event: Progress, at: f64) {
+        match event {
+            Progress::EncodingPrompt => self.encoding = Some(at),
+            Progress::Denoising { .. } => self.denoising = Some(at),
+            Progress::Step { .. } => self.steps.push(at),
+            Progress::Decoding => self.decoding = Some(at),
+        }
+    }
+
+    /// `{"load_s", "encode_s", "steps_s": [...], "decode_s", "generate_s", "total_s"}`: each
+    /// phase runs from the event that starts it to the next one.
+    fn to_json(&self, load: f64, generate: f64, total: f64) -> serde_json::Value {
+        let mut steps = Vec::with_capacity(self.steps.len());
+        let mut previous = self.denoising;
+        for &t in &self.steps {
+            if let Some(p) = previous {
+                steps.push(t - p);
+            }
+            previous = Some(t);
+        }
+        serde_json::json!({
+            "load_s": load,
+            "encode_s": self.encoding.zip(self.denoising).map(|(a, b)| b - a),
+            "steps_s": steps,
+            "decode_s": self.decoding.map(|d| generate - d),
+            "generate_s": generate,
+            "total_s": total,
+        })
+    }
 }
 
 fn random_seed() -> u64 {
@@ -239,6 +284,7 @@ impl ProgressBar {
                     let _ = writeln!(err, "{line}");
                 }
             }
+            Progress::Denoising { .. } => {}
             Progress::Decoding => {
                 let _ = writeln!(err, "decoding");
             }
@@ -491,6 +537,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         depth_estimator: args.depth_model.clone(),
     };
     let load_started = Instant::now();
+    if let Some(path) = &args.timings {
+        check_outputs(std::slice::from_ref(path), args.overwrite)?;
+    }
     let mut engine = Engine::load(&args.model, &options)?;
     if !args.quiet {
         eprintln!(
@@ -535,7 +584,14 @@ pub fn run(args: RunArgs) -> Result<()> {
         tty: std::io::stderr().is_terminal(),
         started: Instant::now(),
     };
-    let generated = engine.run(&request, &task, &mut |event| bar.update(event))?;
+    let mut timeline = Timeline::default();
+    let generate_started = Instant::now();
+    let generated = engine.run(&request, &task, &mut |event| {
+        timeline.record(event, generate_started.elapsed().as_secs_f64());
+        bar.update(event)
+    })?;
+    let generate_s = generate_started.elapsed().as_secs_f64();
+    let load_s = generate_started.duration_since(load_started).as_secs_f64();
 
     let model_name = Path::new(&args.model)
         .file_name()
@@ -581,6 +637,12 @@ pub fn run(args: RunArgs) -> Result<()> {
         if !args.quiet {
             eprintln!("wrote {}", path.display());
         }
+    }
+    if let Some(path) = &args.timings {
+        let total = load_started.elapsed().as_secs_f64();
+        let json = timeline.to_json(load_s, generate_s, total);
+        std::fs::write(path, format!("{json:#}\n"))
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &args.save_latents {
         write_npy(path, &generated.latents, args.overwrite)?;

@@ -150,6 +150,7 @@ pub(super) fn run(
     };
 
     let total = timesteps.len();
+    check_cancel(progress, Progress::Denoising { total })?;
     for (i, &t) in timesteps.iter().enumerate() {
         let noise_pred = match &extra {
             Some(extra) => {

@@ -185,6 +185,11 @@ pub enum InpaintMode {
 pub enum Progress {
     /// Prompts are being encoded.
     EncodingPrompt,
+    /// The first of `total` denoising steps starts (inputs are encoded and prepared).
+    Denoising {
+        /// Steps to run.
+        total: usize,
+    },
     /// Denoising step `step` (1-based) of `total` finished at `timestep`.
     Step {
         /// Steps done.

@@ -284,6 +284,7 @@ pub(super) fn denoise(
     progress: &mut dyn FnMut(Progress) -> bool,
 ) -> Result<ArrayD<f32>> {
     let total = timesteps.len();
+    check_cancel(progress, Progress::Denoising { total })?;
     for (i, &t) in timesteps.iter().enumerate() {
         let noise_pred =
             predict_noise(engine, &latents, t, cond, guidance, control.map(|c| (c, i)))?;

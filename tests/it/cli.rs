@@ -370,3 +370,118 @@ fn an_inpainting_method_the_unet_cannot_do_is_an_error() {
         "--inpaint-mode needs",
     );
 }
+
+/// `--timings` writes where the time went: one entry per step, every phase positive, the
+/// phases within the whole.
+#[test]
+fn timings_json_reports_each_phase() {
+    let dir = scratch_dir("cli-timings");
+    let png = dir.join("out.png");
+    let json = dir.join("timings.json");
+    let model_s = demo_model().to_string_lossy().into_owned();
+    let (png_s, json_s) = (
+        png.to_string_lossy().into_owned(),
+        json.to_string_lossy().into_owned(),
+    );
+    let mut args = base_args(&model_s, &png_s);
+    args.extend(["--steps", "3", "--timings", &json_s]);
+    let out = tcd(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("timings written"))
+            .expect("timings are JSON");
+    let num = |k: &str| t[k].as_f64().unwrap_or_else(|| panic!("{k} in {t}"));
+    let steps: Vec<f64> = t["steps_s"]
+        .as_array()
+        .expect("steps_s")
+        .iter()
+        .map(|v| v.as_f64().expect("seconds"))
+        .collect();
+    assert_eq!(steps.len(), 3, "{t}");
+    for v in steps
+        .iter()
+        .chain([num("load_s"), num("encode_s"), num("decode_s")].iter())
+    {
+        assert!(*v > 0.0, "{t}");
+    }
+    let phases = num("encode_s") + steps.iter().sum::<f64>() + num("decode_s");
+    assert!(phases <= num("generate_s") + 1e-9, "{t}");
+    assert!(
+        num("load_s") + num("generate_s") <= num("total_s") + 1e-9,
+        "{t}"
+    );
+    // An existing timings file is kept unless --overwrite.
+    let again = tcd(&args);
+    assert_fails_with(&again, "--overwrite");
+}
+
+#[test]
+fn controlnet_flags_are_checked_before_loading() {
+    bad_image_request(&["--control-image", "IMAGE"], "needs a --controlnet");
+    bad_image_request(&["--control-start", "0.5"], "need a --controlnet");
+    bad_image_request(
+        &[
+            "--controlnet",
+            "some/dir",
+            "--controlnet",
+            "other/dir",
+            "--control-image",
+            "IMAGE",
+        ],
+        "2 --controlnet but 1 --control-image",
+    );
+    bad_image_request(
+        &["--controlnet", "some/dir:x1", "--control-image", "IMAGE"],
+        "no such ControlNet",
+    );
+    bad_image_request(
+        &[
+            "--controlnet",
+            "some/dir:0.5",
+            "--control-image",
+            "IMAGE",
+            "--control-preprocess",
+            "depth",
+        ],
+        "--depth-model",
+    );
+    bad_image_request(
+        &[
+            "--controlnet",
+            "a",
+            "--controlnet",
+            "b",
+            "--control-image",
+            "IMAGE",
+            "--control-image",
+            "IMAGE",
+            "--control-end",
+            "0.5",
+            "--control-end",
+            "0.6",
+            "--control-end",
+            "0.7",
+        ],
+        "--control-end was given 3 times for 2",
+    );
+    bad_image_request(
+        &[
+            "--controlnet",
+            "missing/controlnet:0.5",
+            "--control-image",
+            "no/such.png",
+        ],
+        "such.png",
+    );
+    bad_image_request(
+        &[
+            "--controlnet",
+            "x",
+            "--control-image",
+            "IMAGE",
+            "--image",
+            "IMAGE",
+        ],
+        "text-to-image only",
+    );
+}
