@@ -1,4 +1,4 @@
-"""Command line: `python -m export {convert,tiny,full,reference} ...`.
+"""Command line: `python -m export {convert,controlnet,tiny,tiny-controlnet,full,reference} ...`.
 
 `convert` is the default: `python -m export SOURCE OUT_DIR` means `python -m export convert
 SOURCE OUT_DIR`.
@@ -14,7 +14,7 @@ import sys
 import time
 import warnings
 
-COMMANDS = ("convert", "tiny", "full", "reference")
+COMMANDS = ("convert", "controlnet", "tiny", "tiny-controlnet", "full", "reference")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,6 +58,30 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fuse the LoRAs into the exported weights (diffusers' set_adapters + fuse_lora)",
     )
+
+    cn = sub.add_parser(
+        "controlnet",
+        help="export a diffusers ControlNetModel (dir or hub id) to a flat ONNX directory",
+    )
+    cn.add_argument("source", help="diffusers ControlNetModel dir or hub id")
+    cn.add_argument("out_dir", type=pathlib.Path, help="directory to write")
+    cn.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    cn.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+
+    tc = sub.add_parser(
+        "tiny-controlnet",
+        help="write a random-weight ControlNetModel for a tiny pipeline (from_unet of its UNet)",
+    )
+    tc.add_argument(
+        "--unet",
+        type=pathlib.Path,
+        required=True,
+        metavar="PIPELINE_DIR",
+        help="a pipeline written by `python -m export tiny` (its unet/ and vae/ configs)",
+    )
+    tc.add_argument("out_dir", type=pathlib.Path)
+    tc.add_argument("--seed", type=int, default=0)
+    tc.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
 
     # Mirrors export.tiny.FAMILIES / FULL_FAMILIES without importing torch to parse arguments.
     for name, what, families in (
@@ -188,6 +212,26 @@ def main(argv: list[str] | None = None) -> int:
                 args.overwrite,
                 loras=loras,
                 fuse_lora=args.fuse_lora,
+            )
+        elif args.command == "controlnet":
+            from export.controlnet import export_controlnet
+
+            export_controlnet(args.source, args.out_dir, args.opset, args.overwrite)
+        elif args.command == "tiny-controlnet":
+            import shutil
+
+            from export.controlnet import build_tiny_controlnet
+
+            _check_out_dir(parser, args.out_dir, args.overwrite)
+            if args.out_dir.exists():
+                shutil.rmtree(args.out_dir)
+            t = time.perf_counter()
+            build_tiny_controlnet(args.unet, args.out_dir, args.seed)
+            logging.getLogger("export").info(
+                "wrote tiny ControlNet for %s to %s in %.1fs",
+                args.unet,
+                args.out_dir,
+                time.perf_counter() - t,
             )
         elif args.command in ("tiny", "full"):
             import shutil

@@ -64,6 +64,20 @@ def build_manifest(
     }
 
 
+def build_controlnet_manifest(out_dir: pathlib.Path, family: str, opset: int) -> dict[str, Any]:
+    """The manifest of a flat ControlNet directory (`model.onnx` at its root); `family` is
+    `"sd"` or `"sdxl"`."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": "controlnet",
+        "family": family,
+        "dtype": "float32",
+        "weights_keep_names": True,
+        "exporter": exporter_info(opset),
+        "components": {"controlnet": describe_io(out_dir / ONNX_FILE)},
+    }
+
+
 def write_manifest(out_dir: pathlib.Path, manifest: dict[str, Any]) -> pathlib.Path:
     path = out_dir / MANIFEST_FILE
     path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

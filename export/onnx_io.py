@@ -13,6 +13,7 @@ Every component is exported the same way so the engine can rely on three propert
 
 from __future__ import annotations
 
+import inspect
 import pathlib
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -108,6 +109,29 @@ def _name_axes(model: onnx.ModelProto, inputs: Sequence[Io], outputs: Sequence[I
             dims[axis].dim_param = label
 
 
+def _dynamic_shapes(wrapper: torch.nn.Module, inputs: Sequence[Io]) -> dict[str, Any]:
+    """torch.export's `dynamic_shapes`, keyed by the wrapper's `forward` parameters: one per
+    input, and a tuple for a `*args` parameter taking the remaining inputs (a variable number
+    of graph inputs, e.g. the UNet's ControlNet residuals)."""
+    specs = [{axis: torch.export.Dim.AUTO for axis in io.axes} or None for io in inputs]
+    out: dict[str, Any] = {}
+    i = 0
+    for param in inspect.signature(wrapper.forward).parameters.values():
+        if i == len(specs):
+            break
+        if param.kind is inspect.Parameter.VAR_POSITIONAL:
+            out[param.name] = tuple(specs[i:])
+            i = len(specs)
+            break
+        if param.name != inputs[i].name:
+            raise ValueError(f"input {inputs[i].name!r} is forward's parameter {param.name!r}")
+        out[param.name] = specs[i]
+        i += 1
+    if i != len(specs):
+        raise ValueError(f"forward takes fewer than {len(specs)} inputs")
+    return out
+
+
 def export_component(
     wrapper: torch.nn.Module,
     args: tuple[Any, ...],
@@ -123,9 +147,7 @@ def export_component(
     removed from initializer names so they match the module's own `named_parameters()`.
     """
     wrapper = wrapper.eval()
-    dynamic_shapes = {
-        io.name: {axis: torch.export.Dim.AUTO for axis in io.axes} or None for io in inputs
-    }
+    dynamic_shapes = _dynamic_shapes(wrapper, inputs)
     with torch.no_grad():
         program = torch.onnx.export(
             wrapper,

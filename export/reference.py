@@ -78,7 +78,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -104,6 +104,13 @@ class Case:
     image: str | None = None
     mask: str | None = None
     strength: float | None = None
+    controlnets: list[Any] | None = None
+    control_images: list[Any] | None = None
+    control_start: list[Any] | None = None
+    control_end: list[Any] | None = None
+    control_preprocess: str | None = None
+    canny_low: float = 100
+    canny_high: float = 200
 
     @classmethod
     def from_json(cls, obj: Any, index: int) -> "Case":
@@ -153,9 +160,85 @@ class Case:
                 raise UserError(f"{what}: strength needs an image (image-to-image, inpainting)")
             if not isinstance(self.strength, (int, float)) or not 0.0 < self.strength <= 1.0:
                 raise UserError(f"{what}: strength must be in (0, 1]")
+        self._validate_controlnets(what)
+
+    def _validate_controlnets(self, what: str) -> None:
+        nets = self.controlnets
+        if nets is None:
+            for key in ("control_images", "control_start", "control_end", "control_preprocess"):
+                if getattr(self, key) is not None:
+                    raise UserError(f"{what}: {key} needs controlnets")
+            return
+        if not isinstance(nets, list) or not nets:
+            raise UserError(
+                f"{what}: controlnets must be a non-empty list of {{\"path\", \"scale\"}}"
+            )
+        for item in nets:
+            if not isinstance(item, dict) or not isinstance(item.get("path"), str):
+                raise UserError(f"{what}: each controlnet needs a \"path\"")
+            unknown = sorted(set(item) - {"path", "onnx", "scale"})
+            if unknown:
+                raise UserError(f"{what}: unknown controlnet field(s) {', '.join(unknown)}")
+            if not _is_number(item.get("scale", 1.0)):
+                raise UserError(f"{what}: controlnet scale must be a number")
+        if self.image is not None:
+            raise UserError(f"{what}: ControlNet cases are text-to-image only (no image/mask)")
+        images = self.control_images
+        if not isinstance(images, list) or len(images) != len(nets):
+            raise UserError(f"{what}: control_images needs one image path per controlnet")
+        if not all(isinstance(p, str) and p for p in images):
+            raise UserError(f"{what}: control_images must be file paths")
+        for key in ("control_start", "control_end"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if not isinstance(value, list) or len(value) != len(nets):
+                raise UserError(f"{what}: {key} needs one number per controlnet")
+            if not all(_is_number(v) and 0.0 <= v <= 1.0 for v in value):
+                raise UserError(f"{what}: {key} values must be in [0, 1]")
+        start, end = self.control_window()
+        if any(s >= e for s, e in zip(start, end)):
+            raise UserError(f"{what}: each control_start must be below its control_end")
+        if self.control_preprocess not in (None, "canny"):
+            raise UserError(f"{what}: control_preprocess must be \"canny\"")
+        if not (_is_number(self.canny_low) and _is_number(self.canny_high)):
+            raise UserError(f"{what}: canny_low and canny_high must be numbers")
+
+    def control_window(self) -> tuple[list[float], list[float]]:
+        """diffusers' control_guidance_start / _end, one per ControlNet (default 0 / 1)."""
+        n = len(self.controlnets or [])
+        start = [float(v) for v in self.control_start] if self.control_start else [0.0] * n
+        end = [float(v) for v in self.control_end] if self.control_end else [1.0] * n
+        return start, end
+
+    def control_scales(self) -> list[float]:
+        return [float(item.get("scale", 1.0)) for item in self.controlnets or []]
+
+    def controlnet_paths(self, base: pathlib.Path) -> list[pathlib.Path]:
+        """The case's ControlNet (diffusers) directories resolved against `base`; checks them."""
+        out = []
+        for item in self.controlnets or []:
+            path = pathlib.Path(item["path"]).expanduser()
+            path = path if path.is_absolute() else base / path
+            if not (path / "config.json").is_file():
+                raise UserError(f"case {self.name!r}: controlnet {path}: no config.json there")
+            out.append(path)
+        return out
+
+    def control_image_paths(self, base: pathlib.Path) -> list[pathlib.Path]:
+        out = []
+        for value in self.control_images or []:
+            path = pathlib.Path(value).expanduser()
+            path = path if path.is_absolute() else base / path
+            if not path.is_file():
+                raise UserError(f"case {self.name!r}: control image {path}: no such file")
+            out.append(path)
+        return out
 
     @property
     def task(self) -> str:
+        if self.controlnets is not None:
+            return "controlnet"
         if self.image is None:
             return "text2img"
         return "img2img" if self.mask is None else "inpaint"
@@ -185,11 +268,17 @@ class Case:
         return out
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class Result:
     images: list[Any]
     latents: np.ndarray
     intermediates: dict[str, np.ndarray]
+    # The control images the pipeline was given (after `control_preprocess`), one per ControlNet.
+    control_images: list[Any] = field(default_factory=list)
 
 
 def load_reference_pipeline(model: str) -> Any:
@@ -212,7 +301,54 @@ def apply_loras(pipe: Any, specs: list[Any], fuse: bool) -> None:
         pipe.fuse_lora(components=lora_components(pipe), adapter_names=names)
 
 
-def task_pipeline(pipe: Any, task: str) -> Any:
+def canny_control_image(image: Any, low: float, high: float) -> Any:
+    """diffusers' ControlNet-canny preprocessing: OpenCV's Canny of the RGB array, as 3 channels."""
+    import cv2
+    from PIL import Image
+
+    edges = cv2.Canny(np.array(image), low, high)
+    return Image.fromarray(np.concatenate([edges[:, :, None]] * 3, axis=2))
+
+
+def load_controlnets(paths: list[pathlib.Path], cache: dict[str, Any] | None = None) -> Any:
+    """One `ControlNetModel`, or a `MultiControlNetModel` of several, float32 on CPU."""
+    import torch
+    from diffusers import ControlNetModel, MultiControlNetModel
+
+    cache = {} if cache is None else cache
+    nets = []
+    for path in paths:
+        key = str(path.resolve())
+        if key not in cache:
+            cache[key] = ControlNetModel.from_pretrained(path, torch_dtype=torch.float32).eval()
+        nets.append(cache[key])
+    return nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
+
+
+def controlnet_pipeline(pipe: Any, controlnet: Any) -> Any:
+    """diffusers' ControlNet text-to-image pipeline for `pipe`'s family, sharing its components."""
+    from diffusers import (
+        MultiControlNetModel,
+        StableDiffusionControlNetPipeline,
+        StableDiffusionXLControlNetPipeline,
+    )
+
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    nets = controlnet.nets if isinstance(controlnet, MultiControlNetModel) else [controlnet]
+    for net in nets:
+        net_sdxl = net.config.addition_embed_type == "text_time"
+        if net_sdxl != sdxl:
+            raise UserError(
+                f"a {'SDXL' if net_sdxl else 'SD'} ControlNet cannot run with this "
+                f"{'SDXL' if sdxl else 'SD'} pipeline"
+            )
+    cls = StableDiffusionXLControlNetPipeline if sdxl else StableDiffusionControlNetPipeline
+    runner = cls.from_pipe(pipe, controlnet=controlnet)
+    runner.set_progress_bar_config(disable=True)
+    return runner
+
+
+def task_pipeline(pipe: Any, task: str, controlnet: Any = None) -> Any:
     """The pipeline diffusers runs `task` with, sharing `pipe`'s components."""
     from diffusers import (
         AutoPipelineForImage2Image,
@@ -226,6 +362,8 @@ def task_pipeline(pipe: Any, task: str) -> Any:
             f"this model's UNet takes {in_channels} input channels (an inpainting model): "
             "give every case an image and a mask"
         )
+    if task == "controlnet":
+        return controlnet_pipeline(pipe, controlnet)
     auto = {
         "text2img": AutoPipelineForText2Image,
         "img2img": AutoPipelineForImage2Image,
@@ -244,18 +382,40 @@ def _np(t: Any) -> np.ndarray:
     return t.detach().float().cpu().numpy().copy()
 
 
-def run_case(pipe: Any, case: Case, image_base: pathlib.Path | None = None) -> Result:
-    """Run one case; `image_base` resolves relative image/mask paths (default: cwd)."""
+def run_case(
+    pipe: Any,
+    case: Case,
+    image_base: pathlib.Path | None = None,
+    base: pathlib.Path | None = None,
+    controlnet_cache: dict[str, Any] | None = None,
+) -> Result:
+    """Run one case; `image_base` resolves relative image, mask and control image paths,
+    `base` ControlNet paths (both default: cwd). `controlnet_cache` keeps loaded ControlNets
+    across cases."""
     import inspect
 
     import torch
     from PIL import Image
 
     task = case.task
-    runner = task_pipeline(pipe, task)
+    image_base = image_base or pathlib.Path.cwd()
+    controlnet = None
+    control_images: list[Any] = []
+    if task == "controlnet":
+        controlnet = load_controlnets(
+            case.controlnet_paths(base or pathlib.Path.cwd()), controlnet_cache
+        )
+        control_images = [
+            Image.open(p).convert("RGB") for p in case.control_image_paths(image_base)
+        ]
+        if case.control_preprocess == "canny":
+            control_images = [
+                canny_control_image(im, case.canny_low, case.canny_high) for im in control_images
+            ]
+    runner = task_pipeline(pipe, task, controlnet)
     images = {
         key: Image.open(path).convert("RGB")
-        for key, path in case.image_paths(image_base or pathlib.Path.cwd()).items()
+        for key, path in case.image_paths(image_base).items()
     }
     steps: list[np.ndarray] = []
     timesteps: list[float] = []
@@ -341,10 +501,50 @@ def run_case(pipe: Any, case: Case, image_base: pathlib.Path | None = None) -> R
 
         return wrapper
 
+    prepared_control: list[Any] = []
+    control_scales: list[list[float]] = []
+
+    def prepare_image(fn: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            out = fn(*args, **kwargs)
+            prepared_control.append(_np(out[-n:]))  # without the guidance duplication
+            return out
+
+        return wrapped
+
+    def controlnet_forward(fn: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            out = fn(*args, **kwargs)
+            scale = kwargs["conditioning_scale"]
+            scales = scale if isinstance(scale, list) else [scale]
+            control_scales.append([float(v) for v in scales])
+            if len(control_scales) == 1:
+                down, mid = out
+                for j, d in enumerate(down):
+                    extra[f"control_down_{j}"] = _np(d)
+                extra["control_mid"] = _np(mid)
+            return out
+
+        return wrapped
+
     kwargs: dict[str, Any] = {}
     patch(runner, "prepare_latents", prepare_latents)
     if task == "text2img":
         kwargs.update(width=case.width, height=case.height)
+    elif task == "controlnet":
+        single = len(control_images) == 1
+        start, end = case.control_window()
+        scales = case.control_scales()
+        kwargs.update(
+            width=case.width,
+            height=case.height,
+            image=control_images[0] if single else control_images,
+            controlnet_conditioning_scale=scales[0] if single else scales,
+            control_guidance_start=start[0] if single else start,
+            control_guidance_end=end[0] if single else end,
+        )
+        patch(runner, "prepare_image", prepare_image)
+        patch(runner.controlnet, "forward", controlnet_forward)
     else:
         strength = case.strength
         if strength is None:
@@ -386,13 +586,17 @@ def run_case(pipe: Any, case: Case, image_base: pathlib.Path | None = None) -> R
         for obj, name in patched:
             # Each was an instance attribute set over a class attribute: deleting restores it.
             delattr(obj, name)
-    if task == "text2img":
+    for i, image in enumerate(prepared_control):
+        extra[f"control_image_{i}"] = image
+    if control_scales:
+        extra["control_scales"] = np.asarray(control_scales, dtype=np.float32)
+    if task in ("text2img", "controlnet"):
         extra["timesteps"] = runner.scheduler.timesteps.detach().float().cpu().numpy()
     else:
         extra["timesteps"] = np.asarray(timesteps, dtype=np.float32)
         extra["schedule_timesteps"] = _np(runner.scheduler.timesteps)
     extra["latents"] = np.stack(steps).astype(np.float32)
-    return Result(out.images, steps[-1].astype(np.float32), extra)
+    return Result(out.images, steps[-1].astype(np.float32), extra, control_images)
 
 
 def _write_npz(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
@@ -493,13 +697,16 @@ def run_batch(
     specs = [case.lora_specs(base) for case in cases]
     for case in cases:
         case.image_paths(image_base)
+        case.controlnet_paths(base)
+        case.control_image_paths(image_base)
+    controlnets: dict[str, Any] = {}
     pipe = load_reference_pipeline(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     for n, case in enumerate(cases):
         if specs[n]:
             apply_loras(pipe, specs[n], case.fuse)
         try:
-            result = run_case(pipe, case, image_base)
+            result = run_case(pipe, case, image_base, base, controlnets)
         finally:
             if specs[n]:
                 if case.fuse and n + 1 < len(cases):
@@ -512,6 +719,9 @@ def run_batch(
         if len(result.images) > 1:
             for i, image in enumerate(result.images):
                 image.save(out_dir / f"{case.name}_{i}.png")
+        if case.control_preprocess is not None:
+            for i, image in enumerate(result.control_images):
+                image.save(out_dir / f"{case.name}_control_{i}.png")
         np.save(out_dir / f"{case.name}.npy", result.latents)
         if case.intermediates:
             _write_npz(out_dir / f"{case.name}.npz", result.intermediates)

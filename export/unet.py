@@ -3,37 +3,92 @@
 Inputs `sample` f32 [batch, channels, height, width], `timestep` f32 [batch] and
 `encoder_hidden_states` f32 [batch, sequence, cross_attention_dim]; SDXL adds `text_embeds`
 f32 [batch, pooled_dim] and `time_ids` f32 [batch, 6] (diffusers' `added_cond_kwargs`).
-Output `out_sample`, shaped like `sample`.
+Then the ControlNet residuals, passed to diffusers' UNet as `down_block_additional_residuals`
+and `mid_block_additional_residual`: `down_block_additional_residual_0` ...
+`down_block_additional_residual_{N-1}` and `mid_block_additional_residual`, f32
+[batch, C_i, height_k, width_k], one per ControlNet output (`controlnet_residual_shapes`).
+`height_k` is the latent height after k stride-2 downsamplers, ceil(height / 2^k)
+(`height_0` is `height`). The UNet adds them to its skip connections and mid-block output, so
+all-zero residuals give the plain UNet's output: one export serves runs with and without a
+ControlNet. Output `out_sample`, shaped like `sample`.
 """
 
 from __future__ import annotations
 
 import pathlib
+from dataclasses import dataclass
 
 import onnx
 import torch
 
 from export.onnx_io import Io, export_component
 
+DOWN_RESIDUAL = "down_block_additional_residual_{}"
+MID_RESIDUAL = "mid_block_additional_residual"
+
+
+@dataclass(frozen=True)
+class Residual:
+    """One ControlNet residual: its channel count and how many times it was downsampled."""
+
+    channels: int
+    level: int
+
+    def shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+        h, w = height, width
+        for _ in range(self.level):
+            # A stride-2, padding-1, 3x3 convolution: ceil(n / 2).
+            h, w = (h + 1) // 2, (w + 1) // 2
+        return (batch, self.channels, h, w)
+
+    def axes(self) -> dict[int, str]:
+        if self.level == 0:
+            return {0: "batch", 2: "height", 3: "width"}
+        return {0: "batch", 2: f"height_{self.level}", 3: f"width_{self.level}"}
+
+
+def controlnet_residual_shapes(config) -> tuple[list[Residual], Residual]:
+    """The down-block residuals and the mid-block residual a ControlNet made from a UNet with
+    this `config` returns, in diffusers' order: conv_in, then per down block one per resnet
+    layer and one for its downsampler (all blocks but the last)."""
+    channels = list(config.block_out_channels)
+    layers = config.layers_per_block
+    if isinstance(layers, int):
+        layers = [layers] * len(channels)
+    down = [Residual(channels[0], 0)]
+    for i, (ch, n) in enumerate(zip(channels, layers)):
+        down += [Residual(ch, i)] * n
+        if i < len(channels) - 1:
+            down.append(Residual(ch, i + 1))
+    return down, Residual(channels[-1], len(channels) - 1)
+
 
 class _UNet(torch.nn.Module):
-    def __init__(self, unet: torch.nn.Module) -> None:
+    def __init__(self, unet: torch.nn.Module, sdxl: bool) -> None:
         super().__init__()
         self.unet = unet
+        self.sdxl = sdxl
 
     def forward(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
-        text_embeds: torch.Tensor | None = None,
-        time_ids: torch.Tensor | None = None,
+        *extra: torch.Tensor,
     ) -> torch.Tensor:
+        # `extra`: SDXL's text_embeds and time_ids, then the down residuals and the mid one.
         added = None
-        if text_embeds is not None:
-            added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        if self.sdxl:
+            added = {"text_embeds": extra[0], "time_ids": extra[1]}
+            extra = extra[2:]
         return self.unet(
-            sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False
+            sample,
+            timestep,
+            encoder_hidden_states,
+            added_cond_kwargs=added,
+            down_block_additional_residuals=tuple(extra[:-1]),
+            mid_block_additional_residual=extra[-1],
+            return_dict=False,
         )[0]
 
 
@@ -45,8 +100,9 @@ def export_unet(
     unet: torch.nn.Module, out_dir: pathlib.Path, opset: int, pooled_dim: int | None = None
 ) -> onnx.ModelProto:
     cfg = unet.config
-    # Odd-looking example sizes keep the exporter from tying unrelated dims together.
-    batch, h, w = 2, 24, 40
+    # Odd-looking example sizes keep the exporter from tying unrelated dims together; an odd
+    # height makes every ceil(n / 2) of the residual sizes differ from n // 2.
+    batch, h, w = 2, 23, 40
     args: tuple[torch.Tensor, ...] = (
         torch.randn(batch, cfg.in_channels, h, w),
         torch.full((batch,), 999.0),
@@ -58,14 +114,38 @@ def export_unet(
         Io("timestep", {0: "batch"}),
         Io("encoder_hidden_states", {0: "batch", 1: "sequence"}),
     ]
-    if is_sdxl_unet(unet):
+    sdxl = is_sdxl_unet(unet)
+    if sdxl:
         if pooled_dim is None:
             time_dim = cfg.addition_time_embed_dim
             pooled_dim = cfg.projection_class_embeddings_input_dim - 6 * time_dim
         args = args + (torch.randn(batch, pooled_dim), torch.tensor([[64.0, 80.0, 0, 0, 64, 80]] * batch))
         inputs += [Io("text_embeds", {0: "batch"}), Io("time_ids", {0: "batch"})]
+    down, mid = controlnet_residual_shapes(cfg)
+    for i, r in enumerate(down):
+        args = args + (torch.randn(r.shape(batch, h, w)),)
+        inputs.append(Io(DOWN_RESIDUAL.format(i), r.axes()))
+    args = args + (torch.randn(mid.shape(batch, h, w)),)
+    inputs.append(Io(MID_RESIDUAL, mid.axes()))
     model = export_component(
-        _UNet(unet), args, inputs, [Io("out_sample", image_axes)], out_dir, opset, prefix="unet."
+        _UNet(unet, sdxl), args, inputs, [Io("out_sample", image_axes)], out_dir, opset,
+        prefix="unet.",
     )
     unet.save_config(out_dir)
     return model
+
+
+def residual_inputs(
+    config, batch: int, height: int, width: int, generator: torch.Generator | None = None
+) -> dict[str, torch.Tensor]:
+    """ControlNet residual inputs for a UNet with `config` at a latent size: zeros (the plain
+    UNet) or, given a generator, standard normal values."""
+
+    def make(r: Residual) -> torch.Tensor:
+        shape = r.shape(batch, height, width)
+        return torch.zeros(shape) if generator is None else torch.randn(shape, generator=generator)
+
+    down, mid = controlnet_residual_shapes(config)
+    feeds = {DOWN_RESIDUAL.format(i): make(r) for i, r in enumerate(down)}
+    feeds[MID_RESIDUAL] = make(mid)
+    return feeds

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from export.tests.conftest import _export
+from export.unet import residual_inputs
 
 TOL = 1e-4
 PIPELINES = {
@@ -53,6 +54,7 @@ def test_inpaint_unet(inpaint):
             "time_ids": torch.tensor([[h * 2.0, w * 2.0, 0.0, 0.0, h * 2.0, w * 2.0]] * b),
         }
         feeds.update(added)
+    feeds.update(residual_inputs(unet.config, b, h, w))  # no ControlNet
     got = inpaint.session("unet").run(None, {k: v.numpy() for k, v in feeds.items()})[0]
     with torch.no_grad():
         ref = unet(sample, timestep, ehs, added_cond_kwargs=added).sample

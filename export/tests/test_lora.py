@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from export.cli import main as cli_main
 from export.convert import UserError
 from export.lora import LoraSpec, parse_lora_spec, resolve_lora
+from export.unet import residual_inputs
 
 TOL = 1e-4
 RANK = 4
@@ -134,7 +135,8 @@ def _outputs(pipe, onnx_dir: pathlib.Path):
         ref_unet = pipe.unet(**feeds).sample.numpy()
         ref_te = pipe.text_encoder(ids).last_hidden_state.numpy()
     unet = _session(onnx_dir / "unet" / "model.onnx")
-    got_unet = unet.run(["out_sample"], {k: v.numpy() for k, v in feeds.items()})[0]
+    zeros = residual_inputs(pipe.unet.config, 1, 16, 16)  # no ControlNet
+    got_unet = unet.run(["out_sample"], {k: v.numpy() for k, v in {**feeds, **zeros}.items()})[0]
     te = _session(onnx_dir / "text_encoder" / "model.onnx")
     got_te = te.run(["last_hidden_state"], {"input_ids": ids.numpy().astype(np.int32)})[0]
     return (ref_unet, ref_te), (got_unet, got_te)

@@ -107,9 +107,24 @@ def test_manifest(exported):
     ]
     assert list(comps["vae_decoder"]["outputs"]) == ["sample"]
     assert comps["vae_encoder"]["outputs"]["latent_parameters"]["shape"][:2] == ["batch", 8]
+    # The ControlNet residuals (tiny UNets: conv_in, 2 + 2 resnets, 1 downsampler), zeros
+    # without a ControlNet.
+    residuals = [f"down_block_additional_residual_{i}" for i in range(6)]
+    residuals.append("mid_block_additional_residual")
+    inputs = unet["inputs"]
+    assert inputs["down_block_additional_residual_0"] == {
+        "dtype": "float32",
+        "shape": ["batch", 32, "height", "width"],
+    }
+    assert inputs["down_block_additional_residual_4"]["shape"] == [
+        "batch", 64, "height_1", "width_1"
+    ]
+    assert inputs["mid_block_additional_residual"]["shape"] == [
+        "batch", 64, "height_1", "width_1"
+    ]
     if exported.family == "sdxl":
         assert list(unet["inputs"]) == [
-            "sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"
+            "sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids", *residuals
         ]
         assert unet["inputs"]["time_ids"]["shape"] == ["batch", 6]
         te2 = comps["text_encoder_2"]["outputs"]
@@ -118,7 +133,9 @@ def test_manifest(exported):
             f"hidden_states.{i}" for i in range(6)
         ]
     else:
-        assert list(unet["inputs"]) == ["sample", "timestep", "encoder_hidden_states"]
+        assert list(unet["inputs"]) == [
+            "sample", "timestep", "encoder_hidden_states", *residuals
+        ]
 
 
 def _cli(*args):

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from export.unet import residual_inputs
+
 TOL = 1e-4
 SIZES = [(1, 16, 16), (2, 24, 32)]
 
@@ -50,8 +52,7 @@ def test_text_encoders(exported, prompts):
             assert not any(n.startswith("hidden_states") for n in out_names)
 
 
-@pytest.mark.parametrize("b,h,w", SIZES)
-def test_unet(exported, b, h, w):
+def _unet_inputs(exported, b, h, w):
     unet = exported.pipe.unet
     g = torch.Generator().manual_seed(h * w)
     sample = torch.randn(b, 4, h, w, generator=g)
@@ -64,12 +65,51 @@ def test_unet(exported, b, h, w):
         time_ids = torch.tensor([[h * 2.0, w * 2.0, 0.0, 0.0, h * 2.0, w * 2.0]] * b)
         feeds.update(text_embeds=text_embeds, time_ids=time_ids)
         added = {"text_embeds": text_embeds, "time_ids": time_ids}
+    return feeds, added, g
+
+
+@pytest.mark.parametrize("b,h,w", SIZES)
+def test_unet(exported, b, h, w):
+    """All-zero ControlNet residuals: the plain UNet."""
+    unet = exported.pipe.unet
+    feeds, added, _ = _unet_inputs(exported, b, h, w)
+    feeds.update(residual_inputs(unet.config, b, h, w))
     got = exported.session("unet").run(None, {k: v.numpy() for k, v in feeds.items()})[0]
     with torch.no_grad():
-        ref = unet(sample, timestep, ehs, added_cond_kwargs=added).sample
+        ref = unet(
+            feeds["sample"], feeds["timestep"], feeds["encoder_hidden_states"],
+            added_cond_kwargs=added,
+        ).sample
     assert got.shape == (b, 4, h, w)
     # Non-degenerate random weights: the comparison has to mean something.
     assert float(ref.abs().mean()) > 1e-2
+    assert _max_diff(got, ref) <= TOL
+
+
+# The second size has an odd latent height: every downsampled residual is ceil(h / 2) high.
+@pytest.mark.parametrize("b,h,w", [(1, 16, 16), (2, 24, 40), (1, 7, 10)])
+def test_unet_controlnet_residuals(exported, b, h, w):
+    """Random residuals reach the UNet as diffusers' down_block_additional_residuals /
+    mid_block_additional_residual do."""
+    unet = exported.pipe.unet
+    feeds, added, g = _unet_inputs(exported, b, h, w)
+    residuals = residual_inputs(unet.config, b, h, w, g)
+    sess = exported.session("unet")
+    names = [i.name for i in sess.get_inputs()]
+    assert names[-len(residuals):] == list(residuals)
+    got = sess.run(None, {k: v.numpy() for k, v in {**feeds, **residuals}.items()})[0]
+    down = tuple(v for k, v in residuals.items() if k.startswith("down_"))
+    with torch.no_grad():
+        args = (feeds["sample"], feeds["timestep"], feeds["encoder_hidden_states"])
+        ref = unet(
+            *args,
+            added_cond_kwargs=added,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=residuals["mid_block_additional_residual"],
+        ).sample
+        plain = unet(*args, added_cond_kwargs=added).sample
+    assert got.shape == (b, 4, h, w)
+    assert _max_diff(ref, plain) > 1e-2  # the residuals matter
     assert _max_diff(got, ref) <= TOL
 
 
