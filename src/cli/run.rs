@@ -16,6 +16,8 @@ use tcd_ort::pipeline::{
 };
 use tcd_ort::runtime::{parse_provider_list, ExecutionProvider};
 
+use super::session_args::{native_size, session_summary, RequestShape, SessionArgs};
+
 /// `--inpaint-mode` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum InpaintModeArg {
@@ -130,6 +132,8 @@ pub struct RunArgs {
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
+    #[command(flatten)]
+    session: SessionArgs,
 }
 
 fn random_seed() -> u64 {
@@ -352,16 +356,28 @@ pub fn run(args: RunArgs) -> Result<()> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let options = EngineOptions {
+    let mut options = EngineOptions {
         ort_lib: args.ort_lib.clone(),
-        providers,
+        providers: providers.clone(),
         device_id: args.device_id,
         intra_threads: args.threads,
         revision: args.revision.clone(),
         loras,
         lora_weight_name: args.lora_weight_name.clone(),
         lora_allow_unmatched: args.lora_allow_unmatched,
+        ..EngineOptions::default()
     };
+    let shape = RequestShape {
+        width: args.width,
+        height: args.height,
+        num_images: request.num_images,
+        guidance: request.guidance > 1.0,
+        native_size: (providers.contains(&ExecutionProvider::TensorRt)
+            && (args.width.is_none() || args.height.is_none()))
+        .then(|| native_size(&args.model, args.revision.as_deref()))
+        .flatten(),
+    };
+    args.session.apply(&providers, &shape, &mut options)?;
     let load_started = Instant::now();
     let mut engine = Engine::load(&args.model, &options)?;
     if !args.quiet {
@@ -378,6 +394,9 @@ pub fn run(args: RunArgs) -> Result<()> {
                 .join(","),
             engine.ort_library().display()
         );
+        for line in session_summary(&engine) {
+            eprintln!("{line}");
+        }
         let report = engine.lora_report();
         if report.adapters > 0 {
             let patched: Vec<String> = report
