@@ -282,6 +282,19 @@ tcd_status tcd_result_image(const struct tcd_result *result,
 void tcd_result_free(struct tcd_result *result);
 
 /**
+ * Writes which execution providers run each graph of `engine`, one graph per line:
+ * `unet: CUDAExecutionProvider` (`unet: TensorrtExecutionProvider (812 nodes) +
+ * CUDAExecutionProvider (3 nodes)` when split), followed by ` [session cache: hit]` when a
+ * session cache is set. Buffer handling as `tcd_last_error_message`: returns the full length
+ * (call again with return value + 1 bytes when it is `>= len`); 0 when `engine` is NULL.
+ *
+ * # Safety
+ *
+ * `engine` is NULL or a live engine; `buf` is NULL or points to at least `len` writable bytes.
+ */
+size_t tcd_engine_session_summary(const struct tcd_engine *engine, char *buf, size_t len);
+
+/**
  * New options: no model yet, the CPU execution provider, device 0, every core, ONNX Runtime
  * searched for as the CLI does (`ORT_DYLIB_PATH`, `.ort/lib` beside the working directory or
  * the executable, Python's onnxruntime), no LoRAs. NULL only if the library panicked.
@@ -399,6 +412,75 @@ tcd_status tcd_engine_options_set_lora_weight_name(struct tcd_engine_options *op
  */
 tcd_status tcd_engine_options_set_lora_allow_unmatched(struct tcd_engine_options *options,
                                                        int32_t allow);
+
+/**
+ * Sets the graph optimisation level: `"disable"`, `"basic"`, `"extended"` or `"all"` (the
+ * default). Anything else is `TCD_ERR_INVALID_ARGUMENT`.
+ *
+ * # Safety
+ *
+ * `options` is NULL or a live handle not used by another thread during the call; `level` is
+ * NULL or a NUL-terminated string.
+ */
+tcd_status tcd_engine_options_set_opt_level(struct tcd_engine_options *options, const char *level);
+
+/**
+ * Sets the optimised-model cache: a directory, `"auto"` (`$XDG_CACHE_HOME/tcd-ort/sessions`
+ * or `~/.cache/tcd-ort/sessions`) or `"off"`; NULL also turns it off (the default). Graphs
+ * with LoRA weights and TensorRT, DirectML or CoreML sessions are never cached.
+ *
+ * # Safety
+ *
+ * `options` is NULL or a live handle not used by another thread during the call; `cache` is
+ * NULL or a NUL-terminated string.
+ */
+tcd_status tcd_engine_options_set_session_cache(struct tcd_engine_options *options,
+                                                const char *cache);
+
+/**
+ * Sets the CUDA provider's settings (also used by TensorRT for nodes it leaves to CUDA).
+ * `cudnn_search`: `"exhaustive"`, `"heuristic"` (default) or `"default"`; `arena_extend`:
+ * `"same-as-requested"` (default) or `"next-power-of-two"`; NULL keeps the current value.
+ * `gpu_mem_limit` caps the memory arena in bytes; 0 means no cap.
+ *
+ * # Safety
+ *
+ * `options` is NULL or a live handle not used by another thread during the call; the strings
+ * are NULL or NUL-terminated.
+ */
+tcd_status tcd_engine_options_set_cuda(struct tcd_engine_options *options,
+                                       const char *cudnn_search,
+                                       const char *arena_extend,
+                                       uint64_t gpu_mem_limit);
+
+/**
+ * Sets the TensorRT provider's settings. `fp16` nonzero builds fp16 engines (the default);
+ * `cache_dir` holds engines and the timing cache (NULL: `$XDG_CACHE_HOME/tcd-ort/tensorrt`
+ * or `~/.cache/tcd-ort/tensorrt`); `profile` is the optimisation profile, `"WxHxB"` or
+ * `"MIN:OPT:MAX"` with each part `WIDTHxHEIGHTxBATCH` (NULL: the model's native size at batch
+ * 1 to 2).
+ *
+ * # Safety
+ *
+ * `options` is NULL or a live handle not used by another thread during the call; the strings
+ * are NULL or NUL-terminated.
+ */
+tcd_status tcd_engine_options_set_tensorrt(struct tcd_engine_options *options,
+                                           int32_t fp16,
+                                           const char *cache_dir,
+                                           const char *profile);
+
+/**
+ * Sets the CoreML compute units: `"all"` (default), `"cpu-and-neural-engine"`,
+ * `"cpu-and-gpu"` or `"cpu-only"`.
+ *
+ * # Safety
+ *
+ * `options` is NULL or a live handle not used by another thread during the call; `units` is
+ * NULL or a NUL-terminated string.
+ */
+tcd_status tcd_engine_options_set_coreml_units(struct tcd_engine_options *options,
+                                               const char *units);
 
 /**
  * Adds a ControlNet: a directory or hub id of a `python -m export controlnet` export, made for

@@ -2,6 +2,7 @@
 //! Errors are printed on one line and end the process with a non-zero status.
 
 mod run;
+mod session_args;
 
 use std::process::ExitCode;
 

@@ -17,6 +17,8 @@ use tcd_ort::pipeline::{
 };
 use tcd_ort::runtime::{parse_provider_list, ExecutionProvider};
 
+use super::session_args::{native_size, session_summary, RequestShape, SessionArgs};
+
 /// `--inpaint-mode` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum InpaintModeArg {
@@ -176,6 +178,8 @@ pub struct RunArgs {
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
+    #[command(flatten)]
+    session: SessionArgs,
 }
 
 /// Seconds since the generation started at each progress event, for `--timings`.
@@ -524,9 +528,9 @@ pub fn run(args: RunArgs) -> Result<()> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let options = EngineOptions {
+    let mut options = EngineOptions {
         ort_lib: args.ort_lib.clone(),
-        providers,
+        providers: providers.clone(),
         device_id: args.device_id,
         intra_threads: args.threads,
         revision: args.revision.clone(),
@@ -535,7 +539,19 @@ pub fn run(args: RunArgs) -> Result<()> {
         lora_allow_unmatched: args.lora_allow_unmatched,
         controlnets: controlnets.clone(),
         depth_estimator: args.depth_model.clone(),
+        ..EngineOptions::default()
     };
+    let shape = RequestShape {
+        width: args.width,
+        height: args.height,
+        num_images: request.num_images,
+        guidance: request.guidance > 1.0,
+        native_size: (providers.contains(&ExecutionProvider::TensorRt)
+            && (args.width.is_none() || args.height.is_none()))
+        .then(|| native_size(&args.model, args.revision.as_deref()))
+        .flatten(),
+    };
+    args.session.apply(&providers, &shape, &mut options)?;
     let load_started = Instant::now();
     if let Some(path) = &args.timings {
         check_outputs(std::slice::from_ref(path), args.overwrite)?;
@@ -555,6 +571,9 @@ pub fn run(args: RunArgs) -> Result<()> {
                 .join(","),
             engine.ort_library().display()
         );
+        for line in session_summary(&engine) {
+            eprintln!("{line}");
+        }
         let report = engine.lora_report();
         if report.adapters > 0 {
             let patched: Vec<String> = report

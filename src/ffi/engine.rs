@@ -1,6 +1,6 @@
 //! `tcd_engine` and `tcd_result`: loading a model and generating images.
 
-use std::ffi::{c_int, c_void};
+use std::ffi::{c_char, c_int, c_void};
 
 use super::options::tcd_engine_options;
 use super::request::tcd_request;
@@ -210,3 +210,47 @@ const _: () = {
     send::<super::options::tcd_engine_options>();
     send::<tcd_request>();
 };
+
+/// Writes which execution providers run each graph of `engine`, one graph per line:
+/// `unet: CUDAExecutionProvider` (`unet: TensorrtExecutionProvider (812 nodes) +
+/// CUDAExecutionProvider (3 nodes)` when split), followed by ` [session cache: hit]` when a
+/// session cache is set. Buffer handling as `tcd_last_error_message`: returns the full length
+/// (call again with return value + 1 bytes when it is `>= len`); 0 when `engine` is NULL.
+///
+/// # Safety
+///
+/// `engine` is NULL or a live engine; `buf` is NULL or points to at least `len` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_engine_session_summary(
+    engine: *const tcd_engine,
+    buf: *mut c_char,
+    len: usize,
+) -> usize {
+    guard_value(0, || {
+        // SAFETY: the caller's contract.
+        let Ok(engine) = (unsafe { borrow(engine, "engine") }) else {
+            return 0;
+        };
+        let lines: Vec<String> = engine
+            .engine
+            .sessions()
+            .into_iter()
+            .map(|s| {
+                let providers: Vec<String> = match s.assignment.as_slice() {
+                    [one] => vec![one.provider.clone()],
+                    many => many
+                        .iter()
+                        .map(|a| format!("{} ({} nodes)", a.provider, a.nodes))
+                        .collect(),
+                };
+                let mut line = format!("{}: {}", s.component, providers.join(" + "));
+                if s.cache != crate::runtime::CacheStatus::Off {
+                    line.push_str(&format!(" [session cache: {}]", s.cache));
+                }
+                line
+            })
+            .collect();
+        // SAFETY: the caller's contract.
+        unsafe { super::status::copy_out(&lines.join("\n"), buf, len) }
+    })
+}

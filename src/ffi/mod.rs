@@ -25,15 +25,17 @@ mod request;
 mod status;
 
 pub use engine::{
-    tcd_engine, tcd_engine_free, tcd_engine_generate, tcd_engine_new, tcd_progress_callback,
-    tcd_result, tcd_result_count, tcd_result_free, tcd_result_image,
+    tcd_engine, tcd_engine_free, tcd_engine_generate, tcd_engine_new, tcd_engine_session_summary,
+    tcd_progress_callback, tcd_result, tcd_result_count, tcd_result_free, tcd_result_image,
 };
 pub use options::{
     tcd_engine_options, tcd_engine_options_add_lora, tcd_engine_options_free,
-    tcd_engine_options_new, tcd_engine_options_set_device_id,
-    tcd_engine_options_set_lora_allow_unmatched, tcd_engine_options_set_lora_weight_name,
-    tcd_engine_options_set_model, tcd_engine_options_set_ort_library,
+    tcd_engine_options_new, tcd_engine_options_set_coreml_units, tcd_engine_options_set_cuda,
+    tcd_engine_options_set_device_id, tcd_engine_options_set_lora_allow_unmatched,
+    tcd_engine_options_set_lora_weight_name, tcd_engine_options_set_model,
+    tcd_engine_options_set_opt_level, tcd_engine_options_set_ort_library,
     tcd_engine_options_set_providers, tcd_engine_options_set_revision,
+    tcd_engine_options_set_session_cache, tcd_engine_options_set_tensorrt,
     tcd_engine_options_set_threads,
 };
 pub use request::{

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use super::status::{borrow_mut, free_box, guard, guard_new, opt_string, string, tcd_status};
 use crate::pipeline::{EngineOptions, LoraSpec};
-use crate::runtime::parse_provider_list;
+use crate::runtime::{parse_provider_list, SessionCache};
 
 /// Engine options: the model and how to run it. Created by `tcd_engine_options_new`, freed by
 /// `tcd_engine_options_free`. Not thread-safe: use one from one thread at a time (it may move
@@ -241,6 +241,145 @@ pub unsafe extern "C" fn tcd_engine_options_set_lora_allow_unmatched(
         // SAFETY: the caller's contract.
         let options = unsafe { borrow_mut(options, "options") }?;
         options.options.lora_allow_unmatched = allow != 0;
+        Ok(())
+    })
+}
+
+/// Sets the graph optimisation level: `"disable"`, `"basic"`, `"extended"` or `"all"` (the
+/// default). Anything else is `TCD_ERR_INVALID_ARGUMENT`.
+///
+/// # Safety
+///
+/// `options` is NULL or a live handle not used by another thread during the call; `level` is
+/// NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_engine_options_set_opt_level(
+    options: *mut tcd_engine_options,
+    level: *const c_char,
+) -> tcd_status {
+    guard("tcd_engine_options_set_opt_level", || {
+        // SAFETY: the caller's contract.
+        let options = unsafe { borrow_mut(options, "options") }?;
+        // SAFETY: the caller's contract.
+        let level = unsafe { string(level, "level") }?;
+        options.options.opt_level = level.parse()?;
+        Ok(())
+    })
+}
+
+/// Sets the optimised-model cache: a directory, `"auto"` (`$XDG_CACHE_HOME/tcd-ort/sessions`
+/// or `~/.cache/tcd-ort/sessions`) or `"off"`; NULL also turns it off (the default). Graphs
+/// with LoRA weights and TensorRT, DirectML or CoreML sessions are never cached.
+///
+/// # Safety
+///
+/// `options` is NULL or a live handle not used by another thread during the call; `cache` is
+/// NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_engine_options_set_session_cache(
+    options: *mut tcd_engine_options,
+    cache: *const c_char,
+) -> tcd_status {
+    guard("tcd_engine_options_set_session_cache", || {
+        // SAFETY: the caller's contract.
+        let options = unsafe { borrow_mut(options, "options") }?;
+        // SAFETY: the caller's contract.
+        options.options.session_cache = match unsafe { opt_string(cache, "cache") }? {
+            Some(s) => s.parse()?,
+            None => SessionCache::Off,
+        };
+        Ok(())
+    })
+}
+
+/// Sets the CUDA provider's settings (also used by TensorRT for nodes it leaves to CUDA).
+/// `cudnn_search`: `"exhaustive"`, `"heuristic"` (default) or `"default"`; `arena_extend`:
+/// `"same-as-requested"` (default) or `"next-power-of-two"`; NULL keeps the current value.
+/// `gpu_mem_limit` caps the memory arena in bytes; 0 means no cap.
+///
+/// # Safety
+///
+/// `options` is NULL or a live handle not used by another thread during the call; the strings
+/// are NULL or NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_engine_options_set_cuda(
+    options: *mut tcd_engine_options,
+    cudnn_search: *const c_char,
+    arena_extend: *const c_char,
+    gpu_mem_limit: u64,
+) -> tcd_status {
+    guard("tcd_engine_options_set_cuda", || {
+        // SAFETY: the caller's contract.
+        let options = unsafe { borrow_mut(options, "options") }?;
+        // SAFETY: the caller's contract.
+        let search = unsafe { opt_string(cudnn_search, "cudnn_search") }?;
+        // SAFETY: the caller's contract.
+        let arena = unsafe { opt_string(arena_extend, "arena_extend") }?;
+        let cuda = &mut options.options.provider_options.cuda;
+        let search = search.map(|s| s.parse()).transpose()?;
+        let arena = arena.map(|s| s.parse()).transpose()?;
+        if let Some(v) = search {
+            cuda.cudnn_conv_search = v;
+        }
+        if let Some(v) = arena {
+            cuda.arena_extend = v;
+        }
+        cuda.gpu_mem_limit = (gpu_mem_limit > 0).then_some(gpu_mem_limit);
+        Ok(())
+    })
+}
+
+/// Sets the TensorRT provider's settings. `fp16` nonzero builds fp16 engines (the default);
+/// `cache_dir` holds engines and the timing cache (NULL: `$XDG_CACHE_HOME/tcd-ort/tensorrt`
+/// or `~/.cache/tcd-ort/tensorrt`); `profile` is the optimisation profile, `"WxHxB"` or
+/// `"MIN:OPT:MAX"` with each part `WIDTHxHEIGHTxBATCH` (NULL: the model's native size at batch
+/// 1 to 2).
+///
+/// # Safety
+///
+/// `options` is NULL or a live handle not used by another thread during the call; the strings
+/// are NULL or NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_engine_options_set_tensorrt(
+    options: *mut tcd_engine_options,
+    fp16: i32,
+    cache_dir: *const c_char,
+    profile: *const c_char,
+) -> tcd_status {
+    guard("tcd_engine_options_set_tensorrt", || {
+        // SAFETY: the caller's contract.
+        let options = unsafe { borrow_mut(options, "options") }?;
+        // SAFETY: the caller's contract.
+        let cache_dir = unsafe { opt_string(cache_dir, "cache_dir") }?;
+        // SAFETY: the caller's contract.
+        let profile = unsafe { opt_string(profile, "profile") }?;
+        let profile = profile.map(|p| p.parse()).transpose()?;
+        let trt = &mut options.options.provider_options.tensorrt;
+        trt.fp16 = fp16 != 0;
+        trt.cache_dir = cache_dir.map(PathBuf::from);
+        trt.profile = profile;
+        Ok(())
+    })
+}
+
+/// Sets the CoreML compute units: `"all"` (default), `"cpu-and-neural-engine"`,
+/// `"cpu-and-gpu"` or `"cpu-only"`.
+///
+/// # Safety
+///
+/// `options` is NULL or a live handle not used by another thread during the call; `units` is
+/// NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_engine_options_set_coreml_units(
+    options: *mut tcd_engine_options,
+    units: *const c_char,
+) -> tcd_status {
+    guard("tcd_engine_options_set_coreml_units", || {
+        // SAFETY: the caller's contract.
+        let options = unsafe { borrow_mut(options, "options") }?;
+        // SAFETY: the caller's contract.
+        let units = unsafe { string(units, "units") }?;
+        options.options.provider_options.coreml.compute_units = units.parse()?;
         Ok(())
     })
 }

@@ -229,21 +229,32 @@ pub unsafe extern "C" fn tcd_last_error_message(buf: *mut c_char, len: usize) ->
     guard_value(0, || {
         LAST_ERROR.with(|e| {
             let message = e.borrow();
-            if !buf.is_null() && len > 0 {
-                let mut n = message.len().min(len - 1);
-                while !message.is_char_boundary(n) {
-                    n -= 1;
-                }
-                // SAFETY: the caller provides `len` writable bytes and n + 1 <= len; the
-                // message is a Rust string and cannot overlap the caller's buffer.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(message.as_ptr(), buf.cast::<u8>(), n);
-                    *buf.add(n) = 0;
-                }
-            }
-            message.len()
+            // SAFETY: the caller's contract.
+            unsafe { copy_out(&message, buf, len) }
         })
     })
+}
+
+/// Copies `text` into `buf` like `snprintf`: at most `len - 1` bytes cut at a UTF-8 boundary,
+/// then a NUL; nothing when `buf` is NULL or `len` is 0. Returns the full length.
+///
+/// # Safety
+///
+/// `buf` is NULL or points to at least `len` writable bytes.
+pub(crate) unsafe fn copy_out(text: &str, buf: *mut c_char, len: usize) -> usize {
+    if !buf.is_null() && len > 0 {
+        let mut n = text.len().min(len - 1);
+        while !text.is_char_boundary(n) {
+            n -= 1;
+        }
+        // SAFETY: the caller provides `len` writable bytes and n + 1 <= len; the text is a
+        // Rust string and cannot overlap the caller's buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(text.as_ptr(), buf.cast::<u8>(), n);
+            *buf.add(n) = 0;
+        }
+    }
+    text.len()
 }
 
 /// The name of a status code as a static NUL-terminated string (`"TCD_ERR_IO"`), or

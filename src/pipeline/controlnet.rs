@@ -244,6 +244,11 @@ impl ControlNet {
         &self.source
     }
 
+    /// The graph (for session reports).
+    pub(crate) fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
     /// Whether it is an SDXL ControlNet.
     pub fn is_xl(&self) -> bool {
         self.xl

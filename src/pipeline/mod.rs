@@ -34,7 +34,10 @@ use std::path::{Path, PathBuf};
 
 use crate::image_io::RgbImage;
 use crate::model::{hub, ModelDir};
-use crate::runtime::{self, ExecutionProvider, Graph, SessionOptions};
+use crate::runtime::{
+    self, CacheStatus, ExecutionProvider, Graph, OptLevel, ProviderAssignment, ProviderOptions,
+    SessionCache, SessionOptions, TrtProfile,
+};
 use crate::sampler::tcd::TcdConfig;
 use crate::tokenizer::ClipTokenizer;
 use crate::{Error, Result};
@@ -67,6 +70,25 @@ pub struct EngineOptions {
     /// The depth estimator (a directory or hub id of a `python -m export depth` export) for
     /// [`ControlPreprocess::Depth`].
     pub depth_estimator: Option<String>,
+    /// Provider settings (CUDA, TensorRT, CoreML). Their `device_id` is ignored in favour of
+    /// [`EngineOptions::device_id`]; a TensorRT profile left unset uses the model's native size.
+    pub provider_options: ProviderOptions,
+    /// Graph optimisation level.
+    pub opt_level: OptLevel,
+    /// The optimised-model cache (off by default).
+    pub session_cache: SessionCache,
+}
+
+/// How one loaded graph runs: the providers ONNX Runtime assigned its nodes to and what the
+/// session cache did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionReport {
+    /// The component (`unet`, `text_encoder`, ...).
+    pub component: String,
+    /// Providers and their node counts, most nodes first.
+    pub assignment: Vec<ProviderAssignment>,
+    /// The session cache's outcome.
+    pub cache: CacheStatus,
 }
 
 impl Default for EngineOptions {
@@ -82,6 +104,9 @@ impl Default for EngineOptions {
             lora_allow_unmatched: false,
             controlnets: Vec::new(),
             depth_estimator: None,
+            provider_options: ProviderOptions::default(),
+            opt_level: OptLevel::default(),
+            session_cache: SessionCache::default(),
         }
     }
 }
@@ -251,6 +276,30 @@ pub fn resolve_model(model: &str, revision: Option<&str>) -> Result<PathBuf> {
     ))
 }
 
+/// The session options of `options`; a TensorRT profile left unset covers the model's native
+/// size at batch 1 to 2 (one image, with or without guidance).
+fn session_options(
+    model: &ModelDir,
+    providers: &[ExecutionProvider],
+    options: &EngineOptions,
+) -> Result<SessionOptions> {
+    let mut provider_options = options.provider_options.clone();
+    provider_options.device_id = options.device_id;
+    if providers.contains(&ExecutionProvider::TensorRt)
+        && provider_options.tensorrt.profile.is_none()
+    {
+        let size = model.default_image_size();
+        provider_options.tensorrt.profile = Some(TrtProfile::for_request(size, size, 1, true)?);
+    }
+    Ok(SessionOptions {
+        providers: providers.to_vec(),
+        provider_options,
+        intra_threads: options.intra_threads,
+        opt_level: options.opt_level,
+        cache: options.session_cache.clone(),
+    })
+}
+
 impl Engine {
     /// Loads a model directory or hub id with the given options.
     pub fn load(model: impl AsRef<str>, options: &EngineOptions) -> Result<Self> {
@@ -265,11 +314,7 @@ impl Engine {
             })?;
         let ort_library = runtime::ensure_loaded(options.ort_lib.as_deref())?;
         let providers = runtime::select_providers(&options.providers)?;
-        let session_options = SessionOptions {
-            providers: providers.clone(),
-            device_id: options.device_id,
-            intra_threads: options.intra_threads,
-        };
+        let session_options = session_options(&model, &providers, options)?;
         // LoRAs the export recorded come first, then the caller's.
         let mut loras: Vec<LoraSpec> = model
             .manifest()
@@ -390,6 +435,22 @@ impl Engine {
     /// The model directory.
     pub fn model(&self) -> &ModelDir {
         &self.model
+    }
+
+    /// Per graph: the providers its nodes run on and the session cache's outcome.
+    pub fn sessions(&self) -> Vec<SessionReport> {
+        let encoders = self.encoders.iter().map(|e| &e.graph);
+        let graphs = encoders
+            .chain([&self.unet, &self.vae_decoder])
+            .chain(self.vae_encoder.as_ref())
+            .chain(self.controlnets.iter().map(ControlNet::graph));
+        graphs
+            .map(|g| SessionReport {
+                component: g.name().to_string(),
+                assignment: g.assignment().to_vec(),
+                cache: g.cache_status().clone(),
+            })
+            .collect()
     }
 
     /// The execution providers the sessions were registered with.

@@ -359,6 +359,128 @@ impl InitializerTable {
     }
 }
 
+/// One dimension of a graph input as the ONNX file declares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeclaredDim {
+    /// A fixed size.
+    Fixed(i64),
+    /// A named dynamic size (`batch`, `height`, ...).
+    Named(String),
+    /// A dynamic size without a name.
+    Unknown,
+}
+
+/// A graph input as the ONNX file declares it, read without ONNX Runtime (TensorRT profiles
+/// must be given before the session exists).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeclaredInput {
+    /// The input name.
+    pub name: String,
+    /// Its dimensions; empty for scalars.
+    pub dims: Vec<DeclaredDim>,
+}
+
+fn parse_string(c: &mut Cursor<'_>) -> Option<String> {
+    String::from_utf8(c.bytes()?.1.to_vec()).ok()
+}
+
+fn parse_dim(buf: &[u8]) -> Option<DeclaredDim> {
+    let mut c = Cursor::new(buf);
+    let mut dim = DeclaredDim::Unknown;
+    while !c.done() {
+        let (field, wire) = c.tag()?;
+        match (field, wire) {
+            (1, 0) => dim = DeclaredDim::Fixed(c.varint()? as i64),
+            (2, 2) => dim = DeclaredDim::Named(parse_string(&mut c)?),
+            _ => c.skip(wire)?,
+        }
+    }
+    Some(dim)
+}
+
+fn parse_value_info(buf: &[u8]) -> Option<DeclaredInput> {
+    let mut c = Cursor::new(buf);
+    let mut input = DeclaredInput {
+        name: String::new(),
+        dims: Vec::new(),
+    };
+    while !c.done() {
+        let (field, wire) = c.tag()?;
+        match (field, wire) {
+            (1, 2) => input.name = parse_string(&mut c)?,
+            // TypeProto.tensor_type (1) -> TypeProto.Tensor.shape (2) -> TensorShapeProto.dim (1)
+            (2, 2) => {
+                let (_, ty) = c.bytes()?;
+                if let Some((_, tensor)) = find_field(ty, 1)? {
+                    if let Some((_, shape)) = find_field(tensor, 2)? {
+                        let mut s = Cursor::new(shape);
+                        while !s.done() {
+                            let (f, w) = s.tag()?;
+                            if f == 1 && w == 2 {
+                                input.dims.push(parse_dim(s.bytes()?.1)?);
+                            } else {
+                                s.skip(w)?;
+                            }
+                        }
+                    }
+                }
+            }
+            _ => c.skip(wire)?,
+        }
+    }
+    Some(input)
+}
+
+/// Reads the declared inputs of `model` (initializers listed as inputs by old exporters
+/// excluded).
+pub fn declared_inputs(model: &Path) -> Result<Vec<DeclaredInput>> {
+    let bytes = std::fs::read(model).map_err(|e| Error::io(model, e))?;
+    let (_, graph) = find_field(&bytes, 7)
+        .ok_or_else(|| malformed(model, "unreadable ModelProto"))?
+        .ok_or_else(|| malformed(model, "no graph"))?;
+    let mut inputs = Vec::new();
+    let mut initializer_names = std::collections::HashSet::new();
+    let mut c = Cursor::new(graph);
+    while !c.done() {
+        let (field, wire) = c
+            .tag()
+            .ok_or_else(|| malformed(model, "unreadable GraphProto"))?;
+        match (field, wire) {
+            (11, 2) => {
+                let (_, info) = c
+                    .bytes()
+                    .ok_or_else(|| malformed(model, "truncated graph input"))?;
+                inputs.push(
+                    parse_value_info(info).ok_or_else(|| malformed(model, "unreadable input"))?,
+                );
+            }
+            (5, 2) => {
+                let (_, tensor) = c
+                    .bytes()
+                    .ok_or_else(|| malformed(model, "truncated initializer"))?;
+                let mut t = Cursor::new(tensor);
+                while !t.done() {
+                    let Some((f, w)) = t.tag() else { break };
+                    if f == 8 && w == 2 {
+                        if let Some(name) = parse_string(&mut t) {
+                            initializer_names.insert(name);
+                        }
+                        break;
+                    }
+                    if t.skip(w).is_none() {
+                        break;
+                    }
+                }
+            }
+            _ => c
+                .skip(wire)
+                .ok_or_else(|| malformed(model, "unreadable GraphProto"))?,
+        }
+    }
+    inputs.retain(|i| !initializer_names.contains(&i.name));
+    Ok(inputs)
+}
+
 /// IEEE half to single precision.
 pub fn f16_to_f32(h: u16) -> f32 {
     let sign = u32::from(h >> 15) << 31;

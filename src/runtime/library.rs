@@ -207,6 +207,12 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// The library file loaded by [`ensure_loaded`], if it has run.
+pub(crate) fn loaded_library() -> Option<PathBuf> {
+    let loaded = LOADED.lock().ok()?;
+    loaded.as_ref().map(|(path, _)| path.clone())
+}
+
 /// The environment created by [`ensure_loaded`].
 pub(crate) fn environment() -> Result<ort::environment::Environment> {
     let loaded = LOADED

@@ -1,13 +1,27 @@
 //! Everything that touches ONNX Runtime: library discovery, the environment, execution
 //! providers and sessions. No other module names `ort`.
 
+pub mod cache;
 mod initializers;
 mod library;
+mod options;
 mod provider;
 mod session;
+pub mod tensorrt;
 
-pub use initializers::{f16_to_f32, Initializer, InitializerTable, Storage};
+pub use cache::CacheStatus;
+pub use initializers::{
+    declared_inputs, f16_to_f32, DeclaredDim, DeclaredInput, Initializer, InitializerTable, Storage,
+};
 pub(crate) use library::environment;
 pub use library::{ensure_loaded, find_library, INSTALL_HINT};
+pub use options::{
+    parse_bytes, user_cache_dir, ArenaExtendStrategy, CoreMlComputeUnits, CoreMlOptions,
+    CudaOptions, CudnnConvSearch, OptLevel, ProviderOptions, SessionCache, ShapeDims,
+    TensorRtOptions, TrtProfile,
+};
 pub use provider::{parse_provider_list, select_providers, ExecutionProvider};
-pub use session::{array, ElementType, Graph, IoSpec, SessionOptions, TensorInput, WeightOverride};
+pub use session::{
+    array, ElementType, Graph, IoSpec, ProviderAssignment, SessionOptions, TensorInput,
+    WeightOverride,
+};

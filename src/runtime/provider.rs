@@ -10,6 +10,10 @@ use std::str::FromStr;
 
 use ort::ep::{self, ExecutionProvider as _};
 
+use super::options::{
+    ArenaExtendStrategy, CoreMlComputeUnits, CudaOptions, CudnnConvSearch, ProviderOptions,
+};
+use super::tensorrt::ProfileShapes;
 use crate::{Error, Result};
 
 /// A hardware back end for ONNX Runtime.
@@ -81,25 +85,106 @@ impl ExecutionProvider {
         available.map_err(|e| Error::Runtime(format!("could not query providers: {e}")))
     }
 
-    /// The provider configured for registration, failing loudly rather than falling back.
-    pub(crate) fn dispatch(self, device_id: i32) -> ep::ExecutionProviderDispatch {
+    /// ONNX Runtime's name for the provider, as graph assignment reports it.
+    pub fn ort_name(self) -> &'static str {
         match self {
+            ExecutionProvider::Cpu => "CPUExecutionProvider",
+            ExecutionProvider::Cuda => "CUDAExecutionProvider",
+            ExecutionProvider::TensorRt => "TensorrtExecutionProvider",
+            ExecutionProvider::DirectMl => "DmlExecutionProvider",
+            ExecutionProvider::CoreMl => "CoreMLExecutionProvider",
+        }
+    }
+
+    /// Whether the provider compiles subgraphs into nodes ONNX Runtime cannot save as an
+    /// optimised model (so the session cache must not be used with it).
+    pub fn compiles_subgraphs(self) -> bool {
+        matches!(
+            self,
+            ExecutionProvider::TensorRt | ExecutionProvider::DirectMl | ExecutionProvider::CoreMl
+        )
+    }
+
+    /// The provider configured for registration, failing loudly rather than falling back.
+    ///
+    /// `trt_shapes` is the graph's TensorRT optimisation profile, when it has dynamic inputs.
+    pub(crate) fn dispatch(
+        self,
+        options: &ProviderOptions,
+        trt_shapes: Option<&ProfileShapes>,
+    ) -> Result<ep::ExecutionProviderDispatch> {
+        let device_id = options.device_id;
+        Ok(match self {
             ExecutionProvider::Cpu => ep::CPU::default().build(),
-            ExecutionProvider::Cuda => ep::CUDA::default()
-                .with_device_id(device_id)
-                .build()
-                .error_on_failure(),
-            ExecutionProvider::TensorRt => ep::TensorRT::default()
-                .with_device_id(device_id)
-                .build()
-                .error_on_failure(),
+            ExecutionProvider::Cuda => cuda(&options.cuda, device_id).build().error_on_failure(),
+            ExecutionProvider::TensorRt => {
+                let trt = &options.tensorrt;
+                let dir = trt.resolved_cache_dir()?;
+                let engines = dir.join("engines");
+                let timing = dir.join("timing");
+                for d in [&engines, &timing] {
+                    std::fs::create_dir_all(d).map_err(|e| {
+                        Error::Runtime(format!(
+                            "cannot create the TensorRT cache directory {} ({e}); pick another \
+                             with --trt-cache-dir",
+                            d.display()
+                        ))
+                    })?;
+                }
+                let mut builder = ep::TensorRT::default()
+                    .with_device_id(device_id)
+                    .with_fp16(trt.fp16)
+                    .with_engine_cache(true)
+                    .with_engine_cache_path(engines.display())
+                    .with_timing_cache(true)
+                    .with_timing_cache_path(timing.display());
+                if let Some(shapes) = trt_shapes {
+                    builder = builder
+                        .with_profile_min_shapes(&shapes.min)
+                        .with_profile_opt_shapes(&shapes.opt)
+                        .with_profile_max_shapes(&shapes.max);
+                }
+                builder.build().error_on_failure()
+            }
             ExecutionProvider::DirectMl => ep::DirectML::default()
                 .with_device_id(device_id)
                 .build()
                 .error_on_failure(),
-            ExecutionProvider::CoreMl => ep::CoreML::default().build().error_on_failure(),
-        }
+            ExecutionProvider::CoreMl => {
+                let units = match options.coreml.compute_units {
+                    CoreMlComputeUnits::All => ep::coreml::ComputeUnits::All,
+                    CoreMlComputeUnits::CpuAndNeuralEngine => {
+                        ep::coreml::ComputeUnits::CPUAndNeuralEngine
+                    }
+                    CoreMlComputeUnits::CpuAndGpu => ep::coreml::ComputeUnits::CPUAndGPU,
+                    CoreMlComputeUnits::CpuOnly => ep::coreml::ComputeUnits::CPUOnly,
+                };
+                ep::CoreML::default()
+                    .with_model_format(ep::coreml::ModelFormat::MLProgram)
+                    .with_compute_units(units)
+                    .build()
+                    .error_on_failure()
+            }
+        })
     }
+}
+
+fn cuda(options: &CudaOptions, device_id: i32) -> ep::CUDA {
+    let mut cuda = ep::CUDA::default()
+        .with_device_id(device_id)
+        .with_conv_algorithm_search(match options.cudnn_conv_search {
+            CudnnConvSearch::Exhaustive => ep::cuda::ConvAlgorithmSearch::Exhaustive,
+            CudnnConvSearch::Heuristic => ep::cuda::ConvAlgorithmSearch::Heuristic,
+            CudnnConvSearch::Default => ep::cuda::ConvAlgorithmSearch::Default,
+        })
+        .with_arena_extend_strategy(match options.arena_extend {
+            ArenaExtendStrategy::NextPowerOfTwo => ep::ArenaExtendStrategy::NextPowerOfTwo,
+            ArenaExtendStrategy::SameAsRequested => ep::ArenaExtendStrategy::SameAsRequested,
+        });
+    if let Some(limit) = options.gpu_mem_limit {
+        cuda = cuda.with_memory_limit(usize::try_from(limit).unwrap_or(usize::MAX));
+    }
+    cuda
 }
 
 impl fmt::Display for ExecutionProvider {

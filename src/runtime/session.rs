@@ -3,32 +3,71 @@
 use std::path::{Path, PathBuf};
 
 use ndarray::{ArrayD, IxDyn};
-use ort::session::builder::GraphOptimizationLevel;
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::Session;
 use ort::value::{Tensor, TensorElementType, ValueType};
+use ort::AsPointer;
 
+use super::cache::{CacheEntry, CacheKey, CacheStatus, DATA_FILE};
+use super::initializers::declared_inputs;
+use super::options::{OptLevel, ProviderOptions, SessionCache};
 use super::provider::ExecutionProvider;
+use super::tensorrt::{profile_shapes, ProfileShapes};
 use crate::{Error, Result};
 
-/// How sessions are built.
-#[derive(Debug, Clone)]
+/// How sessions are built: providers and their settings, threads, optimisation and caching.
+#[derive(Debug, Clone, Default)]
 pub struct SessionOptions {
-    /// Execution providers, in priority order (already checked against the loaded build).
+    /// Execution providers, in priority order (already checked against the loaded build);
+    /// empty means the CPU.
     pub providers: Vec<ExecutionProvider>,
-    /// GPU ordinal for CUDA, TensorRT and DirectML.
-    pub device_id: i32,
+    /// Settings of those providers (device id, CUDA, TensorRT, CoreML).
+    pub provider_options: ProviderOptions,
     /// Threads inside one operator; `None` lets ONNX Runtime use every core.
     pub intra_threads: Option<usize>,
+    /// Graph optimisation level.
+    pub opt_level: OptLevel,
+    /// Where optimised graphs are cached.
+    pub cache: SessionCache,
 }
 
-impl Default for SessionOptions {
-    fn default() -> Self {
-        SessionOptions {
-            providers: vec![ExecutionProvider::Cpu],
-            device_id: 0,
-            intra_threads: None,
+impl SessionOptions {
+    fn providers(&self) -> &[ExecutionProvider] {
+        if self.providers.is_empty() {
+            &[ExecutionProvider::Cpu]
+        } else {
+            &self.providers
         }
     }
+
+    /// Why graphs loaded with these options cannot use the session cache, if they cannot.
+    fn cache_bypass(&self, has_overrides: bool) -> Option<String> {
+        if has_overrides {
+            return Some(
+                "weight overrides (LoRA) are folded into optimised graphs; load without LoRA to \
+                 use the cache"
+                    .into(),
+            );
+        }
+        if let Some(ep) = self.providers().iter().find(|p| p.compiles_subgraphs()) {
+            return Some(format!(
+                "the {ep} provider compiles subgraphs ONNX Runtime cannot save"
+            ));
+        }
+        if self.opt_level == OptLevel::Disable {
+            return Some("optimisation is disabled, there is nothing to cache".into());
+        }
+        None
+    }
+}
+
+/// How many nodes of a graph one execution provider runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderAssignment {
+    /// ONNX Runtime's provider name (`CUDAExecutionProvider`).
+    pub provider: String,
+    /// Nodes assigned to it (after fusion).
+    pub nodes: usize,
 }
 
 /// The element types tcd-ort feeds and reads.
@@ -99,6 +138,8 @@ pub struct Graph {
     session: Session,
     inputs: Vec<IoSpec>,
     outputs: Vec<IoSpec>,
+    assignment: Vec<ProviderAssignment>,
+    cache: CacheStatus,
 }
 
 impl std::fmt::Debug for Graph {
@@ -108,6 +149,8 @@ impl std::fmt::Debug for Graph {
             .field("path", &self.path)
             .field("inputs", &self.inputs)
             .field("outputs", &self.outputs)
+            .field("assignment", &self.assignment)
+            .field("cache", &self.cache)
             .finish()
     }
 }
@@ -150,58 +193,112 @@ impl Graph {
         if !path.is_file() {
             return Err(Error::model(path, format!("the {name} graph is missing")));
         }
-        let env = super::environment()?;
-        let context = format!("loading {} ({})", name, path.display());
-        let mut builder = Session::builder(&env).map_err(|e| rt_err(&context, e))?;
-        builder = builder
-            .with_optimization_level(GraphOptimizationLevel::Level3)
-            .map_err(|e| rt_err(&context, e))?;
-        if let Some(n) = options.intra_threads {
-            builder = builder
-                .with_intra_threads(n)
-                .map_err(|e| rt_err(&context, e))?;
+        let trt_shapes = if options.providers().contains(&ExecutionProvider::TensorRt) {
+            let profile = options.provider_options.tensorrt.profile.ok_or_else(|| {
+                Error::invalid("TensorRT needs an optimisation profile (image size and batch)")
+            })?;
+            profile_shapes(&declared_inputs(path)?, &profile)
+                .map_err(|e| Error::model(path, format!("the {name} graph: {e}")))?
+        } else {
+            None
+        };
+        let (entry, mut status) = match &options.cache {
+            SessionCache::Off => (None, CacheStatus::Off),
+            SessionCache::Dir(root) => match options.cache_bypass(!overrides.is_empty()) {
+                Some(why) => (None, CacheStatus::Bypassed(why)),
+                None => {
+                    let key = CacheKey::new(
+                        path,
+                        options.providers(),
+                        options.opt_level,
+                        options.provider_options.device_id,
+                        super::library::loaded_library().as_deref(),
+                    )?;
+                    (Some(CacheEntry::new(root, name, key)), CacheStatus::Off)
+                }
+            },
+        };
+        if let Some(entry) = &entry {
+            match entry.lookup() {
+                Ok(Some(cached)) => {
+                    match build(
+                        name,
+                        &cached,
+                        options,
+                        trt_shapes.as_ref(),
+                        None,
+                        Vec::new(),
+                        false,
+                    ) {
+                        Ok(session) => {
+                            return Ok(Graph::new(name, path, session, CacheStatus::Hit))
+                        }
+                        Err(e) => {
+                            entry.remove();
+                            status = CacheStatus::Rejected(format!("ONNX Runtime: {e}"));
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(why) => {
+                    entry.remove();
+                    status = CacheStatus::Rejected(why);
+                }
+            }
         }
-        let dispatch: Vec<_> = options
-            .providers
-            .iter()
-            .map(|ep| ep.dispatch(options.device_id))
-            .collect();
-        builder = builder.with_execution_providers(dispatch).map_err(|e| {
-            rt_err(
-                &format!(
-                    "{context}: registering execution provider(s) {}",
-                    options
-                        .providers
-                        .iter()
-                        .map(|p| p.as_str())
-                        .collect::<Vec<_>>()
-                        .join(",")
-                ),
-                e,
-            )
-        })?;
-        for o in overrides {
-            let tensor = Tensor::from_array((o.shape.clone(), o.values))
-                .map_err(|e| rt_err(&format!("{context}: weight '{}'", o.name), e))?;
-            builder = builder
-                .with_external_initializer(&o.name, tensor.into_dyn())
-                .map_err(|e| rt_err(&format!("{context}: replacing weight '{}'", o.name), e))?;
+        let pending = match &entry {
+            Some(entry) => match entry.begin_store() {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    status = CacheStatus::NotStored(e.to_string());
+                    None
+                }
+            },
+            None => None,
+        };
+        let session = build(
+            name,
+            path,
+            options,
+            trt_shapes.as_ref(),
+            pending.as_ref().map(|p| p.model_path()),
+            overrides,
+            true,
+        )?;
+        if let (Some(entry), Some(pending)) = (&entry, pending) {
+            match entry.finish_store(pending) {
+                Ok(()) if matches!(status, CacheStatus::Off) => status = CacheStatus::Stored,
+                Ok(()) => {}
+                Err(e) => status = CacheStatus::NotStored(e.to_string()),
+            }
         }
-        let session = builder.commit_from_file(path).map_err(|e| {
-            Error::model(
-                path,
-                format!("ONNX Runtime could not load the {name} graph: {e}"),
-            )
-        })?;
+        Ok(Graph::new(name, path, session, status))
+    }
+
+    fn new(name: &str, path: &Path, session: Session, cache: CacheStatus) -> Self {
         let inputs = specs(session.inputs());
         let outputs = specs(session.outputs());
-        Ok(Graph {
+        let assignment = assignment(&session).unwrap_or_default();
+        Graph {
             name: name.to_string(),
             path: path.to_path_buf(),
             session,
             inputs,
             outputs,
-        })
+            assignment,
+            cache,
+        }
+    }
+
+    /// Which execution providers run this graph's nodes, most nodes first (as ONNX Runtime
+    /// assigned them, after any fallback); empty if ONNX Runtime could not say.
+    pub fn assignment(&self) -> &[ProviderAssignment] {
+        &self.assignment
+    }
+
+    /// What the session cache did for this graph.
+    pub fn cache_status(&self) -> &CacheStatus {
+        &self.cache
     }
 
     /// The component name (`unet`, `text_encoder`, ...).
@@ -331,6 +428,143 @@ impl Graph {
         };
         value.map_err(|e| rt_err(&context, e))
     }
+}
+
+/// Builds a session for `model`. With `save_to`, ONNX Runtime writes the optimised graph there
+/// (its weights in [`DATA_FILE`] beside it). `optimise` is false for a graph from the cache,
+/// which is already optimised: running the optimisers again would only cost time.
+fn build(
+    name: &str,
+    model: &Path,
+    options: &SessionOptions,
+    trt_shapes: Option<&ProfileShapes>,
+    save_to: Option<PathBuf>,
+    overrides: Vec<WeightOverride>,
+    optimise: bool,
+) -> Result<Session> {
+    let env = super::environment()?;
+    let context = format!("loading {} ({})", name, model.display());
+    let err = |e: ort::Error<SessionBuilder>| rt_err(&context, e);
+    let mut builder = Session::builder(&env).map_err(|e| rt_err(&context, e))?;
+    let level = if optimise {
+        options.opt_level
+    } else {
+        OptLevel::Disable
+    };
+    builder = builder
+        .with_optimization_level(match level {
+            OptLevel::Disable => GraphOptimizationLevel::Disable,
+            OptLevel::Basic => GraphOptimizationLevel::Level1,
+            OptLevel::Extended => GraphOptimizationLevel::Level2,
+            OptLevel::All => GraphOptimizationLevel::Level3,
+        })
+        .map_err(err)?;
+    builder = builder
+        .with_config_entry("session.record_ep_graph_assignment_info", "1")
+        .map_err(err)?;
+    if let Some(path) = &save_to {
+        builder = builder
+            .with_optimized_model_path(path)
+            .map_err(err)?
+            .with_config_entry(
+                "session.optimized_model_external_initializers_file_name",
+                DATA_FILE,
+            )
+            .map_err(err)?;
+    }
+    if let Some(n) = options.intra_threads {
+        builder = builder.with_intra_threads(n).map_err(err)?;
+    }
+    let providers = options.providers();
+    if providers.contains(&ExecutionProvider::DirectMl) {
+        // The DirectML provider supports neither memory patterns nor parallel execution.
+        builder = builder
+            .with_memory_pattern(false)
+            .map_err(err)?
+            .with_parallel_execution(false)
+            .map_err(err)?;
+    }
+    let dispatch = providers
+        .iter()
+        .map(|ep| ep.dispatch(&options.provider_options, trt_shapes))
+        .collect::<Result<Vec<_>>>()?;
+    builder = builder.with_execution_providers(dispatch).map_err(|e| {
+        rt_err(
+            &format!(
+                "{context}: registering execution provider(s) {}",
+                providers
+                    .iter()
+                    .map(|p| p.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            e,
+        )
+    })?;
+    for o in overrides {
+        let tensor = Tensor::from_array((o.shape.clone(), o.values))
+            .map_err(|e| rt_err(&format!("{context}: weight '{}'", o.name), e))?;
+        builder = builder
+            .with_external_initializer(&o.name, tensor.into_dyn())
+            .map_err(|e| rt_err(&format!("{context}: replacing weight '{}'", o.name), e))?;
+    }
+    builder.commit_from_file(model).map_err(|e| {
+        Error::model(
+            model,
+            format!("ONNX Runtime could not load the {name} graph: {e}"),
+        )
+    })
+}
+
+/// Reads ONNX Runtime's record of which provider runs which nodes.
+fn assignment(session: &Session) -> Result<Vec<ProviderAssignment>> {
+    let api = ort::api();
+    let mut subgraphs: *const *const ort::sys::OrtEpAssignedSubgraph = std::ptr::null();
+    let mut count = 0usize;
+    // SAFETY: the session pointer is live for the call; ONNX Runtime fills the out-pointers with
+    // an array owned by the session, valid while it lives.
+    unsafe {
+        ort::Error::result_from_status((api.Session_GetEpGraphAssignmentInfo)(
+            session.ptr(),
+            &mut subgraphs,
+            &mut count,
+        ))
+    }
+    .map_err(|e| rt_err("reading provider assignment", e))?;
+    if subgraphs.is_null() || count == 0 {
+        return Ok(Vec::new());
+    }
+    // SAFETY: ONNX Runtime returned `count` valid subgraph pointers at `subgraphs`.
+    let subgraphs = unsafe { std::slice::from_raw_parts(subgraphs, count) };
+    let mut totals: Vec<ProviderAssignment> = Vec::new();
+    for &subgraph in subgraphs {
+        let mut name: *const std::ffi::c_char = std::ptr::null();
+        let mut nodes: *const *const ort::sys::OrtEpAssignedNode = std::ptr::null();
+        let mut n = 0usize;
+        // SAFETY: `subgraph` came from the session above; the out-pointers are valid.
+        unsafe {
+            ort::Error::result_from_status((api.EpAssignedSubgraph_GetEpName)(subgraph, &mut name))
+                .and_then(|()| {
+                    ort::Error::result_from_status((api.EpAssignedSubgraph_GetNodes)(
+                        subgraph, &mut nodes, &mut n,
+                    ))
+                })
+        }
+        .map_err(|e| rt_err("reading provider assignment", e))?;
+        if name.is_null() {
+            continue;
+        }
+        // SAFETY: ONNX Runtime returns a NUL-terminated string owned by the session.
+        let provider = unsafe { std::ffi::CStr::from_ptr(name) }
+            .to_string_lossy()
+            .into_owned();
+        match totals.iter_mut().find(|t| t.provider == provider) {
+            Some(t) => t.nodes += n,
+            None => totals.push(ProviderAssignment { provider, nodes: n }),
+        }
+    }
+    totals.sort_by_key(|t| std::cmp::Reverse(t.nodes));
+    Ok(totals)
 }
 
 /// Builds an `ArrayD` from a shape and data, as graphs expect.

@@ -683,3 +683,99 @@ fn an_engine_moves_between_threads() {
     .expect("thread");
     assert_eq!(images.len(), 1);
 }
+
+/// Provider and session settings: bad values are `TCD_ERR_INVALID_ARGUMENT` naming what is
+/// accepted, a GPU provider the CPU build lacks fails at `tcd_engine_new` naming the package,
+/// and the session summary names each graph's provider and the cache outcome.
+#[test]
+fn provider_and_session_options() {
+    use tcd_status::*;
+    let cache = crate::common::scratch_dir("ffi-session-cache");
+    let options = tcd_engine_options_new();
+    let model = cstr(&demo_model());
+    let cache_s = cstr(&cache.to_string_lossy());
+    let mut engine = null_mut();
+    // SAFETY: live handles; NUL-terminated strings or NULL where documented.
+    unsafe {
+        let invalid = |status: tcd_status, needle: &str| {
+            assert_eq!(status, TCD_ERR_INVALID_ARGUMENT, "{needle}");
+            let message = last_error();
+            assert!(message.contains(needle), "{needle}: {message}");
+        };
+        invalid(
+            tcd_engine_options_set_opt_level(options, c"fast".as_ptr()),
+            "disable, basic, extended, all",
+        );
+        invalid(
+            tcd_engine_options_set_cuda(options, c"slow".as_ptr(), null(), 0),
+            "exhaustive",
+        );
+        invalid(
+            tcd_engine_options_set_cuda(options, null(), c"double".as_ptr(), 0),
+            "same-as-requested",
+        );
+        invalid(
+            tcd_engine_options_set_tensorrt(options, 1, null(), c"512x512".as_ptr()),
+            "WIDTHxHEIGHTxBATCH",
+        );
+        invalid(
+            tcd_engine_options_set_coreml_units(options, c"gpu".as_ptr()),
+            "cpu-and-gpu",
+        );
+        invalid(
+            tcd_engine_options_set_session_cache(options, c"".as_ptr()),
+            "empty session cache",
+        );
+        check(
+            tcd_engine_options_set_cuda(options, c"exhaustive".as_ptr(), null(), 1 << 30),
+            TCD_OK,
+        );
+        check(
+            tcd_engine_options_set_tensorrt(options, 0, null(), c"512x512x1".as_ptr()),
+            TCD_OK,
+        );
+        check(
+            tcd_engine_options_set_model(options, model.as_ptr()),
+            TCD_OK,
+        );
+        check(
+            tcd_engine_options_set_providers(options, c"cuda".as_ptr()),
+            TCD_OK,
+        );
+        check(tcd_engine_new(options, &mut engine), TCD_ERR_RUNTIME);
+        assert!(last_error().contains("onnxruntime-gpu"), "{}", last_error());
+
+        check(
+            tcd_engine_options_set_providers(options, c"cpu".as_ptr()),
+            TCD_OK,
+        );
+        check(
+            tcd_engine_options_set_opt_level(options, c"extended".as_ptr()),
+            TCD_OK,
+        );
+        check(
+            tcd_engine_options_set_session_cache(options, cache_s.as_ptr()),
+            TCD_OK,
+        );
+        check(tcd_engine_new(options, &mut engine), TCD_OK);
+        let n = tcd_engine_session_summary(engine, null_mut(), 0);
+        let mut buf = vec![0u8; n + 1];
+        assert_eq!(
+            tcd_engine_session_summary(engine, buf.as_mut_ptr().cast(), buf.len()),
+            n
+        );
+        let summary = CStr::from_bytes_with_nul(&buf)
+            .expect("NUL-terminated")
+            .to_string_lossy()
+            .into_owned();
+        assert!(
+            summary.contains("unet: CPUExecutionProvider [session cache: stored]"),
+            "{summary}"
+        );
+        assert_eq!(summary.lines().count(), 4, "{summary}");
+        assert_eq!(tcd_engine_session_summary(null(), null_mut(), 0), 0);
+        tcd_engine_free(engine);
+        tcd_engine_options_free(options);
+    }
+    let _ = std::fs::remove_dir_all(&cache);
+}

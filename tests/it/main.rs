@@ -12,6 +12,7 @@ mod lora;
 mod lora_parity;
 mod optimum;
 mod parity;
+mod providers;
 
 mod rng;
 mod scheduler;

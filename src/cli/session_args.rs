@@ -1,0 +1,196 @@
+//! Execution-provider and session start-up flags of `tcd-ort run`, kept apart from the
+//! generation flags: they translate to [`ProviderOptions`], [`OptLevel`] and [`SessionCache`].
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use tcd_ort::pipeline::{Engine, EngineOptions};
+use tcd_ort::runtime::{
+    parse_bytes, ArenaExtendStrategy, CacheStatus, CoreMlComputeUnits, CudnnConvSearch,
+    ExecutionProvider, OptLevel, SessionCache, TrtProfile,
+};
+
+fn bytes(s: &str) -> std::result::Result<u64, String> {
+    parse_bytes(s).map_err(|e| e.to_string())
+}
+
+/// Provider and session flags.
+#[derive(Debug, Args)]
+pub struct SessionArgs {
+    /// Graph optimisation level: disable, basic, extended or all.
+    #[arg(long, default_value_t = OptLevel::All)]
+    opt_level: OptLevel,
+    /// Cache ONNX Runtime's optimised graphs here so later starts skip optimisation: a
+    /// directory, `auto` ($XDG_CACHE_HOME/tcd-ort/sessions or ~/.cache/tcd-ort/sessions) or
+    /// `off`. Graphs with LoRA weights and TensorRT/DirectML/CoreML sessions are never cached.
+    #[arg(long, value_name = "DIR|auto|off", default_value = "off")]
+    session_cache: SessionCache,
+    /// cuDNN convolution algorithm search with --ep cuda: exhaustive, heuristic (default) or
+    /// default.
+    #[arg(long, value_name = "MODE")]
+    cuda_cudnn_search: Option<CudnnConvSearch>,
+    /// CUDA memory arena growth: same-as-requested (default) or next-power-of-two.
+    #[arg(long, value_name = "STRATEGY")]
+    cuda_arena_extend: Option<ArenaExtendStrategy>,
+    /// Cap on CUDA's memory arena, e.g. 6G or 8192M (default: the whole device).
+    #[arg(long, value_name = "BYTES", value_parser = bytes)]
+    gpu_mem_limit: Option<u64>,
+    /// TensorRT fp16 engines (default true).
+    #[arg(long, value_name = "BOOL")]
+    trt_fp16: Option<bool>,
+    /// TensorRT engine and timing cache directory (default $XDG_CACHE_HOME/tcd-ort/tensorrt or
+    /// ~/.cache/tcd-ort/tensorrt).
+    #[arg(long, value_name = "DIR")]
+    trt_cache_dir: Option<PathBuf>,
+    /// TensorRT optimisation profile: WxHxB (fixed) or MIN:OPT:MAX, each WIDTHxHEIGHTxBATCH
+    /// where the batch counts the guidance pass. Default: --width/--height (or the model's
+    /// size) at batch 1 to --num-images (doubled with --guidance > 1).
+    #[arg(long, value_name = "PROFILE")]
+    trt_profile_shapes: Option<TrtProfile>,
+    /// CoreML compute units: all (default), cpu-and-neural-engine, cpu-and-gpu or cpu-only.
+    #[arg(long, value_name = "UNITS")]
+    coreml_units: Option<CoreMlComputeUnits>,
+}
+
+/// What the request asks of a derived TensorRT profile.
+pub struct RequestShape {
+    /// `--width`.
+    pub width: Option<usize>,
+    /// `--height`.
+    pub height: Option<usize>,
+    /// `--num-images`.
+    pub num_images: usize,
+    /// Whether classifier-free guidance doubles the batch.
+    pub guidance: bool,
+    /// The model's native image size, when known before loading.
+    pub native_size: Option<usize>,
+}
+
+impl SessionArgs {
+    /// Fills the provider and session fields of `options`, refusing flags for providers that
+    /// are not in `providers`.
+    pub fn apply(
+        &self,
+        providers: &[ExecutionProvider],
+        shape: &RequestShape,
+        options: &mut EngineOptions,
+    ) -> Result<()> {
+        let uses = |ep: ExecutionProvider| providers.contains(&ep);
+        let need = |given: bool, flag: &str, eps: &[ExecutionProvider]| -> Result<()> {
+            if given && !eps.iter().any(|ep| uses(*ep)) {
+                let names: Vec<&str> = eps.iter().map(|ep| ep.as_str()).collect();
+                bail!(
+                    "{flag} applies only to --ep {}; it has no effect with --ep {}",
+                    names.join(" or "),
+                    providers
+                        .iter()
+                        .map(|p| p.as_str())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                );
+            }
+            Ok(())
+        };
+        use ExecutionProvider::{CoreMl, Cuda, TensorRt};
+        need(
+            self.cuda_cudnn_search.is_some(),
+            "--cuda-cudnn-search",
+            &[Cuda, TensorRt],
+        )?;
+        need(
+            self.cuda_arena_extend.is_some(),
+            "--cuda-arena-extend",
+            &[Cuda, TensorRt],
+        )?;
+        need(
+            self.gpu_mem_limit.is_some(),
+            "--gpu-mem-limit",
+            &[Cuda, TensorRt],
+        )?;
+        need(self.trt_fp16.is_some(), "--trt-fp16", &[TensorRt])?;
+        need(self.trt_cache_dir.is_some(), "--trt-cache-dir", &[TensorRt])?;
+        need(
+            self.trt_profile_shapes.is_some(),
+            "--trt-profile-shapes",
+            &[TensorRt],
+        )?;
+        need(self.coreml_units.is_some(), "--coreml-units", &[CoreMl])?;
+
+        let po = &mut options.provider_options;
+        if let Some(v) = self.cuda_cudnn_search {
+            po.cuda.cudnn_conv_search = v;
+        }
+        if let Some(v) = self.cuda_arena_extend {
+            po.cuda.arena_extend = v;
+        }
+        po.cuda.gpu_mem_limit = self.gpu_mem_limit;
+        if let Some(v) = self.trt_fp16 {
+            po.tensorrt.fp16 = v;
+        }
+        po.tensorrt.cache_dir = self.trt_cache_dir.clone();
+        po.tensorrt.profile = match self.trt_profile_shapes {
+            Some(p) => Some(p),
+            None if uses(TensorRt) => {
+                let size =
+                    |v: Option<usize>, other: Option<usize>| v.or(other).or(shape.native_size);
+                match (
+                    size(shape.width, shape.height),
+                    size(shape.height, shape.width),
+                ) {
+                    (Some(w), Some(h)) => Some(TrtProfile::for_request(
+                        w,
+                        h,
+                        shape.num_images,
+                        shape.guidance,
+                    )?),
+                    _ => None,
+                }
+            }
+            None => None,
+        };
+        if let Some(v) = self.coreml_units {
+            po.coreml.compute_units = v;
+        }
+        options.opt_level = self.opt_level;
+        options.session_cache = self.session_cache.clone();
+        Ok(())
+    }
+}
+
+/// The model's native image size, read before loading when a TensorRT profile needs it.
+pub fn native_size(model: &str, revision: Option<&str>) -> Option<usize> {
+    let root = tcd_ort::pipeline::resolve_model(model, revision).ok()?;
+    let dir = tcd_ort::model::ModelDir::open(&root).ok()?;
+    Some(dir.default_image_size())
+}
+
+/// The per-graph summary printed after loading: the providers each graph's nodes run on and,
+/// with a session cache, what it did.
+pub fn session_summary(engine: &Engine) -> Vec<String> {
+    let sessions = engine.sessions();
+    let mut lines = Vec::new();
+    let providers: Vec<String> = sessions
+        .iter()
+        .map(|s| {
+            let names: Vec<String> = match s.assignment.as_slice() {
+                [] => vec!["unknown".into()],
+                [one] => vec![one.provider.clone()],
+                many => many
+                    .iter()
+                    .map(|a| format!("{} ({} nodes)", a.provider, a.nodes))
+                    .collect(),
+            };
+            format!("{}: {}", s.component, names.join(" + "))
+        })
+        .collect();
+    lines.push(format!("providers: {}", providers.join(", ")));
+    if sessions.iter().any(|s| s.cache != CacheStatus::Off) {
+        let cache: Vec<String> = sessions
+            .iter()
+            .map(|s| format!("{}: {}", s.component, s.cache))
+            .collect();
+        lines.push(format!("session cache: {}", cache.join(", ")));
+    }
+    lines
+}

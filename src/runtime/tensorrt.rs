@@ -1,0 +1,252 @@
+//! TensorRT optimisation profiles derived from the requested image size and batch.
+//!
+//! TensorRT needs the min/opt/max shape of every dynamic input before it builds an engine.
+//! tcd-ort derives them from the graph's declared inputs and a [`TrtProfile`], knowing how SD
+//! graphs relate their dimensions to the image size:
+//!
+//! | input | shape |
+//! |---|---|
+//! | `sample`, `latent_sample`, other 4-d inputs | `[batch, c, H/8, W/8]`; `[batch, 3, H, W]` when c = 3 (pixels) |
+//! | `down_block_additional_residual_{i}` | `[batch, c_i, H/(8*2^(i/3)), W/(8*2^(i/3))]` |
+//! | `mid_block_additional_residual` | the size of the last down residual |
+//! | `encoder_hidden_states`, `input_ids` | `[batch, 77, ...]` (CLIP's sequence length) |
+//! | `timestep`, `text_embeds`, `time_ids` | `[batch, ...]` |
+//!
+//! Fixed dimensions keep their declared size.
+
+use super::initializers::{DeclaredDim, DeclaredInput};
+use super::options::{ShapeDims, TrtProfile};
+use crate::{Error, Result};
+
+/// CLIP's token sequence length.
+const SEQUENCE: i64 = 77;
+/// The VAE's spatial down-sampling factor.
+const LATENT_FACTOR: usize = 8;
+
+/// The three `trt_profile_*_shapes` strings of one graph.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileShapes {
+    /// `trt_profile_min_shapes`.
+    pub min: String,
+    /// `trt_profile_opt_shapes`.
+    pub opt: String,
+    /// `trt_profile_max_shapes`.
+    pub max: String,
+}
+
+fn residual_index(name: &str) -> Option<usize> {
+    name.strip_prefix("down_block_additional_residual_")?
+        .parse()
+        .ok()
+}
+
+/// The spatial down-sampling of a 4-d input relative to the image.
+fn spatial_factor(input: &DeclaredInput, down_residuals: usize) -> usize {
+    if let Some(i) = residual_index(&input.name) {
+        return LATENT_FACTOR << (i / 3);
+    }
+    if input.name == "mid_block_additional_residual" {
+        return LATENT_FACTOR << (down_residuals.saturating_sub(1) / 3);
+    }
+    match input.dims.get(1) {
+        Some(DeclaredDim::Fixed(3)) => 1,
+        _ => LATENT_FACTOR,
+    }
+}
+
+fn shape_for(
+    input: &DeclaredInput,
+    dims: &ShapeDims,
+    down_residuals: usize,
+) -> Result<Option<String>> {
+    if !input
+        .dims
+        .iter()
+        .any(|d| !matches!(d, DeclaredDim::Fixed(_)))
+    {
+        return Ok(None);
+    }
+    let rank = input.dims.len();
+    let factor = spatial_factor(input, down_residuals);
+    let mut out = Vec::with_capacity(rank);
+    for (axis, dim) in input.dims.iter().enumerate() {
+        let size = match dim {
+            DeclaredDim::Fixed(n) => *n,
+            _ if axis == 0 => dims.batch as i64,
+            _ if rank == 4 && axis == 2 => (dims.height / factor) as i64,
+            _ if rank == 4 && axis == 3 => (dims.width / factor) as i64,
+            _ if axis == 1
+                && (input.name == "encoder_hidden_states" || input.name == "input_ids") =>
+            {
+                SEQUENCE
+            }
+            DeclaredDim::Named(n) if n.contains("seq") => SEQUENCE,
+            _ => {
+                return Err(Error::invalid(format!(
+                    "cannot derive a TensorRT profile for input '{}' (axis {axis} of {rank} is \
+                     dynamic and not a batch, image or sequence axis); re-export the graph with \
+                     that axis fixed or use --ep cuda",
+                    input.name
+                )))
+            }
+        };
+        if size <= 0 {
+            return Err(Error::invalid(format!(
+                "the TensorRT profile gives input '{}' a zero-sized axis {axis}; the image size \
+                 must be at least {} pixels",
+                input.name,
+                factor * 8
+            )));
+        }
+        out.push(size.to_string());
+    }
+    Ok(Some(format!("{}:{}", input.name, out.join("x"))))
+}
+
+/// The min/opt/max shapes of every dynamic input, or `None` when the graph is fully static.
+pub fn profile_shapes(
+    inputs: &[DeclaredInput],
+    profile: &TrtProfile,
+) -> Result<Option<ProfileShapes>> {
+    let down_residuals = inputs
+        .iter()
+        .filter(|i| residual_index(&i.name).is_some())
+        .count();
+    let corner = |dims: &ShapeDims| -> Result<String> {
+        let mut parts = Vec::new();
+        for input in inputs {
+            if let Some(s) = shape_for(input, dims, down_residuals)? {
+                parts.push(s);
+            }
+        }
+        Ok(parts.join(","))
+    };
+    let min = corner(&profile.min)?;
+    if min.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(ProfileShapes {
+        min,
+        opt: corner(&profile.opt)?,
+        max: corner(&profile.max)?,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(name: &str, dims: &[Option<i64>]) -> DeclaredInput {
+        DeclaredInput {
+            name: name.into(),
+            dims: dims
+                .iter()
+                .map(|d| match d {
+                    Some(n) => DeclaredDim::Fixed(*n),
+                    None => DeclaredDim::Named("d".into()),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn sd15_unet_with_controlnet_residuals() {
+        let mut inputs = vec![
+            input("sample", &[None, Some(4), None, None]),
+            input("timestep", &[None]),
+            input("encoder_hidden_states", &[None, None, Some(768)]),
+        ];
+        let channels = [
+            320, 320, 320, 320, 640, 640, 640, 1280, 1280, 1280, 1280, 1280,
+        ];
+        for (i, c) in channels.iter().enumerate() {
+            inputs.push(input(
+                &format!("down_block_additional_residual_{i}"),
+                &[None, Some(*c), None, None],
+            ));
+        }
+        inputs.push(input(
+            "mid_block_additional_residual",
+            &[None, Some(1280), None, None],
+        ));
+        let profile: TrtProfile = "512x512x1:512x768x2:1024x1024x2".parse().expect("profile");
+        let shapes = profile_shapes(&inputs, &profile)
+            .expect("derivable")
+            .expect("dynamic");
+        let opt: Vec<&str> = shapes.opt.split(',').collect();
+        assert_eq!(opt[0], "sample:2x4x96x64");
+        assert_eq!(opt[1], "timestep:2");
+        assert_eq!(opt[2], "encoder_hidden_states:2x77x768");
+        assert_eq!(opt[3], "down_block_additional_residual_0:2x320x96x64");
+        assert_eq!(opt[6], "down_block_additional_residual_3:2x320x48x32");
+        assert_eq!(opt[12], "down_block_additional_residual_9:2x1280x12x8");
+        assert_eq!(opt[15], "mid_block_additional_residual:2x1280x12x8");
+        assert!(
+            shapes.min.starts_with("sample:1x4x64x64,"),
+            "{}",
+            shapes.min
+        );
+        assert!(
+            shapes.max.starts_with("sample:2x4x128x128,"),
+            "{}",
+            shapes.max
+        );
+    }
+
+    #[test]
+    fn sdxl_mid_residual_and_conditioning() {
+        let mut inputs = vec![
+            input("sample", &[None, Some(4), None, None]),
+            input("text_embeds", &[None, Some(1280)]),
+            input("time_ids", &[None, Some(6)]),
+        ];
+        for i in 0..9 {
+            inputs.push(input(
+                &format!("down_block_additional_residual_{i}"),
+                &[None, Some(320), None, None],
+            ));
+        }
+        inputs.push(input(
+            "mid_block_additional_residual",
+            &[None, Some(1280), None, None],
+        ));
+        let profile: TrtProfile = "1024x1024x2".parse().expect("profile");
+        let shapes = profile_shapes(&inputs, &profile)
+            .expect("derivable")
+            .expect("dynamic");
+        assert!(shapes.opt.contains("text_embeds:2x1280,time_ids:2x6,"));
+        assert!(shapes
+            .opt
+            .ends_with("mid_block_additional_residual:2x1280x32x32"));
+    }
+
+    #[test]
+    fn vae_and_text_encoder() {
+        let profile: TrtProfile = "512x512x1".parse().expect("profile");
+        let vae_enc = profile_shapes(&[input("sample", &[None, Some(3), None, None])], &profile)
+            .expect("derivable")
+            .expect("dynamic");
+        assert_eq!(vae_enc.opt, "sample:1x3x512x512");
+        let vae_dec = profile_shapes(
+            &[input("latent_sample", &[None, Some(4), None, None])],
+            &profile,
+        )
+        .expect("derivable")
+        .expect("dynamic");
+        assert_eq!(vae_dec.max, "latent_sample:1x4x64x64");
+        let text = profile_shapes(&[input("input_ids", &[None, Some(77)])], &profile)
+            .expect("derivable")
+            .expect("dynamic");
+        assert_eq!(text.min, "input_ids:1x77");
+    }
+
+    #[test]
+    fn static_graphs_need_no_profile_and_unknown_axes_are_errors() {
+        let profile: TrtProfile = "512x512x1".parse().expect("profile");
+        let fixed = [input("sample", &[Some(1), Some(4), Some(64), Some(64)])];
+        assert_eq!(profile_shapes(&fixed, &profile).ok(), Some(None));
+        let odd = [input("mystery", &[None, None])];
+        let err = profile_shapes(&odd, &profile).expect_err("underivable");
+        assert!(err.to_string().contains("mystery"), "{err}");
+    }
+}
