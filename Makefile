@@ -78,7 +78,7 @@ $(VENV_OPTIMUM)/.installed: export/requirements-optimum.txt
 
 # Golden numbers: torch's generator, diffusers' TCDScheduler, transformers' tokenizer, the
 # diffusers pipelines on tiny random-weight models (exported to ONNX here, and with optimum-cli),
-# and LoRAs in every key format with diffusers' own deltas and images.
+# LoRAs in every key format with diffusers' own deltas and images, and tiny ControlNets.
 fixtures: venv venv-optimum
 	$(VPY) tests/golden/make_rng.py
 	$(VPY) tests/golden/make_scheduler.py
@@ -87,6 +87,7 @@ fixtures: venv venv-optimum
 	$(VPY) tests/golden/make_parity.py $(FIXTURES)/parity
 	$(VPY) tests/golden/make_lora.py $(FIXTURES)/lora
 	$(VPY) tests/golden/make_img2img.py $(FIXTURES)/img2img
+	$(VPY) tests/golden/make_controlnet.py $(FIXTURES)/controlnet
 	$(VENV_OPTIMUM)/bin/python tests/golden/make_optimum.py $(FIXTURES)/parity $(FIXTURES)/optimum
 
 lint:

@@ -71,6 +71,30 @@ Extra intermediates of image cases (absent where the pipeline never computes the
 * `latents`: after each step; for inpainting with a 4-channel UNet after the blend
   `(1 - mask) * add_noise(image_latents, noise, next_t) + mask * latents` (at the last step
   `image_latents` unnoised).
+
+ControlNet (text-to-image only): a case with `"controlnets": [{"path": DIR, "scale": 0.5,
+"onnx": DIR}, ...]` (diffusers `ControlNetModel` directories relative to the cases file; `onnx`
+is the export the Rust tests run and is ignored here) and `"control_images": [PATH, ...]` (one
+per ControlNet, relative to `--image-dir`, read with `PIL.Image.open(path).convert("RGB")`)
+runs `StableDiffusionControlNetPipeline` / `StableDiffusionXLControlNetPipeline.from_pipe(pipe,
+controlnet=...)`, with a `ControlNetModel` for one and a `MultiControlNetModel` for several,
+`controlnet_conditioning_scale` = the scales (a float for one ControlNet) and the case's size.
+Optional fields: `"control_start"` / `"control_end"` (one number per ControlNet, diffusers'
+`control_guidance_start` / `control_guidance_end`, default 0 / 1: ControlNet k is used at step i
+of n unless i / n < start_k or (i + 1) / n > end_k), `"control_preprocess": "canny"` with
+`"canny_low"` / `"canny_high"` (default 100 / 200): each control image becomes
+`cv2.Canny(np.array(image), low, high)` stacked to 3 channels, as diffusers' ControlNet-canny
+examples do, and batch mode saves it as `<name>_control_<i>.png`. Extra intermediates:
+
+* `control_image_{i}`: ControlNet i's image as `prepare_image` returned it (resized to the
+  case's size with the pipeline's `control_image_processor`, RGB in [0, 1]), repeated to
+  [num_images, 3, H, W], without the classifier-free-guidance duplication.
+* `control_scales`: [steps, n_controlnets], the `conditioning_scale` each ControlNet got at each
+  step: its scale times 1 or 0 (inside or outside its start/end window).
+* `control_down_{j}` / `control_mid`: the residuals the UNet received at the first step, i.e.
+  the ControlNet outputs multiplied by their scale and summed over the ControlNets (what the UNet
+  graph's `down_block_additional_residual_{j}` / `mid_block_additional_residual` take), with the
+  guidance batch (negative half first) when guidance runs: [batch, C_j, h_j, w_j].
 """
 
 from __future__ import annotations

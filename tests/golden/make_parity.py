@@ -12,7 +12,8 @@ Run from the repository root with the pinned environment:
     .venv/bin/python tests/golden/make_parity.py [OUT_DIR [FAMILY ...]]
 
 OUT_DIR defaults to tests/fixtures/generated/parity, FAMILY to all of sd15 sdxl sd21 sd21v.
-Pipelines and exports already there are kept; the references are always rewritten. Layout:
+Pipelines and exports already there are kept (an export whose UNet lacks the ControlNet residual
+inputs is redone); the references are always rewritten. Layout:
 
     OUT_DIR/<family>/diffusers/   the random-weight pipeline (save_pretrained)
     OUT_DIR/<family>/onnx/        `python -m export convert` of it
@@ -151,6 +152,12 @@ def cases(family):
     return out
 
 
+def stale_export(onnx_dir):
+    """An export from before the UNet took the ControlNet residual inputs."""
+    unet = json.loads((onnx_dir / "tcd_ort.json").read_text())["components"]["unet"]
+    return "mid_block_additional_residual" not in unet["inputs"]
+
+
 def run(*args):
     print("+", " ".join(str(a) for a in args), flush=True)
     subprocess.run([sys.executable, *map(str, args)], check=True, cwd=ROOT)
@@ -166,7 +173,7 @@ def main():
         onnx_dir = base / "onnx"
         if not (pipe / "model_index.json").exists():
             run("-m", "export", "-q", "tiny", "--family", family, pipe)
-        if not (onnx_dir / "tcd_ort.json").exists():
+        if not (onnx_dir / "tcd_ort.json").exists() or stale_export(onnx_dir):
             run("-m", "export", "-q", "convert", pipe, onnx_dir, "--overwrite")
         case_file = base / "cases.json"
         case_file.write_text(json.dumps(cases(family), indent=1))
