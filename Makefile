@@ -84,6 +84,7 @@ fixtures: venv venv-optimum
 	$(VPY) tests/golden/make_scheduler.py
 	$(VPY) tests/golden/make_tokenizer.py
 	$(VPY) tests/golden/make_canny.py
+	$(VPY) tests/golden/make_depth.py $(FIXTURES)/depth
 	$(VPY) tests/golden/make_parity.py $(FIXTURES)/parity
 	$(VPY) tests/golden/make_lora.py $(FIXTURES)/lora
 	$(VPY) tests/golden/make_img2img.py $(FIXTURES)/img2img

@@ -3,6 +3,7 @@
 mod canny;
 mod cli;
 mod common;
+mod depth;
 mod ffi;
 mod hub;
 mod img2img;
