@@ -78,7 +78,8 @@ $(VENV_OPTIMUM)/.installed: export/requirements-optimum.txt
 
 # Golden numbers: torch's generator, diffusers' TCDScheduler, transformers' tokenizer, the
 # diffusers pipelines on tiny random-weight models (exported to ONNX here, and with optimum-cli),
-# and LoRAs in every key format with diffusers' own deltas and images.
+# LoRAs in every key format with diffusers' own deltas and images, OpenCV's Canny, and the
+# ControlNet-depth guide's depth maps on a tiny hybrid DPT.
 fixtures: venv venv-optimum
 	$(VPY) tests/golden/make_rng.py
 	$(VPY) tests/golden/make_scheduler.py
