@@ -342,9 +342,8 @@ fn depth_load_rejects_what_is_not_a_depth_estimator() {
     }
     let vae = crate::common::repo_root().join("models/tiny-sd15/vae_decoder");
     for f in ["model.onnx", "model.onnx_data"] {
-        if vae.join(f).is_file() {
-            std::fs::copy(vae.join(f), wrong_graph.join(f)).expect("copy");
-        }
+        std::fs::copy(vae.join(f), wrong_graph.join(f))
+            .unwrap_or_else(|e| panic!("{}: {e}", vae.join(f).display()));
     }
     let err = DepthEstimator::load(&wrong_graph, &options()).expect_err("wrong graph");
     assert!(err.to_string().contains("pixel_values"), "{err}");
