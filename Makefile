@@ -78,12 +78,14 @@ $(VENV_OPTIMUM)/.installed: export/requirements-optimum.txt
 
 # Golden numbers: torch's generator, diffusers' TCDScheduler, transformers' tokenizer, the
 # diffusers pipelines on tiny random-weight models (exported to ONNX here, and with optimum-cli),
-# LoRAs in every key format with diffusers' own deltas and images, and tiny ControlNets.
+# LoRAs in every key format with diffusers' own deltas and images, tiny ControlNets, OpenCV's
+# Canny, and the ControlNet-depth guide's depth maps on a tiny hybrid DPT.
 fixtures: venv venv-optimum
 	$(VPY) tests/golden/make_rng.py
 	$(VPY) tests/golden/make_scheduler.py
 	$(VPY) tests/golden/make_tokenizer.py
 	$(VPY) tests/golden/make_canny.py
+	$(VPY) tests/golden/make_depth.py $(FIXTURES)/depth
 	$(VPY) tests/golden/make_parity.py $(FIXTURES)/parity
 	$(VPY) tests/golden/make_lora.py $(FIXTURES)/lora
 	$(VPY) tests/golden/make_img2img.py $(FIXTURES)/img2img

@@ -1,4 +1,4 @@
-"""Command line: `python -m export {convert,controlnet,tiny,tiny-controlnet,full,reference} ...`.
+"""Command line: `python -m export {convert,controlnet,depth,tiny,tiny-controlnet,tiny-depth,full,reference} ...`.
 
 `convert` is the default: `python -m export SOURCE OUT_DIR` means `python -m export convert
 SOURCE OUT_DIR`.
@@ -14,7 +14,16 @@ import sys
 import time
 import warnings
 
-COMMANDS = ("convert", "controlnet", "tiny", "tiny-controlnet", "full", "reference")
+COMMANDS = (
+    "convert",
+    "controlnet",
+    "depth",
+    "tiny",
+    "tiny-controlnet",
+    "tiny-depth",
+    "full",
+    "reference",
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -101,6 +110,25 @@ def _parser() -> argparse.ArgumentParser:
         t.add_argument("out_dir", type=pathlib.Path)
         t.add_argument("--seed", type=int, default=0)
         t.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+
+    d = sub.add_parser(
+        "depth",
+        help="export a transformers DPTForDepthEstimation (dir or hub id, e.g. "
+        "Intel/dpt-hybrid-midas) for ControlNet-depth preprocessing",
+    )
+    d.add_argument("source", help="DPTForDepthEstimation dir (save_pretrained) or hub id")
+    d.add_argument("out_dir", type=pathlib.Path, help="depth estimator directory to write")
+    d.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    d.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+
+    td = sub.add_parser(
+        "tiny-depth",
+        help="write a tiny random-weight hybrid DPT (dpt-hybrid-midas-like) in save_pretrained "
+        "layout (tests)",
+    )
+    td.add_argument("out_dir", type=pathlib.Path)
+    td.add_argument("--seed", type=int, default=0)
+    td.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
 
     r = sub.add_parser("reference", help="run the diffusers TCD pipeline (golden outputs)")
     r.add_argument("--model", required=True, help="diffusers pipeline dir (or hub id)")
@@ -251,6 +279,20 @@ def main(argv: list[str] | None = None) -> int:
                 args.out_dir,
                 time.perf_counter() - t,
             )
+        elif args.command == "depth":
+            from export.depth import convert_depth
+
+            convert_depth(args.source, args.out_dir, args.opset, args.overwrite)
+        elif args.command == "tiny-depth":
+            import shutil
+
+            from export.depth import build_tiny_depth
+
+            _check_out_dir(parser, args.out_dir, args.overwrite)
+            if args.out_dir.exists():
+                shutil.rmtree(args.out_dir)
+            build_tiny_depth(args.out_dir, args.seed)
+            logging.getLogger("export").info("wrote tiny depth estimator to %s", args.out_dir)
         elif args.command == "reference":
             from export.reference import run_from_args
 

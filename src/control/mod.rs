@@ -3,9 +3,11 @@
 //! gives the same control image here as in Python.
 //!
 //! - [`canny`]: OpenCV's `cv2.Canny` edge map (ControlNet-canny), bit-exact.
-//!
-//! Depth estimation runs a model and comes with the depth ControlNets.
+//! - [`depth`]: a DPT depth map (ControlNet-depth) from a model exported with
+//!   `python -m export depth`, post-processed as diffusers' guide does.
 
 pub mod canny;
+pub mod depth;
 
 pub use canny::{canny, canny_gray};
+pub use depth::DepthEstimator;

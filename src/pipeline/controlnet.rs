@@ -426,8 +426,27 @@ impl ResidualLayout {
     }
 }
 
-#[derive(Debug)]
-pub(super) struct DepthStandIn;
+/// Loads the depth estimator of [`ControlPreprocess::Depth`]: a directory or a hub id of a
+/// `python -m export depth` export.
+pub(super) fn load_depth_estimator(
+    source: &str,
+    revision: Option<&str>,
+    options: &SessionOptions,
+) -> Result<control::DepthEstimator> {
+    let path = Path::new(source);
+    let dir = if path.exists() {
+        path.to_path_buf()
+    } else if hub::looks_like_hub_id(source) {
+        hub::resolve_single_graph(source, revision, "depth estimator")?
+    } else {
+        return Err(Error::model(
+            path,
+            "no such depth estimator directory (and not a Hugging Face hub id of the form \
+             owner/name)",
+        ));
+    };
+    control::DepthEstimator::load(&dir, options)
+}
 
 /// Control images ready for the ControlNets, and each ControlNet's scale at each step.
 #[derive(Debug, Clone)]
@@ -528,7 +547,7 @@ fn step_scales(control: &[ControlImage], steps: usize) -> Vec<Vec<f32>> {
 /// doubled for classifier-free guidance.
 pub(super) fn prepare(
     control: &[ControlImage],
-    depth: &mut Option<DepthStandIn>,
+    depth: &mut Option<control::DepthEstimator>,
     steps: usize,
     (height, width): (usize, usize),
     num_images: usize,
@@ -544,7 +563,7 @@ pub(super) fn prepare(
             ControlPreprocess::None => c.image.clone(),
             ControlPreprocess::Canny { low, high } => control::canny(&c.image, low, high)?,
             ControlPreprocess::Depth => match depth.as_mut() {
-                Some(_) => unreachable!(),
+                Some(estimator) => estimator.estimate(&c.image, width as u32, height as u32)?,
                 None => {
                     return Err(Error::invalid(
                         "--control-preprocess depth needs a depth estimator: load one with \

@@ -253,7 +253,7 @@ pub struct Engine {
     vae_encoder: Option<Graph>,
     controlnets: Vec<ControlNet>,
     residuals: Option<controlnet::ResidualLayout>,
-    depth: Option<controlnet::DepthStandIn>,
+    depth: Option<crate::control::DepthEstimator>,
     requires_aesthetics_score: bool,
     scheduler: TcdConfig,
     providers: Vec<ExecutionProvider>,
@@ -366,14 +366,15 @@ impl Engine {
         }
         unet.require_inputs(&required)?;
         let residuals = controlnet::ResidualLayout::from_unet(&unet, &model.unet, &root)?;
-        if let Some(depth) = &options.depth_estimator {
-            return Err(Error::invalid(format!(
-                "--depth-model {depth}: depth estimation is not wired in yet"
-            )));
-        }
+        let depth = options
+            .depth_estimator
+            .as_deref()
+            .map(|source| controlnet::load_depth_estimator(source, None, &session_options))
+            .transpose()?;
         let mut controlnets = Vec::with_capacity(options.controlnets.len());
         for source in &options.controlnets {
-            let net = ControlNet::load(source, options.revision.as_deref(), &session_options)?;
+            // `--revision` names a revision of the model repository, not of the ControlNet's.
+            let net = ControlNet::load(source, None, &session_options)?;
             match &residuals {
                 Some(layout) => layout.check(&net, xl, &model.unet)?,
                 None => {
@@ -418,7 +419,7 @@ impl Engine {
             vae_encoder,
             controlnets,
             residuals,
-            depth: None,
+            depth,
             requires_aesthetics_score,
             scheduler,
             providers,

@@ -306,3 +306,58 @@ fn unet_without_residual_inputs_refuses_controlnets() {
         .expect_err("optimum UNet has no residual inputs");
     assert!(err.to_string().contains("re-export"), "{err}");
 }
+
+/// `ControlPreprocess::Depth` runs the engine's depth estimator (the guide's recipe, checked
+/// against transformers in `depth.rs`) at the output size, and the ControlNet sees that map.
+#[test]
+fn depth_preprocessing_feeds_the_estimators_map() {
+    let depth_dir = fixtures_dir().join("depth");
+    let photo = load_image(&depth_dir.join("images").join("photo200x150.png"))
+        .unwrap_or_else(|e| panic!("{e}; run `make fixtures`"));
+    let net = root().join("sd15").join("controlnet_0").join("onnx");
+    let options = EngineOptions {
+        controlnets: vec![net.to_string_lossy().into_owned()],
+        depth_estimator: Some(depth_dir.join("model").to_string_lossy().into_owned()),
+        ..EngineOptions::default()
+    };
+    let model = model_dir("sd15");
+    let mut engine = Engine::load(model.to_string_lossy(), &options).expect("loads with depth");
+    let request = GenerateRequest {
+        prompt: "a red house".into(),
+        steps: 2,
+        width: Some(64),
+        height: Some(48),
+        control: vec![ControlImage {
+            scale: 0.5,
+            preprocess: ControlPreprocess::Depth,
+            ..ControlImage::new(photo.clone())
+        }],
+        ..GenerateRequest::default()
+    };
+    let out = engine
+        .generate(&request, &mut |_| true)
+        .expect("depth ControlNet run");
+    let mut estimator = tcd_ort::control::DepthEstimator::load(
+        &depth_dir.join("model"),
+        &tcd_ort::runtime::SessionOptions::default(),
+    )
+    .expect("estimator");
+    let map = estimator.estimate(&photo, 64, 48).expect("depth map");
+    assert_eq!(out.control_images, vec![map.clone()]);
+    assert!(
+        map.pixels.iter().any(|&v| v != map.pixels[0]),
+        "a flat map checks nothing"
+    );
+    // The same map given as a plain control image gives the same latents.
+    let plain = GenerateRequest {
+        control: vec![ControlImage {
+            scale: 0.5,
+            ..ControlImage::new(map)
+        }],
+        ..request
+    };
+    let again = engine
+        .generate(&plain, &mut |_| true)
+        .expect("plain control image");
+    assert_eq!(out.latents, again.latents);
+}

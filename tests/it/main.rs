@@ -4,6 +4,7 @@ mod canny;
 mod cli;
 mod common;
 mod controlnet;
+mod depth;
 mod ffi;
 mod hub;
 mod img2img;
