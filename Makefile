@@ -34,14 +34,16 @@ ffi: setup-ort
 	mkdir -p $(FFI_DIR)
 	$(FFI_CXX) -Iinclude examples/cpp/main.cpp -Ltarget/$(FFI_PROFILE) -ltcd_ort \
 		-Wl,-rpath,$(CURDIR)/target/$(FFI_PROFILE) -o $(FFI_DIR)/tcd_example
-	$(FFI_DIR)/tcd_example --model models/tiny-sd15 --output $(FFI_DIR)/example.png --steps 4
+	$(FFI_DIR)/tcd_example --model models/tiny-sd15 --output $(FFI_DIR)/example.png --steps 4 \
+		--controlnet models/tiny-sd15-controlnet --control-output $(FFI_DIR)/example-controlnet.png
 	examples/cpp/install.sh $(FFI_DIR)/prefix $(FFI_PROFILE)
 	$(FFI_CXX) examples/cpp/main.cpp \
 		$$(PKG_CONFIG_PATH=$(FFI_DIR)/prefix/lib/pkgconfig pkg-config --cflags --libs tcd-ort) \
 		-Wl,-rpath,$(CURDIR)/$(FFI_DIR)/prefix/lib -o $(FFI_DIR)/tcd_example_pkgconfig
 	$(FFI_DIR)/tcd_example_pkgconfig --steps 1 --output $(FFI_DIR)/example-pkgconfig.png > /dev/null
 	valgrind -q --leak-check=full --num-callers=40 --error-exitcode=1 --suppressions=examples/cpp/valgrind.supp \
-		$(FFI_DIR)/tcd_example --steps 1 --threads 1 --output $(FFI_DIR)/example-valgrind.png
+		$(FFI_DIR)/tcd_example --steps 1 --threads 1 --output $(FFI_DIR)/example-valgrind.png \
+		--controlnet models/tiny-sd15-controlnet --control-output $(FFI_DIR)/example-valgrind-controlnet.png
 
 setup: setup-ort venv
 

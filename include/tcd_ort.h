@@ -157,6 +157,36 @@ typedef int32_t tcd_inpaint_mode;
 #endif // __cplusplus
 
 /**
+ * How a control image is made (the values `tcd_request_add_control_image` takes).
+ */
+enum tcd_control_preprocess
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : int32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  /**
+   * The image already is a control image (an edge map, a depth map ...).
+   */
+  TCD_CONTROL_NONE = 0,
+  /**
+   * OpenCV's Canny edges of a photo (thresholds from `tcd_request_set_canny_thresholds`).
+   */
+  TCD_CONTROL_CANNY = 1,
+  /**
+   * A depth map of a photo from the engine's depth estimator
+   * (`tcd_engine_options_set_depth_model`).
+   */
+  TCD_CONTROL_DEPTH = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum tcd_control_preprocess tcd_control_preprocess;
+#else
+typedef int32_t tcd_control_preprocess;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
  * A loaded model: one ONNX Runtime session per component. Created by `tcd_engine_new`, freed
  * by `tcd_engine_free`. An engine may be moved to and used from any thread, but it runs one
  * generation at a time: calls that take it must not overlap (guard it with a mutex, or give

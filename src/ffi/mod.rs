@@ -29,8 +29,9 @@ pub use engine::{
     tcd_progress_callback, tcd_result, tcd_result_count, tcd_result_free, tcd_result_image,
 };
 pub use options::{
-    tcd_engine_options, tcd_engine_options_add_lora, tcd_engine_options_free,
-    tcd_engine_options_new, tcd_engine_options_set_coreml_units, tcd_engine_options_set_cuda,
+    tcd_engine_options, tcd_engine_options_add_controlnet, tcd_engine_options_add_lora,
+    tcd_engine_options_free, tcd_engine_options_new, tcd_engine_options_set_coreml_units,
+    tcd_engine_options_set_cuda, tcd_engine_options_set_depth_model,
     tcd_engine_options_set_device_id, tcd_engine_options_set_lora_allow_unmatched,
     tcd_engine_options_set_lora_weight_name, tcd_engine_options_set_model,
     tcd_engine_options_set_opt_level, tcd_engine_options_set_ort_library,
@@ -39,9 +40,11 @@ pub use options::{
     tcd_engine_options_set_threads,
 };
 pub use request::{
-    tcd_inpaint_mode, tcd_request, tcd_request_free, tcd_request_new, tcd_request_set_eta,
-    tcd_request_set_guidance, tcd_request_set_image, tcd_request_set_inpaint_mode,
-    tcd_request_set_mask, tcd_request_set_negative_prompt, tcd_request_set_num_images,
+    tcd_control_preprocess, tcd_inpaint_mode, tcd_request, tcd_request_add_control_image,
+    tcd_request_clear_control_images, tcd_request_free, tcd_request_new,
+    tcd_request_set_canny_thresholds, tcd_request_set_eta, tcd_request_set_guidance,
+    tcd_request_set_image, tcd_request_set_inpaint_mode, tcd_request_set_mask,
+    tcd_request_set_negative_prompt, tcd_request_set_num_images,
     tcd_request_set_original_inference_steps, tcd_request_set_prompt, tcd_request_set_seed,
     tcd_request_set_size, tcd_request_set_steps, tcd_request_set_strength, tcd_request_set_task,
     tcd_task,
