@@ -366,3 +366,72 @@ def test_cli_tiny_controlnet_and_export(sd15, tmp_path):
     assert r.returncode == 0, r.stderr
     assert not (dst / "keep.txt").exists()
     assert json.loads((dst / "tcd_ort.json").read_text())["kind"] == "controlnet"
+
+
+def test_real_layout_unet_and_controlnet(tmp_path):
+    """SD1.5's block layout (4 down blocks, 3 downsamplers, 12 + 1 residuals) and ControlNet
+    conditioning (control image 8x the latents) at small widths: 64x64 and 48x80 images, whose
+    6x10 latents go 6x10 -> 3x5 -> 2x3 -> 1x2, every level a ceil(n / 2)."""
+    import onnxruntime as ort
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from export.controlnet import export_controlnet_model
+    from export.unet import export_unet, residual_inputs
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=2,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+    ).eval()
+    controlnet = ControlNetModel.from_unet(unet).eval()  # diffusers' default embedding: 8x
+    with torch.no_grad():
+        for p in controlnet.parameters():
+            if torch.count_nonzero(p) == 0:
+                p.copy_(torch.randn(p.shape) * 0.1)
+    export_unet(unet, tmp_path / "unet", 18)
+    export_controlnet_model(controlnet, tmp_path / "controlnet", 18)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    cpu = ["CPUExecutionProvider"]
+    u = ort.InferenceSession(str(tmp_path / "unet" / "model.onnx"), opts, providers=cpu)
+    c = ort.InferenceSession(str(tmp_path / "controlnet" / "model.onnx"), opts, providers=cpu)
+    shapes = {i.name: i.shape for i in u.get_inputs()}
+    assert len(shapes) == 3 + 12 + 1
+    assert shapes["down_block_additional_residual_11"] == ["batch", 64, "height_3", "width_3"]
+    assert [o.name for o in c.get_outputs()] == [
+        *(f"down_block_res_sample_{i}" for i in range(12)), "mid_block_res_sample"
+    ]
+    for width, height in ((64, 64), (48, 80)):
+        h, w = height // 8, width // 8
+        g = torch.Generator().manual_seed(h)
+        feeds = {
+            "sample": torch.randn(1, 4, h, w, generator=g),
+            "timestep": torch.tensor([499.0]),
+            "encoder_hidden_states": torch.randn(1, 77, 32, generator=g),
+        }
+        cond = torch.rand(1, 3, height, width, generator=g)
+        outs = c.run(None, {**{k: v.numpy() for k, v in feeds.items()},
+                            "controlnet_cond": cond.numpy()})
+        with torch.no_grad():
+            down, mid = controlnet(*feeds.values(), cond, return_dict=False)
+            ref = unet(*feeds.values(), down_block_additional_residuals=down,
+                       mid_block_additional_residual=mid).sample
+            plain = unet(*feeds.values()).sample
+        for a, r in zip(outs, [*down, mid]):
+            assert a.shape == tuple(r.shape)
+            assert float(np.abs(a - r.numpy()).max()) <= TOL
+        names = [i.name for i in u.get_inputs()][3:]
+        unet_feeds = {k: v.numpy() for k, v in feeds.items()}
+        got = u.run(None, {**unet_feeds, **dict(zip(names, outs))})[0]
+        assert float(np.abs(got - ref.numpy()).max()) <= TOL
+        zeros = {k: v.numpy() for k, v in residual_inputs(unet.config, 1, h, w).items()}
+        got0 = u.run(None, {**unet_feeds, **zeros})[0]
+        assert float(np.abs(got0 - plain.numpy()).max()) <= TOL
+        assert float((ref - plain).abs().max()) > 1e-2
