@@ -4,15 +4,18 @@ Inputs `sample` f32 [batch, channels, height, width], `timestep` f32 [batch] and
 `encoder_hidden_states` f32 [batch, sequence, cross_attention_dim]; SDXL adds `text_embeds`
 f32 [batch, pooled_dim] and `time_ids` f32 [batch, 6] (diffusers' `added_cond_kwargs`).
 Output `out_sample`, shaped like `sample`.
+
+With `lora_slots=RANK` the UNet is exported with empty peft LoRA layers (see
+export/lora_slots.py) and `export_unet` returns the slotted module names.
 """
 
 from __future__ import annotations
 
 import pathlib
 
-import onnx
 import torch
 
+from export.lora_slots import inject_slots, slot_param_name
 from export.onnx_io import Io, export_component
 
 
@@ -42,9 +45,20 @@ def is_sdxl_unet(unet: torch.nn.Module) -> bool:
 
 
 def export_unet(
-    unet: torch.nn.Module, out_dir: pathlib.Path, opset: int, pooled_dim: int | None = None
-) -> onnx.ModelProto:
+    unet: torch.nn.Module,
+    out_dir: pathlib.Path,
+    opset: int,
+    pooled_dim: int | None = None,
+    lora_slots: int | None = None,
+) -> list[str]:
+    """Export `unet` to `out_dir`; returns the modules given LoRA slots (none without
+    `lora_slots`). Slots are injected into `unet` itself: pass a copy to keep the original."""
     cfg = unet.config
+    slotted: list[str] = []
+    rename = None
+    if lora_slots is not None:
+        slotted = inject_slots(unet, lora_slots)
+        rename = slot_param_name
     # Odd-looking example sizes keep the exporter from tying unrelated dims together.
     batch, h, w = 2, 24, 40
     args: tuple[torch.Tensor, ...] = (
@@ -64,8 +78,15 @@ def export_unet(
             pooled_dim = cfg.projection_class_embeddings_input_dim - 6 * time_dim
         args = args + (torch.randn(batch, pooled_dim), torch.tensor([[64.0, 80.0, 0, 0, 64, 80]] * batch))
         inputs += [Io("text_embeds", {0: "batch"}), Io("time_ids", {0: "batch"})]
-    model = export_component(
-        _UNet(unet), args, inputs, [Io("out_sample", image_axes)], out_dir, opset, prefix="unet."
+    export_component(
+        _UNet(unet),
+        args,
+        inputs,
+        [Io("out_sample", image_axes)],
+        out_dir,
+        opset,
+        prefix="unet.",
+        rename=rename,
     )
     unet.save_config(out_dir)
-    return model
+    return slotted
