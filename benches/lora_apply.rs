@@ -11,6 +11,10 @@
 //! cargo bench --bench lora_apply -- --phases MODEL_DIR LORA.safetensors
 //! ```
 //!
+//! On a model exported with LoRA slots (`benches/lora_apply.py --mode slots`) the same call
+//! fills the slots instead of fusing; `patched` then counts the slot replacements (two per
+//! module) and `slotted` the modules.
+//!
 //! `--phases` times the steps of that work one by one (one weight at a time, so the sum is a
 //! little above the real run, which overlaps them across threads): parsing the LoRA, reading
 //! the base weights, computing the deltas, adding them.
@@ -118,10 +122,11 @@ fn main() -> ExitCode {
             Ok((patched, report)) => {
                 // One line per run, `key=value`, for the Python driver to parse.
                 println!(
-                    "run={run} wall_s={:.3} patched={patched} modules={} threads={}",
+                    "run={run} wall_s={:.3} patched={patched} modules={} threads={} slotted={}",
                     start.elapsed().as_secs_f64(),
                     report.modules,
-                    rayon::current_num_threads()
+                    rayon::current_num_threads(),
+                    report.slotted.values().sum::<usize>()
                 );
             }
             Err(e) => {
