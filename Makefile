@@ -90,6 +90,7 @@ fixtures: venv venv-optimum
 	$(VPY) tests/golden/make_depth.py $(FIXTURES)/depth
 	$(VPY) tests/golden/make_parity.py $(FIXTURES)/parity
 	$(VPY) tests/golden/make_lora.py $(FIXTURES)/lora
+	$(VPY) tests/golden/make_lora_slots.py $(FIXTURES)/lora_slots
 	$(VPY) tests/golden/make_img2img.py $(FIXTURES)/img2img
 	$(VPY) tests/golden/make_controlnet.py $(FIXTURES)/controlnet
 	$(VENV_OPTIMUM)/bin/python tests/golden/make_optimum.py $(FIXTURES)/parity $(FIXTURES)/optimum

@@ -21,13 +21,25 @@ external data is an offset and a length in any file, and safetensors stores each
 contiguous little-endian bytes) and diffusers reads it through a symlink, so both sides read the
 same bytes and SDXL costs 10 GB of disk once, not twice.
 
+Slot mode (`--mode slots`) times the same LoRA applied to a model exported with LoRA slots
+(`python -m export convert --lora-slots 64`, see export/lora_slots.py): the engine copies the
+LoRA's A and B into the slot initializers (scaled, zero-padded) instead of fusing, so no base
+weight is read. Its model directory is again an initializer-only graph, now with every UNet
+parameter and the slot initializers `<module>.lora_A.weight` / `.lora_B.weight` under their
+exported names and shapes, and the manifest's `lora_slots` entry. Its external data is a sparse
+file of zeros (the slot path reads none of it), so the UNet is only built on the meta device
+(names and shapes) and SDXL needs no memory or disk beyond the LoRA. The timed phase is the
+fused mode's: from the LoRA file's path to the replacements ready for ONNX Runtime.
+
 Run with the project's venv from the repository root:
 
     .venv/bin/python benches/lora_apply.py                  # sd15 then sdxl
     .venv/bin/python benches/lora_apply.py --families sd15 --repeats 3
+    .venv/bin/python benches/lora_apply.py --mode slots --repeats 3
 
-It needs about 2.2x the UNet's fp32 size in free memory (SD1.5: ~8 GB, SDXL: ~23 GB) and the
-same on disk under --workdir (default: a temporary directory under /tmp, removed at the end).
+The fused mode needs about 2.2x the UNet's fp32 size in free memory (SD1.5: ~8 GB, SDXL: ~23 GB)
+and the same on disk under --workdir (default: a temporary directory under /tmp, removed at the
+end); the slot mode about 2 GB of memory and the LoRA file on disk.
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import pathlib
 import platform
@@ -226,6 +239,122 @@ def prepare(family: str, work: pathlib.Path, rank: int) -> dict[str, Any]:
     }
 
 
+def _sparse_initializers(
+    shapes: list[tuple[str, tuple[int, ...]]], location: str, start: int
+) -> tuple[list[Any], int]:
+    """float32 external-data initializers laid out one after another from `start`; returns them
+    and the end offset."""
+    from onnx import TensorProto
+
+    out, offset = [], start
+    for name, shape in shapes:
+        length = 4
+        for d in shape:
+            length *= d
+        t = TensorProto()
+        t.name = name
+        t.data_type = TensorProto.FLOAT
+        t.dims.extend(shape)
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", offset), ("length", length)):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, str(value)
+        out.append(t)
+        offset += length
+    return out, offset
+
+
+def prepare_slots(family: str, work: pathlib.Path, rank: int) -> dict[str, Any]:
+    """A slot-exported model directory (initializer-only graph over a sparse zero file) and the
+    TCD-shaped LoRA; the UNet is built on the meta device, so no weights are materialised."""
+    import onnx
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    sys.path.insert(0, str(ROOT))
+    from export.lora_slots import manifest_entry
+
+    torch.manual_seed(0)
+    config = json.loads((CONFIG_DIR / family / "unet.json").read_text())
+    config = {k: v for k, v in config.items() if not k.startswith("_source")}
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config).eval()
+    params = [(n, tuple(p.shape)) for n, p in unet.named_parameters()]
+    unet_params = sum(p.numel() for p in unet.parameters())
+    state, modules = _lora_state_dict(unet, rank, seed=1)
+    slots = []
+    for m in modules:
+        w = unet.get_submodule(m).weight
+        if w.ndim == 4:
+            slots.append((f"{m}.lora_A.weight", (rank, w.shape[1], *w.shape[2:])))
+            slots.append((f"{m}.lora_B.weight", (w.shape[0], rank, 1, 1)))
+        else:
+            slots.append((f"{m}.lora_A.weight", (rank, w.shape[1])))
+            slots.append((f"{m}.lora_B.weight", (w.shape[0], rank)))
+    lora_dir = work / "lora"
+    StableDiffusionPipeline.save_lora_weights(lora_dir, unet_lora_layers=state)
+    lora_file = lora_dir / "pytorch_lora_weights.safetensors"
+    lora_params = sum(t.numel() for t in state.values())
+    del state
+
+    model = work / "model"
+    for sub in ("unet", "text_encoder", "vae_decoder", "scheduler") + (
+        ("text_encoder_2",) if family == "sdxl" else ()
+    ):
+        (model / sub).mkdir(parents=True, exist_ok=True)
+    inits, end = _sparse_initializers(params, "model.onnx_data", 0)
+    slot_inits, end = _sparse_initializers(slots, "model.onnx_data", end)
+    with open(model / "unet" / "model.onnx_data", "wb") as f:
+        f.truncate(end)  # sparse: reads as zeros, takes no disk
+    onnx.save(_trivial_graph(inits + slot_inits), str(model / "unet" / "model.onnx"))
+    onnx.checker.check_model(str(model / "unet" / "model.onnx"))
+    (model / "unet" / "config.json").write_text(json.dumps(config))
+    for sub in ("text_encoder", "vae_decoder") + (("text_encoder_2",) if family == "sdxl" else ()):
+        onnx.save(_trivial_graph([]), str(model / sub / "model.onnx"))
+    shutil.copy(CONFIG_DIR / family / "vae.json", model / "vae_decoder" / "config.json")
+    shutil.copy(CONFIG_DIR / family / "scheduler.json", model / "scheduler" / "scheduler_config.json")
+    (model / "model_index.json").write_text(json.dumps({"_class_name": PIPELINE_CLASS[family]}))
+    manifest = {
+        "format_version": 1,
+        "family": family,
+        "dtype": "float32",
+        "weights_keep_names": True,
+        "lora_slots": {"unet": manifest_entry(rank, sorted(modules))},
+    }
+    (model / "tcd_ort.json").write_text(json.dumps(manifest))
+    return {
+        "unet_params": unet_params,
+        "modules": len(modules),
+        "lora_params": lora_params,
+        "lora_mb": lora_file.stat().st_size / 1e6,
+        "slot_params": sum(math.prod(shape) for _, shape in slots),
+        "model_dir": str(model),
+        "lora_file": str(lora_file),
+    }
+
+
+def bench_slots(family: str, work: pathlib.Path, exe: str, rank: int, repeats: int) -> dict[str, Any]:
+    out, prep_rss = timed([sys.executable, __file__, "_prepare_slots", family, str(work), str(rank)])
+    info = json.loads(out)
+    log(
+        f"{family}: {info['modules']} slotted modules, {info['lora_params'] / 1e6:.1f}M LoRA params "
+        f"({info['lora_mb']:.0f} MB), {info['slot_params'] / 1e6:.1f}M slot params "
+        f"(prepare peak RSS {prep_rss:.1f} GiB)"
+    )
+    walls, rss = [], []
+    for _ in range(repeats):
+        out, peak = timed([exe, info["model_dir"], info["lora_file"]])
+        m = re.search(r"wall_s=([\d.]+) patched=(\d+).* slotted=(\d+)", out)
+        if not m:
+            raise SystemExit(f"unexpected output of the bench binary: {out}")
+        if int(m.group(3)) != info["modules"]:
+            raise SystemExit(f"{family}: {m.group(3)} of {info['modules']} modules went into slots")
+        walls.append(float(m.group(1)))
+        rss.append(peak)
+        log(f"{family}: tcd-ort slots {walls[-1]:.3f} s, {peak:.2f} GiB ({m.group(2)} replacements)")
+    return {**info, "walls": walls, "tcd_wall_s": min(walls), "tcd_rss_gib": max(rss)}
+
+
 # ------------------------------------------------------------------------------------------------
 # the diffusers side (its own process, for its own peak RSS)
 # ------------------------------------------------------------------------------------------------
@@ -333,12 +462,21 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_prepare":
         print(json.dumps(prepare(sys.argv[2], pathlib.Path(sys.argv[3]), int(sys.argv[4]))))
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "_prepare_slots":
+        print(json.dumps(prepare_slots(sys.argv[2], pathlib.Path(sys.argv[3]), int(sys.argv[4]))))
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "_diffusers":
         print(json.dumps(run_diffusers(sys.argv[2], sys.argv[3])))
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--families", default="sd15,sdxl", help="comma-separated: sd15, sdxl")
     ap.add_argument("--rank", type=int, default=RANK)
+    ap.add_argument(
+        "--mode",
+        choices=("fused", "slots"),
+        default="fused",
+        help="fused: tcd-ort's fusing beside diffusers' fuse_lora; slots: tcd-ort filling LoRA slots",
+    )
     ap.add_argument("--repeats", type=int, default=1, help="runs per side; the table shows the fastest")
     ap.add_argument("--workdir", type=pathlib.Path, default=None, help="default: a temp dir under /tmp")
     args = ap.parse_args()
@@ -349,6 +487,24 @@ def main() -> None:
     header = f"{datetime.date.today().isoformat()}, {machine()}"
     log("building the bench binary (release profile)")
     exe = bench_binary()
+    if args.mode == "slots":
+        slot_rows = []
+        for family in families:
+            work = pathlib.Path(tempfile.mkdtemp(prefix=f"tcd-slots-{family}-", dir=args.workdir or "/tmp"))
+            try:
+                slot_rows.append((family, bench_slots(family, work, exe, args.rank, args.repeats)))
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        print(f"\nLoRA apply into rank-{args.rank} slots, fp16 LoRA ({header})\n")
+        print("| family | modules | LoRA params | slot params | tcd-ort wall (fastest) | all runs | tcd-ort peak RSS |")
+        print("|---|---:|---:|---:|---:|---|---:|")
+        for family, r in slot_rows:
+            runs = ", ".join(f"{w:.2f}" for w in r["walls"])
+            print(
+                f"| {family} | {r['modules']} | {r['lora_params'] / 1e6:.1f}M | {r['slot_params'] / 1e6:.1f}M "
+                f"| {r['tcd_wall_s']:.2f} s | {runs} | {r['tcd_rss_gib']:.2f} GiB |"
+            )
+        return
     rows = []
     for family in families:
         work = pathlib.Path(tempfile.mkdtemp(prefix=f"tcd-lora-{family}-", dir=args.workdir or "/tmp"))

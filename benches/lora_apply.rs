@@ -11,9 +11,14 @@
 //! cargo bench --bench lora_apply -- --phases MODEL_DIR LORA.safetensors
 //! ```
 //!
+//! On a model exported with LoRA slots (`benches/lora_apply.py --mode slots`) the same call
+//! fills the slots instead of fusing; `patched` then counts the slot replacements (two per
+//! module) and `slotted` the modules.
+//!
 //! `--phases` times the steps of that work one by one (one weight at a time, so the sum is a
 //! little above the real run, which overlaps them across threads): parsing the LoRA, reading
-//! the base weights, computing the deltas, adding them.
+//! the base weights, computing the deltas, adding them; on a slot model, parsing the LoRA and
+//! filling the slots.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -40,6 +45,21 @@ fn phases(model: &Path, lora: &Path) -> tcd_ort::Result<()> {
     )?;
     let pending = set.pending()?;
     let parse = t.elapsed().as_secs_f64();
+    if let Some(slots) = dir.manifest().and_then(|m| m.lora_slots.get("unet")) {
+        // Slot mode: no base weight is read; the phase after parsing is filling the slots.
+        let t = Instant::now();
+        let mut numel = 0usize;
+        for p in &pending {
+            let (a, b) = p.slot_values(slots.rank, 1.0)?;
+            numel += a.len() + b.len();
+        }
+        println!(
+            "phases weights={} numel={numel} parse_s={parse:.3} fill_slots_s={:.3}",
+            pending.len(),
+            t.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
     let t = Instant::now();
     let table = InitializerTable::read(&dir.graph_path("unet"))?;
     let index = t.elapsed().as_secs_f64();
@@ -118,10 +138,11 @@ fn main() -> ExitCode {
             Ok((patched, report)) => {
                 // One line per run, `key=value`, for the Python driver to parse.
                 println!(
-                    "run={run} wall_s={:.3} patched={patched} modules={} threads={}",
+                    "run={run} wall_s={:.3} patched={patched} modules={} threads={} slotted={}",
                     start.elapsed().as_secs_f64(),
                     report.modules,
-                    rayon::current_num_threads()
+                    rayon::current_num_threads(),
+                    report.slotted.values().sum::<usize>()
                 );
             }
             Err(e) => {

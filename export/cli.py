@@ -67,6 +67,14 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fuse the LoRAs into the exported weights (diffusers' set_adapters + fuse_lora)",
     )
+    c.add_argument(
+        "--lora-slots",
+        type=int,
+        metavar="RANK",
+        help="export the UNet with empty LoRA layers of this rank on the TCD LoRA target "
+        "modules, so the engine applies LoRAs unfused (peft's W x + B A x) instead of fusing "
+        "them at load time; LoRAs whose ranks add up to more than RANK are fused",
+    )
 
     cn = sub.add_parser(
         "controlnet",
@@ -240,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.overwrite,
                 loras=loras,
                 fuse_lora=args.fuse_lora,
+                lora_slots=args.lora_slots,
             )
         elif args.command == "controlnet":
             from export.controlnet import export_controlnet

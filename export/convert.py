@@ -174,18 +174,23 @@ def convert(
     overwrite: bool = False,
     loras: list[Any] | None = None,
     fuse_lora: bool = False,
+    lora_slots: int | None = None,
 ) -> dict[str, Any]:
     """Export every component of `source` into `out_dir`; returns the manifest written.
 
     `loras` (export.lora.LoraSpec) are fused into the weights with `fuse_lora`, otherwise
-    recorded in the manifest for the engine to apply; see export/lora.py.
+    recorded in the manifest for the engine to apply; see export/lora.py. `lora_slots` exports
+    the UNet with empty LoRA layers of that rank for unfused LoRAs; see export/lora_slots.py.
     """
+    from export import lora_slots as slots_mod
     from export import lora as lora_mod
     from export.text_encoder import export_text_encoder
     from export.unet import export_unet
     from export.vae import export_vae_decoder, export_vae_encoder
 
     out_dir = pathlib.Path(out_dir)
+    if lora_slots is not None:
+        slots_mod.check_rank(lora_slots)
     specs = [lora_mod.resolve_lora(s) for s in loras or []]
     if fuse_lora and not specs:
         raise UserError("--fuse-lora needs at least one --lora")
@@ -220,8 +225,16 @@ def convert(
         te2 = pipe.text_encoder_2
         pooled_dim = te2.config.projection_dim
         steps.append(("text_encoder_2", lambda d: export_text_encoder(te2, d, opset, True)))
+    slots: dict[str, Any] = {}
+
+    def unet_step(d: pathlib.Path) -> None:
+        slotted = export_unet(pipe.unet, d, opset, pooled_dim, lora_slots)
+        if lora_slots is not None:
+            slots["unet"] = slots_mod.manifest_entry(lora_slots, slotted)
+            log.info("unet: LoRA slots of rank %d on %d modules", lora_slots, len(slotted))
+
     steps += [
-        ("unet", lambda d: export_unet(pipe.unet, d, opset, pooled_dim)),
+        ("unet", unet_step),
         ("vae_decoder", lambda d: export_vae_decoder(pipe.vae, d, opset)),
         ("vae_encoder", lambda d: export_vae_encoder(pipe.vae, d, opset)),
     ]
@@ -238,6 +251,7 @@ def convert(
         opset,
         lora=[] if fuse_lora else entries,
         fused_lora=entries if fuse_lora else [],
+        lora_slots=slots,
     )
     write_manifest(out_dir, manifest)
     log.info("wrote %s in %.1fs", out_dir, time.perf_counter() - t0)

@@ -42,16 +42,19 @@ def build_manifest(
     opset: int,
     lora: list[dict[str, Any]] | None = None,
     fused_lora: list[dict[str, Any]] | None = None,
+    lora_slots: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """`lora`: LoRAs the engine applies at load time, each `{"source", "weight",
     "weight_name"}`; `fused_lora`: the same for LoRAs already fused into the weights (for the
-    record only: the engine must not apply them again)."""
+    record only: the engine must not apply them again); `lora_slots`: per component, the
+    empty LoRA layers exported for unfused LoRAs (export.lora_slots.manifest_entry). Written
+    only when there are slots, so plain exports keep their manifest unchanged."""
     components = {}
     for name in COMPONENTS:
         path = out_dir / name / ONNX_FILE
         if path.exists():
             components[name] = describe_io(path)
-    return {
+    manifest = {
         "format_version": FORMAT_VERSION,
         "family": family,
         "prediction_type": prediction_type,
@@ -62,6 +65,9 @@ def build_manifest(
         "lora": list(lora or []),
         "fused_lora": list(fused_lora or []),
     }
+    if lora_slots:
+        manifest["lora_slots"] = dict(lora_slots)
+    return manifest
 
 
 def build_controlnet_manifest(out_dir: pathlib.Path, family: str, opset: int) -> dict[str, Any]:

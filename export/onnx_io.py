@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import pathlib
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import onnx
 import torch
@@ -34,15 +34,23 @@ class Io:
     axes: dict[int, str] = field(default_factory=dict)
 
 
-def _rename_initializers(model: onnx.ModelProto, prefix: str) -> None:
-    """Strip the wrapper's attribute `prefix` from initializer names and their uses."""
-    if not prefix:
+def _rename_initializers(
+    model: onnx.ModelProto, prefix: str, rename: Callable[[str], str] | None = None
+) -> None:
+    """Strip the wrapper's attribute `prefix` from initializer names and their uses, then apply
+    `rename` (e.g. export.lora_slots.slot_param_name) to the result."""
+    if not prefix and rename is None:
         return
     mapping: dict[str, str] = {}
     for init in model.graph.initializer:
-        if init.name.startswith(prefix):
-            mapping[init.name] = init.name[len(prefix) :]
-            init.name = mapping[init.name]
+        name = init.name[len(prefix) :] if prefix and init.name.startswith(prefix) else init.name
+        if rename is not None:
+            name = rename(name)
+        if name != init.name:
+            mapping[init.name] = name
+            init.name = name
+    if len(set(mapping.values())) != len(mapping):
+        raise RuntimeError("renaming initializers made two of them share a name")
 
     def fix(graph: onnx.GraphProto) -> None:
         for node in graph.node:
@@ -140,11 +148,13 @@ def export_component(
     out_dir: pathlib.Path,
     opset: int,
     prefix: str,
+    rename: Callable[[str], str] | None = None,
 ) -> onnx.ModelProto:
     """Export `wrapper(*args)` to `out_dir/model.onnx` (+ `model.onnx_data`).
 
     `prefix` is the wrapper attribute holding the real module (e.g. ``"unet."``); it is
     removed from initializer names so they match the module's own `named_parameters()`.
+    `rename` then maps those names to the exported ones (LoRA slots drop peft's infixes).
     """
     wrapper = wrapper.eval()
     dynamic_shapes = _dynamic_shapes(wrapper, inputs)
@@ -162,7 +172,7 @@ def export_component(
         )
     model = program.model_proto
     _strip_metadata(model)
-    _rename_initializers(model, prefix)
+    _rename_initializers(model, prefix, rename)
     _name_axes(model, inputs, outputs)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in (ONNX_FILE, DATA_FILE):

@@ -11,6 +11,9 @@ and `mid_block_additional_residual`: `down_block_additional_residual_0` ...
 (`height_0` is `height`). The UNet adds them to its skip connections and mid-block output, so
 all-zero residuals give the plain UNet's output: one export serves runs with and without a
 ControlNet. Output `out_sample`, shaped like `sample`.
+
+With `lora_slots=RANK` the UNet is exported with empty peft LoRA layers (see
+export/lora_slots.py) and `export_unet` returns the slotted module names.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ from __future__ import annotations
 import pathlib
 from dataclasses import dataclass
 
-import onnx
 import torch
 
+from export.lora_slots import inject_slots, slot_param_name
 from export.onnx_io import Io, export_component
 
 DOWN_RESIDUAL = "down_block_additional_residual_{}"
@@ -97,9 +100,20 @@ def is_sdxl_unet(unet: torch.nn.Module) -> bool:
 
 
 def export_unet(
-    unet: torch.nn.Module, out_dir: pathlib.Path, opset: int, pooled_dim: int | None = None
-) -> onnx.ModelProto:
+    unet: torch.nn.Module,
+    out_dir: pathlib.Path,
+    opset: int,
+    pooled_dim: int | None = None,
+    lora_slots: int | None = None,
+) -> list[str]:
+    """Export `unet` to `out_dir`; returns the modules given LoRA slots (none without
+    `lora_slots`). Slots are injected into `unet` itself: pass a copy to keep the original."""
     cfg = unet.config
+    slotted: list[str] = []
+    rename = None
+    if lora_slots is not None:
+        slotted = inject_slots(unet, lora_slots)
+        rename = slot_param_name
     # Odd-looking example sizes keep the exporter from tying unrelated dims together; an odd
     # height makes every ceil(n / 2) of the residual sizes differ from n // 2.
     batch, h, w = 2, 23, 40
@@ -127,12 +141,18 @@ def export_unet(
         inputs.append(Io(DOWN_RESIDUAL.format(i), r.axes()))
     args = args + (torch.randn(mid.shape(batch, h, w)),)
     inputs.append(Io(MID_RESIDUAL, mid.axes()))
-    model = export_component(
-        _UNet(unet, sdxl), args, inputs, [Io("out_sample", image_axes)], out_dir, opset,
+    export_component(
+        _UNet(unet, sdxl),
+        args,
+        inputs,
+        [Io("out_sample", image_axes)],
+        out_dir,
+        opset,
         prefix="unet.",
+        rename=rename,
     )
     unet.save_config(out_dir)
-    return model
+    return slotted
 
 
 def residual_inputs(

@@ -581,12 +581,37 @@ pub fn run(args: RunArgs) -> Result<()> {
                 .iter()
                 .map(|(c, n)| format!("{n} in {c}"))
                 .collect();
-            eprintln!(
-                "applied {} LoRA(s), {} modules: patched {} weights",
-                report.adapters,
-                report.modules,
-                patched.join(", ")
-            );
+            let slotted: Vec<String> = report
+                .slotted
+                .iter()
+                .map(|(c, n)| format!("{n} in {c}"))
+                .collect();
+            if slotted.is_empty() {
+                eprintln!(
+                    "applied {} LoRA(s), {} modules: patched {} weights",
+                    report.adapters,
+                    report.modules,
+                    patched.join(", ")
+                );
+            } else {
+                eprintln!(
+                    "applied {} LoRA(s), {} modules: {} unfused in LoRA slots, {} fused",
+                    report.adapters,
+                    report.modules,
+                    slotted.join(", "),
+                    if patched.is_empty() {
+                        "none".to_string()
+                    } else {
+                        patched.join(", ")
+                    }
+                );
+            }
+            if !report.slot_overflow.is_empty() {
+                eprintln!(
+                    "note: fused {} module(s) whose LoRA ranks add up to more than their slot's",
+                    report.slot_overflow.len()
+                );
+            }
             if !report.unmatched.is_empty() {
                 eprintln!(
                     "warning: skipped {} LoRA target(s) that match no weight",

@@ -68,6 +68,40 @@ pub(crate) fn add_into(terms: &[Term<'_>], cols: usize, base: &mut [f32]) {
         });
 }
 
+/// Fills one LoRA slot of rank `rank` (see `export/lora_slots.py`) with `terms`, unfused:
+/// `A` (`rank × cols`) holds each term's `down` rows one after the other, `B` (`out × rank`)
+/// each term's `up` columns times its scale and `b_scale`; both are zero past the summed rank,
+/// so `B @ A` is the summed delta and the padding adds nothing.
+///
+/// The caller checks that the ranks fit and every term has the delta shape `out × cols`.
+pub(crate) fn fill_slot(
+    terms: &[Term<'_>],
+    out: usize,
+    cols: usize,
+    rank: usize,
+    b_scale: f32,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut a = Vec::with_capacity(rank * cols);
+    for t in terms {
+        let r = t.up.shape[1];
+        a.extend_from_slice(&t.down.values[..r * cols]);
+    }
+    a.resize(rank * cols, 0.0);
+    let mut b = vec![0.0f32; out * rank];
+    let mut first = 0;
+    for t in terms {
+        let r = t.up.shape[1];
+        let scale = t.scale * b_scale;
+        for (row, up) in b.chunks_exact_mut(rank).zip(t.up.values.chunks_exact(r)) {
+            for (dst, src) in row[first..first + r].iter_mut().zip(up) {
+                *dst = src * scale;
+            }
+        }
+        first += r;
+    }
+    (a, b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,6 +128,41 @@ mod tests {
             3,
         );
         assert_eq!(d, vec![2.0, 1.0, -2.0, 4.0, 2.0, -4.0]);
+    }
+
+    #[test]
+    fn a_filled_slot_multiplies_to_the_summed_delta() {
+        // Two terms of ranks 2 and 1 in a slot of rank 4 (one padding row / column).
+        let (out, cols) = (3, 5);
+        let up1 = t(&[out, 2], (0..6).map(|x| x as f32 - 2.0).collect());
+        let down1 = t(&[2, cols], (0..10).map(|x| (x as f32).cos()).collect());
+        let up2 = t(&[out, 1], vec![0.5, -1.0, 2.0]);
+        let down2 = t(&[1, cols], (0..5).map(|x| x as f32 * 0.25).collect());
+        let terms = [
+            Term {
+                down: &down1,
+                up: &up1,
+                scale: 0.5,
+            },
+            Term {
+                down: &down2,
+                up: &up2,
+                scale: -0.7,
+            },
+        ];
+        let (a, b) = fill_slot(&terms, out, cols, 4, 2.0);
+        assert_eq!(a.len(), 4 * cols);
+        assert_eq!(b.len(), out * 4);
+        assert!(a[3 * cols..].iter().all(|&v| v == 0.0));
+        assert!((0..out).all(|o| b[o * 4 + 3] == 0.0));
+        let want = accumulate(&terms, out, cols);
+        for o in 0..out {
+            for c in 0..cols {
+                let got: f32 = (0..4).map(|k| b[o * 4 + k] * a[k * cols + c]).sum();
+                // b_scale 2 doubles the product.
+                assert!((got - 2.0 * want[o * cols + c]).abs() < 1e-5, "{o},{c}");
+            }
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::{Error, Result};
@@ -57,25 +58,25 @@ impl LoraFile {
             },
             None => None,
         };
-        let mut tensors = BTreeMap::new();
-        for (name, view) in st.tensors() {
-            let values = to_f32(view.dtype(), view.data()).ok_or_else(|| {
-                Error::model(
-                    path,
-                    format!(
-                        "tensor {name} has dtype {:?}; LoRA tensors must be F32, F16, BF16 or F64",
-                        view.dtype()
-                    ),
-                )
-            })?;
-            tensors.insert(
-                name,
-                Tensor {
-                    shape: view.shape().to_vec(),
-                    values,
-                },
-            );
-        }
+        // Widening is most of the time spent on a big file (SDXL's TCD LoRA: 197 M fp16
+        // values), so tensors are widened in parallel.
+        let tensors = st
+            .tensors()
+            .into_par_iter()
+            .map(|(name, view)| {
+                let values = to_f32(view.dtype(), view.data()).ok_or_else(|| {
+                    Error::model(
+                        path,
+                        format!(
+                            "tensor {name} has dtype {:?}; LoRA tensors must be F32, F16, BF16 or F64",
+                            view.dtype()
+                        ),
+                    )
+                })?;
+                let shape = view.shape().to_vec();
+                Ok((name, Tensor { shape, values }))
+            })
+            .collect::<Result<BTreeMap<_, _>>>()?;
         Ok(LoraFile {
             path: path.to_path_buf(),
             tensors,
@@ -109,22 +110,27 @@ fn to_f32(dtype: Dtype, data: &[u8]) -> Option<Vec<f32>> {
 }
 
 /// IEEE half to single precision, exact for every input (subnormals, inf, NaN included).
+///
+/// Written without branches on the data (three candidates and a select) so that the widening
+/// loop vectorises: a TCD-SDXL LoRA is 197 M fp16 values.
 pub(crate) fn f16_to_f32(h: u16) -> f32 {
-    let sign = ((h >> 15) as u32) << 31;
-    let exp = ((h >> 10) & 0x1f) as u32;
-    let mant = (h & 0x3ff) as u32;
-    let bits = match (exp, mant) {
-        (0, 0) => sign,
-        (0, m) => {
-            // Subnormal half: value = m * 2^-24, representable exactly as a normal f32.
-            let v = m as f32 * f32::from_bits(0x3380_0000); // 2^-24
-            return if sign != 0 { -v } else { v };
-        }
-        (0x1f, 0) => sign | 0x7f80_0000,
-        (0x1f, m) => sign | 0x7f80_0000 | (m << 13),
-        (e, m) => sign | ((e + 127 - 15) << 23) | (m << 13),
+    let h = u32::from(h);
+    let sign = (h & 0x8000) << 16;
+    let em = h & 0x7fff;
+    // Normal numbers: rebias the exponent from 15 to 127.
+    let normal = (em << 13) + ((127 - 15) << 23);
+    // Inf and NaN: all-ones exponent, mantissa (NaN payload) kept.
+    let inf_nan = (em << 13) | 0x7f80_0000;
+    // Zero and subnormals: em · 2^-24, exact in f32.
+    let small = (em as f32 * f32::from_bits(0x3380_0000)).to_bits();
+    let bits = if em < 0x0400 {
+        small
+    } else if em >= 0x7c00 {
+        inf_nan
+    } else {
+        normal
     };
-    f32::from_bits(bits)
+    f32::from_bits(bits | sign)
 }
 
 #[cfg(test)]
@@ -139,6 +145,14 @@ mod tests {
         assert_eq!(f16_to_f32(0x0001), 5.960_464_5e-8);
         assert!(f16_to_f32(0x7c00).is_infinite());
         assert!(f16_to_f32(0x7e00).is_nan());
+    }
+
+    #[test]
+    fn half_conversion_agrees_with_the_runtime_one_on_every_input() {
+        for h in 0..=u16::MAX {
+            let (a, b) = (f16_to_f32(h), crate::runtime::f16_to_f32(h));
+            assert_eq!(a.to_bits(), b.to_bits(), "{h:#06x}: {a} vs {b}");
+        }
     }
 
     #[test]

@@ -168,6 +168,34 @@ impl PendingDelta<'_> {
         delta::accumulate(&self.terms, self.shape[0], self.cols())
     }
 
+    /// The ranks of every adapter's pair, summed: the rank a LoRA slot needs to hold them.
+    pub fn rank(&self) -> usize {
+        self.terms.iter().map(|t| t.up.shape[1]).sum()
+    }
+
+    /// The pairs of every adapter as one unfused LoRA of rank `rank` (a slot exported with
+    /// `convert --lora-slots RANK`): `A` is `rank × (in·kh·kw)` with each adapter's down rows
+    /// in turn, `B` is `out × rank` with each adapter's up columns times `weight · alpha/r`
+    /// and `b_scale`; both are zero-padded past [`Self::rank`], so `B @ A` is the summed delta
+    /// times `b_scale`. An error when the ranks do not fit.
+    pub fn slot_values(&self, rank: usize, b_scale: f32) -> Result<(Vec<f32>, Vec<f32>)> {
+        if self.rank() > rank {
+            return Err(Error::invalid(format!(
+                "the LoRAs on {}.{} have rank {} in all, more than its slot's {rank}",
+                self.component.as_str(),
+                self.param,
+                self.rank()
+            )));
+        }
+        Ok(delta::fill_slot(
+            &self.terms,
+            self.shape[0],
+            self.cols(),
+            rank,
+            b_scale,
+        ))
+    }
+
     fn cols(&self) -> usize {
         self.shape[1..].iter().product()
     }

@@ -12,6 +12,7 @@
 
 pub mod hub;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -56,6 +57,50 @@ pub struct Manifest {
     /// LoRAs recorded at export for the engine to apply at load time.
     #[serde(default)]
     pub lora: Vec<ManifestLora>,
+    /// Empty LoRA layers exported per component (`convert --lora-slots RANK`), keyed by
+    /// component directory (`unet`).
+    #[serde(default)]
+    pub lora_slots: BTreeMap<String, LoraSlots>,
+}
+
+/// The LoRA slots of one component: peft LoRA layers exported with A = B = 0, whose
+/// initializers the engine replaces to apply LoRAs unfused (`y = W x + B (A x)`).
+///
+/// See `export/lora_slots.py` for how they are written.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LoraSlots {
+    /// The slot rank: how many LoRA ranks fit in one module's slot, summed over adapters.
+    pub rank: usize,
+    /// peft's `lora_alpha` of the slots; the graph scales `B (A x)` by `lora_alpha / rank`.
+    pub lora_alpha: Option<f32>,
+    /// The peft `target_modules` the slots were injected with (for the record).
+    #[serde(default)]
+    pub target_modules: Vec<String>,
+    /// Every module (diffusers path, e.g. `down_blocks.0.resnets.0.conv1`) that has a slot.
+    pub modules: Vec<String>,
+    /// Initializer name pattern of A, with `{module}` for the module path.
+    pub lora_a: String,
+    /// Initializer name pattern of B, with `{module}` for the module path.
+    pub lora_b: String,
+}
+
+impl LoraSlots {
+    /// The initializer names of `module`'s A and B.
+    pub fn names(&self, module: &str) -> (String, String) {
+        (
+            self.lora_a.replace("{module}", module),
+            self.lora_b.replace("{module}", module),
+        )
+    }
+
+    /// The scale the graph applies to `B (A x)`: `lora_alpha / rank` as in peft (1 when the
+    /// manifest does not say).
+    pub fn graph_scale(&self) -> f32 {
+        match self.lora_alpha {
+            Some(alpha) if self.rank > 0 => alpha / self.rank as f32,
+            _ => 1.0,
+        }
+    }
 }
 
 /// A LoRA recorded in the manifest (`python -m export convert --lora ...` without fusing).

@@ -1,14 +1,22 @@
 //! Load-time LoRA: resolves adapters (paths or hub ids), computes their summed deltas and turns
 //! them into weight replacements for the ONNX sessions, checking every name and shape first
 //! (ONNX Runtime silently ignores replacements for names it does not know).
+//!
+//! A model exported with LoRA slots (`python -m export convert --lora-slots RANK`, see
+//! `export/lora_slots.py`) computes `y = W x + B (A x)` with empty `A`, `B` on every target
+//! module; there the adapters of a module go into its slot unfused, as diffusers runs them
+//! after `set_adapters`: `A` = the adapters' down matrices stacked, `B` = their up matrices
+//! side by side, each times `weight · alpha/r`, zero-padded to the slot rank. Only the LoRA
+//! tensors are copied, no base weight is read. A module whose adapters add up to more than the
+//! slot rank, or one without a slot (text encoders, say), is fused as before.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
 use crate::lora::{param_aliases, LoraSet, LoraSource, PendingDelta, UnetLayout};
-use crate::model::{hub, ModelDir};
+use crate::model::{hub, LoraSlots, ModelDir};
 use crate::runtime::{InitializerTable, WeightOverride};
 use crate::{Error, Result};
 
@@ -30,8 +38,14 @@ pub struct LoraReport {
     pub adapters: usize,
     /// LoRA modules read across all adapters.
     pub modules: usize,
-    /// Patched weights per component directory.
+    /// Weights patched by fusing (`W + Σ ΔW`), per component directory.
     pub patched: BTreeMap<String, usize>,
+    /// Modules whose adapters went unfused into the model's LoRA slots, per component
+    /// directory (models exported with `--lora-slots`).
+    pub slotted: BTreeMap<String, usize>,
+    /// Modules that have a slot but were fused because their adapters' ranks add up to more
+    /// than the slot rank (`component.param`); they are counted in `patched`.
+    pub slot_overflow: Vec<String>,
     /// LoRA targets with no matching weight (only when unmatched targets are allowed).
     pub unmatched: Vec<String>,
 }
@@ -192,6 +206,37 @@ pub(super) fn weight_overrides(
             }
             report.unmatched.extend(names);
         }
+        // Modules with a slot whose adapters fit it go into the slot, the rest are fused.
+        let slots = model.manifest().and_then(|m| m.lora_slots.get(component));
+        let (slotted, present): (Vec<_>, Vec<_>) = match slots {
+            None => (Vec::new(), present),
+            Some(slots) => {
+                let modules: HashSet<&str> = slots.modules.iter().map(String::as_str).collect();
+                let has_slot = |d: &PendingDelta<'_>| {
+                    d.param
+                        .strip_suffix(".weight")
+                        .is_some_and(|m| modules.contains(m))
+                };
+                let (slotted, fused): (Vec<_>, Vec<_>) = present
+                    .into_iter()
+                    .partition(|(_, d)| has_slot(d) && d.rank() <= slots.rank);
+                report.slot_overflow.extend(
+                    fused
+                        .iter()
+                        .filter(|(_, d)| has_slot(d))
+                        .map(|(_, d)| format!("{component}.{}", d.param)),
+                );
+                (slotted, fused)
+            }
+        };
+        let mut component_overrides = Vec::new();
+        if let Some(slots) = slots.filter(|_| !slotted.is_empty()) {
+            let filled = slot_overrides(&graph, &table, component, slots, slotted)?;
+            report
+                .slotted
+                .insert(component.to_string(), filled.len() / 2);
+            component_overrides.extend(filled);
+        }
         let patched: Vec<WeightOverride> = present
             .into_par_iter()
             .map(|(name, d)| {
@@ -224,10 +269,84 @@ pub(super) fn weight_overrides(
                 })
             })
             .collect::<Result<_>>()?;
-        report.patched.insert(component.to_string(), patched.len());
-        overrides.insert(component.to_string(), patched);
+        if !patched.is_empty() {
+            report.patched.insert(component.to_string(), patched.len());
+        }
+        component_overrides.extend(patched);
+        overrides.insert(component.to_string(), component_overrides);
     }
     Ok((overrides, report))
+}
+
+/// Fills the slots of `deltas` (every one has a slot its ranks fit): two replacements per
+/// module, its `A` and `B`, checked against the graph's slot initializers.
+fn slot_overrides(
+    graph: &Path,
+    table: &InitializerTable,
+    component: &str,
+    slots: &LoraSlots,
+    deltas: Vec<(Option<String>, PendingDelta<'_>)>,
+) -> Result<Vec<WeightOverride>> {
+    let graph_scale = slots.graph_scale();
+    if !(graph_scale.is_finite() && graph_scale != 0.0) {
+        return Err(Error::model(
+            graph,
+            format!(
+                "the manifest's LoRA slots for {component} have lora_alpha / rank = {graph_scale}; re-export with `--lora-slots RANK`"
+            ),
+        ));
+    }
+    let filled: Vec<[WeightOverride; 2]> = deltas
+        .into_par_iter()
+        .map(|(_, d)| {
+            let module = d.param.strip_suffix(".weight").unwrap_or(&d.param);
+            let (a_name, b_name) = slots.names(module);
+            let slot = |name: &str| {
+                let init = table.get(name).ok_or_else(|| {
+                    Error::model(
+                        graph,
+                        format!(
+                            "the manifest lists a LoRA slot for {component}.{module} but the graph has no '{name}'; re-export the model"
+                        ),
+                    )
+                })?;
+                if !init.is_external() {
+                    return Err(Error::model(
+                        graph,
+                        format!(
+                            "LoRA slot '{name}' is embedded in the graph; ONNX Runtime ignores replacements of embedded weights, so re-export with external data (`python -m export convert --lora-slots`)"
+                        ),
+                    ));
+                }
+                Ok(init)
+            };
+            let (a_init, b_init) = (slot(&a_name)?, slot(&b_name)?);
+            let mut want_a = vec![slots.rank];
+            want_a.extend_from_slice(&d.shape[1..]);
+            let want_b = [d.shape[0], slots.rank];
+            if squeeze(&a_init.dims) != squeeze(&want_a) || squeeze(&b_init.dims) != want_b {
+                return Err(Error::invalid(format!(
+                    "LoRA for {component}.{module} has delta shape {:?} but its slot holds A {:?} and B {:?}: a LoRA for another base model?",
+                    d.shape, a_init.dims, b_init.dims
+                )));
+            }
+            // The graph multiplies B (A x) by lora_alpha / rank; divide it out of B.
+            let (a, b) = d.slot_values(slots.rank, 1.0 / graph_scale)?;
+            Ok([
+                WeightOverride {
+                    name: a_init.name.clone(),
+                    shape: a_init.dims.clone(),
+                    values: a,
+                },
+                WeightOverride {
+                    name: b_init.name.clone(),
+                    shape: b_init.dims.clone(),
+                    values: b,
+                },
+            ])
+        })
+        .collect::<Result<_>>()?;
+    Ok(filled.into_iter().flatten().collect())
 }
 
 /// Drops trailing 1s, so a linear delta fits a 1x1 convolution weight and vice versa.

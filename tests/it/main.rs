@@ -11,6 +11,7 @@ mod img2img;
 mod initializers;
 mod lora;
 mod lora_parity;
+mod lora_slots;
 mod optimum;
 mod parity;
 mod providers;
