@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use crate::lora::{param_aliases, LoraSet, LoraSource, PendingDelta, UnetLayout};
 use crate::model::{hub, ModelDir};
-use crate::runtime::{InitializerTable, WeightOverride};
+use crate::runtime::{ElementType, InitializerTable, WeightOverride};
 use crate::{Error, Result};
 
 /// One LoRA as the user names it.
@@ -221,6 +221,7 @@ pub(super) fn weight_overrides(
                     name: init.name.clone(),
                     shape: init.dims.clone(),
                     values,
+                    dtype: ElementType::from_onnx(init.data_type),
                 })
             })
             .collect::<Result<_>>()?;
