@@ -9,7 +9,9 @@
 //! provider casts float16 tensors to float32 around kernels it lacks in float16 and the engine
 //! keeps the latents in float32, rounding them only at the graph boundary. diffusers' own
 //! float16 and float32 runs of these cases differ by 1.3e-3 to 4.1e-3 of the latents' largest
-//! magnitude (printed by the script), and the engine's float16 run lies within 1e-2 of both.
+//! magnitude (printed by the script). Measured on SD1.5-like: the engine's float16 run is within
+//! 4.2e-3 of diffusers' float16 run and 5.3e-4 of its float32 run (closer to float32, since its
+//! latents and most of ONNX Runtime's CPU arithmetic are float32), pixels within 1/255.
 //! The bound, 2e-2 of the largest magnitude against either reference, leaves room for
 //! platform-dependent rounding while a real bug fails it by orders of magnitude: float16 bits
 //! read as anything else, values fed unconverted or a graph input left out give differences of
@@ -27,7 +29,7 @@ use crate::common::{fixtures_dir, read_png_rgb};
 /// Largest latent difference against a reference, relative to its largest magnitude.
 const LATENT_TOL: f32 = 2e-2;
 /// Largest per-channel pixel difference against the float16 reference's image.
-const PIXEL_TOL: u8 = 4;
+const PIXEL_TOL: u8 = 2;
 
 #[derive(Debug, Deserialize)]
 struct Case {
