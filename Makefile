@@ -81,7 +81,8 @@ $(VENV_OPTIMUM)/.installed: export/requirements-optimum.txt
 # Golden numbers: torch's generator, diffusers' TCDScheduler, transformers' tokenizer, the
 # diffusers pipelines on tiny random-weight models (exported to ONNX here, and with optimum-cli),
 # LoRAs in every key format with diffusers' own deltas and images, tiny ControlNets, OpenCV's
-# Canny, and the ControlNet-depth guide's depth maps on a tiny hybrid DPT.
+# Canny, the ControlNet-depth guide's depth maps on a tiny hybrid DPT, and float16 exports
+# against diffusers run in float16.
 fixtures: venv venv-optimum
 	$(VPY) tests/golden/make_rng.py
 	$(VPY) tests/golden/make_scheduler.py
@@ -93,6 +94,7 @@ fixtures: venv venv-optimum
 	$(VPY) tests/golden/make_lora_slots.py $(FIXTURES)/lora_slots
 	$(VPY) tests/golden/make_img2img.py $(FIXTURES)/img2img
 	$(VPY) tests/golden/make_controlnet.py $(FIXTURES)/controlnet
+	$(VPY) tests/golden/make_fp16.py $(FIXTURES)/fp16
 	$(VENV_OPTIMUM)/bin/python tests/golden/make_optimum.py $(FIXTURES)/parity $(FIXTURES)/optimum
 
 lint:

@@ -75,6 +75,20 @@ def _parser() -> argparse.ArgumentParser:
         "modules, so the engine applies LoRAs unfused (peft's W x + B A x) instead of fusing "
         "them at load time; LoRAs whose ranks add up to more than RANK are fused",
     )
+    c.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16"),
+        default="fp32",
+        help="dtype of the text encoder(s) and the UNet, weights and inputs/outputs (default "
+        "fp32); the VAE stays fp32 (see --vae-dtype)",
+    )
+    c.add_argument(
+        "--vae-dtype",
+        choices=("fp32", "fp16"),
+        default="fp32",
+        help="dtype of the VAE (default fp32): fp16 only for VAEs made for it, such as "
+        "madebyollin/sdxl-vae-fp16-fix; others decode NaNs (black images) in fp16",
+    )
 
     cn = sub.add_parser(
         "controlnet",
@@ -84,6 +98,13 @@ def _parser() -> argparse.ArgumentParser:
     cn.add_argument("out_dir", type=pathlib.Path, help="directory to write")
     cn.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     cn.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    cn.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16"),
+        default="fp32",
+        help="dtype of the weights and the float inputs/outputs (default fp32); match the "
+        "UNet's (`convert --dtype`)",
+    )
 
     tc = sub.add_parser(
         "tiny-controlnet",
@@ -249,11 +270,15 @@ def main(argv: list[str] | None = None) -> int:
                 loras=loras,
                 fuse_lora=args.fuse_lora,
                 lora_slots=args.lora_slots,
+                dtype=args.dtype,
+                vae_dtype=args.vae_dtype,
             )
         elif args.command == "controlnet":
             from export.controlnet import export_controlnet
 
-            export_controlnet(args.source, args.out_dir, args.opset, args.overwrite)
+            export_controlnet(
+                args.source, args.out_dir, args.opset, args.overwrite, dtype=args.dtype
+            )
         elif args.command == "tiny-controlnet":
             import shutil
 

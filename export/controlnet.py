@@ -40,7 +40,7 @@ import torch
 
 from export.convert import UserError, _looks_like_hub_id
 from export.manifest import build_controlnet_manifest, write_manifest
-from export.onnx_io import Io, export_component
+from export.onnx_io import Io, export_component, module_dtype
 from export.unet import controlnet_residual_shapes
 
 log = logging.getLogger("export")
@@ -138,13 +138,14 @@ def export_controlnet_model(
     cfg = controlnet.config
     sdxl = is_sdxl_controlnet(controlnet)
     factor = cond_scale_factor(cfg)
+    dtype = module_dtype(controlnet)
     # As in unet.py: an odd latent height makes every ceil(n / 2) differ from n // 2.
     batch, h, w = 2, 23, 40
     args: tuple[torch.Tensor, ...] = (
-        torch.randn(batch, cfg.in_channels, h, w),
+        torch.randn(batch, cfg.in_channels, h, w, dtype=dtype),
         torch.full((batch,), 999.0),
-        torch.randn(batch, 77, cfg.cross_attention_dim),
-        torch.rand(batch, cfg.conditioning_channels, h * factor, w * factor),
+        torch.randn(batch, 77, cfg.cross_attention_dim, dtype=dtype),
+        torch.rand(batch, cfg.conditioning_channels, h * factor, w * factor, dtype=dtype),
     )
     inputs = [
         Io("sample", {0: "batch", 2: "height", 3: "width"}),
@@ -155,8 +156,8 @@ def export_controlnet_model(
     if sdxl:
         pooled_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
         args = args + (
-            torch.randn(batch, pooled_dim),
-            torch.tensor([[64.0, 80.0, 0, 0, 64, 80]] * batch),
+            torch.randn(batch, pooled_dim, dtype=dtype),
+            torch.tensor([[64.0, 80.0, 0, 0, 64, 80]] * batch, dtype=dtype),
         )
         inputs += [Io("text_embeds", {0: "batch"}), Io("time_ids", {0: "batch"})]
     down, mid = controlnet_residual_shapes(cfg)
@@ -170,22 +171,32 @@ def export_controlnet_model(
 
 
 def export_controlnet(
-    source: str, out_dir: pathlib.Path, opset: int = 18, overwrite: bool = False
+    source: str,
+    out_dir: pathlib.Path,
+    opset: int = 18,
+    overwrite: bool = False,
+    dtype: str = "fp32",
 ) -> dict[str, Any]:
-    """Export the ControlNet `source` into the flat directory `out_dir`; returns the manifest."""
+    """Export the ControlNet `source` into the flat directory `out_dir`; returns the manifest.
+
+    `dtype="fp16"` exports float16 weights and float16 float inputs/outputs (`timestep` stays
+    float32), to pair with a `convert --dtype fp16` UNet."""
+    from export.convert import DTYPE_NAMES, torch_dtype
+
+    model_dtype = torch_dtype(dtype)
     out_dir = pathlib.Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} exists and is not a directory")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise UserError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
     t0 = time.perf_counter()
-    controlnet = load_controlnet(source).eval()
+    controlnet = load_controlnet(source).eval().to(model_dtype)
     family = controlnet_family(controlnet)
     log.info("loaded %s (%s ControlNet) in %.1fs", source, family, time.perf_counter() - t0)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     export_controlnet_model(controlnet, out_dir, opset)
-    manifest = build_controlnet_manifest(out_dir, family, opset)
+    manifest = build_controlnet_manifest(out_dir, family, opset, DTYPE_NAMES[dtype])
     write_manifest(out_dir, manifest)
     log.info("wrote %s in %.1fs", out_dir, time.perf_counter() - t0)
     return manifest

@@ -142,6 +142,31 @@ def prediction_type(pipe: Any) -> str:
     return value
 
 
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16"}
+
+
+def torch_dtype(name: str) -> Any:
+    """`fp32` / `fp16` as a torch dtype."""
+    import torch
+
+    if name not in DTYPE_NAMES:
+        raise UserError(f"unsupported dtype {name!r}; expected one of {', '.join(DTYPE_NAMES)}")
+    return torch.float16 if name == "fp16" else torch.float32
+
+
+def cast_pipeline(pipe: Any, dtype: Any, vae_dtype: Any) -> None:
+    """Cast the text encoder(s) and the UNet to `dtype` and the VAE to `vae_dtype`, in place.
+
+    Parameter names do not change, so the exported initializers keep them.
+    """
+    for name in ("text_encoder", "text_encoder_2", "unet"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.to(dtype)
+    if getattr(pipe, "vae", None) is not None:
+        pipe.vae.to(vae_dtype)
+
+
 TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
@@ -175,12 +200,19 @@ def convert(
     loras: list[Any] | None = None,
     fuse_lora: bool = False,
     lora_slots: int | None = None,
+    dtype: str = "fp32",
+    vae_dtype: str | None = None,
 ) -> dict[str, Any]:
     """Export every component of `source` into `out_dir`; returns the manifest written.
 
     `loras` (export.lora.LoraSpec) are fused into the weights with `fuse_lora`, otherwise
     recorded in the manifest for the engine to apply; see export/lora.py. `lora_slots` exports
     the UNet with empty LoRA layers of that rank for unfused LoRAs; see export/lora_slots.py.
+
+    `dtype` (`fp32` or `fp16`) is the dtype of the text encoder(s) and the UNet, weights and
+    activations alike (LoRAs are fused in float32 first). The VAE stays float32 unless
+    `vae_dtype="fp16"`: most VAEs overflow in float16 (NaNs, black images); only VAEs made for
+    it, such as madebyollin/sdxl-vae-fp16-fix, should be exported so.
     """
     from export import lora_slots as slots_mod
     from export import lora as lora_mod
@@ -191,6 +223,16 @@ def convert(
     out_dir = pathlib.Path(out_dir)
     if lora_slots is not None:
         slots_mod.check_rank(lora_slots)
+    model_dtype = torch_dtype(dtype)
+    vae_torch_dtype = torch_dtype(vae_dtype or "fp32")
+    if lora_slots is not None and dtype != "fp32":
+        raise UserError("--lora-slots works with --dtype fp32 only for now")
+    if vae_dtype == "fp16":
+        log.warning(
+            "exporting the VAE in float16: most VAEs overflow in float16 and decode NaNs "
+            "(black images); use this only for a VAE made for it (e.g. "
+            "madebyollin/sdxl-vae-fp16-fix)"
+        )
     specs = [lora_mod.resolve_lora(s) for s in loras or []]
     if fuse_lora and not specs:
         raise UserError("--fuse-lora needs at least one --lora")
@@ -208,6 +250,7 @@ def convert(
         log.info("fused %d LoRA(s) into the weights", len(specs))
     else:
         lora_mod.check_loras_fit(pipe, specs)
+    cast_pipeline(pipe, model_dtype, vae_torch_dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     pipe.save_config(out_dir)  # model_index.json, unchanged as optimum does
@@ -252,6 +295,7 @@ def convert(
         lora=[] if fuse_lora else entries,
         fused_lora=entries if fuse_lora else [],
         lora_slots=slots,
+        dtype=DTYPE_NAMES[dtype],
     )
     write_manifest(out_dir, manifest)
     log.info("wrote %s in %.1fs", out_dir, time.perf_counter() - t0)

@@ -3,6 +3,12 @@
 The input/output names, dtypes and shapes are read back from the saved ONNX files, so the
 manifest always describes the graphs that are actually there. Dynamic dims are axis names
 (`"batch"`, `"height"` ...), fixed dims are integers.
+
+`dtype` is the export's dtype (`float32`, or `float16` for `convert --dtype fp16`); each
+component also records `weights_dtype`, the dtype of its weights, because a float16 export
+keeps the VAE in float32 unless asked otherwise. The inputs' and outputs' own dtypes say what
+the engine feeds and reads (a float16 graph takes and returns float16 tensors, except the
+UNet's float32 `timestep` and the int32 `input_ids`).
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import json
 import pathlib
 from typing import Any
 
-from export.onnx_io import EXPORT_METHOD, ONNX_FILE, describe_io
+from export.onnx_io import EXPORT_METHOD, ONNX_FILE, describe_io, weights_dtype
 
 MANIFEST_FILE = "tcd_ort.json"
 FORMAT_VERSION = 1
@@ -43,6 +49,7 @@ def build_manifest(
     lora: list[dict[str, Any]] | None = None,
     fused_lora: list[dict[str, Any]] | None = None,
     lora_slots: dict[str, dict[str, Any]] | None = None,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """`lora`: LoRAs the engine applies at load time, each `{"source", "weight",
     "weight_name"}`; `fused_lora`: the same for LoRAs already fused into the weights (for the
@@ -53,12 +60,12 @@ def build_manifest(
     for name in COMPONENTS:
         path = out_dir / name / ONNX_FILE
         if path.exists():
-            components[name] = describe_io(path)
+            components[name] = describe_component(path)
     manifest = {
         "format_version": FORMAT_VERSION,
         "family": family,
         "prediction_type": prediction_type,
-        "dtype": "float32",
+        "dtype": dtype,
         "weights_keep_names": True,
         "exporter": exporter_info(opset),
         "components": components,
@@ -70,17 +77,24 @@ def build_manifest(
     return manifest
 
 
-def build_controlnet_manifest(out_dir: pathlib.Path, family: str, opset: int) -> dict[str, Any]:
+def describe_component(path: pathlib.Path) -> dict[str, Any]:
+    """`{"weights_dtype", "inputs", "outputs"}` of one saved graph."""
+    return {"weights_dtype": weights_dtype(path), **describe_io(path)}
+
+
+def build_controlnet_manifest(
+    out_dir: pathlib.Path, family: str, opset: int, dtype: str = "float32"
+) -> dict[str, Any]:
     """The manifest of a flat ControlNet directory (`model.onnx` at its root); `family` is
     `"sd"` or `"sdxl"`."""
     return {
         "format_version": FORMAT_VERSION,
         "kind": "controlnet",
         "family": family,
-        "dtype": "float32",
+        "dtype": dtype,
         "weights_keep_names": True,
         "exporter": exporter_info(opset),
-        "components": {"controlnet": describe_io(out_dir / ONNX_FILE)},
+        "components": {"controlnet": describe_component(out_dir / ONNX_FILE)},
     }
 
 

@@ -221,6 +221,29 @@ def describe_io(path: pathlib.Path) -> dict[str, dict[str, dict[str, Any]]]:
     }
 
 
+def module_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of a module's floating-point parameters (example inputs are made in it)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def weights_dtype(path: pathlib.Path) -> str:
+    """The dtype most of a saved model's floating-point weights have, by element count
+    (`"float16"` for a float16 export, whose few float32 constants do not count)."""
+    model = onnx.load(str(path), load_external_data=False)
+    counts: dict[str, int] = {}
+    for init in model.graph.initializer:
+        name = _DTYPES.get(init.data_type)
+        if name in ("float32", "float16", "bfloat16", "float64"):
+            n = 1
+            for d in init.dims:
+                n *= d
+            counts[name] = counts.get(name, 0) + n
+    return max(counts, key=counts.__getitem__) if counts else "float32"
+
+
 def initializer_names(path: pathlib.Path) -> set[str]:
     model = onnx.load(str(path), load_external_data=False)
     return {init.name for init in model.graph.initializer}

@@ -5,6 +5,8 @@ Input `input_ids` int32 [batch, 77]. Outputs `last_hidden_state` [batch, 77, hid
 (CLIPTextModelWithProjection). With `hidden_states=True` (SDXL) every hidden state is an output
 too, `hidden_states.0` (embeddings) ... `hidden_states.N` (N = num_hidden_layers), because SDXL
 conditions on the penultimate one.
+
+The float outputs have the model's dtype: float16 for `convert --dtype fp16`.
 """
 
 from __future__ import annotations

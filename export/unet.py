@@ -14,6 +14,8 @@ ControlNet. Output `out_sample`, shaped like `sample`.
 
 With `lora_slots=RANK` the UNet is exported with empty peft LoRA layers (see
 export/lora_slots.py) and `export_unet` returns the slotted module names.
+A float16 export (`convert --dtype fp16`) has float16 weights and takes and returns every
+float tensor above as float16, except `timestep`, which stays float32.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from export.lora_slots import inject_slots, slot_param_name
-from export.onnx_io import Io, export_component
+from export.onnx_io import Io, export_component, module_dtype
 
 DOWN_RESIDUAL = "down_block_additional_residual_{}"
 MID_RESIDUAL = "mid_block_additional_residual"
@@ -114,13 +116,16 @@ def export_unet(
     if lora_slots is not None:
         slotted = inject_slots(unet, lora_slots)
         rename = slot_param_name
+    dtype = module_dtype(unet)
     # Odd-looking example sizes keep the exporter from tying unrelated dims together; an odd
     # height makes every ceil(n / 2) of the residual sizes differ from n // 2.
     batch, h, w = 2, 23, 40
+    # The timestep stays float32 whatever the weights: diffusers computes the sinusoidal
+    # embedding in float32 and casts it to the weights' dtype inside the graph.
     args: tuple[torch.Tensor, ...] = (
-        torch.randn(batch, cfg.in_channels, h, w),
+        torch.randn(batch, cfg.in_channels, h, w, dtype=dtype),
         torch.full((batch,), 999.0),
-        torch.randn(batch, 77, cfg.cross_attention_dim),
+        torch.randn(batch, 77, cfg.cross_attention_dim, dtype=dtype),
     )
     image_axes = {0: "batch", 2: "height", 3: "width"}
     inputs = [
@@ -133,13 +138,16 @@ def export_unet(
         if pooled_dim is None:
             time_dim = cfg.addition_time_embed_dim
             pooled_dim = cfg.projection_class_embeddings_input_dim - 6 * time_dim
-        args = args + (torch.randn(batch, pooled_dim), torch.tensor([[64.0, 80.0, 0, 0, 64, 80]] * batch))
+        args = args + (
+            torch.randn(batch, pooled_dim, dtype=dtype),
+            torch.tensor([[64.0, 80.0, 0, 0, 64, 80]] * batch, dtype=dtype),
+        )
         inputs += [Io("text_embeds", {0: "batch"}), Io("time_ids", {0: "batch"})]
     down, mid = controlnet_residual_shapes(cfg)
     for i, r in enumerate(down):
-        args = args + (torch.randn(r.shape(batch, h, w)),)
+        args = args + (torch.randn(r.shape(batch, h, w), dtype=dtype),)
         inputs.append(Io(DOWN_RESIDUAL.format(i), r.axes()))
-    args = args + (torch.randn(mid.shape(batch, h, w)),)
+    args = args + (torch.randn(mid.shape(batch, h, w), dtype=dtype),)
     inputs.append(Io(MID_RESIDUAL, mid.axes()))
     export_component(
         _UNet(unet, sdxl),

@@ -9,6 +9,8 @@
   the engine must clamp the log-variance to [-30, 20] before use.
 
 Both directories get the full VAE `config.json` (for `scaling_factor`, `block_out_channels`).
+
+Inputs and outputs have the VAE's dtype: float32 unless `convert --vae-dtype fp16`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import pathlib
 import onnx
 import torch
 
-from export.onnx_io import Io, export_component
+from export.onnx_io import Io, export_component, module_dtype
 
 
 class _Decoder(torch.nn.Module):
@@ -53,7 +55,7 @@ def _prepare(vae: torch.nn.Module) -> None:
 
 def export_vae_decoder(vae: torch.nn.Module, out_dir: pathlib.Path, opset: int) -> onnx.ModelProto:
     _prepare(vae)
-    latent = torch.randn(2, vae.config.latent_channels, 24, 40)
+    latent = torch.randn(2, vae.config.latent_channels, 24, 40, dtype=module_dtype(vae))
     model = export_component(
         _Decoder(vae),
         (latent,),
@@ -70,7 +72,7 @@ def export_vae_decoder(vae: torch.nn.Module, out_dir: pathlib.Path, opset: int) 
 def export_vae_encoder(vae: torch.nn.Module, out_dir: pathlib.Path, opset: int) -> onnx.ModelProto:
     _prepare(vae)
     f = vae_scale_factor(vae)
-    image = torch.rand(2, vae.config.in_channels, 24 * f, 40 * f) * 2 - 1
+    image = (torch.rand(2, vae.config.in_channels, 24 * f, 40 * f) * 2 - 1).to(module_dtype(vae))
     model = export_component(
         _Encoder(vae),
         (image,),

@@ -49,7 +49,8 @@ pub struct Manifest {
     pub family: Option<Family>,
     /// `epsilon`, `v_prediction` or `sample`.
     pub prediction_type: Option<String>,
-    /// `float32` or `float16`.
+    /// `float32` or `float16` (`python -m export convert --dtype fp16`: text encoders and UNet
+    /// in float16, the VAE in float32 unless exported with `--vae-dtype fp16`).
     pub dtype: Option<String>,
     /// Whether ONNX initializers keep their PyTorch parameter names.
     #[serde(default)]
@@ -61,6 +62,9 @@ pub struct Manifest {
     /// component directory (`unet`).
     #[serde(default)]
     pub lora_slots: BTreeMap<String, LoraSlots>,
+    /// Per component directory (`unet`, `vae_decoder` ...): weight dtype and graph signature.
+    #[serde(default)]
+    pub components: BTreeMap<String, ManifestComponent>,
 }
 
 /// The LoRA slots of one component: peft LoRA layers exported with A = B = 0, whose
@@ -101,6 +105,30 @@ impl LoraSlots {
             _ => 1.0,
         }
     }
+}
+
+/// One component as the manifest describes it. The engine feeds and reads each graph by the
+/// dtypes the graph itself declares (these mirror them), converting to and from float32.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ManifestComponent {
+    /// The dtype of most of its weights (`float32`, `float16`); absent in older manifests.
+    pub weights_dtype: Option<String>,
+    /// Graph inputs by name.
+    #[serde(default)]
+    pub inputs: BTreeMap<String, ManifestTensor>,
+    /// Graph outputs by name.
+    #[serde(default)]
+    pub outputs: BTreeMap<String, ManifestTensor>,
+}
+
+/// A graph input or output in the manifest.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ManifestTensor {
+    /// `float32`, `float16`, `int32`, `int64` ...
+    pub dtype: String,
+    /// Fixed dims as numbers, dynamic ones as their axis name.
+    #[serde(default)]
+    pub shape: Vec<serde_json::Value>,
 }
 
 /// A LoRA recorded in the manifest (`python -m export convert --lora ...` without fusing).

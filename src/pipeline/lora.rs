@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use crate::lora::{param_aliases, LoraSet, LoraSource, PendingDelta, UnetLayout};
 use crate::model::{hub, LoraSlots, ModelDir};
-use crate::runtime::{InitializerTable, WeightOverride};
+use crate::runtime::{ElementType, InitializerTable, WeightOverride};
 use crate::{Error, Result};
 
 /// One LoRA as the user names it.
@@ -266,6 +266,7 @@ pub(super) fn weight_overrides(
                     name: init.name.clone(),
                     shape: init.dims.clone(),
                     values,
+                    dtype: ElementType::from_onnx(init.data_type),
                 })
             })
             .collect::<Result<_>>()?;
@@ -337,11 +338,13 @@ fn slot_overrides(
                     name: a_init.name.clone(),
                     shape: a_init.dims.clone(),
                     values: a,
+                    dtype: ElementType::from_onnx(a_init.data_type),
                 },
                 WeightOverride {
                     name: b_init.name.clone(),
                     shape: b_init.dims.clone(),
                     values: b,
+                    dtype: ElementType::from_onnx(b_init.data_type),
                 },
             ])
         })

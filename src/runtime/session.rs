@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use half::f16;
 use ndarray::{ArrayD, IxDyn};
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::Session;
@@ -86,6 +87,17 @@ pub enum ElementType {
 }
 
 impl ElementType {
+    /// From an ONNX `TensorProto.DataType` code (as stored in a model file).
+    pub fn from_onnx(code: i32) -> Self {
+        match code {
+            1 => ElementType::F32,
+            10 => ElementType::F16,
+            6 => ElementType::I32,
+            7 => ElementType::I64,
+            _ => ElementType::Other,
+        }
+    }
+
     fn from_ort(ty: TensorElementType) -> Self {
         match ty {
             TensorElementType::Float32 => ElementType::F32,
@@ -108,7 +120,8 @@ pub struct IoSpec {
     pub shape: Vec<i64>,
 }
 
-/// A tensor handed to [`Graph::run`]; converted to the dtype the graph declares.
+/// A tensor handed to [`Graph::run`]; converted to the dtype the graph declares (float16 graphs,
+/// `python -m export convert --dtype fp16`, get it rounded to the nearest float16).
 #[derive(Debug, Clone)]
 pub enum TensorInput {
     /// Float data.
@@ -120,15 +133,19 @@ pub enum TensorInput {
 /// A replacement value for a named weight, supplied when the session is built.
 ///
 /// ONNX Runtime applies replacements of *external* initializers at every optimisation level;
-/// [`super::InitializerTable`] tells which names exist and where they live.
+/// [`super::InitializerTable`] tells which names exist and where they live. A replacement must
+/// have the initializer's own element type, so the values are converted to `dtype` when the
+/// session is built (deltas are computed in float32 either way).
 #[derive(Debug, Clone)]
 pub struct WeightOverride {
     /// The initializer name.
     pub name: String,
     /// Its shape.
     pub shape: Vec<usize>,
-    /// The new values (float32).
+    /// The new values, in float32.
     pub values: Vec<f32>,
+    /// The initializer's element type: [`ElementType::F32`] or [`ElementType::F16`].
+    pub dtype: ElementType,
 }
 
 /// One loaded ONNX graph.
@@ -389,10 +406,24 @@ impl Graph {
             let value = outputs
                 .get(*w)
                 .ok_or_else(|| Error::Runtime(format!("{name} produced no output '{w}'")))?;
-            let array = value
-                .try_extract_array::<f32>()
-                .map_err(|e| rt_err(&format!("reading {name} output '{w}'"), e))?;
-            result.push(array.to_owned());
+            let context = format!("reading {name} output '{w}'");
+            let dtype = self
+                .outputs
+                .iter()
+                .find(|o| o.name == *w)
+                .map_or(ElementType::Other, |o| o.dtype);
+            let array = match dtype {
+                // Float16 graphs: widened exactly, so callers always see f32.
+                ElementType::F16 => value
+                    .try_extract_array::<f16>()
+                    .map(|a| a.mapv(f16::to_f32))
+                    .map_err(|e| rt_err(&context, e))?,
+                _ => value
+                    .try_extract_array::<f32>()
+                    .map(|a| a.to_owned())
+                    .map_err(|e| rt_err(&context, e))?,
+            };
+            result.push(array);
         }
         Ok(result)
     }
@@ -419,10 +450,16 @@ impl Graph {
             (ElementType::F32, TensorInput::I64(a)) => {
                 Tensor::from_array(a.mapv(|v| v as f32)).map(|t| t.into_dyn())
             }
+            (ElementType::F16, TensorInput::F32(a)) => {
+                Tensor::from_array(a.mapv(f16::from_f32)).map(|t| t.into_dyn())
+            }
+            (ElementType::F16, TensorInput::I64(a)) => {
+                Tensor::from_array(a.mapv(|v| f16::from_f32(v as f32))).map(|t| t.into_dyn())
+            }
             (other, _) => {
                 return Err(Error::model(
                     &self.path,
-                    format!("{context} has element type {other:?}, which tcd-ort does not feed yet (export the model in float32)"),
+                    format!("{context} has element type {other:?}, which tcd-ort does not feed (export the model in float32 or float16)"),
                 ))
             }
         };
@@ -502,10 +539,26 @@ fn build(
         )
     })?;
     for o in overrides {
-        let tensor = Tensor::from_array((o.shape.clone(), o.values))
-            .map_err(|e| rt_err(&format!("{context}: weight '{}'", o.name), e))?;
+        let what = format!("{context}: weight '{}'", o.name);
+        let tensor = match o.dtype {
+            ElementType::F32 => Tensor::from_array((o.shape.clone(), o.values)).map(|t| t.into_dyn()),
+            // ONNX Runtime rejects a replacement whose type differs from the initializer's.
+            ElementType::F16 => {
+                let values: Vec<f16> = o.values.iter().copied().map(f16::from_f32).collect();
+                Tensor::from_array((o.shape.clone(), values)).map(|t| t.into_dyn())
+            }
+            other => {
+                return Err(Error::model(
+                    model,
+                    format!(
+                        "{what} has element type {other:?}; only float32 and float16 weights can be replaced"
+                    ),
+                ))
+            }
+        }
+        .map_err(|e| rt_err(&what, e))?;
         builder = builder
-            .with_external_initializer(&o.name, tensor.into_dyn())
+            .with_external_initializer(&o.name, tensor)
             .map_err(|e| rt_err(&format!("{context}: replacing weight '{}'", o.name), e))?;
     }
     builder.commit_from_file(model).map_err(|e| {
