@@ -149,16 +149,28 @@ def export_unet(
         inputs.append(Io(DOWN_RESIDUAL.format(i), r.axes()))
     args = args + (torch.randn(mid.shape(batch, h, w), dtype=dtype),)
     inputs.append(Io(MID_RESIDUAL, mid.axes()))
-    export_component(
-        _UNet(unet, sdxl),
-        args,
-        inputs,
-        [Io("out_sample", image_axes)],
-        out_dir,
-        opset,
-        prefix="unet.",
-        rename=rename,
-    )
+    hook = None
+    if sdxl and dtype != torch.float32:
+        # diffusers embeds SDXL's time ids in float32 and concatenates them with the (float16)
+        # text embeddings, which promotes to float32 before `.to(emb.dtype)`; the exporter
+        # emits that Concat without the promotion. Casting the time embedding to the weights'
+        # dtype first gives the same values (float16 -> float32 is exact, and the float32
+        # values are rounded to float16 either way) and a well-typed graph.
+        hook = unet.add_time_proj.register_forward_hook(lambda _m, _i, out: out.to(dtype))
+    try:
+        export_component(
+            _UNet(unet, sdxl),
+            args,
+            inputs,
+            [Io("out_sample", image_axes)],
+            out_dir,
+            opset,
+            prefix="unet.",
+            rename=rename,
+        )
+    finally:
+        if hook is not None:
+            hook.remove()
     unet.save_config(out_dir)
     return slotted
 
