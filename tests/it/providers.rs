@@ -173,14 +173,35 @@ fn tensorrt_profiles_come_from_the_exported_graph_inputs() {
     let shapes = profile_shapes(&unet, &profile)
         .expect("derivable")
         .expect("dynamic");
-    // tiny-sd15: 4 latent channels, cross-attention dim 32.
+    // tiny-sd15: 4 latent channels, cross-attention dim 32, blocks of 32 and 64 channels with
+    // 2 layers each: ControlNet residuals at the latent size and at half of it.
+    let residuals = |batch: usize| {
+        [
+            (0, 32, 96, 64),
+            (1, 32, 96, 64),
+            (2, 32, 96, 64),
+            (3, 32, 48, 32),
+            (4, 64, 48, 32),
+            (5, 64, 48, 32),
+        ]
+        .iter()
+        .map(|(i, c, h, w)| format!(",down_block_additional_residual_{i}:{batch}x{c}x{h}x{w}"))
+        .collect::<String>()
+            + &format!(",mid_block_additional_residual:{batch}x64x48x32")
+    };
     assert_eq!(
         shapes.opt,
-        "sample:4x4x96x64,timestep:4,encoder_hidden_states:4x77x32"
+        format!(
+            "sample:4x4x96x64,timestep:4,encoder_hidden_states:4x77x32{}",
+            residuals(4)
+        )
     );
     assert_eq!(
         shapes.min,
-        "sample:1x4x96x64,timestep:1,encoder_hidden_states:1x77x32"
+        format!(
+            "sample:1x4x96x64,timestep:1,encoder_hidden_states:1x77x32{}",
+            residuals(1)
+        )
     );
     let text =
         declared_inputs(&demo_model().join("text_encoder").join("model.onnx")).expect("inputs");
