@@ -32,6 +32,7 @@ use ndarray::{ArrayD, IxDyn};
 use serde::Deserialize;
 
 use crate::image_io::{resize, ResampleFilter, RgbImage};
+use crate::model::read_json;
 use crate::runtime::{ElementType, Graph, SessionOptions, TensorInput};
 use crate::{Error, Result};
 
@@ -257,17 +258,6 @@ struct DepthManifest {
     #[serde(default)]
     format_version: u32,
     kind: Option<String>,
-}
-
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Error::model(path, "missing file")
-        } else {
-            Error::io(path, e)
-        }
-    })?;
-    serde_json::from_str(&text).map_err(|e| Error::model(path, format!("invalid JSON: {e}")))
 }
 
 /// A DPT depth estimator exported by `python -m export depth`, with its image processor.

@@ -136,6 +136,39 @@ pub fn resolve_pipeline(id: &str, revision: Option<&str>) -> Result<PathBuf> {
         })?;
         return snapshot_dir(&index, id);
     }
+    download_snapshot(
+        id,
+        revision,
+        "model_index.json",
+        wanted_pipeline_file,
+        |files| {
+            if !files.iter().any(|f| f == "model_index.json") {
+                return Err(Error::model(
+                    id,
+                    "the repository has no model_index.json: it is not a diffusers/ONNX pipeline",
+                ));
+            }
+            if !files.iter().any(|f| f.ends_with(".onnx")) {
+                return Err(Error::model(
+                id,
+                "the repository holds no ONNX graphs; export it first with `python -m export convert ID DIR`",
+            ));
+            }
+            Ok(())
+        },
+    )
+}
+
+/// Lists repository `id`, keeps the files `wanted` accepts, lets `check` refuse the listing,
+/// downloads the files and returns the snapshot directory: the folder of `anchor`, a top-level
+/// file every such repository has.
+fn download_snapshot(
+    id: &str,
+    revision: Option<&str>,
+    anchor: &str,
+    wanted: fn(&str) -> bool,
+    check: impl FnOnce(&[String]) -> Result<()>,
+) -> Result<PathBuf> {
     let api = ApiBuilder::from_env()
         .with_progress(std::io::stderr().is_terminal())
         .build()
@@ -148,31 +181,21 @@ pub fn resolve_pipeline(id: &str, revision: Option<&str>) -> Result<PathBuf> {
         .siblings
         .into_iter()
         .map(|s| s.rfilename)
-        .filter(|f| wanted_pipeline_file(f))
+        .filter(|f| wanted(f))
         .collect();
-    if !files.iter().any(|f| f == "model_index.json") {
-        return Err(Error::model(
-            id,
-            "the repository has no model_index.json: it is not a diffusers/ONNX pipeline",
-        ));
-    }
-    if !files.iter().any(|f| f.ends_with(".onnx")) {
-        return Err(Error::model(
-            id,
-            "the repository holds no ONNX graphs; export it first with `python -m export convert ID DIR`",
-        ));
-    }
-    let mut index_path = None;
+    check(&files)?;
+    let mut anchor_path = None;
     for file in &files {
         let local = remote
             .get(file)
             .map_err(|e| hub_error(id, &format!("could not download {file}"), e))?;
-        if file == "model_index.json" {
-            index_path = Some(local);
+        if file == anchor {
+            anchor_path = Some(local);
         }
     }
-    let index = index_path.ok_or_else(|| Error::model(id, "model_index.json was not fetched"))?;
-    snapshot_dir(&index, id)
+    let anchor_path =
+        anchor_path.ok_or_else(|| Error::model(id, format!("{anchor} was not fetched")))?;
+    snapshot_dir(&anchor_path, id)
 }
 
 /// Top-level files of a single-graph repository (a ControlNet, a depth estimator): the graph,
@@ -201,40 +224,19 @@ pub fn resolve_single_graph(id: &str, revision: Option<&str>, what: &str) -> Res
         })?;
         return snapshot_dir(&graph, id);
     }
-    let api = ApiBuilder::from_env()
-        .with_progress(std::io::stderr().is_terminal())
-        .build()
-        .map_err(|e| hub_error(id, "could not start the hub client", e))?;
-    let remote = api.repo(repo(id, revision));
-    let info = remote
-        .info()
-        .map_err(|e| hub_error(id, "could not list the repository", e))?;
-    let files: Vec<String> = info
-        .siblings
-        .into_iter()
-        .map(|s| s.rfilename)
-        .filter(|f| wanted_flat_file(f))
-        .collect();
-    if !files.iter().any(|f| f == "model.onnx") {
-        return Err(Error::model(
-            id,
-            format!(
-                "the repository has no model.onnx at its top level: it is not an exported {what} \
-                 (export it with `python -m export`)"
-            ),
-        ));
-    }
-    let mut graph = None;
-    for file in &files {
-        let local = remote
-            .get(file)
-            .map_err(|e| hub_error(id, &format!("could not download {file}"), e))?;
-        if file == "model.onnx" {
-            graph = Some(local);
+    download_snapshot(id, revision, "model.onnx", wanted_flat_file, |files| {
+        if files.iter().any(|f| f == "model.onnx") {
+            Ok(())
+        } else {
+            Err(Error::model(
+                id,
+                format!(
+                    "the repository has no model.onnx at its top level: it is not an exported \
+                     {what} (export it with `python -m export`)"
+                ),
+            ))
         }
-    }
-    let graph = graph.ok_or_else(|| Error::model(id, "model.onnx was not fetched"))?;
-    snapshot_dir(&graph, id)
+    })
 }
 
 /// Resolves one file of a repository (a LoRA, say), downloading it when missing.

@@ -236,7 +236,8 @@ pub struct ModelDir {
     pub text_encoder_2_projection_dim: Option<usize>,
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+/// Reads a JSON file, telling a missing file from malformed JSON.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             Error::model(path, "missing file")

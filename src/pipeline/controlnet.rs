@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 use crate::control;
 use crate::image_io::{image_to_unit_tensor, resize_lanczos, RgbImage};
-use crate::model::{hub, UnetConfig};
+use crate::model::{hub, read_json, UnetConfig};
 use crate::runtime::{Graph, SessionOptions, TensorInput};
 use crate::{Error, Result};
 
@@ -109,17 +109,6 @@ pub struct ControlNet {
     xl: bool,
     cross_attention_dim: serde_json::Value,
     down_outputs: Vec<String>,
-}
-
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Error::model(path, "missing file")
-        } else {
-            Error::io(path, e)
-        }
-    })?;
-    serde_json::from_str(&text).map_err(|e| Error::model(path, format!("invalid JSON: {e}")))
 }
 
 /// `down_block_res_sample_0 ... _{n-1}` (or the UNet's `down_block_additional_residual_*`):
