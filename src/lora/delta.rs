@@ -41,6 +41,11 @@ pub(crate) fn accumulate(terms: &[Term<'_>], out: usize, cols: usize) -> Vec<f32
 /// `matrixmultiply` (which picks AVX/FMA kernels at run time), accumulating straight into the
 /// weight: no delta-sized buffer, and the same sum as peft's merge up to float rounding.
 pub(crate) fn add_into(terms: &[Term<'_>], cols: usize, base: &mut [f32]) {
+    // The file's tensors widened once per call; a module's pair is small next to its weight.
+    let widened: Vec<(Vec<f32>, Vec<f32>)> = terms
+        .iter()
+        .map(|t| (t.up.to_f32(), t.down.to_f32()))
+        .collect();
     // Blocks of rows large enough for the GEMM kernel to reach full speed, small enough that
     // both cores stay busy on the narrower layers.
     let rows_per_task = (262_144 / cols.max(1)).clamp(8, 256);
@@ -54,10 +59,10 @@ pub(crate) fn add_into(terms: &[Term<'_>], cols: usize, base: &mut [f32]) {
             let Ok(mut c) = ArrayViewMut2::from_shape((rows, cols), block) else {
                 return;
             };
-            for t in terms {
+            for (t, (up, down)) in terms.iter().zip(&widened) {
                 let r = t.up.shape[1];
-                let up = &t.up.values[first * r..(first + rows) * r];
-                let down = &t.down.values[..r * cols];
+                let up = &up[first * r..(first + rows) * r];
+                let down = &down[..r * cols];
                 if let (Ok(a), Ok(b)) = (
                     ArrayView2::from_shape((rows, r), up),
                     ArrayView2::from_shape((r, cols), down),
@@ -81,21 +86,17 @@ pub(crate) fn fill_slot(
     rank: usize,
     b_scale: f32,
 ) -> (Vec<f32>, Vec<f32>) {
-    let mut a = Vec::with_capacity(rank * cols);
-    for t in terms {
-        let r = t.up.shape[1];
-        a.extend_from_slice(&t.down.values[..r * cols]);
-    }
-    a.resize(rank * cols, 0.0);
+    // Widened straight from the file's bytes into the slot buffers: the only f32 copy.
+    let mut a = vec![0.0f32; rank * cols];
     let mut b = vec![0.0f32; out * rank];
     let mut first = 0;
     for t in terms {
         let r = t.up.shape[1];
+        t.down
+            .widen_into(0, &mut a[first * cols..(first + r) * cols], 1.0);
         let scale = t.scale * b_scale;
-        for (row, up) in b.chunks_exact_mut(rank).zip(t.up.values.chunks_exact(r)) {
-            for (dst, src) in row[first..first + r].iter_mut().zip(up) {
-                *dst = src * scale;
-            }
+        for (o, row) in b.chunks_exact_mut(rank).enumerate() {
+            t.up.widen_into(o * r, &mut row[first..first + r], scale);
         }
         first += r;
     }
@@ -107,10 +108,7 @@ mod tests {
     use super::*;
 
     fn t(shape: &[usize], values: Vec<f32>) -> Tensor {
-        Tensor {
-            shape: shape.to_vec(),
-            values,
-        }
+        Tensor::from_f32(shape, &values)
     }
 
     #[test]
@@ -174,6 +172,7 @@ mod tests {
             (0..r * i * k * k).map(|x| (x as f32).sin()).collect(),
         );
         let cols = i * k * k;
+        let (up_v, down_v) = (up.to_f32(), down.to_f32());
         let d = accumulate(
             &[Term {
                 down: &down,
@@ -186,7 +185,7 @@ mod tests {
         for oo in 0..o {
             for c in 0..cols {
                 let want: f32 = (0..r)
-                    .map(|rr| up.values[oo * r + rr] * down.values[rr * cols + c])
+                    .map(|rr| up_v[oo * r + rr] * down_v[rr * cols + c])
                     .sum::<f32>()
                     * 0.5;
                 assert!((d[oo * cols + c] - want).abs() < 1e-6);

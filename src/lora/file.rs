@@ -1,22 +1,131 @@
-//! Reading a LoRA `.safetensors` file into f32 tensors.
+//! Reading a LoRA `.safetensors` file.
 //!
 //! LoRA files are small next to the models they patch (a few to a few hundred MB), so the
-//! whole file is read into memory once and every tensor is widened to f32: the deltas are
-//! computed in f32 like diffusers' `fuse_lora` does before casting back.
+//! whole file is read into memory once. Tensors stay in the file's dtype and are widened to
+//! f32 only where they are used: fusing computes deltas in f32 like diffusers' `fuse_lora`,
+//! and LoRA slots are filled by widening straight from the file's bytes into the slot buffers,
+//! so a big LoRA (SDXL's TCD LoRA: 197 M fp16 values) is materialised in f32 once, not twice.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::{Error, Result};
 
-/// One tensor of a LoRA file, widened to f32, in row-major order.
-#[derive(Debug, Clone)]
+/// One tensor of a LoRA file: its shape and its little-endian bytes in the file's dtype
+/// (f32, f64, f16 or bf16), widened to f32 on demand, row-major.
+#[derive(Clone)]
 pub(crate) struct Tensor {
     pub shape: Vec<usize>,
-    pub values: Vec<f32>,
+    dtype: Dtype,
+    bytes: Arc<Vec<u8>>,
+    range: Range<usize>,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tensor")
+            .field("shape", &self.shape)
+            .field("dtype", &self.dtype)
+            .finish()
+    }
+}
+
+impl Tensor {
+    /// A tensor over f32 values (tests and callers that build LoRAs in memory).
+    #[cfg(test)]
+    pub fn from_f32(shape: &[usize], values: &[f32]) -> Self {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let range = 0..bytes.len();
+        Tensor {
+            shape: shape.to_vec(),
+            dtype: Dtype::F32,
+            bytes: Arc::new(bytes),
+            range,
+        }
+    }
+
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.range.len() / (self.dtype.bitsize() / 8)
+    }
+
+    fn raw(&self) -> &[u8] {
+        &self.bytes[self.range.clone()]
+    }
+
+    /// Every value widened to f32.
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.len()];
+        self.widen_into(0, &mut out, 1.0);
+        out
+    }
+
+    /// Writes values `first..first + dst.len()` times `scale` into `dst`.
+    ///
+    /// The caller keeps the range inside the tensor; a range past its end writes only what
+    /// exists (the shapes were checked when the pairs were built).
+    pub fn widen_into(&self, first: usize, dst: &mut [f32], scale: f32) {
+        let size = self.dtype.bitsize() / 8;
+        let raw = self.raw();
+        let start = (first * size).min(raw.len());
+        let end = ((first + dst.len()) * size).min(raw.len());
+        let src = &raw[start..end];
+        match self.dtype {
+            Dtype::F32 => {
+                for (d, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                    *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]) * scale;
+                }
+            }
+            Dtype::F64 => {
+                for (d, c) in dst.iter_mut().zip(src.chunks_exact(8)) {
+                    let v = f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+                    *d = v as f32 * scale;
+                }
+            }
+            Dtype::F16 => {
+                for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                    *d = f16_to_f32(u16::from_le_bytes([c[0], c[1]])) * scale;
+                }
+            }
+            // bf16 is the top half of an f32, so widening is a shift.
+            _ => {
+                for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                    *d = f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16) * scale;
+                }
+            }
+        }
+    }
+
+    /// The first value that is NaN or infinite, with its flat index; checked on the raw bits,
+    /// so no f32 copy is made.
+    pub fn first_non_finite(&self) -> Option<(usize, f32)> {
+        let raw = self.raw();
+        let at = |i: usize| {
+            let mut one = [0.0f32];
+            self.widen_into(i, &mut one, 1.0);
+            (i, one[0])
+        };
+        match self.dtype {
+            Dtype::F32 => raw
+                .chunks_exact(4)
+                .position(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
+            Dtype::F64 => raw.chunks_exact(8).position(|c| {
+                !f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]).is_finite()
+            }),
+            // An all-ones exponent is inf or NaN.
+            Dtype::F16 => raw
+                .chunks_exact(2)
+                .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00),
+            _ => raw
+                .chunks_exact(2)
+                .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80),
+        }
+        .map(at)
+    }
 }
 
 /// The tensors of one file, by name (sorted, like `safetensors.safe_open(...).keys()`,
@@ -31,22 +140,23 @@ pub(crate) struct LoraFile {
 }
 
 impl LoraFile {
-    /// Reads and decodes `path`; every failure names the file.
+    /// Reads and indexes `path`; every failure names the file.
     pub fn read(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        Self::parse(path, &bytes)
+        Self::parse(path, bytes)
     }
 
-    /// Decodes the bytes of a safetensors file; `path` is only used in messages.
-    pub fn parse(path: &Path, bytes: &[u8]) -> Result<Self> {
+    /// Indexes the bytes of a safetensors file; `path` is only used in messages.
+    pub fn parse(path: &Path, bytes: Vec<u8>) -> Result<Self> {
         let bad = |why: String| {
             Error::model(
                 path,
                 format!("not a readable LoRA .safetensors file ({why}); re-download it or check that it is a safetensors LoRA"),
             )
         };
-        let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
-        let st = SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
+        let bytes = Arc::new(bytes);
+        let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
         let adapter_metadata = match header
             .metadata()
             .as_ref()
@@ -58,23 +168,33 @@ impl LoraFile {
             },
             None => None,
         };
-        // Widening is most of the time spent on a big file (SDXL's TCD LoRA: 197 M fp16
-        // values), so tensors are widened in parallel.
+        let base = bytes.as_ptr() as usize;
         let tensors = st
             .tensors()
-            .into_par_iter()
+            .into_iter()
             .map(|(name, view)| {
-                let values = to_f32(view.dtype(), view.data()).ok_or_else(|| {
-                    Error::model(
+                if !matches!(
+                    view.dtype(),
+                    Dtype::F32 | Dtype::F64 | Dtype::F16 | Dtype::BF16
+                ) {
+                    return Err(Error::model(
                         path,
                         format!(
                             "tensor {name} has dtype {:?}; LoRA tensors must be F32, F16, BF16 or F64",
                             view.dtype()
                         ),
-                    )
-                })?;
-                let shape = view.shape().to_vec();
-                Ok((name, Tensor { shape, values }))
+                    ));
+                }
+                // The view borrows `bytes`; keep its place so the tensor can share the buffer.
+                let data = view.data();
+                let start = data.as_ptr() as usize - base;
+                let tensor = Tensor {
+                    shape: view.shape().to_vec(),
+                    dtype: view.dtype(),
+                    bytes: Arc::clone(&bytes),
+                    range: start..start + data.len(),
+                };
+                Ok((name, tensor))
             })
             .collect::<Result<BTreeMap<_, _>>>()?;
         Ok(LoraFile {
@@ -83,30 +203,6 @@ impl LoraFile {
             adapter_metadata,
         })
     }
-}
-
-/// Widens little-endian raw data to f32; `None` for dtypes a LoRA never uses.
-fn to_f32(dtype: Dtype, data: &[u8]) -> Option<Vec<f32>> {
-    Some(match dtype {
-        Dtype::F32 => data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F64 => data
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
-            .collect(),
-        Dtype::F16 => data
-            .chunks_exact(2)
-            .map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]])))
-            .collect(),
-        // bf16 is the top half of an f32, so widening is a shift.
-        Dtype::BF16 => data
-            .chunks_exact(2)
-            .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
-            .collect(),
-        _ => return None,
-    })
 }
 
 /// IEEE half to single precision, exact for every input (subnormals, inf, NaN included).
@@ -157,10 +253,13 @@ mod tests {
 
     #[test]
     fn garbage_is_a_model_error_naming_the_file() {
-        let err = LoraFile::parse(Path::new("x.safetensors"), b"hello world, not a file")
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let err = LoraFile::parse(
+            Path::new("x.safetensors"),
+            b"hello world, not a file".to_vec(),
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
         assert!(err.contains("x.safetensors"), "{err}");
     }
 }

@@ -18,6 +18,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use rayon::prelude::*;
+
 use super::file::{LoraFile, Tensor};
 use super::{Component, UnetLayout};
 use crate::{Error, Result};
@@ -104,7 +106,7 @@ pub(crate) fn convert(file: LoraFile, layout: &UnetLayout) -> Result<(LoraFormat
         diffusers(&path, tensors)?
     };
     let alphas = resolve_alphas(&path, format, &pending, adapter_metadata.as_ref())?;
-    let mut modules = Vec::with_capacity(pending.len());
+    let mut pairs = Vec::with_capacity(pending.len());
     for ((component, module), p) in pending {
         let (down_key, down) = p.down.ok_or_else(|| {
             let up = p.up.as_ref().map(|(k, _)| k.as_str()).unwrap_or("?");
@@ -116,8 +118,30 @@ pub(crate) fn convert(file: LoraFile, layout: &UnetLayout) -> Result<(LoraFormat
                 format!("{down_key} has no matching up (lora_B) tensor"),
             )
         })?;
-        let rank = check_pair(&path, &down_key, &down, &up_key, &up)?;
-        let (alpha, rslora) = alphas(component, &module, p.alpha, p.alpha_reaches, rank);
+        pairs.push((
+            component,
+            module,
+            p.alpha,
+            p.alpha_reaches,
+            down_key,
+            down,
+            up_key,
+            up,
+        ));
+    }
+    // Checking every value for NaN/inf reads the whole file: in parallel, first error in order.
+    let ranks = pairs
+        .par_iter()
+        .map(|(_, _, _, _, down_key, down, up_key, up)| {
+            check_pair(&path, down_key, down, up_key, up)
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    let mut modules = Vec::with_capacity(pairs.len());
+    for ((component, module, alpha, reaches, _, down, _, up), rank) in pairs.into_iter().zip(ranks)
+    {
+        let (alpha, rslora) = alphas(component, &module, alpha, reaches, rank);
         let scale = if rslora {
             alpha / (rank as f32).sqrt()
         } else {
@@ -167,12 +191,11 @@ fn check_pair(
         return Err(Error::model(path, format!("{down_key} has rank 0")));
     }
     for (key, t) in [(down_key, down), (up_key, up)] {
-        if let Some(i) = t.values.iter().position(|v| !v.is_finite()) {
+        if let Some((i, v)) = t.first_non_finite() {
             return Err(Error::model(
                 path,
                 format!(
-                    "{key} holds a non-finite value ({} at flat index {i}); the file is damaged",
-                    t.values[i]
+                    "{key} holds a non-finite value ({v} at flat index {i}); the file is damaged"
                 ),
             ));
         }
@@ -382,13 +405,14 @@ fn kohya(
             Role::Down => p.down = Some((key, t)),
             Role::Up => p.up = Some((key, t)),
             Role::Alpha => {
-                if t.values.len() != 1 || !t.values[0].is_finite() {
+                let alpha = t.to_f32();
+                if alpha.len() != 1 || !alpha[0].is_finite() {
                     return Err(Error::model(
                         path,
                         format!("{key} must be one finite number, got shape {:?}", t.shape),
                     ));
                 }
-                p.alpha = Some(t.values[0]);
+                p.alpha = Some(alpha[0]);
             }
         }
     }
