@@ -7,7 +7,13 @@ the diffusers pipeline is `python -m export full` (random weights from the real 
 are full-size SD1.5 (or SDXL) with real shapes; the images are noise, the timings are real.
 
     python benches/device_bench.py --tcd-ort BIN --model ONNX_DIR --ort-lib DIR \\
-        [--family sd15] [--diffusers-dir DIR] [--repeats 3] [--json OUT.json]
+        [--family sd15] [--diffusers-dir DIR] [--repeats 3] [--io-binding on|off|both] \\
+        [--json OUT.json]
+
+`--io-binding both` times every tcd-ort CUDA configuration with the denoising loop's IoBinding
+(the default: conditioning and zero ControlNet residuals placed on the GPU once) and with
+`--no-io-binding` (every UNet input copied from the host at every step), alternating the two
+in each repeat so drifting clocks affect both alike.
 
 Each tcd-ort run is a fresh process (`--timings` JSON: load, encode, per-step, decode); the
 first CUDA run is a warm-up that also fills cuDNN's algorithm cache for the process only, so
@@ -32,7 +38,7 @@ SIZES = {"sd15": 512, "sdxl": 1024}
 PROMPT = "a photo of an astronaut riding a horse on mars"
 
 
-def run_tcd(args, ep: str, steps: int, guidance: float, tag: str) -> dict:
+def run_tcd(args, ep: str, steps: int, guidance: float, tag: str, io_binding: bool = True) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         timings = pathlib.Path(tmp) / "t.json"
         size = str(SIZES[args.family])
@@ -42,6 +48,8 @@ def run_tcd(args, ep: str, steps: int, guidance: float, tag: str) -> dict:
             "--width", size, "--height", size, "--ep", ep, "--ort-lib", args.ort_lib,
             "--output", str(pathlib.Path(tmp) / "out.png"), "--timings", str(timings), "-q",
         ]
+        if not io_binding:
+            cmd.append("--no-io-binding")
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
@@ -49,7 +57,8 @@ def run_tcd(args, ep: str, steps: int, guidance: float, tag: str) -> dict:
             print(f"tcd-ort {tag} failed:\n{proc.stderr}", flush=True)
             return {"tag": tag, "error": proc.stderr.strip()[-2000:]}
         out = json.loads(timings.read_text())
-        out.update(tag=tag, ep=ep, steps=steps, guidance=guidance, wall_s=wall)
+        out.update(tag=tag, ep=ep, steps=steps, guidance=guidance, wall_s=wall,
+                   io_binding=io_binding)
         return out
 
 
@@ -105,6 +114,13 @@ def step_median(rows: list[dict]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
+def later_step_median(rows: list[dict]) -> float | None:
+    """Steps after the first, which also pays allocations, algorithm search and (with
+    IoBinding) the one-time uploads."""
+    vals = [s for r in rows for s in r.get("steps_s", [])[1:]]
+    return statistics.median(vals) if vals else None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tcd-ort", required=True)
@@ -114,6 +130,9 @@ def main() -> None:
     p.add_argument("--diffusers-dir", help="`python -m export full` pipeline; skip if absent")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cpu", action="store_true", help="also time tcd-ort on this machine's CPU")
+    p.add_argument("--io-binding", choices=("on", "off", "both"), default="on",
+                   help="tcd-ort with IoBinding (on, the default), with --no-io-binding (off), "
+                        "or both for an A/B comparison")
     p.add_argument("--json", type=pathlib.Path)
     args = p.parse_args()
 
@@ -130,13 +149,19 @@ def main() -> None:
     warm = run_tcd(args, "cuda", 1, 0.0, "tcd-ort cuda warm-up")
     print("warm-up:", json.dumps(warm), flush=True)
     groups: dict[str, list[dict]] = {}
+    bindings = {"on": [True], "off": [False], "both": [True, False]}[args.io_binding]
     for guidance in (0.0, 2.0):
-        tag = f"tcd-ort cuda fp32 g{guidance}"
-        groups[tag] = [run_tcd(args, "cuda", 4, guidance, tag) for _ in range(args.repeats)]
-        print(tag, json.dumps(groups[tag]), flush=True)
+        tags = {b: f"tcd-ort cuda fp32 g{guidance}" + ("" if b else " no-iob") for b in bindings}
+        for tag in tags.values():
+            groups[tag] = []
+        for _ in range(args.repeats):
+            for b, tag in tags.items():
+                groups[tag].append(run_tcd(args, "cuda", 4, guidance, tag, io_binding=b))
+        for tag in tags.values():
+            print(tag, json.dumps(groups[tag]), flush=True)
     if args.cpu:
         tag = "tcd-ort cpu fp32 g0.0"
-        groups[tag] = [run_tcd(args, "cpu", 4, 0.0, tag)]
+        groups[tag] = [run_tcd(args, "cpu", 4, 0.0, tag, io_binding=bindings[0])]
         print(tag, json.dumps(groups[tag]), flush=True)
     if args.diffusers_dir:
         for dtype in ("fp32", "fp16"):
@@ -150,19 +175,20 @@ def main() -> None:
 
     print(f"\n{args.family}, {SIZES[args.family]}x{SIZES[args.family]}, 4 TCD steps, eta 0.3; "
           f"medians of {args.repeats} runs; {info['gpu']}")
-    print(f"{'run':28} {'load s':>8} {'encode s':>9} {'step s':>8} {'decode s':>9} "
-          f"{'generate s':>11} {'wall s':>8}")
+    print(f"{'run':35} {'load s':>8} {'encode s':>9} {'step s':>8} {'later s':>8} "
+          f"{'decode s':>9} {'generate s':>11} {'wall s':>8}")
     for tag, rs in groups.items():
         ok = [r for r in rs if "error" not in r]
         if not ok:
-            print(f"{tag:28} failed: {rs[0].get('error', '')[:120]}")
+            print(f"{tag:35} failed: {rs[0].get('error', '')[:120]}")
             continue
 
         def fmt(v):
             return f"{v:.3f}" if v is not None else "-"
 
         enc = median(ok, "encode_s") if "encode_s" in ok[0] else None
-        print(f"{tag:28} {fmt(median(ok, 'load_s')):>8} {fmt(enc):>9} {fmt(step_median(ok)):>8} "
+        print(f"{tag:35} {fmt(median(ok, 'load_s')):>8} {fmt(enc):>9} {fmt(step_median(ok)):>8} "
+              f"{fmt(later_step_median(ok)):>8} "
               f"{fmt(median(ok, 'decode_s')):>9} {fmt(median(ok, 'generate_s')):>11} "
               f"{fmt(median(ok, 'wall_s')):>8}")
         rows.extend(rs)

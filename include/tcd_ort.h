@@ -315,14 +315,17 @@ void tcd_result_free(struct tcd_result *result);
  * Writes which execution providers run each graph of `engine`, one graph per line:
  * `unet: CUDAExecutionProvider` (`unet: TensorrtExecutionProvider (812 nodes) +
  * CUDAExecutionProvider (3 nodes)` when split), followed by ` [session cache: hit]` when a
- * session cache is set. Buffer handling as `tcd_last_error_message`: returns the full length
+ * session cache is set and by ` [io binding]` for the graphs the denoising loop runs through
+ * an IoBinding (`tcd_engine_options_set_io_binding`). Buffer handling as `tcd_last_error_message`: returns the full length
  * (call again with return value + 1 bytes when it is `>= len`); 0 when `engine` is NULL.
  *
  * # Safety
  *
  * `engine` is NULL or a live engine; `buf` is NULL or points to at least `len` writable bytes.
  */
-size_t tcd_engine_session_summary(const struct tcd_engine *engine, char *buf, size_t len);
+size_t tcd_engine_session_summary(const struct tcd_engine *engine,
+                                  char *buf,
+                                  size_t len);
 
 /**
  * New options: no model yet, the CPU execution provider, device 0, every core, ONNX Runtime
@@ -466,6 +469,18 @@ tcd_status tcd_engine_options_set_opt_level(struct tcd_engine_options *options, 
  */
 tcd_status tcd_engine_options_set_session_cache(struct tcd_engine_options *options,
                                                 const char *cache);
+
+/**
+ * Turns IoBinding in the denoising loop on (non-zero, the default) or off (0): with it, the
+ * conditioning, control images and zero ControlNet residuals are placed once where the UNet
+ * and ControlNets read them (device memory on a GPU) instead of being copied from the host at
+ * every step. Results are the same either way; off is for A/B measurement.
+ *
+ * # Safety
+ *
+ * `options` is NULL or a live handle not used by another thread during the call.
+ */
+tcd_status tcd_engine_options_set_io_binding(struct tcd_engine_options *options, int32_t enabled);
 
 /**
  * Sets the CUDA provider's settings (also used by TensorRT for nodes it leaves to CUDA).

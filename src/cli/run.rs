@@ -684,7 +684,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     if let Some(path) = &args.timings {
         let total = load_started.elapsed().as_secs_f64();
-        let json = timeline.to_json(load_s, generate_s, total);
+        let mut json = timeline.to_json(load_s, generate_s, total);
+        json["io_binding"] = engine.io_binding().into();
         std::fs::write(path, format!("{json:#}\n"))
             .with_context(|| format!("writing {}", path.display()))?;
     }

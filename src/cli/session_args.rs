@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use tcd_ort::pipeline::{Engine, EngineOptions};
+use tcd_ort::pipeline::{Engine, EngineOptions, SessionReport};
 use tcd_ort::runtime::{
     parse_bytes, ArenaExtendStrategy, CacheStatus, CoreMlComputeUnits, CudnnConvSearch,
     ExecutionProvider, OptLevel, SessionCache, TrtProfile,
@@ -51,6 +51,11 @@ pub struct SessionArgs {
     /// CoreML compute units: all (default), cpu-and-neural-engine, cpu-and-gpu or cpu-only.
     #[arg(long, value_name = "UNITS")]
     coreml_units: Option<CoreMlComputeUnits>,
+    /// Feed the UNet and ControlNets from host memory at every step instead of binding the
+    /// conditioning, control images and zero residuals on the device once (same results; for
+    /// A/B timing).
+    #[arg(long)]
+    no_io_binding: bool,
 }
 
 /// What the request asks of a derived TensorRT profile.
@@ -154,6 +159,7 @@ impl SessionArgs {
         }
         options.opt_level = self.opt_level;
         options.session_cache = self.session_cache.clone();
+        options.io_binding = !self.no_io_binding;
         Ok(())
     }
 }
@@ -185,6 +191,23 @@ pub fn session_summary(engine: &Engine) -> Vec<String> {
         })
         .collect();
     lines.push(format!("providers: {}", providers.join(", ")));
+    let bound: Vec<&SessionReport> = sessions.iter().filter(|s| s.io_binding).collect();
+    lines.push(match bound.as_slice() {
+        [] => "io binding: off".to_string(),
+        graphs => {
+            let names: Vec<&str> = graphs.iter().map(|s| s.component.as_str()).collect();
+            let on_device = graphs.iter().any(|s| s.device_inputs);
+            format!(
+                "io binding: {} ({})",
+                names.join(", "),
+                if on_device {
+                    "conditioning and zero residuals stay on the device"
+                } else {
+                    "inputs in host memory, bound without copies"
+                }
+            )
+        }
+    });
     if sessions.iter().any(|s| s.cache != CacheStatus::Off) {
         let cache: Vec<String> = sessions
             .iter()

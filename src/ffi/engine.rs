@@ -214,7 +214,8 @@ const _: () = {
 /// Writes which execution providers run each graph of `engine`, one graph per line:
 /// `unet: CUDAExecutionProvider` (`unet: TensorrtExecutionProvider (812 nodes) +
 /// CUDAExecutionProvider (3 nodes)` when split), followed by ` [session cache: hit]` when a
-/// session cache is set. Buffer handling as `tcd_last_error_message`: returns the full length
+/// session cache is set and by ` [io binding]` for the graphs the denoising loop runs through
+/// an IoBinding (`tcd_engine_options_set_io_binding`). Buffer handling as `tcd_last_error_message`: returns the full length
 /// (call again with return value + 1 bytes when it is `>= len`); 0 when `engine` is NULL.
 ///
 /// # Safety
@@ -246,6 +247,9 @@ pub unsafe extern "C" fn tcd_engine_session_summary(
                 let mut line = format!("{}: {}", s.component, providers.join(" + "));
                 if s.cache != crate::runtime::CacheStatus::Off {
                     line.push_str(&format!(" [session cache: {}]", s.cache));
+                }
+                if s.io_binding {
+                    line.push_str(" [io binding]");
                 }
                 line
             })

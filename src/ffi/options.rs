@@ -292,6 +292,27 @@ pub unsafe extern "C" fn tcd_engine_options_set_session_cache(
     })
 }
 
+/// Turns IoBinding in the denoising loop on (non-zero, the default) or off (0): with it, the
+/// conditioning, control images and zero ControlNet residuals are placed once where the UNet
+/// and ControlNets read them (device memory on a GPU) instead of being copied from the host at
+/// every step. Results are the same either way; off is for A/B measurement.
+///
+/// # Safety
+///
+/// `options` is NULL or a live handle not used by another thread during the call.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_engine_options_set_io_binding(
+    options: *mut tcd_engine_options,
+    enabled: i32,
+) -> tcd_status {
+    guard("tcd_engine_options_set_io_binding", || {
+        // SAFETY: the caller's contract.
+        let options = unsafe { borrow_mut(options, "options") }?;
+        options.options.io_binding = enabled != 0;
+        Ok(())
+    })
+}
+
 /// Sets the CUDA provider's settings (also used by TensorRT for nodes it leaves to CUDA).
 /// `cudnn_search`: `"exhaustive"`, `"heuristic"` (default) or `"default"`; `arena_extend`:
 /// `"same-as-requested"` (default) or `"next-power-of-two"`; NULL keeps the current value.

@@ -17,10 +17,12 @@ use std::path::{Path, PathBuf};
 use ndarray::{concatenate, ArrayD, Axis, IxDyn};
 use serde::Deserialize;
 
+use super::conditioning::Conditioning;
+use super::resident::{self, PlacedInputs, Resident};
 use crate::control;
 use crate::image_io::{image_to_unit_tensor, resize_lanczos, RgbImage};
 use crate::model::{hub, read_json, UnetConfig};
-use crate::runtime::{Graph, SessionOptions, TensorInput};
+use crate::runtime::{Feed, Graph, SessionOptions, TensorInput};
 use crate::{Error, Result};
 
 /// The manifest kind `python -m export controlnet` writes.
@@ -352,12 +354,17 @@ impl ResidualLayout {
         self.down.iter().chain(std::iter::once(&self.mid))
     }
 
-    /// Zero residuals for a UNet batch of latents `[batch, c, h, w]`.
-    fn zeros(&self, batch: usize, h: usize, w: usize) -> Vec<(String, ArrayD<f32>)> {
+    /// The UNet's residual inputs, down blocks first, then the mid block.
+    pub(super) fn names(&self) -> impl Iterator<Item = &str> {
+        self.all().map(|r| r.name.as_str())
+    }
+
+    /// Zero residuals for a UNet batch of latents `[batch, c, h, w]`, by input name.
+    pub(super) fn zeros(&self, batch: usize, h: usize, w: usize) -> Vec<(&str, ArrayD<f32>)> {
         self.all()
             .map(|r| {
                 let shape = [batch, r.channels, halve(h, r.level), halve(w, r.level)];
-                (r.name.clone(), ArrayD::zeros(IxDyn(&shape)))
+                (r.name.as_str(), ArrayD::zeros(IxDyn(&shape)))
             })
             .collect()
     }
@@ -449,6 +456,11 @@ pub(super) struct ControlState {
 }
 
 impl ControlState {
+    /// Per ControlNet: the batched control image.
+    pub(super) fn images(&self) -> &[ArrayD<f32>] {
+        &self.images
+    }
+
     /// The control images after preprocessing and resizing, one per ControlNet.
     pub(super) fn into_previews(self) -> Vec<RgbImage> {
         self.previews
@@ -584,15 +596,27 @@ pub(super) fn prepare(
     }))
 }
 
+/// What the UNet's residual inputs get at one step.
+#[derive(Debug)]
+pub(super) enum Residuals {
+    /// The UNet takes no residuals.
+    None,
+    /// No ControlNet acts at this step: zeros ([`ResidualLayout::zeros`]).
+    Zeros,
+    /// The ControlNets' scaled, summed residuals, in [`ResidualLayout::names`] order.
+    Sum(Vec<ArrayD<f32>>),
+}
+
 /// The residual inputs of one UNet evaluation: the ControlNets' scaled, summed residuals at
-/// `step`, or zeros when no ControlNet acts (nothing when the UNet takes no residuals).
+/// `step`, or zeros when no ControlNet acts. `sample` and `timestep` are the UNet's for this
+/// step; `resident` holds the ControlNets' placed inputs when IoBinding is on.
 pub(super) fn unet_residuals(
     layout: Option<&ResidualLayout>,
     nets: &mut [ControlNet],
     control: Option<(&ControlState, usize)>,
-    shared: &[(&str, TensorInput)],
-    model_input: &ArrayD<f32>,
-) -> Result<Vec<(String, ArrayD<f32>)>> {
+    (sample, timestep, cond): (&ArrayD<f32>, &ArrayD<f32>, &Conditioning),
+    resident: Option<&Resident>,
+) -> Result<Residuals> {
     let Some(layout) = layout else {
         if control.is_some() {
             return Err(Error::invalid(
@@ -600,10 +624,7 @@ pub(super) fn unet_residuals(
                  `python -m export convert` to use ControlNets",
             ));
         }
-        return Ok(Vec::new());
-    };
-    let [batch, _, h, w] = model_input.shape() else {
-        return Err(Error::Runtime("latents must have 4 dimensions".into()));
+        return Ok(Residuals::None);
     };
     let mut sum: Option<Vec<ArrayD<f32>>> = None;
     if let Some((state, step)) = control {
@@ -611,22 +632,38 @@ pub(super) fn unet_residuals(
             .scales
             .get(step)
             .ok_or_else(|| Error::Runtime(format!("no ControlNet scales for step {step}")))?;
-        for ((net, image), &scale) in nets.iter_mut().zip(&state.images).zip(scales) {
+        let host_only = PlacedInputs::default();
+        for (k, ((net, image), &scale)) in
+            nets.iter_mut().zip(&state.images).zip(scales).enumerate()
+        {
             if scale == 0.0 {
                 continue;
             }
-            let mut inputs: Vec<(&str, TensorInput)> = shared
-                .iter()
-                .map(|(name, value)| (*name, value.clone()))
-                .collect();
-            inputs.push(("controlnet_cond", TensorInput::F32(image.clone())));
+            let placed = resident
+                .and_then(|r| r.controlnets.get(k))
+                .unwrap_or(&host_only);
+            let mut inputs = vec![
+                ("sample", Feed::Host(TensorInput::F32(sample.clone()))),
+                ("timestep", Feed::Host(TensorInput::F32(timestep.clone()))),
+                (
+                    "encoder_hidden_states",
+                    placed.feed("encoder_hidden_states", &cond.hidden_states),
+                ),
+            ];
+            if let Some(pooled) = &cond.pooled {
+                inputs.push(("text_embeds", placed.feed("text_embeds", pooled)));
+            }
+            if let Some(time_ids) = &cond.time_ids {
+                inputs.push(("time_ids", placed.feed("time_ids", time_ids)));
+            }
+            inputs.push(("controlnet_cond", placed.feed("controlnet_cond", image)));
             let wanted: Vec<&str> = net
                 .down_outputs
                 .iter()
                 .map(String::as_str)
                 .chain(std::iter::once(MID_OUTPUT))
                 .collect();
-            let mut outputs = net.graph.run(inputs, &wanted)?;
+            let mut outputs = resident::run(&mut net.graph, resident.is_some(), inputs, &wanted)?;
             // ControlNetModel: `sample * conditioning_scale`, in float32.
             for o in &mut outputs {
                 o.mapv_inplace(|v| v * scale);
@@ -649,14 +686,17 @@ pub(super) fn unet_residuals(
             });
         }
     }
-    match sum {
-        None => Ok(layout.zeros(*batch, *h, *w)),
-        Some(residuals) => Ok(layout
-            .all()
-            .map(|r| r.name.clone())
-            .zip(residuals)
-            .collect()),
-    }
+    Ok(match sum {
+        None => Residuals::Zeros,
+        Some(residuals) if residuals.len() == layout.down.len() + 1 => Residuals::Sum(residuals),
+        Some(residuals) => {
+            return Err(Error::Runtime(format!(
+                "the ControlNets returned {} residuals and the UNet takes {}",
+                residuals.len(),
+                layout.down.len() + 1
+            )))
+        }
+    })
 }
 
 #[cfg(test)]

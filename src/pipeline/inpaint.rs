@@ -13,6 +13,7 @@ use super::img2img::{
     apply_aesthetics, encode_image, guidance_of, output_size, repeat_batch, strength_schedule,
     LatentScaling,
 };
+use super::resident::Resident;
 use super::txt2img::{check_cancel, encode_prompts, finish, predict_noise};
 use super::{Engine, GenerateRequest, Generated, InpaintMode, Progress};
 use crate::image_io::{image_to_tensor, mask_to_tensor, RgbImage};
@@ -151,14 +152,16 @@ pub(super) fn run(
 
     let total = timesteps.len();
     check_cancel(progress, Progress::Denoising { total })?;
+    let resident = Resident::place(engine.io_binding, &engine.unet, &[], &cond, None)?;
+    let resident = resident.as_ref();
     for (i, &t) in timesteps.iter().enumerate() {
         let noise_pred = match &extra {
             Some(extra) => {
                 let input = concatenate(Axis(1), &[latents.view(), extra.view()])
                     .map_err(|e| Error::Runtime(format!("building the UNet input: {e}")))?;
-                predict_noise(engine, &input, t, &cond, guidance, None)?
+                predict_noise(engine, &input, t, &cond, guidance, None, resident)?
             }
-            None => predict_noise(engine, &latents, t, &cond, guidance, None)?,
+            None => predict_noise(engine, &latents, t, &cond, guidance, None, resident)?,
         };
         latents = scheduler
             .step(&noise_pred, t, &latents, request.eta, &mut generator)?

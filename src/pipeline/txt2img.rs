@@ -4,11 +4,12 @@
 use ndarray::{concatenate, s, ArrayD, Axis, IxDyn};
 
 use super::conditioning::{encode_sd, encode_sdxl, Conditioning, PromptSpec};
-use super::controlnet::{self, ControlState};
+use super::controlnet::{self, ControlState, Residuals};
+use super::resident::{self, PlacedInputs, Resident};
 use super::{Engine, GenerateRequest, Generated, Progress};
 use crate::image_io::vae_output_to_images;
 use crate::rng::TorchGenerator;
-use crate::runtime::TensorInput;
+use crate::runtime::{Feed, TensorInput};
 use crate::sampler::tcd::TcdScheduler;
 use crate::{Error, Result};
 
@@ -100,7 +101,9 @@ pub(super) fn encode_prompts(
 }
 
 /// One UNet evaluation with classifier-free guidance folded in, as the pipelines do it.
-/// `control` is the ControlNet state and the step index, when ControlNets take part.
+/// `control` is the ControlNet state and the step index, when ControlNets take part;
+/// `resident` the inputs placed for this generation when IoBinding is on
+/// ([`Resident::place`]).
 pub(super) fn predict_noise(
     engine: &mut Engine,
     latents: &ArrayD<f32>,
@@ -108,13 +111,16 @@ pub(super) fn predict_noise(
     cond: &Conditioning,
     guidance: Option<f32>,
     control: Option<(&ControlState, usize)>,
+    resident: Option<&Resident>,
 ) -> Result<ArrayD<f32>> {
     let model_input = match guidance {
         Some(_) => concatenate(Axis(0), &[latents.view(), latents.view()])
             .map_err(|e| Error::Runtime(format!("batching latents: {e}")))?,
         None => latents.clone(),
     };
-    let batch = model_input.shape()[0];
+    let &[batch, _, h, w] = model_input.shape() else {
+        return Err(Error::Runtime("latents must have 4 dimensions".into()));
+    };
     let timestep_len = match engine.unet.input("timestep").map(|i| i.shape.as_slice()) {
         // A graph with a static single timestep (some exports) takes exactly one.
         Some([1]) => 1,
@@ -126,39 +132,64 @@ pub(super) fn predict_noise(
     } else {
         ArrayD::from_elem(IxDyn(&[timestep_len]), timestep as f32)
     };
-    let mut shared = vec![
-        ("sample", TensorInput::F32(model_input)),
-        ("timestep", TensorInput::F32(timestep_array)),
+    let residuals = controlnet::unet_residuals(
+        engine.residuals.as_ref(),
+        &mut engine.controlnets,
+        control,
+        (&model_input, &timestep_array, cond),
+        resident,
+    )?;
+    let host_only = PlacedInputs::default();
+    let placed = resident.map_or(&host_only, |r| &r.unet);
+    let mut inputs = vec![
+        ("sample", Feed::Host(TensorInput::F32(model_input))),
+        ("timestep", Feed::Host(TensorInput::F32(timestep_array))),
         (
             "encoder_hidden_states",
-            TensorInput::F32(cond.hidden_states.clone()),
+            placed.feed("encoder_hidden_states", &cond.hidden_states),
         ),
     ];
     if let Some(pooled) = &cond.pooled {
-        shared.push(("text_embeds", TensorInput::F32(pooled.clone())));
+        inputs.push(("text_embeds", placed.feed("text_embeds", pooled)));
     }
     if let Some(time_ids) = &cond.time_ids {
-        shared.push(("time_ids", TensorInput::F32(time_ids.clone())));
+        inputs.push(("time_ids", placed.feed("time_ids", time_ids)));
     }
-    let residuals = {
-        let TensorInput::F32(sample) = &shared[0].1 else {
-            return Err(Error::Runtime("the UNet sample must be float".into()));
-        };
-        controlnet::unet_residuals(
-            engine.residuals.as_ref(),
-            &mut engine.controlnets,
-            control,
-            &shared,
-            sample,
-        )?
-    };
-    let mut inputs = shared;
-    inputs.extend(
-        residuals
-            .iter()
-            .map(|(name, value)| (name.as_str(), TensorInput::F32(value.clone()))),
-    );
-    let mut out = engine.unet.run(inputs, &["out_sample"])?;
+    match (residuals, engine.residuals.as_ref()) {
+        (Residuals::Sum(sum), Some(layout)) => inputs.extend(
+            layout
+                .names()
+                .zip(sum)
+                .map(|(name, value)| (name, Feed::Host(TensorInput::F32(value)))),
+        ),
+        // Zeros are the same every step and every generation of this size: placed once.
+        (Residuals::Zeros, Some(layout)) if resident.is_some() => {
+            let unet = &engine.unet;
+            let zeros = engine
+                .zero_residuals
+                .get_or_try_insert(&[batch, h, w], || {
+                    layout
+                        .zeros(batch, h, w)
+                        .into_iter()
+                        .map(|(name, value)| unet.place(name, TensorInput::F32(value)))
+                        .collect()
+                })?;
+            inputs.extend(zeros.iter().map(|p| (p.input(), Feed::Placed(p))));
+        }
+        (Residuals::Zeros, Some(layout)) => inputs.extend(
+            layout
+                .zeros(batch, h, w)
+                .into_iter()
+                .map(|(name, value)| (name, Feed::Host(TensorInput::F32(value)))),
+        ),
+        (Residuals::None, _) | (_, None) => {}
+    }
+    let mut out = resident::run(
+        &mut engine.unet,
+        resident.is_some(),
+        inputs,
+        &["out_sample"],
+    )?;
     let noise = out
         .pop()
         .ok_or_else(|| Error::Runtime("unet returned nothing".into()))?;
@@ -285,9 +316,23 @@ pub(super) fn denoise(
 ) -> Result<ArrayD<f32>> {
     let total = timesteps.len();
     check_cancel(progress, Progress::Denoising { total })?;
+    let resident = Resident::place(
+        engine.io_binding,
+        &engine.unet,
+        &engine.controlnets,
+        cond,
+        control,
+    )?;
     for (i, &t) in timesteps.iter().enumerate() {
-        let noise_pred =
-            predict_noise(engine, &latents, t, cond, guidance, control.map(|c| (c, i)))?;
+        let noise_pred = predict_noise(
+            engine,
+            &latents,
+            t,
+            cond,
+            guidance,
+            control.map(|c| (c, i)),
+            resident.as_ref(),
+        )?;
         latents = scheduler
             .step(&noise_pred, t, &latents, eta, generator)?
             .prev_sample;

@@ -1,6 +1,7 @@
 //! Everything that touches ONNX Runtime: library discovery, the environment, execution
-//! providers and sessions. No other module names `ort`.
+//! providers, sessions and their IoBindings. No other module names `ort`.
 
+mod binding;
 pub mod cache;
 mod initializers;
 mod library;
@@ -9,6 +10,7 @@ mod provider;
 mod session;
 pub mod tensorrt;
 
+pub use binding::{Feed, PlacedTensor};
 pub use cache::CacheStatus;
 pub use initializers::{
     declared_inputs, f16_to_f32, DeclaredDim, DeclaredInput, Initializer, InitializerTable, Storage,

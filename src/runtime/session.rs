@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 use half::f16;
 use ndarray::{ArrayD, IxDyn};
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
-use ort::session::Session;
-use ort::value::{Tensor, TensorElementType, ValueType};
+use ort::session::{IoBinding, Session, SessionOutputs};
+use ort::value::{DynTensor, Tensor, TensorElementType, ValueType};
 use ort::AsPointer;
 
+use super::binding::{input_devices, Placement};
 use super::cache::{CacheEntry, CacheKey, CacheStatus, DATA_FILE};
 use super::initializers::declared_inputs;
 use super::options::{OptLevel, ProviderOptions, SessionCache};
@@ -150,11 +151,16 @@ pub struct WeightOverride {
 
 /// One loaded ONNX graph.
 pub struct Graph {
-    name: String,
-    path: PathBuf,
-    session: Session,
-    inputs: Vec<IoSpec>,
-    outputs: Vec<IoSpec>,
+    pub(super) name: String,
+    pub(super) path: PathBuf,
+    /// Created on the first [`Graph::run_bound`] and reused: binding is cheap, but the binding
+    /// object holds what was bound last, which is released when the next run clears it.
+    pub(super) binding: Option<IoBinding>,
+    pub(super) session: Session,
+    pub(super) inputs: Vec<IoSpec>,
+    /// Where the session reads each input (aligned with `inputs`).
+    pub(super) placements: Vec<Placement>,
+    pub(super) outputs: Vec<IoSpec>,
     assignment: Vec<ProviderAssignment>,
     cache: CacheStatus,
 }
@@ -190,7 +196,7 @@ fn specs(outlets: &[ort::value::Outlet]) -> Vec<IoSpec> {
         .collect()
 }
 
-fn rt_err(context: &str, e: impl std::fmt::Display) -> Error {
+pub(super) fn rt_err(context: &str, e: impl std::fmt::Display) -> Error {
     Error::Runtime(format!("{context}: {e}"))
 }
 
@@ -296,11 +302,14 @@ impl Graph {
         let inputs = specs(session.inputs());
         let outputs = specs(session.outputs());
         let assignment = assignment(&session).unwrap_or_default();
+        let placements = input_devices(&session, inputs.len());
         Graph {
             name: name.to_string(),
             path: path.to_path_buf(),
+            binding: None,
             session,
             inputs,
+            placements,
             outputs,
             assignment,
             cache,
@@ -364,22 +373,18 @@ impl Graph {
         Ok(())
     }
 
-    /// Runs the graph and returns the requested outputs as f32 arrays, in the order asked.
-    pub fn run(
-        &mut self,
-        inputs: Vec<(&str, TensorInput)>,
-        wanted: &[&str],
-    ) -> Result<Vec<ArrayD<f32>>> {
-        let mut values: Vec<(String, ort::value::DynValue)> = Vec::with_capacity(inputs.len());
-        for (name, data) in inputs {
-            let spec = self.input(name).ok_or_else(|| {
-                Error::model(
-                    &self.path,
-                    format!("the {} graph has no input '{name}'", self.name),
-                )
-            })?;
-            values.push((name.to_string(), self.to_value(spec, data)?));
-        }
+    /// The input called `name`, or an error naming the graph.
+    pub(super) fn spec(&self, name: &str) -> Result<&IoSpec> {
+        self.input(name).ok_or_else(|| {
+            Error::model(
+                &self.path,
+                format!("the {} graph has no input '{name}'", self.name),
+            )
+        })
+    }
+
+    /// Checks that the graph has every output in `wanted`.
+    pub(super) fn check_outputs(&self, wanted: &[&str]) -> Result<()> {
         for w in wanted {
             if !self.has_output(w) {
                 return Err(Error::model(
@@ -396,65 +401,53 @@ impl Graph {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Runs the graph and returns the requested outputs as f32 arrays, in the order asked.
+    pub fn run(
+        &mut self,
+        inputs: Vec<(&str, TensorInput)>,
+        wanted: &[&str],
+    ) -> Result<Vec<ArrayD<f32>>> {
+        let mut values: Vec<(String, ort::value::DynValue)> = Vec::with_capacity(inputs.len());
+        for (name, data) in inputs {
+            let spec = self.spec(name)?;
+            values.push((name.to_string(), self.host_tensor(spec, data)?.into_dyn()));
+        }
+        self.check_outputs(wanted)?;
         let name = self.name.clone();
         let outputs = self
             .session
             .run(values)
             .map_err(|e| rt_err(&format!("running {name}"), e))?;
-        let mut result = Vec::with_capacity(wanted.len());
-        for w in wanted {
-            let value = outputs
-                .get(*w)
-                .ok_or_else(|| Error::Runtime(format!("{name} produced no output '{w}'")))?;
-            let context = format!("reading {name} output '{w}'");
-            let dtype = self
-                .outputs
-                .iter()
-                .find(|o| o.name == *w)
-                .map_or(ElementType::Other, |o| o.dtype);
-            let array = match dtype {
-                // Float16 graphs: widened exactly, so callers always see f32.
-                ElementType::F16 => value
-                    .try_extract_array::<f16>()
-                    .map(|a| a.mapv(f16::to_f32))
-                    .map_err(|e| rt_err(&context, e))?,
-                _ => value
-                    .try_extract_array::<f32>()
-                    .map(|a| a.to_owned())
-                    .map_err(|e| rt_err(&context, e))?,
-            };
-            result.push(array);
-        }
-        Ok(result)
+        read_outputs(&self.name, &self.outputs, &outputs, wanted)
     }
 
-    fn to_value(&self, spec: &IoSpec, data: TensorInput) -> Result<ort::value::DynValue> {
+    /// `data` as a host tensor of the element type `spec` declares.
+    pub(super) fn host_tensor(&self, spec: &IoSpec, data: TensorInput) -> Result<DynTensor> {
         let context = format!("{} input '{}'", self.name, spec.name);
         let value = match (spec.dtype, data) {
-            (ElementType::F32, TensorInput::F32(a)) => {
-                Tensor::from_array(a).map(|t| t.into_dyn())
-            }
-            (ElementType::I64, TensorInput::I64(a)) => {
-                Tensor::from_array(a).map(|t| t.into_dyn())
-            }
+            (ElementType::F32, TensorInput::F32(a)) => Tensor::from_array(a).map(Tensor::upcast),
+            (ElementType::I64, TensorInput::I64(a)) => Tensor::from_array(a).map(Tensor::upcast),
             (ElementType::I32, TensorInput::I64(a)) => {
                 let narrowed = a.mapv(|v| v as i32);
-                Tensor::from_array(narrowed).map(|t| t.into_dyn())
+                Tensor::from_array(narrowed).map(Tensor::upcast)
             }
             (ElementType::I64, TensorInput::F32(a)) => {
-                Tensor::from_array(a.mapv(|v| v as i64)).map(|t| t.into_dyn())
+                Tensor::from_array(a.mapv(|v| v as i64)).map(Tensor::upcast)
             }
             (ElementType::I32, TensorInput::F32(a)) => {
-                Tensor::from_array(a.mapv(|v| v as i32)).map(|t| t.into_dyn())
+                Tensor::from_array(a.mapv(|v| v as i32)).map(Tensor::upcast)
             }
             (ElementType::F32, TensorInput::I64(a)) => {
-                Tensor::from_array(a.mapv(|v| v as f32)).map(|t| t.into_dyn())
+                Tensor::from_array(a.mapv(|v| v as f32)).map(Tensor::upcast)
             }
             (ElementType::F16, TensorInput::F32(a)) => {
-                Tensor::from_array(a.mapv(f16::from_f32)).map(|t| t.into_dyn())
+                Tensor::from_array(a.mapv(f16::from_f32)).map(Tensor::upcast)
             }
             (ElementType::F16, TensorInput::I64(a)) => {
-                Tensor::from_array(a.mapv(|v| f16::from_f32(v as f32))).map(|t| t.into_dyn())
+                Tensor::from_array(a.mapv(|v| f16::from_f32(v as f32))).map(Tensor::upcast)
             }
             (other, _) => {
                 return Err(Error::model(
@@ -465,6 +458,40 @@ impl Graph {
         };
         value.map_err(|e| rt_err(&context, e))
     }
+}
+
+/// Copies the outputs in `wanted` out of `outputs` as f32 arrays (float16 widened exactly);
+/// `specs` are the graph's outputs, `name` its component name.
+pub(super) fn read_outputs(
+    name: &str,
+    specs: &[IoSpec],
+    outputs: &SessionOutputs<'_>,
+    wanted: &[&str],
+) -> Result<Vec<ArrayD<f32>>> {
+    let mut result = Vec::with_capacity(wanted.len());
+    for w in wanted {
+        let value = outputs
+            .get(*w)
+            .ok_or_else(|| Error::Runtime(format!("{name} produced no output '{w}'")))?;
+        let context = format!("reading {name} output '{w}'");
+        let dtype = specs
+            .iter()
+            .find(|o| o.name == *w)
+            .map_or(ElementType::Other, |o| o.dtype);
+        let array = match dtype {
+            // Float16 graphs: widened exactly, so callers always see f32.
+            ElementType::F16 => value
+                .try_extract_array::<f16>()
+                .map(|a| a.mapv(f16::to_f32))
+                .map_err(|e| rt_err(&context, e))?,
+            _ => value
+                .try_extract_array::<f32>()
+                .map(|a| a.to_owned())
+                .map_err(|e| rt_err(&context, e))?,
+        };
+        result.push(array);
+    }
+    Ok(result)
 }
 
 /// Builds a session for `model`. With `save_to`, ONNX Runtime writes the optimised graph there

@@ -413,6 +413,7 @@ fn null_required_pointers_are_errors_with_messages() {
         expect(tcd_engine_options_set_device_id(o, 0), "options");
         expect(tcd_engine_options_set_ort_library(o, null()), "options");
         expect(tcd_engine_options_set_threads(o, 1), "options");
+        expect(tcd_engine_options_set_io_binding(o, 0), "options");
         expect(
             tcd_engine_options_add_lora(o, c"x".as_ptr(), 1.0),
             "options",
@@ -851,9 +852,10 @@ fn provider_and_session_options() {
             .to_string_lossy()
             .into_owned();
         assert!(
-            summary.contains("unet: CPUExecutionProvider [session cache: stored]"),
+            summary.contains("unet: CPUExecutionProvider [session cache: stored] [io binding]"),
             "{summary}"
         );
+        assert_eq!(summary.matches("[io binding]").count(), 1, "{summary}");
         assert_eq!(summary.lines().count(), 4, "{summary}");
         assert_eq!(tcd_engine_session_summary(null(), null_mut(), 0), 0);
         tcd_engine_free(engine);

@@ -10,6 +10,7 @@ mod fp16;
 mod hub;
 mod img2img;
 mod initializers;
+mod io_binding;
 mod lora;
 mod lora_parity;
 mod lora_slots;
