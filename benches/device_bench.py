@@ -146,12 +146,14 @@ def main() -> None:
         info["gpu"] = "unknown"
     print(json.dumps(info), flush=True)
 
+    manifest = json.loads((pathlib.Path(args.model) / "tcd_ort.json").read_text())
+    dtype = {"float16": "fp16"}.get(manifest.get("dtype", "float32"), "fp32")
     warm = run_tcd(args, "cuda", 1, 0.0, "tcd-ort cuda warm-up")
     print("warm-up:", json.dumps(warm), flush=True)
     groups: dict[str, list[dict]] = {}
     bindings = {"on": [True], "off": [False], "both": [True, False]}[args.io_binding]
     for guidance in (0.0, 2.0):
-        tags = {b: f"tcd-ort cuda fp32 g{guidance}" + ("" if b else " no-iob") for b in bindings}
+        tags = {b: f"tcd-ort cuda {dtype} g{guidance}" + ("" if b else " no-iob") for b in bindings}
         for tag in tags.values():
             groups[tag] = []
         for _ in range(args.repeats):
@@ -160,7 +162,7 @@ def main() -> None:
         for tag in tags.values():
             print(tag, json.dumps(groups[tag]), flush=True)
     if args.cpu:
-        tag = "tcd-ort cpu fp32 g0.0"
+        tag = f"tcd-ort cpu {dtype} g0.0"
         groups[tag] = [run_tcd(args, "cpu", 4, 0.0, tag, io_binding=bindings[0])]
         print(tag, json.dumps(groups[tag]), flush=True)
     if args.diffusers_dir:

@@ -9,43 +9,59 @@ kernels, so timings are not flattered by zeros -- and integer buffers such as CL
 `position_ids` are `arange`. The images are noise: this is for timing only.
 
     python benches/fill_weights.py MODEL_DIR [--seed 0]
+    python benches/fill_weights.py MODEL_DIR --write-spec   # before shipping, where onnx is
+
+`--write-spec` stores each graph's external initializers (name, element type, shape, file,
+offset, length) as `external_weights.json` next to its `model.onnx`; where that file exists the
+fill needs only numpy, so the target machine needs no `onnx` package.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import sys
 import time
 
 import numpy as np
-import onnx
-from onnx import TensorProto
 
-DTYPES = {
-    TensorProto.FLOAT: np.float32,
-    TensorProto.FLOAT16: np.float16,
-    TensorProto.INT64: np.int64,
-    TensorProto.INT32: np.int32,
-}
+SPEC_NAME = "external_weights.json"
+# ONNX TensorProto element types.
+DTYPES = {1: np.float32, 10: np.float16, 7: np.int64, 6: np.int32}
 
 
-def external_info(t: onnx.TensorProto) -> dict[str, str]:
-    return {e.key: e.value for e in t.external_data}
+def graph_spec(graph_path: pathlib.Path) -> list[dict]:
+    """The external initializers of one graph, read with `onnx` (not loading the data)."""
+    import onnx
+    from onnx import TensorProto
+
+    model = onnx.load(str(graph_path), load_external_data=False)
+    spec = []
+    for t in model.graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        spec.append({
+            "name": t.name, "data_type": t.data_type, "dims": list(t.dims),
+            "location": info["location"], "offset": int(info.get("offset", 0)),
+            "length": int(info["length"]) if "length" in info else None,
+        })
+    return spec
 
 
-def values(t: onnx.TensorProto, rng: np.random.Generator) -> np.ndarray:
-    dtype = DTYPES.get(t.data_type)
+def values(t: dict, rng: np.random.Generator) -> np.ndarray:
+    dtype = DTYPES.get(t["data_type"])
     if dtype is None:
-        raise SystemExit(f"{t.name}: unsupported element type {t.data_type}")
-    shape = tuple(t.dims)
+        raise SystemExit(f"{t['name']}: unsupported element type {t['data_type']}")
+    shape = tuple(t["dims"])
     if np.issubdtype(dtype, np.integer):
-        if "position_ids" in t.name and len(shape) >= 1:
+        if "position_ids" in t["name"] and len(shape) >= 1:
             return np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
         return np.zeros(shape, dtype)
-    leaf = t.name.rsplit(".", 1)
+    leaf = t["name"].rsplit(".", 1)
     is_norm_scale = (
-        len(shape) == 1 and leaf[-1] == "weight" and "norm" in t.name.lower()
+        len(shape) == 1 and leaf[-1] == "weight" and "norm" in t["name"].lower()
     )
     if is_norm_scale:
         return np.ones(shape, dtype)
@@ -55,25 +71,22 @@ def values(t: onnx.TensorProto, rng: np.random.Generator) -> np.ndarray:
 
 
 def fill(graph_path: pathlib.Path, rng: np.random.Generator) -> int:
-    model = onnx.load(str(graph_path), load_external_data=False)
+    stored = graph_path.parent / SPEC_NAME
+    spec = json.loads(stored.read_text()) if stored.is_file() else graph_spec(graph_path)
     written = 0
     handles: dict[str, object] = {}
     try:
-        for t in model.graph.initializer:
-            if t.data_location != TensorProto.EXTERNAL:
-                continue
-            info = external_info(t)
-            location = graph_path.parent / info["location"]
-            offset = int(info.get("offset", 0))
+        for t in spec:
+            location = graph_path.parent / t["location"]
             data = values(t, rng).tobytes()
-            length = int(info.get("length", len(data)))
+            length = t["length"] if t["length"] is not None else len(data)
             if length != len(data):
-                raise SystemExit(f"{t.name}: {length} bytes recorded, {len(data)} computed")
+                raise SystemExit(f"{t['name']}: {length} bytes recorded, {len(data)} computed")
             f = handles.get(str(location))
             if f is None:
                 f = open(location, "wb")
                 handles[str(location)] = f
-            f.seek(offset)
+            f.seek(t["offset"])
             f.write(data)
             written += len(data)
     finally:
@@ -86,10 +99,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model_dir", type=pathlib.Path)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--write-spec", action="store_true",
+                   help=f"only write {SPEC_NAME} next to each graph (needs onnx)")
     args = p.parse_args()
     graphs = sorted(args.model_dir.glob("*/model.onnx")) + sorted(args.model_dir.glob("model.onnx"))
     if not graphs:
         sys.exit(f"{args.model_dir}: no */model.onnx")
+    if args.write_spec:
+        for g in graphs:
+            spec = graph_spec(g)
+            (g.parent / SPEC_NAME).write_text(json.dumps(spec))
+            print(f"{g.parent.name}: {len(spec)} external initializers", flush=True)
+        return
     rng = np.random.default_rng(args.seed)
     for g in graphs:
         t0 = time.perf_counter()
