@@ -370,8 +370,9 @@ def run_python(args, engine: str, base: pathlib.Path, scratch: pathlib.Path, i: 
             "generate_s": w["generate_s"], "save_s": w["save_s"],
             "steps_s": [b - a for a, b in zip(at, at[1:])],
             "runtime_s": sum(c["seconds"] for c in calls.values()),
-            "unet_step_s": statistics.median(unet) if unet else None,
-            "vae_decode_s": statistics.median(vae) if vae else None,
+            # Means over the calls, as tcd-ort's `ort_runs` give them.
+            "unet_step_s": sum(unet) / len(unet) if unet else None,
+            "vae_decode_s": sum(vae) / len(vae) if vae else None,
             "calls": calls, "threads": w["threads"], "versions": w["versions"]}
 
 
