@@ -34,22 +34,16 @@ import sys
 import tempfile
 import time
 
-SIZES = {"sd15": 512, "sdxl": 1024}
-PROMPT = "a photo of an astronaut riding a horse on mars"
+from benchlib import ETA, PROMPT, SEED, SIZES, median, step_median, tcd_ort_command
 
 
 def run_tcd(args, ep: str, steps: int, guidance: float, tag: str, io_binding: bool = True) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         timings = pathlib.Path(tmp) / "t.json"
-        size = str(SIZES[args.family])
-        cmd = [
-            args.tcd_ort, "run", "--model", args.model, "--prompt", PROMPT,
-            "--steps", str(steps), "--eta", "0.3", "--guidance", str(guidance), "--seed", "0",
-            "--width", size, "--height", size, "--ep", ep, "--ort-lib", args.ort_lib,
-            "--output", str(pathlib.Path(tmp) / "out.png"), "--timings", str(timings), "-q",
-        ]
-        if not io_binding:
-            cmd.append("--no-io-binding")
+        cmd = tcd_ort_command(args.tcd_ort, args.model, args.family,
+                              pathlib.Path(tmp) / "out.png", timings, ep=ep,
+                              ort_lib=args.ort_lib, steps=steps, guidance=guidance,
+                              extra=() if io_binding else ("--no-io-binding",))
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
@@ -86,8 +80,8 @@ def run_diffusers(args, dtype_name: str, steps: int, guidance: float) -> list[di
 
         torch.cuda.synchronize()
         start = time.perf_counter()
-        gen = torch.Generator("cpu").manual_seed(0)
-        pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, eta=0.3,
+        gen = torch.Generator("cpu").manual_seed(SEED)
+        pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, eta=ETA,
              width=size, height=size, generator=gen, callback_on_step_end=on_step)
         torch.cuda.synchronize()
         end = time.perf_counter()
@@ -102,16 +96,6 @@ def run_diffusers(args, dtype_name: str, steps: int, guidance: float) -> list[di
     del pipe
     torch.cuda.empty_cache()
     return runs
-
-
-def median(rows: list[dict], key: str) -> float | None:
-    vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
-    return statistics.median(vals) if vals else None
-
-
-def step_median(rows: list[dict]) -> float | None:
-    vals = [s for r in rows for s in r.get("steps_s", [])]
-    return statistics.median(vals) if vals else None
 
 
 def later_step_median(rows: list[dict]) -> float | None:

@@ -15,7 +15,7 @@ use tcd_ort::pipeline::{
     ControlImage, ControlPreprocess, Engine, EngineOptions, GenerateRequest, InpaintMode, LoraSpec,
     Progress, Task,
 };
-use tcd_ort::runtime::{parse_provider_list, ExecutionProvider};
+use tcd_ort::runtime::{parse_provider_list, ExecutionProvider, RunStats};
 
 use super::session_args::{native_size, session_summary, RequestShape, SessionArgs};
 
@@ -172,7 +172,8 @@ pub struct RunArgs {
     #[arg(long)]
     save_latents: Option<PathBuf>,
     /// Write where the time went to this JSON file (for benchmarks): load, prompt encoding,
-    /// each denoising step, VAE decoding and the whole run, in seconds.
+    /// each denoising step, VAE decoding and the whole run, and the time spent inside ONNX
+    /// Runtime's Run per graph, in seconds.
     #[arg(long)]
     timings: Option<PathBuf>,
     /// No progress bar.
@@ -201,9 +202,18 @@ impl Timeline {
         }
     }
 
-    /// `{"load_s", "encode_s", "steps_s": [...], "decode_s", "generate_s", "total_s"}`: each
-    /// phase runs from the event that starts it to the next one.
-    fn to_json(&self, load: f64, generate: f64, total: f64) -> serde_json::Value {
+    /// `{"load_s", "encode_s", "steps_s": [...], "decode_s", "generate_s", "total_s",
+    /// "ort_run_s", "ort_runs": {component: {"calls", "seconds"}}}`: each phase runs from the
+    /// event that starts it to the next one; `ort_runs` are the generation's calls into ONNX
+    /// Runtime's Run per graph and `ort_run_s` their summed time, so `total_s - load_s -
+    /// ort_run_s` is what the engine spends outside ONNX Runtime (PNG writing included).
+    fn to_json(
+        &self,
+        load: f64,
+        generate: f64,
+        total: f64,
+        runs: &[(String, RunStats)],
+    ) -> serde_json::Value {
         let mut steps = Vec::with_capacity(self.steps.len());
         let mut previous = self.denoising;
         for &t in &self.steps {
@@ -212,6 +222,18 @@ impl Timeline {
             }
             previous = Some(t);
         }
+        let mut by_graph = serde_json::Map::new();
+        for (name, r) in runs {
+            // Several ControlNets share a component name: number the later ones.
+            let mut key = name.clone();
+            let mut n = 1;
+            while by_graph.contains_key(&key) {
+                n += 1;
+                key = format!("{name}_{n}");
+            }
+            let value = serde_json::json!({"calls": r.calls, "seconds": r.total.as_secs_f64()});
+            by_graph.insert(key, value);
+        }
         serde_json::json!({
             "load_s": load,
             "encode_s": self.encoding.zip(self.denoising).map(|(a, b)| b - a),
@@ -219,8 +241,33 @@ impl Timeline {
             "decode_s": self.decoding.map(|d| generate - d),
             "generate_s": generate,
             "total_s": total,
+            "ort_run_s": runs.iter().map(|(_, r)| r.total.as_secs_f64()).sum::<f64>(),
+            "ort_runs": by_graph,
         })
     }
+}
+
+/// Each graph's `Run` calls and time after `before` was taken (same graphs, same order).
+fn run_stats_since(
+    before: &[(String, RunStats)],
+    after: Vec<(String, RunStats)>,
+) -> Vec<(String, RunStats)> {
+    after
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, now))| {
+            let earlier = before
+                .get(i)
+                .filter(|(n, _)| *n == name)
+                .map(|(_, r)| *r)
+                .unwrap_or_default();
+            let since = RunStats {
+                calls: now.calls.saturating_sub(earlier.calls),
+                total: now.total.saturating_sub(earlier.total),
+            };
+            (name, since)
+        })
+        .collect()
 }
 
 fn random_seed() -> u64 {
@@ -629,6 +676,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         started: Instant::now(),
     };
     let mut timeline = Timeline::default();
+    let runs_before = engine.run_stats();
     let generate_started = Instant::now();
     let generated = engine.run(&request, &task, &mut |event| {
         timeline.record(event, generate_started.elapsed().as_secs_f64());
@@ -636,6 +684,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     })?;
     let generate_s = generate_started.elapsed().as_secs_f64();
     let load_s = generate_started.duration_since(load_started).as_secs_f64();
+    let runs = run_stats_since(&runs_before, engine.run_stats());
 
     let model_name = Path::new(&args.model)
         .file_name()
@@ -684,7 +733,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     if let Some(path) = &args.timings {
         let total = load_started.elapsed().as_secs_f64();
-        let mut json = timeline.to_json(load_s, generate_s, total);
+        let mut json = timeline.to_json(load_s, generate_s, total, &runs);
         json["io_binding"] = engine.io_binding().into();
         std::fs::write(path, format!("{json:#}\n"))
             .with_context(|| format!("writing {}", path.display()))?;

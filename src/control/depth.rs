@@ -339,6 +339,11 @@ impl DepthEstimator {
         &self.preprocessor
     }
 
+    /// The loaded graph.
+    pub(crate) fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
     /// Runs the graph: `pixel_values` `[batch, 3, h, w]` to `predicted_depth` `[batch, h, w]`.
     pub fn predict(&mut self, pixel_values: &ArrayD<f32>) -> Result<ArrayD<f32>> {
         let shape = pixel_values.shape();

@@ -37,7 +37,7 @@ use crate::image_io::RgbImage;
 use crate::model::{hub, ModelDir};
 use crate::runtime::{
     self, CacheStatus, ExecutionProvider, Graph, OptLevel, ProviderAssignment, ProviderOptions,
-    SessionCache, SessionOptions, TrtProfile,
+    RunStats, SessionCache, SessionOptions, TrtProfile,
 };
 use crate::sampler::tcd::TcdConfig;
 use crate::tokenizer::ClipTokenizer;
@@ -487,6 +487,21 @@ impl Engine {
     /// Whether the denoising loop runs through IoBindings ([`EngineOptions::io_binding`]).
     pub fn io_binding(&self) -> bool {
         self.io_binding
+    }
+
+    /// Per graph (component name, load order): the calls into ONNX Runtime's `Run` and the time
+    /// spent inside them since the engine was loaded. A run's wall time minus their sum is the
+    /// engine's own work (tokenising, scheduling, conversions, image encoding).
+    pub fn run_stats(&self) -> Vec<(String, RunStats)> {
+        let encoders = self.encoders.iter().map(|e| &e.graph);
+        let graphs = encoders
+            .chain([&self.unet, &self.vae_decoder])
+            .chain(self.vae_encoder.as_ref())
+            .chain(self.controlnets.iter().map(ControlNet::graph))
+            .chain(self.depth.as_ref().map(|d| d.graph()));
+        graphs
+            .map(|g| (g.name().to_string(), g.run_stats()))
+            .collect()
     }
 
     /// The execution providers the sessions were registered with.

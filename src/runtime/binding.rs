@@ -299,10 +299,11 @@ impl Graph {
             .synchronize_inputs()
             .map_err(|e| rt_err(&context, e))?;
         let name = self.name.clone();
-        let outputs = self
-            .session
-            .run_binding(binding)
-            .map_err(|e| rt_err(&format!("running {name}"), e))?;
+        let started = std::time::Instant::now();
+        let outputs = self.session.run_binding(binding);
+        self.run_stats.calls += 1;
+        self.run_stats.total += started.elapsed();
+        let outputs = outputs.map_err(|e| rt_err(&format!("running {name}"), e))?;
         binding
             .synchronize_outputs()
             .map_err(|e| rt_err(&context, e))?;

@@ -24,6 +24,6 @@ pub use options::{
 };
 pub use provider::{parse_provider_list, select_providers, ExecutionProvider};
 pub use session::{
-    array, ElementType, Graph, IoSpec, ProviderAssignment, SessionOptions, TensorInput,
+    array, ElementType, Graph, IoSpec, ProviderAssignment, RunStats, SessionOptions, TensorInput,
     WeightOverride,
 };

@@ -1,6 +1,7 @@
 //! Sessions: one ONNX graph loaded once, with its input and output signature.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use half::f16;
 use ndarray::{ArrayD, IxDyn};
@@ -149,6 +150,17 @@ pub struct WeightOverride {
     pub dtype: ElementType,
 }
 
+/// Time spent inside ONNX Runtime's `Run` for one graph since it was loaded: what benchmarks
+/// subtract from a run's wall time to see the engine's own overhead.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunStats {
+    /// Completed and failed `Run` calls.
+    pub calls: u64,
+    /// Their summed wall time: from handing over the inputs to getting the outputs back, without
+    /// building the input tensors or copying the outputs out.
+    pub total: Duration,
+}
+
 /// One loaded ONNX graph.
 pub struct Graph {
     pub(super) name: String,
@@ -163,6 +175,7 @@ pub struct Graph {
     pub(super) outputs: Vec<IoSpec>,
     assignment: Vec<ProviderAssignment>,
     cache: CacheStatus,
+    pub(super) run_stats: RunStats,
 }
 
 impl std::fmt::Debug for Graph {
@@ -174,6 +187,7 @@ impl std::fmt::Debug for Graph {
             .field("outputs", &self.outputs)
             .field("assignment", &self.assignment)
             .field("cache", &self.cache)
+            .field("run_stats", &self.run_stats)
             .finish()
     }
 }
@@ -313,7 +327,13 @@ impl Graph {
             outputs,
             assignment,
             cache,
+            run_stats: RunStats::default(),
         }
+    }
+
+    /// How often and how long ONNX Runtime ran this graph since it was loaded.
+    pub fn run_stats(&self) -> RunStats {
+        self.run_stats
     }
 
     /// Which execution providers run this graph's nodes, most nodes first (as ONNX Runtime
@@ -417,10 +437,11 @@ impl Graph {
         }
         self.check_outputs(wanted)?;
         let name = self.name.clone();
-        let outputs = self
-            .session
-            .run(values)
-            .map_err(|e| rt_err(&format!("running {name}"), e))?;
+        let started = Instant::now();
+        let outputs = self.session.run(values);
+        self.run_stats.calls += 1;
+        self.run_stats.total += started.elapsed();
+        let outputs = outputs.map_err(|e| rt_err(&format!("running {name}"), e))?;
         read_outputs(&self.name, &self.outputs, &outputs, wanted)
     }
 

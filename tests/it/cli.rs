@@ -410,6 +410,28 @@ fn timings_json_reports_each_phase() {
         num("load_s") + num("generate_s") <= num("total_s") + 1e-9,
         "{t}"
     );
+    // Time inside ONNX Runtime's Run: one text encoder call, one UNet call per step (no CFG),
+    // one VAE decode, summed into ort_run_s, all within the generation.
+    let runs = t["ort_runs"].as_object().expect("ort_runs");
+    let calls = |k: &str| {
+        runs[k]["calls"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{k} in {t}"))
+    };
+    assert_eq!(
+        (calls("text_encoder"), calls("unet"), calls("vae_decoder")),
+        (1, 3, 1),
+        "{t}"
+    );
+    let summed: f64 = runs
+        .values()
+        .map(|r| r["seconds"].as_f64().expect("seconds"))
+        .sum();
+    assert!((summed - num("ort_run_s")).abs() < 1e-9, "{t}");
+    assert!(
+        num("ort_run_s") > 0.0 && num("ort_run_s") <= num("generate_s"),
+        "{t}"
+    );
     // An existing timings file is kept unless --overwrite.
     let again = tcd(&args);
     assert_fails_with(&again, "--overwrite");
