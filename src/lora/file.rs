@@ -251,6 +251,87 @@ mod tests {
         }
     }
 
+    /// A tensor of raw little-endian `bytes` in `dtype`, as the file holds it.
+    fn raw(dtype: Dtype, bytes: Vec<u8>) -> Tensor {
+        let n = bytes.len() / (dtype.bitsize() / 8);
+        let range = 0..bytes.len();
+        Tensor {
+            shape: vec![n],
+            dtype,
+            bytes: Arc::new(bytes),
+            range,
+        }
+    }
+
+    #[test]
+    fn widening_a_slice_with_a_scale_matches_widening_all_of_it() {
+        let halves: Vec<u16> = vec![0x3c00, 0xc000, 0x0001, 0x7bff, 0x3555, 0x0000];
+        let f16 = raw(
+            Dtype::F16,
+            halves.iter().flat_map(|h| h.to_le_bytes()).collect(),
+        );
+        let bf16 = raw(
+            Dtype::BF16,
+            halves.iter().flat_map(|h| h.to_le_bytes()).collect(),
+        );
+        let f64s = [1.5f64, -2.25, 1e-3, 7.0, 0.1, -0.0];
+        let f64t = raw(
+            Dtype::F64,
+            f64s.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        );
+        for t in [&f16, &bf16, &f64t] {
+            let all = t.to_f32();
+            assert_eq!(all.len(), 6);
+            let mut part = [0.0f32; 3];
+            t.widen_into(2, &mut part, -0.5);
+            for (i, v) in part.iter().enumerate() {
+                assert_eq!(
+                    v.to_bits(),
+                    (all[2 + i] * -0.5).to_bits(),
+                    "{:?} {i}",
+                    t.dtype
+                );
+            }
+        }
+        assert_eq!(f16.to_f32()[..2], [1.0, -2.0]);
+        assert_eq!(bf16.to_f32()[0], f32::from_bits(0x3c00 << 16));
+        assert_eq!(f64t.to_f32()[1], -2.25);
+    }
+
+    #[test]
+    fn non_finite_values_are_found_on_the_raw_bits_of_every_dtype() {
+        // f16: 0x7c00 = +inf, 0xfe00 = NaN; bf16: 0x7f80 = +inf, 0x7fc0 = NaN.
+        let f16 = |h: &[u16]| raw(Dtype::F16, h.iter().flat_map(|h| h.to_le_bytes()).collect());
+        let bf16 = |h: &[u16]| {
+            raw(
+                Dtype::BF16,
+                h.iter().flat_map(|h| h.to_le_bytes()).collect(),
+            )
+        };
+        let f32t = |v: &[f32]| raw(Dtype::F32, v.iter().flat_map(|v| v.to_le_bytes()).collect());
+        assert_eq!(f16(&[0x3c00, 0x7bff, 0x0001]).first_non_finite(), None);
+        assert_eq!(
+            f16(&[0x3c00, 0x7c00]).first_non_finite(),
+            Some((1, f32::INFINITY))
+        );
+        assert!(f16(&[0xfe00])
+            .first_non_finite()
+            .is_some_and(|(i, v)| i == 0 && v.is_nan()));
+        // 0x7f7f is bf16's largest finite value, not an infinity.
+        assert_eq!(bf16(&[0x7f7f, 0x3f80]).first_non_finite(), None);
+        assert_eq!(
+            bf16(&[0x3f80, 0x3f80, 0x7f80]).first_non_finite(),
+            Some((2, f32::INFINITY))
+        );
+        assert!(bf16(&[0x7fc0])
+            .first_non_finite()
+            .is_some_and(|(_, v)| v.is_nan()));
+        assert_eq!(f32t(&[1.0, f32::MAX]).first_non_finite(), None);
+        assert!(f32t(&[1.0, f32::NAN])
+            .first_non_finite()
+            .is_some_and(|(i, v)| i == 1 && v.is_nan()));
+    }
+
     #[test]
     fn garbage_is_a_model_error_naming_the_file() {
         let err = LoraFile::parse(
