@@ -483,6 +483,16 @@ tcd_status tcd_engine_options_set_session_cache(struct tcd_engine_options *optio
 tcd_status tcd_engine_options_set_io_binding(struct tcd_engine_options *options, int32_t enabled);
 
 /**
+ * Turns ONNX Runtime's memory arena for the CPU provider on (non-zero) or off (0, the
+ * default): on is faster (fewer page faults) at a higher peak memory.
+ *
+ * # Safety
+ *
+ * `options` is NULL or a live handle not used by another thread during the call.
+ */
+tcd_status tcd_engine_options_set_cpu_arena(struct tcd_engine_options *options, int32_t enabled);
+
+/**
  * Sets the CUDA provider's settings (also used by TensorRT for nodes it leaves to CUDA).
  * `cudnn_search`: `"exhaustive"`, `"heuristic"` (default) or `"default"`; `arena_extend`:
  * `"same-as-requested"` (default) or `"next-power-of-two"`; NULL keeps the current value.

@@ -26,6 +26,10 @@ pub struct SessionArgs {
     /// `off`. Graphs with LoRA weights and TensorRT/DirectML/CoreML sessions are never cached.
     #[arg(long, value_name = "DIR|auto|off", default_value = "off")]
     session_cache: SessionCache,
+    /// ONNX Runtime's memory arena for the CPU provider: faster (fewer page faults), but a
+    /// higher peak memory (full-size SD1.5: 8.3 instead of 5.8 GiB).
+    #[arg(long)]
+    cpu_arena: bool,
     /// cuDNN convolution algorithm search with --ep cuda: exhaustive, heuristic (default) or
     /// default.
     #[arg(long, value_name = "MODE")]
@@ -97,7 +101,8 @@ impl SessionArgs {
             }
             Ok(())
         };
-        use ExecutionProvider::{CoreMl, Cuda, TensorRt};
+        use ExecutionProvider::{CoreMl, Cpu, Cuda, TensorRt};
+        need(self.cpu_arena, "--cpu-arena", &[Cpu])?;
         need(
             self.cuda_cudnn_search.is_some(),
             "--cuda-cudnn-search",
@@ -123,6 +128,7 @@ impl SessionArgs {
         need(self.coreml_units.is_some(), "--coreml-units", &[CoreMl])?;
 
         let po = &mut options.provider_options;
+        po.cpu_arena = self.cpu_arena;
         if let Some(v) = self.cuda_cudnn_search {
             po.cuda.cudnn_conv_search = v;
         }

@@ -115,7 +115,9 @@ impl ExecutionProvider {
     ) -> Result<ep::ExecutionProviderDispatch> {
         let device_id = options.device_id;
         Ok(match self {
-            ExecutionProvider::Cpu => ep::CPU::default().build(),
+            ExecutionProvider::Cpu => ep::CPU::default()
+                .with_arena_allocator(options.cpu_arena)
+                .build(),
             ExecutionProvider::Cuda => cuda(&options.cuda, device_id).build().error_on_failure(),
             ExecutionProvider::TensorRt => {
                 let trt = &options.tensorrt;

@@ -414,6 +414,7 @@ fn null_required_pointers_are_errors_with_messages() {
         expect(tcd_engine_options_set_ort_library(o, null()), "options");
         expect(tcd_engine_options_set_threads(o, 1), "options");
         expect(tcd_engine_options_set_io_binding(o, 0), "options");
+        expect(tcd_engine_options_set_cpu_arena(o, 1), "options");
         expect(
             tcd_engine_options_add_lora(o, c"x".as_ptr(), 1.0),
             "options",

@@ -91,6 +91,10 @@ fn provider_flags_need_their_provider_and_valid_values() {
         ),
         (&["--gpu-mem-limit", "4G"], "--gpu-mem-limit applies only"),
         (
+            &["--cpu-arena", "--ep", "cuda"],
+            "--cpu-arena applies only to --ep cpu",
+        ),
+        (
             &["--coreml-units", "cpu-only"],
             "--coreml-units applies only",
         ),
@@ -144,6 +148,22 @@ fn the_summary_names_the_provider_of_every_graph() {
             "{component} missing from: {err}"
         );
     }
+}
+
+#[test]
+fn the_cpu_arena_changes_memory_use_not_pixels() {
+    let dir = scratch_dir("cpu-arena");
+    let (plain, arena) = (dir.join("plain.png"), dir.join("arena.png"));
+    for (png, extra) in [(&plain, &[][..]), (&arena, &["--cpu-arena"][..])] {
+        let out = tcd(&run_args(&png.to_string_lossy(), extra));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let read = |p: &std::path::Path| std::fs::read(p).expect("png written");
+    assert_eq!(read(&plain), read(&arena));
 }
 
 #[test]
