@@ -18,7 +18,20 @@ demo: setup-ort
 		--steps 4 --eta 0.3 --seed 0 --output demo.png --overwrite
 	@echo "demo.png written"
 
-test: setup fixtures lint rust-test py-test ffi
+# The same stages, two at a time: fixture scripts (mostly single-threaded Python) overlap with
+# each other, with the Rust build and with pytest; the C ABI run comes last, on its own.
+test: setup
+	$(MAKE) -j2 --output-sync=target ci-rust-test ci-py-test
+	$(MAKE) ffi
+
+.PHONY: ci-build ci-rust-test ci-py-test
+ci-build: lint
+	cargo test --no-run
+
+ci-rust-test: fixtures ci-build
+	cargo test
+
+ci-py-test: py-test
 
 # The C ABI end to end: builds the cdylib, compiles examples/cpp/main.cpp with g++ against
 # include/ and it (rpath to target/<profile>), runs it on the tiny model, installs it into a
@@ -83,18 +96,18 @@ $(VENV_OPTIMUM)/.installed: export/requirements-optimum.txt
 # LoRAs in every key format with diffusers' own deltas and images, tiny ControlNets, OpenCV's
 # Canny, the ControlNet-depth guide's depth maps on a tiny hybrid DPT, and float16 exports
 # against diffusers run in float16.
-fixtures: venv venv-optimum
-	$(VPY) tests/golden/make_rng.py
-	$(VPY) tests/golden/make_scheduler.py
-	$(VPY) tests/golden/make_tokenizer.py
-	$(VPY) tests/golden/make_canny.py
-	$(VPY) tests/golden/make_depth.py $(FIXTURES)/depth
-	$(VPY) tests/golden/make_parity.py $(FIXTURES)/parity
-	$(VPY) tests/golden/make_lora.py $(FIXTURES)/lora
-	$(VPY) tests/golden/make_lora_slots.py $(FIXTURES)/lora_slots
-	$(VPY) tests/golden/make_img2img.py $(FIXTURES)/img2img
-	$(VPY) tests/golden/make_controlnet.py $(FIXTURES)/controlnet
-	$(VPY) tests/golden/make_fp16.py $(FIXTURES)/fp16
+FIXTURE_NAMES := rng scheduler tokenizer canny depth parity lora lora_slots img2img controlnet fp16 optimum
+fixtures: $(FIXTURE_NAMES:%=fixture-%)
+
+.PHONY: $(FIXTURE_NAMES:%=fixture-%)
+fixture-rng fixture-scheduler fixture-tokenizer fixture-canny: venv
+	$(VPY) tests/golden/make_$(@:fixture-%=%).py
+fixture-depth fixture-parity fixture-fp16: venv
+	$(VPY) tests/golden/make_$(@:fixture-%=%).py $(FIXTURES)/$(@:fixture-%=%)
+# These start from the parity fixtures' tiny diffusers pipelines.
+fixture-lora fixture-lora_slots fixture-img2img fixture-controlnet: venv fixture-parity
+	$(VPY) tests/golden/make_$(@:fixture-%=%).py $(FIXTURES)/$(@:fixture-%=%)
+fixture-optimum: venv-optimum fixture-parity
 	$(VENV_OPTIMUM)/bin/python tests/golden/make_optimum.py $(FIXTURES)/parity $(FIXTURES)/optimum
 
 lint:

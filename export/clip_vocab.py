@@ -84,7 +84,9 @@ def bpe_vocab_path() -> pathlib.Path:
             f"{VOCAB_MEMBER} in open_clip_torch=={OPEN_CLIP_VERSION} has an unexpected sha256; "
             "refusing to build a tokenizer from it"
         )
-    partial = target.with_suffix(".partial")
+    # Fixture scripts run side by side may fetch it at the same time: each writes its own file
+    # and renames it into place (atomic, and every copy has the same verified bytes).
+    partial = target.with_suffix(f".{os.getpid()}.partial")
     partial.write_bytes(data)
     partial.replace(target)
     return target
