@@ -593,7 +593,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         height: args.height,
         num_images: request.num_images,
         guidance: request.guidance > 1.0,
-        native_size: (providers.contains(&ExecutionProvider::TensorRt)
+        native_size: (args.session.needs_native_size(&providers)
             && (args.width.is_none() || args.height.is_none()))
         .then(|| native_size(&args.model, args.revision.as_deref()))
         .flatten(),

@@ -8,7 +8,7 @@ use clap::Args;
 use tcd_ort::pipeline::{Engine, EngineOptions, SessionReport};
 use tcd_ort::runtime::{
     parse_bytes, ArenaExtendStrategy, CacheStatus, CoreMlComputeUnits, CudnnConvSearch,
-    ExecutionProvider, OptLevel, SessionCache, TrtProfile,
+    ExecutionProvider, OptLevel, SessionCache, ShapeDims, TrtProfile,
 };
 
 fn bytes(s: &str) -> std::result::Result<u64, String> {
@@ -60,6 +60,21 @@ pub struct SessionArgs {
     /// A/B timing).
     #[arg(long)]
     no_io_binding: bool,
+    /// Build the UNet (and ControlNet) sessions for exactly this run's size and batch, so
+    /// ONNX Runtime folds their shape arithmetic (on CUDA it otherwise runs on the CPU inside
+    /// every step). The loaded engine then refuses other sizes.
+    #[arg(long)]
+    fixed_shape: bool,
+}
+
+impl SessionArgs {
+    /// Whether the model's native size is needed before loading (a derived TensorRT profile
+    /// or `--fixed-shape` without both --width and --height).
+    pub fn needs_native_size(&self, providers: &[ExecutionProvider]) -> bool {
+        self.fixed_shape
+            || (providers.contains(&ExecutionProvider::TensorRt)
+                && self.trt_profile_shapes.is_none())
+    }
 }
 
 /// What the request asks of a derived TensorRT profile.
@@ -166,6 +181,22 @@ impl SessionArgs {
         options.opt_level = self.opt_level;
         options.session_cache = self.session_cache.clone();
         options.io_binding = !self.no_io_binding;
+        options.fixed_shape = if self.fixed_shape {
+            let size = |v: Option<usize>, other: Option<usize>| v.or(other).or(shape.native_size);
+            match (
+                size(shape.width, shape.height),
+                size(shape.height, shape.width),
+            ) {
+                (Some(width), Some(height)) => Some(ShapeDims {
+                    width,
+                    height,
+                    batch: shape.num_images * if shape.guidance { 2 } else { 1 },
+                }),
+                _ => bail!("--fixed-shape needs the output size: pass --width and --height"),
+            }
+        } else {
+            None
+        };
         Ok(())
     }
 }

@@ -36,8 +36,8 @@ use std::path::{Path, PathBuf};
 use crate::image_io::RgbImage;
 use crate::model::{hub, ModelDir};
 use crate::runtime::{
-    self, CacheStatus, ExecutionProvider, Graph, OptLevel, ProviderAssignment, ProviderOptions,
-    RunStats, SessionCache, SessionOptions, TrtProfile,
+    self, CacheStatus, ExecutionProvider, FixedShape, Graph, OptLevel, ProviderAssignment,
+    ProviderOptions, RunStats, SessionCache, SessionOptions, ShapeDims, TrtProfile,
 };
 use crate::sampler::tcd::TcdConfig;
 use crate::tokenizer::ClipTokenizer;
@@ -83,6 +83,11 @@ pub struct EngineOptions {
     /// them (device memory on a GPU) instead of being copied from the host at every step.
     /// Results are the same either way; off is for A/B measurement.
     pub io_binding: bool,
+    /// Build the UNet and ControlNet sessions for exactly this output size and UNet batch
+    /// (images per prompt, doubled by classifier-free guidance): ONNX Runtime then folds the
+    /// graphs' shape arithmetic, which on CUDA otherwise runs on the CPU inside every step.
+    /// Requests of another size or batch are refused. `None` (the default) keeps them dynamic.
+    pub fixed_shape: Option<ShapeDims>,
 }
 
 /// How one loaded graph runs: the providers ONNX Runtime assigned its nodes to and what the
@@ -120,6 +125,7 @@ impl Default for EngineOptions {
             opt_level: OptLevel::default(),
             session_cache: SessionCache::default(),
             io_binding: true,
+            fixed_shape: None,
         }
     }
 }
@@ -273,6 +279,7 @@ pub struct Engine {
     ort_library: PathBuf,
     lora_report: LoraReport,
     io_binding: bool,
+    fixed_shape: Option<ShapeDims>,
     /// Zero ControlNet residuals placed on the UNet's device, per `[batch, h, w]`.
     zero_residuals: resident::ShapeCache<Vec<runtime::PlacedTensor>>,
 }
@@ -317,6 +324,7 @@ fn session_options(
         intra_threads: options.intra_threads,
         opt_level: options.opt_level,
         cache: options.session_cache.clone(),
+        fixed_shape: None,
     })
 }
 
@@ -356,11 +364,24 @@ impl Engine {
             options.lora_weight_name.as_deref(),
             options.lora_allow_unmatched,
         )?;
+        // Only the denoisers are fixed: they run every step and their batch is known.
+        let denoiser_options = SessionOptions {
+            fixed_shape: options.fixed_shape.map(|dims| FixedShape {
+                dims,
+                latent_factor: model.vae.scale_factor(),
+            }),
+            ..session_options.clone()
+        };
         let mut load = |component: &str| -> Result<Graph> {
+            let options = if component == "unet" {
+                &denoiser_options
+            } else {
+                &session_options
+            };
             Graph::load_with_weights(
                 component,
                 &model.graph_path(component),
-                &session_options,
+                options,
                 overrides.remove(component).unwrap_or_default(),
             )
         };
@@ -394,7 +415,7 @@ impl Engine {
         let mut controlnets = Vec::with_capacity(options.controlnets.len());
         for source in &options.controlnets {
             // `--revision` names a revision of the model repository, not of the ControlNet's.
-            let net = ControlNet::load(source, None, &session_options)?;
+            let net = ControlNet::load(source, None, &denoiser_options)?;
             match &residuals {
                 Some(layout) => layout.check(&net, xl, &model.unet)?,
                 None => {
@@ -446,6 +467,7 @@ impl Engine {
             ort_library,
             lora_report,
             io_binding: options.io_binding,
+            fixed_shape: options.fixed_shape,
             zero_residuals: resident::ShapeCache::new(ZERO_RESIDUAL_SHAPES),
         })
     }

@@ -121,6 +121,22 @@ pub(super) fn predict_noise(
     let &[batch, _, h, w] = model_input.shape() else {
         return Err(Error::Runtime("latents must have 4 dimensions".into()));
     };
+    if let Some(fixed) = engine.fixed_shape {
+        let factor = engine.model.vae.scale_factor();
+        if (fixed.width, fixed.height, fixed.batch) != (w * factor, h * factor, batch) {
+            return Err(Error::invalid(format!(
+                "this engine's UNet was built for {}x{} at batch {} (--fixed-shape); the request \
+                 needs {}x{} at batch {} (images per prompt, doubled by guidance > 1): load \
+                 the engine for that size or without --fixed-shape",
+                fixed.width,
+                fixed.height,
+                fixed.batch,
+                w * factor,
+                h * factor,
+                batch
+            )));
+        }
+    }
     let timestep_len = match engine.unet.input("timestep").map(|i| i.shape.as_slice()) {
         // A graph with a static single timestep (some exports) takes exactly one.
         Some([1]) => 1,

@@ -19,7 +19,7 @@ pub(crate) use library::environment;
 pub use library::{ensure_loaded, find_library, INSTALL_HINT};
 pub use options::{
     parse_bytes, user_cache_dir, ArenaExtendStrategy, CoreMlComputeUnits, CoreMlOptions,
-    CudaOptions, CudnnConvSearch, OptLevel, ProviderOptions, SessionCache, ShapeDims,
+    CudaOptions, CudnnConvSearch, FixedShape, OptLevel, ProviderOptions, SessionCache, ShapeDims,
     TensorRtOptions, TrtProfile,
 };
 pub use provider::{parse_provider_list, select_providers, ExecutionProvider};

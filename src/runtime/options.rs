@@ -175,6 +175,15 @@ pub struct CudaOptions {
     pub gpu_mem_limit: Option<u64>,
 }
 
+/// The one size and batch a session is built for ([`super::SessionOptions::fixed_shape`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FixedShape {
+    /// Output size in pixels and the graph's batch.
+    pub dims: ShapeDims,
+    /// Pixels per latent along each axis: the VAE's scale factor (8 for released models).
+    pub latent_factor: usize,
+}
+
 /// Image size and graph batch for one corner of a TensorRT optimisation profile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ShapeDims {

@@ -13,9 +13,9 @@ use ort::AsPointer;
 use super::binding::{input_devices, Placement};
 use super::cache::{CacheEntry, CacheKey, CacheStatus, DATA_FILE};
 use super::initializers::declared_inputs;
-use super::options::{OptLevel, ProviderOptions, SessionCache};
+use super::options::{FixedShape, OptLevel, ProviderOptions, SessionCache};
 use super::provider::ExecutionProvider;
-use super::tensorrt::{profile_shapes, ProfileShapes};
+use super::tensorrt::{dimension_overrides, profile_shapes, ProfileShapes};
 use crate::{Error, Result};
 
 /// How sessions are built: providers and their settings, threads, optimisation and caching.
@@ -32,6 +32,10 @@ pub struct SessionOptions {
     pub opt_level: OptLevel,
     /// Where optimised graphs are cached.
     pub cache: SessionCache,
+    /// Build the session for exactly this image size and batch (ONNX Runtime's free-dimension
+    /// overrides, see [`super::tensorrt::dimension_overrides`]); `None` keeps every dynamic
+    /// dimension dynamic.
+    pub fixed_shape: Option<FixedShape>,
 }
 
 impl SessionOptions {
@@ -51,6 +55,9 @@ impl SessionOptions {
                  use the cache"
                     .into(),
             );
+        }
+        if self.fixed_shape.is_some() {
+            return Some("fixed shapes are folded into optimised graphs".into());
         }
         if let Some(ep) = self.providers().iter().find(|p| p.compiles_subgraphs()) {
             return Some(format!(
@@ -559,6 +566,13 @@ fn build(
     }
     if let Some(n) = options.intra_threads {
         builder = builder.with_intra_threads(n).map_err(err)?;
+    }
+    if let Some(fixed) = &options.fixed_shape {
+        let fixed = dimension_overrides(&declared_inputs(model)?, &fixed.dims, fixed.latent_factor)
+            .map_err(|e| Error::model(model, format!("the {name} graph: {e}")))?;
+        for (dim, size) in fixed {
+            builder = builder.with_dimension_override(&dim, size).map_err(err)?;
+        }
     }
     let providers = options.providers();
     if providers.contains(&ExecutionProvider::DirectMl) {

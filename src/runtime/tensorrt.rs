@@ -41,24 +41,25 @@ fn residual_index(name: &str) -> Option<usize> {
 }
 
 /// The spatial down-sampling of a 4-d input relative to the image.
-fn spatial_factor(input: &DeclaredInput, down_residuals: usize) -> usize {
+fn spatial_factor(input: &DeclaredInput, down_residuals: usize, latent: usize) -> usize {
     if let Some(i) = residual_index(&input.name) {
-        return LATENT_FACTOR << (i / 3);
+        return latent << (i / 3);
     }
     if input.name == "mid_block_additional_residual" {
-        return LATENT_FACTOR << (down_residuals.saturating_sub(1) / 3);
+        return latent << (down_residuals.saturating_sub(1) / 3);
     }
     match input.dims.get(1) {
         Some(DeclaredDim::Fixed(3)) => 1,
-        _ => LATENT_FACTOR,
+        _ => latent,
     }
 }
 
-fn shape_for(
+fn sizes_for(
     input: &DeclaredInput,
     dims: &ShapeDims,
     down_residuals: usize,
-) -> Result<Option<String>> {
+    latent: usize,
+) -> Result<Option<Vec<i64>>> {
     if !input
         .dims
         .iter()
@@ -67,7 +68,7 @@ fn shape_for(
         return Ok(None);
     }
     let rank = input.dims.len();
-    let factor = spatial_factor(input, down_residuals);
+    let factor = spatial_factor(input, down_residuals, latent);
     let mut out = Vec::with_capacity(rank);
     for (axis, dim) in input.dims.iter().enumerate() {
         let size = match dim {
@@ -83,9 +84,9 @@ fn shape_for(
             DeclaredDim::Named(n) if n.contains("seq") => SEQUENCE,
             _ => {
                 return Err(Error::invalid(format!(
-                    "cannot derive a TensorRT profile for input '{}' (axis {axis} of {rank} is \
+                    "cannot derive a fixed size for input '{}' (axis {axis} of {rank} is \
                      dynamic and not a batch, image or sequence axis); re-export the graph with \
-                     that axis fixed or use --ep cuda",
+                     that axis fixed",
                     input.name
                 )))
             }
@@ -98,9 +99,62 @@ fn shape_for(
                 factor * 8
             )));
         }
-        out.push(size.to_string());
+        out.push(size);
     }
-    Ok(Some(format!("{}:{}", input.name, out.join("x"))))
+    Ok(Some(out))
+}
+
+fn shape_for(
+    input: &DeclaredInput,
+    dims: &ShapeDims,
+    down_residuals: usize,
+) -> Result<Option<String>> {
+    Ok(
+        sizes_for(input, dims, down_residuals, LATENT_FACTOR)?.map(|sizes| {
+            let sizes: Vec<String> = sizes.iter().map(i64::to_string).collect();
+            format!("{}:{}", input.name, sizes.join("x"))
+        }),
+    )
+}
+
+/// The size of every named dynamic dimension of `inputs` at one image size and batch, for
+/// ONNX Runtime's free-dimension overrides: with every input shape known when the session is
+/// built, the optimiser folds the graph's shape arithmetic away (on CUDA that arithmetic
+/// otherwise runs on the CPU inside every step). An error when a dimension cannot be derived
+/// or one name would need two sizes. `latent_factor` is the VAE's down-sampling (8 for every
+/// released SD model).
+pub fn dimension_overrides(
+    inputs: &[DeclaredInput],
+    dims: &ShapeDims,
+    latent_factor: usize,
+) -> Result<Vec<(String, i64)>> {
+    let down_residuals = inputs
+        .iter()
+        .filter(|i| residual_index(&i.name).is_some())
+        .count();
+    let mut out: Vec<(String, i64)> = Vec::new();
+    for input in inputs {
+        let Some(sizes) = sizes_for(input, dims, down_residuals, latent_factor)? else {
+            continue;
+        };
+        for (dim, size) in input.dims.iter().zip(sizes) {
+            let DeclaredDim::Named(name) = dim else {
+                continue;
+            };
+            match out.iter().find(|(n, _)| n == name) {
+                Some((_, known)) if *known != size => {
+                    return Err(Error::invalid(format!(
+                        "dimension '{name}' would be {known} for one input and {size} for '{}'; \
+                         the graph cannot be fixed to one size",
+                        input.name
+                    )))
+                }
+                Some(_) => {}
+                None => out.push((name.clone(), size)),
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The min/opt/max shapes of every dynamic input, or `None` when the graph is fully static.
@@ -147,6 +201,91 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    fn named(name: &str, dims: &[&str]) -> DeclaredInput {
+        DeclaredInput {
+            name: name.into(),
+            dims: dims
+                .iter()
+                .map(|d| match d.parse() {
+                    Ok(n) => DeclaredDim::Fixed(n),
+                    Err(_) => DeclaredDim::Named((*d).into()),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn fixed_shapes_name_every_dynamic_dimension_once() {
+        let mut inputs = vec![
+            named("sample", &["batch", "4", "height", "width"]),
+            named("timestep", &["batch"]),
+            named("encoder_hidden_states", &["batch", "sequence", "768"]),
+            named(
+                "controlnet_cond",
+                &["batch", "3", "image_height", "image_width"],
+            ),
+        ];
+        // SD1.5's twelve down residuals: three per resolution level.
+        for i in 0..12 {
+            let (h, w) = match i / 3 {
+                0 => ("height".to_string(), "width".to_string()),
+                level => (format!("height_{level}"), format!("width_{level}")),
+            };
+            inputs.push(named(
+                &format!("down_block_additional_residual_{i}"),
+                &["batch", "320", &h, &w],
+            ));
+        }
+        inputs.push(named(
+            "mid_block_additional_residual",
+            &["batch", "1280", "height_3", "width_3"],
+        ));
+        let dims = ShapeDims {
+            width: 768,
+            height: 512,
+            batch: 2,
+        };
+        let mut got = dimension_overrides(&inputs, &dims, 8).expect("derivable");
+        got.sort();
+        let want: Vec<(String, i64)> = [
+            ("batch", 2),
+            ("height", 64),
+            ("height_1", 32),
+            ("height_2", 16),
+            ("height_3", 8),
+            ("image_height", 512),
+            ("image_width", 768),
+            ("sequence", 77),
+            ("width", 96),
+            ("width_1", 48),
+            ("width_2", 24),
+            ("width_3", 12),
+        ]
+        .iter()
+        .map(|(n, v)| (n.to_string(), *v))
+        .collect();
+        assert_eq!(got, want);
+        // A tiny VAE that down-samples by 2 halves only the latent axes.
+        let tiny = dimension_overrides(&inputs[..1], &dims, 2).expect("derivable");
+        assert!(tiny.contains(&("height".to_string(), 256)), "{tiny:?}");
+    }
+
+    #[test]
+    fn one_name_with_two_sizes_cannot_be_fixed() {
+        // `height` names a latent axis and a pixel axis: no single size fits both.
+        let inputs = vec![
+            named("sample", &["batch", "4", "height", "width"]),
+            named("controlnet_cond", &["batch", "3", "height", "width"]),
+        ];
+        let dims = ShapeDims {
+            width: 512,
+            height: 512,
+            batch: 1,
+        };
+        let err = dimension_overrides(&inputs, &dims, 8).expect_err("conflict");
+        assert!(err.to_string().contains("dimension 'height'"), "{err}");
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod common;
 mod controlnet;
 mod depth;
 mod ffi;
+mod fixed_shape;
 mod fp16;
 mod hub;
 mod img2img;

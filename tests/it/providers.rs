@@ -167,6 +167,19 @@ fn the_cpu_arena_changes_memory_use_not_pixels() {
 }
 
 #[test]
+fn fixed_shape_runs_at_the_native_size() {
+    let dir = scratch_dir("fixed-shape");
+    let png = dir.join("x.png");
+    let out = tcd(&run_args(&png.to_string_lossy(), &["--fixed-shape"]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(png.is_file());
+}
+
+#[test]
 fn engine_reports_cpu_assignment_for_every_graph() {
     let engine = Engine::load(
         demo_model().to_string_lossy(),
