@@ -493,6 +493,21 @@ tcd_status tcd_engine_options_set_io_binding(struct tcd_engine_options *options,
 tcd_status tcd_engine_options_set_cpu_arena(struct tcd_engine_options *options, int32_t enabled);
 
 /**
+ * Builds the UNet and ControlNet sessions for exactly one output size and UNet batch (images
+ * per prompt, doubled when guidance > 1), so ONNX Runtime folds the graphs' shape arithmetic;
+ * the engine then refuses requests of another size or batch. `width = height = batch = 0`
+ * goes back to dynamic shapes (the default). Sizes must be positive multiples of 8.
+ *
+ * # Safety
+ *
+ * `options` is NULL or a live handle not used by another thread during the call.
+ */
+tcd_status tcd_engine_options_set_fixed_shape(struct tcd_engine_options *options,
+                                              uint32_t width,
+                                              uint32_t height,
+                                              uint32_t batch);
+
+/**
  * Sets the CUDA provider's settings (also used by TensorRT for nodes it leaves to CUDA).
  * `cudnn_search`: `"exhaustive"`, `"heuristic"` (default) or `"default"`; `arena_extend`:
  * `"same-as-requested"` (default) or `"next-power-of-two"`; NULL keeps the current value.

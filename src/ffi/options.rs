@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use super::status::{borrow_mut, free_box, guard, guard_new, opt_string, string, tcd_status};
 use crate::pipeline::{EngineOptions, LoraSpec};
-use crate::runtime::{parse_provider_list, SessionCache};
+use crate::runtime::{parse_provider_list, SessionCache, ShapeDims};
 
 /// Engine options: the model and how to run it. Created by `tcd_engine_options_new`, freed by
 /// `tcd_engine_options_free`. Not thread-safe: use one from one thread at a time (it may move
@@ -328,6 +328,42 @@ pub unsafe extern "C" fn tcd_engine_options_set_cpu_arena(
         // SAFETY: the caller's contract.
         let options = unsafe { borrow_mut(options, "options") }?;
         options.options.provider_options.cpu_arena = enabled != 0;
+        Ok(())
+    })
+}
+
+/// Builds the UNet and ControlNet sessions for exactly one output size and UNet batch (images
+/// per prompt, doubled when guidance > 1), so ONNX Runtime folds the graphs' shape arithmetic;
+/// the engine then refuses requests of another size or batch. `width = height = batch = 0`
+/// goes back to dynamic shapes (the default). Sizes must be positive multiples of 8.
+///
+/// # Safety
+///
+/// `options` is NULL or a live handle not used by another thread during the call.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_engine_options_set_fixed_shape(
+    options: *mut tcd_engine_options,
+    width: u32,
+    height: u32,
+    batch: u32,
+) -> tcd_status {
+    guard("tcd_engine_options_set_fixed_shape", || {
+        // SAFETY: the caller's contract.
+        let options = unsafe { borrow_mut(options, "options") }?;
+        options.options.fixed_shape = match (width, height, batch) {
+            (0, 0, 0) => None,
+            (w, h, b) if w > 0 && h > 0 && b > 0 && w % 8 == 0 && h % 8 == 0 => Some(ShapeDims {
+                width: w as usize,
+                height: h as usize,
+                batch: b as usize,
+            }),
+            (w, h, b) => {
+                return Err(super::status::Failure::invalid(format!(
+                    "fixed shape {w}x{h} at batch {b}: width and height must be positive \
+                     multiples of 8 and batch at least 1 (all three 0 for dynamic shapes)"
+                )))
+            }
+        };
         Ok(())
     })
 }

@@ -415,6 +415,7 @@ fn null_required_pointers_are_errors_with_messages() {
         expect(tcd_engine_options_set_threads(o, 1), "options");
         expect(tcd_engine_options_set_io_binding(o, 0), "options");
         expect(tcd_engine_options_set_cpu_arena(o, 1), "options");
+        expect(tcd_engine_options_set_fixed_shape(o, 0, 0, 0), "options");
         expect(
             tcd_engine_options_add_lora(o, c"x".as_ptr(), 1.0),
             "options",
@@ -863,4 +864,29 @@ fn provider_and_session_options() {
         tcd_engine_options_free(options);
     }
     let _ = std::fs::remove_dir_all(&cache);
+}
+
+#[test]
+fn fixed_shape_options_check_their_sizes() {
+    let options = tcd_engine_options_new();
+    assert!(!options.is_null());
+    // SAFETY: `options` is live until freed at the end.
+    unsafe {
+        check(
+            tcd_engine_options_set_fixed_shape(options, 512, 512, 2),
+            tcd_status::TCD_OK,
+        );
+        check(
+            tcd_engine_options_set_fixed_shape(options, 0, 0, 0),
+            tcd_status::TCD_OK,
+        );
+        for (w, h, b) in [(500, 512, 1), (512, 512, 0), (0, 512, 1)] {
+            check(
+                tcd_engine_options_set_fixed_shape(options, w, h, b),
+                tcd_status::TCD_ERR_INVALID_ARGUMENT,
+            );
+            assert!(last_error().contains("multiples of 8"), "{}", last_error());
+        }
+        tcd_engine_options_free(options);
+    }
 }
