@@ -22,7 +22,7 @@ use super::resident::{self, PlacedInputs, Resident};
 use crate::control;
 use crate::image_io::{image_to_unit_tensor, resize_lanczos, RgbImage};
 use crate::model::{hub, read_json, UnetConfig};
-use crate::runtime::{Feed, Graph, SessionOptions, TensorInput};
+use crate::runtime::{Graph, SessionOptions};
 use crate::{Error, Result};
 
 /// The manifest kind `python -m export controlnet` writes.
@@ -642,20 +642,7 @@ pub(super) fn unet_residuals(
             let placed = resident
                 .and_then(|r| r.controlnets.get(k))
                 .unwrap_or(&host_only);
-            let mut inputs = vec![
-                ("sample", Feed::Host(TensorInput::F32(sample.clone()))),
-                ("timestep", Feed::Host(TensorInput::F32(timestep.clone()))),
-                (
-                    "encoder_hidden_states",
-                    placed.feed("encoder_hidden_states", &cond.hidden_states),
-                ),
-            ];
-            if let Some(pooled) = &cond.pooled {
-                inputs.push(("text_embeds", placed.feed("text_embeds", pooled)));
-            }
-            if let Some(time_ids) = &cond.time_ids {
-                inputs.push(("time_ids", placed.feed("time_ids", time_ids)));
-            }
+            let mut inputs = placed.denoiser_inputs(sample.clone(), timestep.clone(), cond);
             inputs.push(("controlnet_cond", placed.feed("controlnet_cond", image)));
             let wanted: Vec<&str> = net
                 .down_outputs

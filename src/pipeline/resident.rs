@@ -39,6 +39,32 @@ impl PlacedInputs {
             None => Feed::Host(TensorInput::F32(host.clone())),
         }
     }
+
+    /// The inputs every denoiser (UNet or ControlNet) takes: the step's latents and timestep
+    /// from the host, the conditioning as placed (SDXL's pooled embeddings and time ids when
+    /// present).
+    pub(super) fn denoiser_inputs<'a>(
+        &'a self,
+        sample: ArrayD<f32>,
+        timestep: ArrayD<f32>,
+        cond: &Conditioning,
+    ) -> Vec<(&'static str, Feed<'a>)> {
+        let mut inputs = vec![
+            ("sample", Feed::Host(TensorInput::F32(sample))),
+            ("timestep", Feed::Host(TensorInput::F32(timestep))),
+            (
+                "encoder_hidden_states",
+                self.feed("encoder_hidden_states", &cond.hidden_states),
+            ),
+        ];
+        if let Some(pooled) = &cond.pooled {
+            inputs.push(("text_embeds", self.feed("text_embeds", pooled)));
+        }
+        if let Some(time_ids) = &cond.time_ids {
+            inputs.push(("time_ids", self.feed("time_ids", time_ids)));
+        }
+        inputs
+    }
 }
 
 /// What one generation placed: the UNet's conditioning and, per ControlNet, its conditioning

@@ -157,20 +157,7 @@ pub(super) fn predict_noise(
     )?;
     let host_only = PlacedInputs::default();
     let placed = resident.map_or(&host_only, |r| &r.unet);
-    let mut inputs = vec![
-        ("sample", Feed::Host(TensorInput::F32(model_input))),
-        ("timestep", Feed::Host(TensorInput::F32(timestep_array))),
-        (
-            "encoder_hidden_states",
-            placed.feed("encoder_hidden_states", &cond.hidden_states),
-        ),
-    ];
-    if let Some(pooled) = &cond.pooled {
-        inputs.push(("text_embeds", placed.feed("text_embeds", pooled)));
-    }
-    if let Some(time_ids) = &cond.time_ids {
-        inputs.push(("time_ids", placed.feed("time_ids", time_ids)));
-    }
+    let mut inputs = placed.denoiser_inputs(model_input, timestep_array, cond);
     match (residuals, engine.residuals.as_ref()) {
         (Residuals::Sum(sum), Some(layout)) => inputs.extend(
             layout
