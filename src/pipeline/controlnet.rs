@@ -22,7 +22,8 @@ use super::resident::{self, PlacedInputs, Resident};
 use crate::control;
 use crate::image_io::{image_to_unit_tensor, resize_lanczos, RgbImage};
 use crate::model::{hub, read_json, UnetConfig};
-use crate::runtime::{Graph, SessionOptions};
+use crate::runtime::builtin::{self, SCALED_SUM_SCALE};
+use crate::runtime::{Destination, Feed, Graph, PlacedTensor, SessionOptions};
 use crate::{Error, Result};
 
 /// The manifest kind `python -m export controlnet` writes.
@@ -422,6 +423,106 @@ impl ResidualLayout {
     }
 }
 
+/// The ControlNets' residuals scaled and summed where the UNet reads them (issue #7): each
+/// ControlNet's outputs are bound to the memory of the sum graphs' inputs, and the sums to the
+/// memory of the UNet's residual inputs, so on an accelerator nothing goes to the host and back
+/// ([`crate::runtime::builtin::scaled_sum`]). Used with IoBinding; without it the residuals
+/// are scaled and summed on the host.
+#[derive(Debug)]
+pub(super) struct ResidualSum {
+    /// `out_i = x_i * scale`: the first ControlNet acting at a step.
+    first: Graph,
+    /// `out_i = acc_i + x_i * scale`: every further one (built for two or more ControlNets).
+    add: Option<Graph>,
+    x_names: Vec<String>,
+    acc_names: Vec<String>,
+    out_names: Vec<String>,
+    /// Where the ControlNets' residuals go: the sum graphs' `x_i` inputs.
+    into_sum: Vec<Destination>,
+    /// Where the sums go: the UNet's residual inputs, in [`ResidualLayout::names`] order.
+    into_unet: Vec<Destination>,
+}
+
+impl ResidualSum {
+    /// Builds the sum graphs for `nets` and the UNet's residual inputs; `None` when the
+    /// ControlNets' outputs differ in element type (they are then summed on the host).
+    pub(super) fn build(
+        layout: &ResidualLayout,
+        unet: &Graph,
+        nets: &[ControlNet],
+        options: &SessionOptions,
+    ) -> Result<Option<Self>> {
+        let Some(first_net) = nets.first() else {
+            return Ok(None);
+        };
+        let dtype_of = |net: &ControlNet| {
+            net.graph
+                .outputs()
+                .iter()
+                .find(|o| o.name == MID_OUTPUT)
+                .map(|o| o.dtype)
+        };
+        let x_dtype = dtype_of(first_net);
+        if nets.iter().any(|n| dtype_of(n) != x_dtype) {
+            return Ok(None);
+        }
+        let (Some(x_dtype), Some(unet_dtype)) = (x_dtype, unet.input(MID_INPUT).map(|i| i.dtype))
+        else {
+            return Ok(None);
+        };
+        let count = layout.down.len() + 1;
+        let first = builtin::scaled_sum(
+            "controlnet_scale",
+            count,
+            4,
+            (x_dtype, unet_dtype),
+            false,
+            options,
+        )?;
+        let add = if nets.len() > 1 {
+            Some(builtin::scaled_sum(
+                "controlnet_sum",
+                count,
+                4,
+                (x_dtype, unet_dtype),
+                true,
+                options,
+            )?)
+        } else {
+            None
+        };
+        let x_names: Vec<String> = (0..count).map(builtin::scaled_sum_x).collect();
+        // Both graphs read `x_i` alike.
+        let into_sum = x_names
+            .iter()
+            .map(|x| first.destination(x))
+            .collect::<Result<_>>()?;
+        let into_unet = layout
+            .names()
+            .map(|n| unet.destination(n))
+            .collect::<Result<_>>()?;
+        Ok(Some(ResidualSum {
+            first,
+            add,
+            x_names,
+            acc_names: (0..count).map(builtin::scaled_sum_acc).collect(),
+            out_names: (0..count).map(builtin::scaled_sum_out).collect(),
+            into_sum,
+            into_unet,
+        }))
+    }
+
+    /// The sum graphs (for session reports and run statistics).
+    pub(super) fn graphs(&self) -> impl Iterator<Item = &Graph> + Clone {
+        std::iter::once(&self.first).chain(self.add.as_ref())
+    }
+
+    /// The graph the scales are placed for (both sum graphs read `scale` alike).
+    pub(super) fn scale_graph(&self) -> &Graph {
+        &self.first
+    }
+}
+
 /// Loads the depth estimator of [`ControlPreprocess::Depth`]: a directory or a hub id of a
 /// `python -m export depth` export.
 pub(super) fn load_depth_estimator(
@@ -459,6 +560,17 @@ impl ControlState {
     /// Per ControlNet: the batched control image.
     pub(super) fn images(&self) -> &[ArrayD<f32>] {
         &self.images
+    }
+
+    /// Every non-zero scale some ControlNet runs with at some step, once each.
+    pub(super) fn distinct_scales(&self) -> Vec<f32> {
+        let mut seen: Vec<f32> = Vec::new();
+        for &s in self.scales.iter().flatten() {
+            if s != 0.0 && !seen.iter().any(|v| v.to_bits() == s.to_bits()) {
+                seen.push(s);
+            }
+        }
+        seen
     }
 
     /// The control images after preprocessing and resizing, one per ControlNet.
@@ -605,6 +717,8 @@ pub(super) enum Residuals {
     Zeros,
     /// The ControlNets' scaled, summed residuals, in [`ResidualLayout::names`] order.
     Sum(Vec<ArrayD<f32>>),
+    /// The same, summed where the UNet reads them ([`ResidualSum`]).
+    Placed(Vec<PlacedTensor>),
 }
 
 /// The residual inputs of one UNet evaluation: the ControlNets' scaled, summed residuals at
@@ -612,7 +726,7 @@ pub(super) enum Residuals {
 /// step; `resident` holds the ControlNets' placed inputs when IoBinding is on.
 pub(super) fn unet_residuals(
     layout: Option<&ResidualLayout>,
-    nets: &mut [ControlNet],
+    (nets, summer): (&mut [ControlNet], Option<&mut ResidualSum>),
     control: Option<(&ControlState, usize)>,
     (sample, timestep, cond): (&ArrayD<f32>, &ArrayD<f32>, &Conditioning),
     resident: Option<&Resident>,
@@ -626,12 +740,25 @@ pub(super) fn unet_residuals(
         }
         return Ok(Residuals::None);
     };
+    let Some((state, step)) = control else {
+        return Ok(Residuals::Zeros);
+    };
+    let scales = state
+        .scales
+        .get(step)
+        .ok_or_else(|| Error::Runtime(format!("no ControlNet scales for step {step}")))?;
+    if let (Some(summer), Some(resident)) = (summer, resident) {
+        return sum_placed(
+            nets,
+            summer,
+            state,
+            scales,
+            (sample, timestep, cond),
+            resident,
+        );
+    }
     let mut sum: Option<Vec<ArrayD<f32>>> = None;
-    if let Some((state, step)) = control {
-        let scales = state
-            .scales
-            .get(step)
-            .ok_or_else(|| Error::Runtime(format!("no ControlNet scales for step {step}")))?;
+    {
         let host_only = PlacedInputs::default();
         for (k, ((net, image), &scale)) in
             nets.iter_mut().zip(&state.images).zip(scales).enumerate()
@@ -684,6 +811,79 @@ pub(super) fn unet_residuals(
             )))
         }
     })
+}
+
+/// [`unet_residuals`] through [`ResidualSum`]: the residuals stay where the ControlNets wrote
+/// them, the sums where the UNet reads them.
+fn sum_placed(
+    nets: &mut [ControlNet],
+    summer: &mut ResidualSum,
+    state: &ControlState,
+    scales: &[f32],
+    (sample, timestep, cond): (&ArrayD<f32>, &ArrayD<f32>, &Conditioning),
+    resident: &Resident,
+) -> Result<Residuals> {
+    let mut acc: Option<Vec<PlacedTensor>> = None;
+    let host_only = PlacedInputs::default();
+    for (k, ((net, image), &scale)) in nets.iter_mut().zip(&state.images).zip(scales).enumerate() {
+        if scale == 0.0 {
+            continue;
+        }
+        let placed = resident.controlnets.get(k).unwrap_or(&host_only);
+        let mut inputs = placed.denoiser_inputs(sample.clone(), timestep.clone(), cond);
+        inputs.push(("controlnet_cond", placed.feed("controlnet_cond", image)));
+        let outputs: Vec<(&str, &Destination)> = net
+            .down_outputs
+            .iter()
+            .map(String::as_str)
+            .chain(std::iter::once(MID_OUTPUT))
+            .zip(&summer.into_sum)
+            .collect();
+        let residuals = net.graph.run_bound_placed(inputs, &outputs)?;
+        if let Some(previous) = &acc {
+            for (a, r) in previous.iter().zip(&residuals) {
+                if a.shape() != r.shape() {
+                    return Err(Error::Runtime(format!(
+                        "ControlNet residuals disagree in shape: {:?} and {:?}",
+                        a.shape(),
+                        r.shape()
+                    )));
+                }
+            }
+        }
+        let mut inputs: Vec<(&str, Feed<'_>)> = vec![(SCALED_SUM_SCALE, resident.scale(scale))];
+        inputs.extend(
+            summer
+                .x_names
+                .iter()
+                .map(String::as_str)
+                .zip(residuals.iter().map(Feed::Placed)),
+        );
+        let graph = match &acc {
+            None => &mut summer.first,
+            Some(previous) => {
+                inputs.extend(
+                    summer
+                        .acc_names
+                        .iter()
+                        .map(String::as_str)
+                        .zip(previous.iter().map(Feed::Placed)),
+                );
+                summer.add.as_mut().ok_or_else(|| {
+                    Error::Runtime("a second ControlNet acted but no sum graph was built".into())
+                })?
+            }
+        };
+        let outputs: Vec<(&str, &Destination)> = summer
+            .out_names
+            .iter()
+            .map(String::as_str)
+            .zip(&summer.into_unet)
+            .collect();
+        let next = graph.run_bound_placed(inputs, &outputs)?;
+        acc = Some(next);
+    }
+    Ok(acc.map_or(Residuals::Zeros, Residuals::Placed))
 }
 
 #[cfg(test)]

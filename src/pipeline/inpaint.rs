@@ -152,7 +152,7 @@ pub(super) fn run(
 
     let total = timesteps.len();
     check_cancel(progress, Progress::Denoising { total })?;
-    let resident = Resident::place(engine.io_binding, &engine.unet, &[], &cond, None)?;
+    let resident = Resident::place(engine.io_binding, &engine.unet, (&[], None), &cond, None)?;
     let resident = resident.as_ref();
     for (i, &t) in timesteps.iter().enumerate() {
         let noise_pred = match &extra {

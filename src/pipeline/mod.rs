@@ -280,6 +280,8 @@ pub struct Engine {
     lora_report: LoraReport,
     io_binding: bool,
     fixed_shape: Option<ShapeDims>,
+    /// Sums the ControlNets' residuals where the UNet reads them (with IoBinding).
+    residual_sum: Option<controlnet::ResidualSum>,
     /// Zero ControlNet residuals placed on the UNet's device, per `[batch, h, w]`.
     zero_residuals: resident::ShapeCache<Vec<runtime::PlacedTensor>>,
 }
@@ -429,6 +431,12 @@ impl Engine {
             }
             controlnets.push(net);
         }
+        let residual_sum = match (&residuals, options.io_binding) {
+            (Some(layout), true) => {
+                controlnet::ResidualSum::build(layout, &unet, &controlnets, &session_options)?
+            }
+            _ => None,
+        };
         let vae_decoder = Graph::load(
             "vae_decoder",
             &model.graph_path("vae_decoder"),
@@ -460,6 +468,7 @@ impl Engine {
             vae_encoder,
             controlnets,
             residuals,
+            residual_sum,
             depth,
             requires_aesthetics_score,
             scheduler,
@@ -485,15 +494,18 @@ impl Engine {
     /// Per graph: the providers its nodes run on and the session cache's outcome.
     pub fn sessions(&self) -> Vec<SessionReport> {
         let encoders = self.encoders.iter().map(|e| &e.graph);
+        let sums = self.residual_sum.iter().flat_map(|s| s.graphs());
         let graphs = encoders
             .chain([&self.unet, &self.vae_decoder])
             .chain(self.vae_encoder.as_ref())
-            .chain(self.controlnets.iter().map(ControlNet::graph));
-        // The denoising loop binds the UNet and the ControlNets; the encoders and the VAE run
-        // once per generation.
+            .chain(self.controlnets.iter().map(ControlNet::graph))
+            .chain(sums.clone());
+        // The denoising loop binds the UNet, the ControlNets and the residual sums; the encoders
+        // and the VAE run once per generation.
         let denoiser = |g: &Graph| {
             std::ptr::eq(g, &self.unet)
                 || self.controlnets.iter().any(|c| std::ptr::eq(g, c.graph()))
+                || sums.clone().any(|s| std::ptr::eq(g, s))
         };
         graphs
             .map(|g| SessionReport {
@@ -520,6 +532,7 @@ impl Engine {
             .chain([&self.unet, &self.vae_decoder])
             .chain(self.vae_encoder.as_ref())
             .chain(self.controlnets.iter().map(ControlNet::graph))
+            .chain(self.residual_sum.iter().flat_map(|s| s.graphs()))
             .chain(self.depth.as_ref().map(|d| d.graph()));
         graphs
             .map(|g| (g.name().to_string(), g.run_stats()))

@@ -1,14 +1,16 @@
 //! Inputs that stay where the UNet and the ControlNets read them for a whole generation
 //! (issue #7): the text conditioning and the control images are placed once per generation,
 //! the zero ControlNet residuals once per shape for the engine's lifetime. Only the latents and
-//! the timestep go to the device every step, and only the noise prediction (and ControlNet
-//! residuals, which are scaled and summed on the host) come back.
+//! the timestep go to the device every step, and only the noise prediction comes back: the
+//! ControlNets' residuals are scaled and summed where the UNet reads them
+//! ([`super::controlnet::ResidualSum`]), with the step scales placed once per generation.
 
-use ndarray::ArrayD;
+use ndarray::{ArrayD, IxDyn};
 
 use super::conditioning::Conditioning;
-use super::controlnet::ControlState;
+use super::controlnet::{ControlState, ResidualSum};
 use super::ControlNet;
+use crate::runtime::builtin::SCALED_SUM_SCALE;
 use crate::runtime::{Feed, Graph, PlacedTensor, TensorInput};
 use crate::{Error, Result};
 
@@ -73,6 +75,8 @@ impl PlacedInputs {
 pub(super) struct Resident {
     pub(super) unet: PlacedInputs,
     pub(super) controlnets: Vec<PlacedInputs>,
+    /// The ControlNet scales of this generation (by bit pattern), placed for the sum graphs.
+    scales: Vec<(u32, PlacedTensor)>,
 }
 
 impl Resident {
@@ -80,7 +84,7 @@ impl Resident {
     pub(super) fn place(
         enabled: bool,
         unet: &Graph,
-        controlnets: &[ControlNet],
+        (controlnets, summer): (&[ControlNet], Option<&ResidualSum>),
         cond: &Conditioning,
         control: Option<&ControlState>,
     ) -> Result<Option<Self>> {
@@ -90,7 +94,17 @@ impl Resident {
         let mut resident = Resident {
             unet: PlacedInputs::conditioning(unet, cond)?,
             controlnets: Vec::new(),
+            scales: Vec::new(),
         };
+        if let (Some(state), Some(summer)) = (control, summer) {
+            for scale in state.distinct_scales() {
+                let value = ArrayD::from_elem(IxDyn(&[]), scale);
+                let placed = summer
+                    .scale_graph()
+                    .place(SCALED_SUM_SCALE, TensorInput::F32(value))?;
+                resident.scales.push((scale.to_bits(), placed));
+            }
+        }
         if let Some(state) = control {
             for (net, image) in controlnets.iter().zip(state.images()) {
                 let mut placed = PlacedInputs::conditioning(net.graph(), cond)?;
@@ -102,6 +116,18 @@ impl Resident {
             }
         }
         Ok(Some(resident))
+    }
+
+    /// The placed ControlNet scale `scale`, or the scalar from the host if it was not placed.
+    pub(super) fn scale(&self, scale: f32) -> Feed<'_> {
+        match self
+            .scales
+            .iter()
+            .find(|(bits, _)| *bits == scale.to_bits())
+        {
+            Some((_, placed)) => Feed::Placed(placed),
+            None => Feed::Host(TensorInput::F32(ArrayD::from_elem(IxDyn(&[]), scale))),
+        }
     }
 }
 

@@ -150,14 +150,20 @@ pub(super) fn predict_noise(
     };
     let residuals = controlnet::unet_residuals(
         engine.residuals.as_ref(),
-        &mut engine.controlnets,
+        (&mut engine.controlnets, engine.residual_sum.as_mut()),
         control,
         (&model_input, &timestep_array, cond),
         resident,
     )?;
+    // Sums left where the UNet reads them are bound as they are.
+    let (residuals, placed_sums) = match residuals {
+        Residuals::Placed(sums) => (Residuals::None, sums),
+        other => (other, Vec::new()),
+    };
     let host_only = PlacedInputs::default();
     let placed = resident.map_or(&host_only, |r| &r.unet);
     let mut inputs = placed.denoiser_inputs(model_input, timestep_array, cond);
+    inputs.extend(placed_sums.iter().map(|p| (p.input(), Feed::Placed(p))));
     match (residuals, engine.residuals.as_ref()) {
         (Residuals::Sum(sum), Some(layout)) => inputs.extend(
             layout
@@ -185,7 +191,7 @@ pub(super) fn predict_noise(
                 .into_iter()
                 .map(|(name, value)| (name, Feed::Host(TensorInput::F32(value)))),
         ),
-        (Residuals::None, _) | (_, None) => {}
+        (Residuals::None | Residuals::Placed(_), _) | (_, None) => {}
     }
     let mut out = resident::run(
         &mut engine.unet,
@@ -322,7 +328,7 @@ pub(super) fn denoise(
     let resident = Resident::place(
         engine.io_binding,
         &engine.unet,
-        &engine.controlnets,
+        (&engine.controlnets, engine.residual_sum.as_ref()),
         cond,
         control,
     )?;

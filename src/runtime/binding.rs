@@ -17,10 +17,10 @@ use std::sync::Arc;
 use ndarray::ArrayD;
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{IoBinding, Session, SharedSessionInner};
-use ort::value::DynTensor;
+use ort::value::{DynTensor, DynTensorValueType, DynValue, ValueType};
 use ort::AsPointer;
 
-use super::session::{read_outputs, rt_err, ElementType, Graph, TensorInput};
+use super::session::{read_output, rt_err, ElementType, Graph, TensorInput};
 use crate::{Error, Result};
 
 /// Where a session reads one input from.
@@ -152,6 +152,22 @@ impl PlacedTensor {
     }
 }
 
+/// Where one graph input reads from: the memory [`Graph::run_bound_placed`] leaves another
+/// graph's output in, so that it is bound there without a copy.
+#[derive(Debug, Clone)]
+pub struct Destination {
+    input: String,
+    dtype: ElementType,
+    placement: Placement,
+}
+
+impl Destination {
+    /// The input.
+    pub fn input(&self) -> &str {
+        &self.input
+    }
+}
+
 /// One input of [`Graph::run_bound`].
 #[derive(Debug)]
 pub enum Feed<'a> {
@@ -244,7 +260,67 @@ impl Graph {
         inputs: Vec<(&str, Feed<'_>)>,
         wanted: &[&str],
     ) -> Result<Vec<ArrayD<f32>>> {
-        self.check_outputs(wanted)?;
+        let targets: Vec<(&str, Option<&Destination>)> =
+            wanted.iter().map(|w| (*w, None)).collect();
+        let values = self.run_binding(inputs, &targets)?;
+        wanted
+            .iter()
+            .zip(&values)
+            .map(|(w, value)| read_output(&self.name, &self.outputs, w, value))
+            .collect()
+    }
+
+    /// [`Graph::run_bound`] with every output left where its next reader reads it: output
+    /// `name` is bound to the memory of `destination` and comes back as a tensor placed there,
+    /// ready for [`Feed::Placed`] (on accelerators nothing is copied to the host).
+    pub fn run_bound_placed(
+        &mut self,
+        inputs: Vec<(&str, Feed<'_>)>,
+        outputs: &[(&str, &Destination)],
+    ) -> Result<Vec<PlacedTensor>> {
+        let targets: Vec<(&str, Option<&Destination>)> =
+            outputs.iter().map(|(w, d)| (*w, Some(*d))).collect();
+        let values = self.run_binding(inputs, &targets)?;
+        outputs
+            .iter()
+            .zip(values)
+            .map(|((w, destination), value)| {
+                let context = format!("{} output '{w}'", self.name);
+                let value = value
+                    .downcast::<DynTensorValueType>()
+                    .map_err(|e| rt_err(&context, e))?;
+                let dtype = match value.dtype() {
+                    ValueType::Tensor { ty, .. } => ElementType::from_ort(*ty),
+                    _ => ElementType::Other,
+                };
+                if dtype != destination.dtype {
+                    return Err(Error::Runtime(format!(
+                        "{context} is {dtype:?} and input '{}' takes {:?}",
+                        destination.input, destination.dtype
+                    )));
+                }
+                let shape = value.shape().iter().map(|&d| d as usize).collect();
+                Ok(PlacedTensor {
+                    on_device: !value.memory_info().is_cpu_accessible(),
+                    value,
+                    input: destination.input.clone(),
+                    dtype,
+                    shape,
+                    _session: self.session.inner(),
+                })
+            })
+            .collect()
+    }
+
+    /// Binds, runs and returns the outputs in the order of `outputs`, each bound to host memory
+    /// or to its destination's.
+    fn run_binding(
+        &mut self,
+        inputs: Vec<(&str, Feed<'_>)>,
+        outputs: &[(&str, Option<&Destination>)],
+    ) -> Result<Vec<DynValue>> {
+        let wanted: Vec<&str> = outputs.iter().map(|(w, _)| *w).collect();
+        self.check_outputs(&wanted)?;
         let mut binding = match self.binding.take() {
             Some(b) => b,
             None => self
@@ -252,8 +328,9 @@ impl Graph {
                 .create_binding()
                 .map_err(|e| rt_err(&format!("binding {}", self.name), e))?,
         };
-        let result = self.run_with(&mut binding, inputs, wanted);
-        // Releases this run's host copies and outputs; placed tensors stay with their owners.
+        let result = self.run_with(&mut binding, inputs, outputs);
+        // Releases this run's host copies and outputs; placed tensors stay with their owners,
+        // and returned outputs hold their own references.
         binding.clear();
         self.binding = Some(binding);
         result
@@ -263,8 +340,8 @@ impl Graph {
         &mut self,
         binding: &mut IoBinding,
         inputs: Vec<(&str, Feed<'_>)>,
-        wanted: &[&str],
-    ) -> Result<Vec<ArrayD<f32>>> {
+        outputs: &[(&str, Option<&Destination>)],
+    ) -> Result<Vec<DynValue>> {
         binding.clear();
         let context = format!("binding {}", self.name);
         for (name, feed) in inputs {
@@ -288,9 +365,13 @@ impl Graph {
             .map_err(|e| rt_err(&format!("{context} input '{name}'"), e))?;
         }
         let host = host_info()?;
-        for w in wanted {
+        for (w, destination) in outputs {
+            let memory = match destination.map(|d| &d.placement) {
+                Some(Placement::Device { device, id }) => device_info(device, *id),
+                _ => None,
+            };
             binding
-                .bind_output_to_device(*w, &host)
+                .bind_output_to_device(*w, memory.as_ref().unwrap_or(&host))
                 .map_err(|e| rt_err(&format!("{context} output '{w}'"), e))?;
         }
         // Host inputs bound to device memory are copied when bound; make sure those copies are
@@ -300,14 +381,36 @@ impl Graph {
             .map_err(|e| rt_err(&context, e))?;
         let name = self.name.clone();
         let started = std::time::Instant::now();
-        let outputs = self.session.run_binding(binding);
+        let result = self.session.run_binding(binding);
         self.run_stats.calls += 1;
         self.run_stats.total += started.elapsed();
-        let outputs = outputs.map_err(|e| rt_err(&format!("running {name}"), e))?;
+        let mut result = result.map_err(|e| rt_err(&format!("running {name}"), e))?;
         binding
             .synchronize_outputs()
             .map_err(|e| rt_err(&context, e))?;
-        read_outputs(&self.name, &self.outputs, &outputs, wanted)
+        outputs
+            .iter()
+            .map(|(w, _)| {
+                result
+                    .remove(*w)
+                    .ok_or_else(|| Error::Runtime(format!("{name} produced no output '{w}'")))
+            })
+            .collect()
+    }
+
+    /// Where input `input` of this graph reads from, for [`Graph::run_bound_placed`] to leave
+    /// another graph's output there.
+    pub fn destination(&self, input: &str) -> Result<Destination> {
+        let index = self.input_index(input)?;
+        Ok(Destination {
+            input: input.to_string(),
+            dtype: self.inputs[index].dtype,
+            placement: self
+                .placements
+                .get(index)
+                .cloned()
+                .unwrap_or(Placement::Host),
+        })
     }
 
     /// Whether some input of this graph is read from device memory (so placing inputs saves

@@ -2,6 +2,7 @@
 //! providers, sessions and their IoBindings. No other module names `ort`.
 
 mod binding;
+pub mod builtin;
 pub mod cache;
 mod initializers;
 mod library;
@@ -10,7 +11,7 @@ mod provider;
 mod session;
 pub mod tensorrt;
 
-pub use binding::{Feed, PlacedTensor};
+pub use binding::{Destination, Feed, PlacedTensor};
 pub use cache::CacheStatus;
 pub use initializers::{
     declared_inputs, f16_to_f32, DeclaredDim, DeclaredInput, Initializer, InitializerTable, Storage,

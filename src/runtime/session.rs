@@ -7,7 +7,7 @@ use half::f16;
 use ndarray::{ArrayD, IxDyn};
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::{IoBinding, Session, SessionOutputs};
-use ort::value::{DynTensor, Tensor, TensorElementType, ValueType};
+use ort::value::{DynTensor, DynValue, Tensor, TensorElementType, ValueType};
 use ort::AsPointer;
 
 use super::binding::{input_devices, Placement};
@@ -107,7 +107,7 @@ impl ElementType {
         }
     }
 
-    fn from_ort(ty: TensorElementType) -> Self {
+    pub(super) fn from_ort(ty: TensorElementType) -> Self {
         match ty {
             TensorElementType::Float32 => ElementType::F32,
             TensorElementType::Float16 => ElementType::F16,
@@ -319,7 +319,7 @@ impl Graph {
         Ok(Graph::new(name, path, session, status))
     }
 
-    fn new(name: &str, path: &Path, session: Session, cache: CacheStatus) -> Self {
+    pub(super) fn new(name: &str, path: &Path, session: Session, cache: CacheStatus) -> Self {
         let inputs = specs(session.inputs());
         let outputs = specs(session.outputs());
         let assignment = assignment(&session).unwrap_or_default();
@@ -496,53 +496,55 @@ pub(super) fn read_outputs(
     outputs: &SessionOutputs<'_>,
     wanted: &[&str],
 ) -> Result<Vec<ArrayD<f32>>> {
-    let mut result = Vec::with_capacity(wanted.len());
-    for w in wanted {
-        let value = outputs
-            .get(*w)
-            .ok_or_else(|| Error::Runtime(format!("{name} produced no output '{w}'")))?;
-        let context = format!("reading {name} output '{w}'");
-        let dtype = specs
-            .iter()
-            .find(|o| o.name == *w)
-            .map_or(ElementType::Other, |o| o.dtype);
-        let array = match dtype {
-            // Float16 graphs: widened exactly, so callers always see f32.
-            ElementType::F16 => value
-                .try_extract_array::<f16>()
-                .map(|a| a.mapv(f16::to_f32))
-                .map_err(|e| rt_err(&context, e))?,
-            _ => value
-                .try_extract_array::<f32>()
-                .map(|a| a.to_owned())
-                .map_err(|e| rt_err(&context, e))?,
-        };
-        result.push(array);
-    }
-    Ok(result)
+    wanted
+        .iter()
+        .map(|w| {
+            let value = outputs
+                .get(*w)
+                .ok_or_else(|| Error::Runtime(format!("{name} produced no output '{w}'")))?;
+            read_output(name, specs, w, value)
+        })
+        .collect()
 }
 
-/// Builds a session for `model`. With `save_to`, ONNX Runtime writes the optimised graph there
-/// (its weights in [`DATA_FILE`] beside it). `optimise` is false for a graph from the cache,
-/// which is already optimised: running the optimisers again would only cost time.
-fn build(
+/// Copies output `w` of graph `name` to an f32 array (float16 widened exactly).
+pub(super) fn read_output(
     name: &str,
-    model: &Path,
+    specs: &[IoSpec],
+    w: &str,
+    value: &DynValue,
+) -> Result<ArrayD<f32>> {
+    let context = format!("reading {name} output '{w}'");
+    let dtype = specs
+        .iter()
+        .find(|o| o.name == w)
+        .map_or(ElementType::Other, |o| o.dtype);
+    match dtype {
+        // Float16 graphs: widened exactly, so callers always see f32.
+        ElementType::F16 => value
+            .try_extract_array::<f16>()
+            .map(|a| a.mapv(f16::to_f32))
+            .map_err(|e| rt_err(&context, e)),
+        _ => value
+            .try_extract_array::<f32>()
+            .map(|a| a.to_owned())
+            .map_err(|e| rt_err(&context, e)),
+    }
+}
+
+/// A session builder with `options`' providers, threads and fixed shapes, at optimisation
+/// `level`. `graph` (component name and file) is the graph the fixed shapes are derived from;
+/// graphs built in memory have none.
+pub(super) fn configure(
+    context: &str,
     options: &SessionOptions,
+    level: OptLevel,
     trt_shapes: Option<&ProfileShapes>,
-    save_to: Option<PathBuf>,
-    overrides: Vec<WeightOverride>,
-    optimise: bool,
-) -> Result<Session> {
+    graph: Option<(&str, &Path)>,
+) -> Result<SessionBuilder> {
     let env = super::environment()?;
-    let context = format!("loading {} ({})", name, model.display());
-    let err = |e: ort::Error<SessionBuilder>| rt_err(&context, e);
-    let mut builder = Session::builder(&env).map_err(|e| rt_err(&context, e))?;
-    let level = if optimise {
-        options.opt_level
-    } else {
-        OptLevel::Disable
-    };
+    let err = |e: ort::Error<SessionBuilder>| rt_err(context, e);
+    let mut builder = Session::builder(&env).map_err(|e| rt_err(context, e))?;
     builder = builder
         .with_optimization_level(match level {
             OptLevel::Disable => GraphOptimizationLevel::Disable,
@@ -554,20 +556,10 @@ fn build(
     builder = builder
         .with_config_entry("session.record_ep_graph_assignment_info", "1")
         .map_err(err)?;
-    if let Some(path) = &save_to {
-        builder = builder
-            .with_optimized_model_path(path)
-            .map_err(err)?
-            .with_config_entry(
-                "session.optimized_model_external_initializers_file_name",
-                DATA_FILE,
-            )
-            .map_err(err)?;
-    }
     if let Some(n) = options.intra_threads {
         builder = builder.with_intra_threads(n).map_err(err)?;
     }
-    if let Some(fixed) = &options.fixed_shape {
+    if let (Some(fixed), Some((name, model))) = (&options.fixed_shape, graph) {
         let fixed = dimension_overrides(&declared_inputs(model)?, &fixed.dims, fixed.latent_factor)
             .map_err(|e| Error::model(model, format!("the {name} graph: {e}")))?;
         for (dim, size) in fixed {
@@ -587,7 +579,7 @@ fn build(
         .iter()
         .map(|ep| ep.dispatch(&options.provider_options, trt_shapes))
         .collect::<Result<Vec<_>>>()?;
-    builder = builder.with_execution_providers(dispatch).map_err(|e| {
+    builder.with_execution_providers(dispatch).map_err(|e| {
         rt_err(
             &format!(
                 "{context}: registering execution provider(s) {}",
@@ -599,7 +591,39 @@ fn build(
             ),
             e,
         )
-    })?;
+    })
+}
+
+/// Builds a session for `model`. With `save_to`, ONNX Runtime writes the optimised graph there
+/// (its weights in [`DATA_FILE`] beside it). `optimise` is false for a graph from the cache,
+/// which is already optimised: running the optimisers again would only cost time.
+fn build(
+    name: &str,
+    model: &Path,
+    options: &SessionOptions,
+    trt_shapes: Option<&ProfileShapes>,
+    save_to: Option<PathBuf>,
+    overrides: Vec<WeightOverride>,
+    optimise: bool,
+) -> Result<Session> {
+    let context = format!("loading {} ({})", name, model.display());
+    let err = |e: ort::Error<SessionBuilder>| rt_err(&context, e);
+    let level = if optimise {
+        options.opt_level
+    } else {
+        OptLevel::Disable
+    };
+    let mut builder = configure(&context, options, level, trt_shapes, Some((name, model)))?;
+    if let Some(path) = &save_to {
+        builder = builder
+            .with_optimized_model_path(path)
+            .map_err(err)?
+            .with_config_entry(
+                "session.optimized_model_external_initializers_file_name",
+                DATA_FILE,
+            )
+            .map_err(err)?;
+    }
     for o in overrides {
         let what = format!("{context}: weight '{}'", o.name);
         let tensor = match o.dtype {
