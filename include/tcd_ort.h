@@ -483,6 +483,19 @@ tcd_status tcd_engine_options_set_session_cache(struct tcd_engine_options *optio
 tcd_status tcd_engine_options_set_io_binding(struct tcd_engine_options *options, int32_t enabled);
 
 /**
+ * Turns low-memory mode on (non-zero) or off (0, the default): the engine then holds one
+ * component at a time (text encoders, VAE encoder, UNet with its ControlNets, VAE decoder),
+ * each loaded for its stage of a generation and released before the next one loads, so peak
+ * memory is the largest component's. Every generation pays the loads (fast with a session
+ * cache).
+ *
+ * # Safety
+ *
+ * `options` is NULL or a live handle not used by another thread during the call.
+ */
+tcd_status tcd_engine_options_set_low_memory(struct tcd_engine_options *options, int32_t enabled);
+
+/**
  * Turns ONNX Runtime's memory arena for the CPU provider on (non-zero) or off (0, the
  * default): on is faster (fewer page faults) at a higher peak memory.
  *

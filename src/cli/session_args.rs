@@ -65,6 +65,12 @@ pub struct SessionArgs {
     /// every step). The loaded engine then refuses other sizes.
     #[arg(long)]
     fixed_shape: bool,
+    /// Hold one component at a time: the text encoders, the UNet (with its ControlNets) and the
+    /// VAE are each loaded for their stage and released before the next one loads. Peak memory
+    /// is the largest component's instead of all of them; pair it with --session-cache so the
+    /// loads are fast.
+    #[arg(long)]
+    low_memory: bool,
 }
 
 impl SessionArgs {
@@ -181,6 +187,7 @@ impl SessionArgs {
         options.opt_level = self.opt_level;
         options.session_cache = self.session_cache.clone();
         options.io_binding = !self.no_io_binding;
+        options.low_memory = self.low_memory;
         options.fixed_shape = if self.fixed_shape {
             let size = |v: Option<usize>, other: Option<usize>| v.or(other).or(shape.native_size);
             match (

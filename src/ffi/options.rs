@@ -313,6 +313,28 @@ pub unsafe extern "C" fn tcd_engine_options_set_io_binding(
     })
 }
 
+/// Turns low-memory mode on (non-zero) or off (0, the default): the engine then holds one
+/// component at a time (text encoders, VAE encoder, UNet with its ControlNets, VAE decoder),
+/// each loaded for its stage of a generation and released before the next one loads, so peak
+/// memory is the largest component's. Every generation pays the loads (fast with a session
+/// cache).
+///
+/// # Safety
+///
+/// `options` is NULL or a live handle not used by another thread during the call.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_engine_options_set_low_memory(
+    options: *mut tcd_engine_options,
+    enabled: i32,
+) -> tcd_status {
+    guard("tcd_engine_options_set_low_memory", || {
+        // SAFETY: the caller's contract.
+        let options = unsafe { borrow_mut(options, "options") }?;
+        options.options.low_memory = enabled != 0;
+        Ok(())
+    })
+}
+
 /// Turns ONNX Runtime's memory arena for the CPU provider on (non-zero) or off (0, the
 /// default): on is faster (fewer page faults) at a higher peak memory.
 ///

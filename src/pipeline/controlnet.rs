@@ -241,6 +241,11 @@ impl ControlNet {
         &self.graph
     }
 
+    /// The graph, to release or reload it (low-memory mode).
+    pub(super) fn graph_mut(&mut self) -> &mut Graph {
+        &mut self.graph
+    }
+
     /// Whether it is an SDXL ControlNet.
     pub fn is_xl(&self) -> bool {
         self.xl

@@ -6,7 +6,7 @@ use ndarray::{concatenate, s, ArrayD, Axis, IxDyn};
 
 use super::conditioning::Conditioning;
 use super::txt2img::{check_cancel, denoise, encode_prompts, finish, validate};
-use super::{Engine, GenerateRequest, Generated, Progress};
+use super::{Engine, GenerateRequest, Generated, Progress, Stage};
 use crate::image_io::{image_to_tensor, RgbImage};
 use crate::rng::TorchGenerator;
 use crate::runtime::TensorInput;
@@ -97,6 +97,7 @@ pub(super) fn encode_image(
     generator: &mut TorchGenerator,
     scaling: LatentScaling,
 ) -> Result<ArrayD<f32>> {
+    engine.stage(Stage::Image)?;
     let channels = engine.model.vae.latent_channels;
     let Some(encoder) = engine.vae_encoder.as_mut() else {
         return Err(Error::model(

@@ -15,7 +15,7 @@ use super::img2img::{
 };
 use super::resident::Resident;
 use super::txt2img::{check_cancel, encode_prompts, finish, predict_noise};
-use super::{Engine, GenerateRequest, Generated, InpaintMode, Progress};
+use super::{Engine, GenerateRequest, Generated, InpaintMode, Progress, Stage};
 use crate::image_io::{image_to_tensor, mask_to_tensor, RgbImage};
 use crate::rng::TorchGenerator;
 use crate::{Error, Result};
@@ -152,6 +152,7 @@ pub(super) fn run(
 
     let total = timesteps.len();
     check_cancel(progress, Progress::Denoising { total })?;
+    engine.stage(Stage::Denoise)?;
     let resident = Resident::place(engine.io_binding, &engine.unet, (&[], None), &cond, None)?;
     let resident = resident.as_ref();
     for (i, &t) in timesteps.iter().enumerate() {

@@ -88,6 +88,12 @@ pub struct EngineOptions {
     /// graphs' shape arithmetic, which on CUDA otherwise runs on the CPU inside every step.
     /// Requests of another size or batch are refused. `None` (the default) keeps them dynamic.
     pub fixed_shape: Option<ShapeDims>,
+    /// Hold one component at a time: the text encoders, the VAE encoder, the UNet with its
+    /// ControlNets and the VAE decoder are each loaded for their stage of a generation and
+    /// released before the next stage loads (from the session cache when it is on). Peak memory
+    /// is then the largest component's instead of all of them together; every generation
+    /// pays the loads. Load-time LoRA weights stay in memory for the reloads. Off by default.
+    pub low_memory: bool,
 }
 
 /// How one loaded graph runs: the providers ONNX Runtime assigned its nodes to and what the
@@ -126,6 +132,7 @@ impl Default for EngineOptions {
             session_cache: SessionCache::default(),
             io_binding: true,
             fixed_shape: None,
+            low_memory: false,
         }
     }
 }
@@ -280,10 +287,24 @@ pub struct Engine {
     lora_report: LoraReport,
     io_binding: bool,
     fixed_shape: Option<ShapeDims>,
+    low_memory: bool,
     /// Sums the ControlNets' residuals where the UNet reads them (with IoBinding).
     residual_sum: Option<controlnet::ResidualSum>,
     /// Zero ControlNet residuals placed on the UNet's device, per `[batch, h, w]`.
     zero_residuals: resident::ShapeCache<Vec<runtime::PlacedTensor>>,
+}
+
+/// The stages of a generation, each with its own graphs ([`EngineOptions::low_memory`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stage {
+    /// The text encoders.
+    Prompt,
+    /// The VAE encoder (image-to-image, inpainting).
+    Image,
+    /// The UNet and the ControlNets.
+    Denoise,
+    /// The VAE decoder.
+    Decode,
 }
 
 /// How many shapes of zero ControlNet residuals an engine keeps placed (a size with and without
@@ -388,8 +409,6 @@ impl Engine {
             }),
             ..session_options.clone()
         };
-        // The UNet (most of the weights) loads on its own thread while the rest loads on this
-        // one: on two cores that halves the start-up.
         let unet_path = model.graph_path("unet");
         let unet_weights = overrides.remove("unet").unwrap_or_default();
         let xl = model.family().is_xl();
@@ -401,41 +420,88 @@ impl Engine {
         } else {
             &[("tokenizer", "text_encoder")]
         };
-        let (rest, unet) = std::thread::scope(|scope| {
-            let unet = scope.spawn(|| {
-                Graph::load_with_weights("unet", &unet_path, &denoiser_options, unet_weights)
-            });
-            let rest = (|| -> Result<_> {
-                let mut encoders = Vec::new();
-                for (tok, enc) in names {
-                    let tokenizer = ClipTokenizer::from_dir(&root.join(tok))?;
-                    let graph = Graph::load_with_weights(
-                        enc,
-                        &model.graph_path(enc),
-                        &session_options,
-                        overrides.remove(*enc).unwrap_or_default(),
-                    )?;
-                    encoders.push(TextEncoder::new(tokenizer, graph, xl)?);
+        let low_memory = options.low_memory;
+        // Low-memory mode: every graph is checked, then released until its stage needs it, and
+        // keeps what it needs to load again.
+        let releasable = |mut graph: Graph, options: &SessionOptions, weights: Vec<_>| {
+            if low_memory {
+                graph.keep_for_reload(options, weights);
+                graph.release();
+            }
+            graph
+        };
+        let load_unet = || {
+            let kept = if low_memory {
+                unet_weights.clone()
+            } else {
+                Vec::new()
+            };
+            Graph::load_with_weights("unet", &unet_path, &denoiser_options, unet_weights)
+                .map(|g| releasable(g, &denoiser_options, kept))
+        };
+        let mut load_rest = || -> Result<_> {
+            let mut encoders = Vec::new();
+            for (tok, enc) in names {
+                let tokenizer = ClipTokenizer::from_dir(&root.join(tok))?;
+                let weights = overrides.remove(*enc).unwrap_or_default();
+                let kept = if low_memory {
+                    weights.clone()
+                } else {
+                    Vec::new()
+                };
+                let graph = Graph::load_with_weights(
+                    enc,
+                    &model.graph_path(enc),
+                    &session_options,
+                    weights,
+                )?;
+                encoders.push(TextEncoder::new(
+                    tokenizer,
+                    releasable(graph, &session_options, kept),
+                    xl,
+                )?);
+            }
+            let (decoder, encoder) = load_vaes(&model, &session_options)?;
+            let decoder = releasable(decoder, &session_options, Vec::new());
+            let encoder = encoder.map(|e| releasable(e, &session_options, Vec::new()));
+            let depth = options
+                .depth_estimator
+                .as_deref()
+                .map(|source| controlnet::load_depth_estimator(source, None, &session_options))
+                .transpose()?;
+            // `--revision` names a revision of the model repository, not of the ControlNets'.
+            let mut controlnets = Vec::with_capacity(options.controlnets.len());
+            for source in &options.controlnets {
+                let mut net = ControlNet::load(source, None, &denoiser_options)?;
+                if low_memory {
+                    net.graph_mut()
+                        .keep_for_reload(&denoiser_options, Vec::new());
+                    net.graph_mut().release();
                 }
-                let vaes = load_vaes(&model, &session_options)?;
-                let depth = options
-                    .depth_estimator
-                    .as_deref()
-                    .map(|source| controlnet::load_depth_estimator(source, None, &session_options))
-                    .transpose()?;
-                // `--revision` names a revision of the model repository, not of the ControlNets'.
-                let controlnets = options
-                    .controlnets
-                    .iter()
-                    .map(|source| ControlNet::load(source, None, &denoiser_options))
-                    .collect::<Result<Vec<_>>>()?;
-                Ok((encoders, vaes, depth, controlnets))
-            })();
-            let unet = unet
-                .join()
-                .unwrap_or_else(|_| Err(Error::Runtime("loading the UNet panicked".into())));
+                controlnets.push(net);
+            }
+            Ok((encoders, (decoder, encoder), depth, controlnets))
+        };
+        let (rest, unet) = if low_memory {
+            // One graph at a time, so loading peaks at the largest one too.
+            let rest = load_rest();
+            let unet = match &rest {
+                Ok(_) => load_unet(),
+                Err(_) => Err(Error::Runtime("not loaded".into())),
+            };
             (rest, unet)
-        });
+        } else {
+            // The UNet (most of the weights) loads on its own thread while the rest loads on
+            // this one: on two cores that cuts the start-up by a quarter.
+            std::thread::scope(|scope| {
+                let unet = scope.spawn(load_unet);
+                let rest = load_rest();
+                let unet = unet
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::Runtime("loading the UNet panicked".into())));
+                (rest, unet)
+            })
+        };
         let (encoders, (vae_decoder, vae_encoder), depth, controlnets) = rest?;
         let unet = unet?;
         let mut required = vec!["sample", "timestep", "encoder_hidden_states"];
@@ -486,6 +552,7 @@ impl Engine {
             lora_report,
             io_binding: options.io_binding,
             fixed_shape: options.fixed_shape,
+            low_memory: options.low_memory,
             zero_residuals: resident::ShapeCache::new(ZERO_RESIDUAL_SHAPES),
         })
     }
@@ -525,6 +592,72 @@ impl Engine {
                 device_inputs: g.reads_device_inputs(),
             })
             .collect()
+    }
+
+    /// Low-memory mode ([`EngineOptions::low_memory`]): releases every graph `stage` does not
+    /// use, then loads the ones it does. Nothing to do otherwise.
+    pub(super) fn stage(&mut self, stage: Stage) -> Result<()> {
+        if !self.low_memory {
+            return Ok(());
+        }
+        if stage != Stage::Prompt {
+            for e in &mut self.encoders {
+                e.graph.release();
+            }
+        }
+        if stage != Stage::Image {
+            if let Some(v) = &mut self.vae_encoder {
+                v.release();
+            }
+        }
+        if stage != Stage::Denoise {
+            // Placed zeros hold on to the UNet's session.
+            self.zero_residuals.clear();
+            self.unet.release();
+            for c in &mut self.controlnets {
+                c.graph_mut().release();
+            }
+        }
+        if stage != Stage::Decode {
+            self.vae_decoder.release();
+        }
+        match stage {
+            Stage::Prompt => {
+                for e in &mut self.encoders {
+                    e.graph.ensure_loaded()?;
+                }
+            }
+            Stage::Image => {
+                if let Some(v) = &mut self.vae_encoder {
+                    v.ensure_loaded()?;
+                }
+            }
+            Stage::Denoise => {
+                self.unet.ensure_loaded()?;
+                for c in &mut self.controlnets {
+                    c.graph_mut().ensure_loaded()?;
+                }
+            }
+            Stage::Decode => self.vae_decoder.ensure_loaded()?,
+        }
+        Ok(())
+    }
+
+    /// The components whose sessions are loaded now (all of them, except in low-memory mode).
+    pub fn loaded_components(&self) -> Vec<String> {
+        let encoders = self.encoders.iter().map(|e| &e.graph);
+        encoders
+            .chain([&self.unet, &self.vae_decoder])
+            .chain(self.vae_encoder.as_ref())
+            .chain(self.controlnets.iter().map(ControlNet::graph))
+            .filter(|g| g.is_loaded())
+            .map(|g| g.name().to_string())
+            .collect()
+    }
+
+    /// Whether the engine holds one component at a time ([`EngineOptions::low_memory`]).
+    pub fn low_memory(&self) -> bool {
+        self.low_memory
     }
 
     /// Whether the denoising loop runs through IoBindings ([`EngineOptions::io_binding`]).

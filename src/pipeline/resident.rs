@@ -191,6 +191,11 @@ impl<V> ShapeCache<V> {
         Ok(&self.entries[index].1)
     }
 
+    /// Drops every value.
+    pub(super) fn clear(&mut self) {
+        self.entries.clear();
+    }
+
     /// How many keys are cached.
     #[cfg(test)]
     fn len(&self) -> usize {

@@ -6,7 +6,7 @@ use ndarray::{concatenate, s, ArrayD, Axis, IxDyn};
 use super::conditioning::{encode_sd, encode_sdxl, Conditioning, PromptSpec};
 use super::controlnet::{self, ControlState, Residuals};
 use super::resident::{self, PlacedInputs, Resident};
-use super::{Engine, GenerateRequest, Generated, Progress};
+use super::{Engine, GenerateRequest, Generated, Progress, Stage};
 use crate::image_io::vae_output_to_images;
 use crate::rng::TorchGenerator;
 use crate::runtime::{Feed, TensorInput};
@@ -77,6 +77,7 @@ pub(super) fn encode_prompts(
     height: usize,
     width: usize,
 ) -> Result<Conditioning> {
+    engine.stage(Stage::Prompt)?;
     for encoder in &engine.encoders {
         if let Some(dropped) = encoder.tokenizer.truncated_text(&request.prompt)? {
             eprintln!(
@@ -218,6 +219,7 @@ pub(super) fn predict_noise(
 
 /// Decodes final latents into images (diffusers' `vae.decode(latents / scaling_factor)`).
 pub(super) fn decode(engine: &mut Engine, latents: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+    engine.stage(Stage::Decode)?;
     let vae = &engine.model.vae;
     let scaled = match (&vae.latents_mean, &vae.latents_std) {
         (Some(mean), Some(std)) if mean.len() == latents.shape()[1] && std.len() == mean.len() => {
@@ -325,6 +327,7 @@ pub(super) fn denoise(
 ) -> Result<ArrayD<f32>> {
     let total = timesteps.len();
     check_cancel(progress, Progress::Denoising { total })?;
+    engine.stage(Stage::Denoise)?;
     let resident = Resident::place(
         engine.io_binding,
         &engine.unet,

@@ -20,7 +20,7 @@ use ort::session::{IoBinding, Session, SharedSessionInner};
 use ort::value::{DynTensor, DynTensorValueType, DynValue, ValueType};
 use ort::AsPointer;
 
-use super::session::{read_output, rt_err, ElementType, Graph, TensorInput};
+use super::session::{not_loaded, read_output, rt_err, ElementType, Graph, TensorInput};
 use crate::{Error, Result};
 
 /// Where a session reads one input from.
@@ -233,7 +233,7 @@ impl Graph {
             Some(info) => {
                 let on_device = !info.is_cpu_accessible();
                 let allocator =
-                    Allocator::new(&self.session, info).map_err(|e| rt_err(&context, e))?;
+                    Allocator::new(self.session()?, info).map_err(|e| rt_err(&context, e))?;
                 let mut placed =
                     DynTensor::new(&allocator, *host.data_type(), host.shape().clone())
                         .map_err(|e| rt_err(&context, e))?;
@@ -248,7 +248,7 @@ impl Graph {
             dtype: spec.dtype,
             shape,
             on_device,
-            _session: self.session.inner(),
+            _session: self.session()?.inner(),
         })
     }
 
@@ -281,6 +281,7 @@ impl Graph {
         let targets: Vec<(&str, Option<&Destination>)> =
             outputs.iter().map(|(w, d)| (*w, Some(*d))).collect();
         let values = self.run_binding(inputs, &targets)?;
+        let session = self.session()?.inner();
         outputs
             .iter()
             .zip(values)
@@ -306,7 +307,7 @@ impl Graph {
                     input: destination.input.clone(),
                     dtype,
                     shape,
-                    _session: self.session.inner(),
+                    _session: session.clone(),
                 })
             })
             .collect()
@@ -321,10 +322,11 @@ impl Graph {
     ) -> Result<Vec<DynValue>> {
         let wanted: Vec<&str> = outputs.iter().map(|(w, _)| *w).collect();
         self.check_outputs(&wanted)?;
+        self.ensure_loaded()?;
         let mut binding = match self.binding.take() {
             Some(b) => b,
             None => self
-                .session
+                .session()?
                 .create_binding()
                 .map_err(|e| rt_err(&format!("binding {}", self.name), e))?,
         };
@@ -381,7 +383,11 @@ impl Graph {
             .map_err(|e| rt_err(&context, e))?;
         let name = self.name.clone();
         let started = std::time::Instant::now();
-        let result = self.session.run_binding(binding);
+        let session = self
+            .session
+            .as_mut()
+            .ok_or_else(|| not_loaded(&self.name))?;
+        let result = session.run_binding(binding);
         self.run_stats.calls += 1;
         self.run_stats.total += started.elapsed();
         let mut result = result.map_err(|e| rt_err(&format!("running {name}"), e))?;

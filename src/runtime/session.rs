@@ -168,6 +168,13 @@ pub struct RunStats {
     pub total: Duration,
 }
 
+/// What [`Graph::ensure_loaded`] builds a released graph's session from.
+#[derive(Debug, Clone)]
+struct Reload {
+    options: SessionOptions,
+    overrides: Vec<WeightOverride>,
+}
+
 /// One loaded ONNX graph.
 pub struct Graph {
     pub(super) name: String,
@@ -175,7 +182,10 @@ pub struct Graph {
     /// Created on the first [`Graph::run_bound`] and reused: binding is cheap, but the binding
     /// object holds what was bound last, which is released when the next run clears it.
     pub(super) binding: Option<IoBinding>,
-    pub(super) session: Session,
+    /// `None` while the graph is released ([`Graph::release`]).
+    pub(super) session: Option<Session>,
+    /// How to build the session again after [`Graph::release`].
+    reload: Option<Box<Reload>>,
     pub(super) inputs: Vec<IoSpec>,
     /// Where the session reads each input (aligned with `inputs`).
     pub(super) placements: Vec<Placement>,
@@ -215,6 +225,12 @@ fn specs(outlets: &[ort::value::Outlet]) -> Vec<IoSpec> {
             },
         })
         .collect()
+}
+
+pub(super) fn not_loaded(name: &str) -> Error {
+    Error::Runtime(format!(
+        "the {name} graph is released (low-memory mode) and must be loaded first"
+    ))
 }
 
 pub(super) fn rt_err(context: &str, e: impl std::fmt::Display) -> Error {
@@ -328,7 +344,8 @@ impl Graph {
             name: name.to_string(),
             path: path.to_path_buf(),
             binding: None,
-            session,
+            session: Some(session),
+            reload: None,
             inputs,
             placements,
             outputs,
@@ -336,6 +353,59 @@ impl Graph {
             cache,
             run_stats: RunStats::default(),
         }
+    }
+
+    /// Lets [`Graph::release`] drop the session: `options` and `overrides` (the weights it was
+    /// loaded with) are kept to build it again.
+    pub fn keep_for_reload(&mut self, options: &SessionOptions, overrides: Vec<WeightOverride>) {
+        self.reload = Some(Box::new(Reload {
+            options: options.clone(),
+            overrides,
+        }));
+    }
+
+    /// Drops the session and its memory (weights, pre-packed kernels, arena) if the graph can
+    /// be loaded again ([`Graph::keep_for_reload`]); the next run loads it first. Returns
+    /// whether a session was dropped.
+    pub fn release(&mut self) -> bool {
+        if self.reload.is_none() || self.session.is_none() {
+            return false;
+        }
+        self.binding = None;
+        self.session = None;
+        true
+    }
+
+    /// Whether the session is loaded.
+    pub fn is_loaded(&self) -> bool {
+        self.session.is_some()
+    }
+
+    /// Builds the session again after [`Graph::release`] (through the session cache when it is
+    /// on); nothing to do while loaded.
+    pub fn ensure_loaded(&mut self) -> Result<()> {
+        if self.session.is_some() {
+            return Ok(());
+        }
+        let reload = self.reload.as_ref().ok_or_else(|| {
+            Error::Runtime(format!("the {} graph was released for good", self.name))
+        })?;
+        let fresh = Graph::load_with_weights(
+            &self.name,
+            &self.path,
+            &reload.options,
+            reload.overrides.clone(),
+        )?;
+        self.session = fresh.session;
+        self.placements = fresh.placements;
+        self.assignment = fresh.assignment;
+        self.cache = fresh.cache;
+        Ok(())
+    }
+
+    /// The session; an error while the graph is released.
+    pub(super) fn session(&self) -> Result<&Session> {
+        self.session.as_ref().ok_or_else(|| not_loaded(&self.name))
     }
 
     /// How often and how long ONNX Runtime ran this graph since it was loaded.
@@ -445,7 +515,12 @@ impl Graph {
         self.check_outputs(wanted)?;
         let name = self.name.clone();
         let started = Instant::now();
-        let outputs = self.session.run(values);
+        self.ensure_loaded()?;
+        let session = self
+            .session
+            .as_mut()
+            .ok_or_else(|| not_loaded(&self.name))?;
+        let outputs = session.run(values);
         self.run_stats.calls += 1;
         self.run_stats.total += started.elapsed();
         let outputs = outputs.map_err(|e| rt_err(&format!("running {name}"), e))?;

@@ -96,6 +96,25 @@ fn run_writes_png_with_parameters_and_latents_matching_the_library() {
     assert!(params.contains("Eta: 0.3"), "{params}");
 }
 
+/// `--low-memory` loads each component for its stage; the PNG is the same as without it.
+#[test]
+fn low_memory_flag_gives_the_same_image() {
+    let dir = scratch_dir("cli-low-memory");
+    let model_s = demo_model().to_string_lossy().into_owned();
+    let mut pixels = Vec::new();
+    for (name, extra) in [("plain.png", None), ("low.png", Some("--low-memory"))] {
+        let png = dir.join(name);
+        let png_s = png.to_string_lossy().into_owned();
+        let mut args = base_args(&model_s, &png_s);
+        args.extend(["--steps", "2", "--guidance", "2"]);
+        args.extend(extra);
+        let out = tcd(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        pixels.push(read_png_rgb(&png));
+    }
+    assert_eq!(pixels[0], pixels[1], "--low-memory changed the image");
+}
+
 #[test]
 fn several_images_are_numbered() {
     let dir = scratch_dir("cli-num");

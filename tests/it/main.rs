@@ -15,6 +15,7 @@ mod io_binding;
 mod lora;
 mod lora_parity;
 mod lora_slots;
+mod low_memory;
 mod optimum;
 mod parity;
 mod providers;
