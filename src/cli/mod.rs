@@ -1,6 +1,7 @@
 //! Command-line interface: parses arguments with clap and translates them to the library API.
 //! Errors are printed on one line and end the process with a non-zero status.
 
+mod memory;
 mod run;
 mod session_args;
 
@@ -24,6 +25,7 @@ enum Command {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
+    memory::return_freed_memory_promptly();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
