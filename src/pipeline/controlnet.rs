@@ -790,14 +790,11 @@ pub(super) fn unet_residuals(
             sum = Some(match sum {
                 None => outputs,
                 Some(mut acc) => {
+                    same_shapes(
+                        acc.iter().map(|a| a.shape()),
+                        outputs.iter().map(|o| o.shape()),
+                    )?;
                     for (a, o) in acc.iter_mut().zip(&outputs) {
-                        if a.shape() != o.shape() {
-                            return Err(Error::Runtime(format!(
-                                "ControlNet residuals disagree in shape: {:?} and {:?}",
-                                a.shape(),
-                                o.shape()
-                            )));
-                        }
                         *a += o;
                     }
                     acc
@@ -816,6 +813,21 @@ pub(super) fn unet_residuals(
             )))
         }
     })
+}
+
+/// Checks that two ControlNets returned residuals of the same shapes, pairwise.
+fn same_shapes<'a>(
+    a: impl Iterator<Item = &'a [usize]>,
+    b: impl Iterator<Item = &'a [usize]>,
+) -> Result<()> {
+    for (a, b) in a.zip(b) {
+        if a != b {
+            return Err(Error::Runtime(format!(
+                "ControlNet residuals disagree in shape: {a:?} and {b:?}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// [`unet_residuals`] through [`ResidualSum`]: the residuals stay where the ControlNets wrote
@@ -846,15 +858,10 @@ fn sum_placed(
             .collect();
         let residuals = net.graph.run_bound_placed(inputs, &outputs)?;
         if let Some(previous) = &acc {
-            for (a, r) in previous.iter().zip(&residuals) {
-                if a.shape() != r.shape() {
-                    return Err(Error::Runtime(format!(
-                        "ControlNet residuals disagree in shape: {:?} and {:?}",
-                        a.shape(),
-                        r.shape()
-                    )));
-                }
-            }
+            same_shapes(
+                previous.iter().map(PlacedTensor::shape),
+                residuals.iter().map(PlacedTensor::shape),
+            )?;
         }
         let mut inputs: Vec<(&str, Feed<'_>)> = vec![(SCALED_SUM_SCALE, resident.scale(scale))];
         inputs.extend(

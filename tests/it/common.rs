@@ -8,6 +8,15 @@ pub fn repo_root() -> PathBuf {
 }
 
 /// Where `make fixtures` writes generated fixtures (tiny models, diffusers references).
+/// A model committed under `models/` (the tiny demo models), as the path string engines take.
+pub fn committed_model(name: &str) -> String {
+    repo_root()
+        .join("models")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
 pub fn fixtures_dir() -> PathBuf {
     std::env::var_os("TCD_ORT_FIXTURES")
         .map(PathBuf::from)

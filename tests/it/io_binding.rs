@@ -8,28 +8,20 @@ use tcd_ort::image_io::load_image;
 use tcd_ort::pipeline::{ControlImage, Engine, EngineOptions, GenerateRequest, Generated};
 use tcd_ort::runtime::{Feed, Graph, SessionOptions, TensorInput};
 
-use crate::common::repo_root;
-
-fn model(name: &str) -> String {
-    repo_root()
-        .join("models")
-        .join(name)
-        .to_string_lossy()
-        .into_owned()
-}
+use crate::common::{committed_model, repo_root};
 
 fn engine(io_binding: bool, controlnet: bool) -> Engine {
     let options = EngineOptions {
         intra_threads: Some(1),
         controlnets: if controlnet {
-            vec![model("tiny-sd15-controlnet")]
+            vec![committed_model("tiny-sd15-controlnet")]
         } else {
             Vec::new()
         },
         io_binding,
         ..EngineOptions::default()
     };
-    Engine::load(model("tiny-sd15"), &options).expect("the committed tiny model loads")
+    Engine::load(committed_model("tiny-sd15"), &options).expect("the committed tiny model loads")
 }
 
 fn generate(engine: &mut Engine, request: &GenerateRequest) -> Generated {
@@ -190,7 +182,7 @@ fn run_stats(engine: &Engine, component: &str) -> u64 {
 fn two_controlnets_are_summed_where_the_unet_reads_them() {
     let image = load_image(&repo_root().join("models").join("control-edges-64x64.png"))
         .expect("the committed control image");
-    let net = model("tiny-sd15-controlnet");
+    let net = committed_model("tiny-sd15-controlnet");
     let load = |io_binding: bool| {
         let options = EngineOptions {
             intra_threads: Some(1),
@@ -198,7 +190,7 @@ fn two_controlnets_are_summed_where_the_unet_reads_them() {
             io_binding,
             ..EngineOptions::default()
         };
-        Engine::load(model("tiny-sd15"), &options).expect("two ControlNets load")
+        Engine::load(committed_model("tiny-sd15"), &options).expect("two ControlNets load")
     };
     let request = GenerateRequest {
         steps: 4,

@@ -10,25 +10,17 @@ use tcd_ort::pipeline::{
 };
 use tcd_ort::runtime::{CacheStatus, SessionCache};
 
-use crate::common::{repo_root, scratch_dir};
-
-fn model(name: &str) -> String {
-    repo_root()
-        .join("models")
-        .join(name)
-        .to_string_lossy()
-        .into_owned()
-}
+use crate::common::{committed_model, repo_root, scratch_dir};
 
 fn load(low_memory: bool, session_cache: SessionCache) -> Engine {
     let options = EngineOptions {
         intra_threads: Some(1),
-        controlnets: vec![model("tiny-sd15-controlnet")],
+        controlnets: vec![committed_model("tiny-sd15-controlnet")],
         low_memory,
         session_cache,
         ..EngineOptions::default()
     };
-    Engine::load(model("tiny-sd15"), &options).expect("the committed tiny model loads")
+    Engine::load(committed_model("tiny-sd15"), &options).expect("the committed tiny model loads")
 }
 
 fn request(control: bool) -> GenerateRequest {
