@@ -89,6 +89,14 @@ def _parser() -> argparse.ArgumentParser:
         help="dtype of the VAE (default fp32): fp16 only for VAEs made for it, such as "
         "madebyollin/sdxl-vae-fp16-fix; others decode NaNs (black images) in fp16",
     )
+    c.add_argument(
+        "--attention",
+        choices=("fused", "plain"),
+        default="fused",
+        help="fused (default): attention as ONNX Runtime's MultiHeadAttention, which runs "
+        "without materialising the attention maps on CPU, CUDA and DirectML; plain: standard "
+        "ONNX ops only, for TensorRT and CoreML (which cannot run com.microsoft ops)",
+    )
 
     cn = sub.add_parser(
         "controlnet",
@@ -104,6 +112,14 @@ def _parser() -> argparse.ArgumentParser:
         default="fp32",
         help="dtype of the weights and the float inputs/outputs (default fp32); match the "
         "UNet's (`convert --dtype`)",
+    )
+    cn.add_argument(
+        "--attention",
+        choices=("fused", "plain"),
+        default="fused",
+        help="fused (default): attention as ONNX Runtime's MultiHeadAttention, which runs "
+        "without materialising the attention maps on CPU, CUDA and DirectML; plain: standard "
+        "ONNX ops only, for TensorRT and CoreML (which cannot run com.microsoft ops)",
     )
 
     tc = sub.add_parser(
@@ -272,12 +288,18 @@ def main(argv: list[str] | None = None) -> int:
                 lora_slots=args.lora_slots,
                 dtype=args.dtype,
                 vae_dtype=args.vae_dtype,
+                attention=args.attention,
             )
         elif args.command == "controlnet":
             from export.controlnet import export_controlnet
 
             export_controlnet(
-                args.source, args.out_dir, args.opset, args.overwrite, dtype=args.dtype
+                args.source,
+                args.out_dir,
+                args.opset,
+                args.overwrite,
+                dtype=args.dtype,
+                attention=args.attention,
             )
         elif args.command == "tiny-controlnet":
             import shutil

@@ -132,7 +132,7 @@ def load_controlnet(source: str) -> Any:
 
 
 def export_controlnet_model(
-    controlnet: torch.nn.Module, out_dir: pathlib.Path, opset: int
+    controlnet: torch.nn.Module, out_dir: pathlib.Path, opset: int, attention: str = "fused"
 ) -> onnx.ModelProto:
     """Export `controlnet` to `out_dir/model.onnx` (+ `model.onnx_data`) and its config.json."""
     cfg = controlnet.config
@@ -164,7 +164,14 @@ def export_controlnet_model(
     outputs = [Io(DOWN_OUTPUT.format(i), r.axes()) for i, r in enumerate(down)]
     outputs.append(Io(MID_OUTPUT, mid.axes()))
     model = export_component(
-        _ControlNet(controlnet, sdxl), args, inputs, outputs, out_dir, opset, prefix="controlnet."
+        _ControlNet(controlnet, sdxl),
+        args,
+        inputs,
+        outputs,
+        out_dir,
+        opset,
+        prefix="controlnet.",
+        attention=attention,
     )
     controlnet.save_config(out_dir)
     return model
@@ -176,6 +183,7 @@ def export_controlnet(
     opset: int = 18,
     overwrite: bool = False,
     dtype: str = "fp32",
+    attention: str = "fused",
 ) -> dict[str, Any]:
     """Export the ControlNet `source` into the flat directory `out_dir`; returns the manifest.
 
@@ -195,7 +203,7 @@ def export_controlnet(
     log.info("loaded %s (%s ControlNet) in %.1fs", source, family, time.perf_counter() - t0)
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    export_controlnet_model(controlnet, out_dir, opset)
+    export_controlnet_model(controlnet, out_dir, opset, attention)
     manifest = build_controlnet_manifest(out_dir, family, opset, DTYPE_NAMES[dtype])
     write_manifest(out_dir, manifest)
     log.info("wrote %s in %.1fs", out_dir, time.perf_counter() - t0)

@@ -202,6 +202,7 @@ def convert(
     lora_slots: int | None = None,
     dtype: str = "fp32",
     vae_dtype: str | None = None,
+    attention: str = "fused",
 ) -> dict[str, Any]:
     """Export every component of `source` into `out_dir`; returns the manifest written.
 
@@ -213,6 +214,10 @@ def convert(
     activations alike (LoRAs are fused in float32 first). The VAE stays float32 unless
     `vae_dtype="fp16"`: most VAEs overflow in float16 (NaNs, black images); only VAEs made for
     it, such as madebyollin/sdxl-vae-fp16-fix, should be exported so.
+
+    `attention`: `"fused"` (ONNX Runtime's MultiHeadAttention in the UNet and the VAE, for
+    CPU, CUDA and DirectML) or `"plain"` (standard ONNX ops only, for TensorRT and CoreML); see
+    export/attention.py.
     """
     from export import lora_slots as slots_mod
     from export import lora as lora_mod
@@ -271,15 +276,15 @@ def convert(
     slots: dict[str, Any] = {}
 
     def unet_step(d: pathlib.Path) -> None:
-        slotted = export_unet(pipe.unet, d, opset, pooled_dim, lora_slots)
+        slotted = export_unet(pipe.unet, d, opset, pooled_dim, lora_slots, attention)
         if lora_slots is not None:
             slots["unet"] = slots_mod.manifest_entry(lora_slots, slotted)
             log.info("unet: LoRA slots of rank %d on %d modules", lora_slots, len(slotted))
 
     steps += [
         ("unet", unet_step),
-        ("vae_decoder", lambda d: export_vae_decoder(pipe.vae, d, opset)),
-        ("vae_encoder", lambda d: export_vae_encoder(pipe.vae, d, opset)),
+        ("vae_decoder", lambda d: export_vae_decoder(pipe.vae, d, opset, attention)),
+        ("vae_encoder", lambda d: export_vae_encoder(pipe.vae, d, opset, attention)),
     ]
     for name, step in steps:
         t = time.perf_counter()

@@ -17,6 +17,7 @@ import json
 import pathlib
 from typing import Any
 
+from export.attention import graph_attention
 from export.onnx_io import EXPORT_METHOD, ONNX_FILE, describe_io, weights_dtype
 
 MANIFEST_FILE = "tcd_ort.json"
@@ -78,8 +79,12 @@ def build_manifest(
 
 
 def describe_component(path: pathlib.Path) -> dict[str, Any]:
-    """`{"weights_dtype", "inputs", "outputs"}` of one saved graph."""
-    return {"weights_dtype": weights_dtype(path), **describe_io(path)}
+    """`{"weights_dtype", "attention", "inputs", "outputs"}` of one saved graph; `attention` is
+    `"fused"` when it has com.microsoft.MultiHeadAttention nodes (export/attention.py)."""
+    import onnx
+
+    attention = graph_attention(onnx.load(str(path), load_external_data=False))
+    return {"weights_dtype": weights_dtype(path), "attention": attention, **describe_io(path)}
 
 
 def build_controlnet_manifest(

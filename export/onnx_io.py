@@ -21,6 +21,8 @@ from typing import Any, Callable, Sequence
 import onnx
 import torch
 
+from export.attention import TRANSLATIONS, fused_attention
+
 EXPORT_METHOD = "torch.onnx.export(dynamo=True, optimize=False)"
 ONNX_FILE = "model.onnx"
 DATA_FILE = "model.onnx_data"
@@ -149,16 +151,19 @@ def export_component(
     opset: int,
     prefix: str,
     rename: Callable[[str], str] | None = None,
+    attention: str = "fused",
 ) -> onnx.ModelProto:
     """Export `wrapper(*args)` to `out_dir/model.onnx` (+ `model.onnx_data`).
 
     `prefix` is the wrapper attribute holding the real module (e.g. ``"unet."``); it is
     removed from initializer names so they match the module's own `named_parameters()`.
     `rename` then maps those names to the exported ones (LoRA slots drop peft's infixes).
+    `attention`: `"fused"` exports diffusers' attention as `com.microsoft.MultiHeadAttention`
+    nodes, `"plain"` as the exporter decomposes it (see export/attention.py).
     """
     wrapper = wrapper.eval()
     dynamic_shapes = _dynamic_shapes(wrapper, inputs)
-    with torch.no_grad():
+    with torch.no_grad(), fused_attention(wrapper, attention):
         program = torch.onnx.export(
             wrapper,
             args,
@@ -168,6 +173,7 @@ def export_component(
             input_names=[io.name for io in inputs],
             output_names=[io.name for io in outputs],
             dynamic_shapes=dynamic_shapes,
+            custom_translation_table=TRANSLATIONS,
             verbose=False,
         )
     model = program.model_proto

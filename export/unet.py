@@ -107,6 +107,7 @@ def export_unet(
     opset: int,
     pooled_dim: int | None = None,
     lora_slots: int | None = None,
+    attention: str = "fused",
 ) -> list[str]:
     """Export `unet` to `out_dir`; returns the modules given LoRA slots (none without
     `lora_slots`). Slots are injected into `unet` itself: pass a copy to keep the original."""
@@ -167,6 +168,7 @@ def export_unet(
             opset,
             prefix="unet.",
             rename=rename,
+            attention=attention,
         )
     finally:
         if hook is not None:

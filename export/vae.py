@@ -53,7 +53,9 @@ def _prepare(vae: torch.nn.Module) -> None:
             fn()
 
 
-def export_vae_decoder(vae: torch.nn.Module, out_dir: pathlib.Path, opset: int) -> onnx.ModelProto:
+def export_vae_decoder(
+    vae: torch.nn.Module, out_dir: pathlib.Path, opset: int, attention: str = "fused"
+) -> onnx.ModelProto:
     _prepare(vae)
     latent = torch.randn(2, vae.config.latent_channels, 24, 40, dtype=module_dtype(vae))
     model = export_component(
@@ -64,12 +66,15 @@ def export_vae_decoder(vae: torch.nn.Module, out_dir: pathlib.Path, opset: int) 
         out_dir,
         opset,
         prefix="vae.",
+        attention=attention,
     )
     vae.save_config(out_dir)
     return model
 
 
-def export_vae_encoder(vae: torch.nn.Module, out_dir: pathlib.Path, opset: int) -> onnx.ModelProto:
+def export_vae_encoder(
+    vae: torch.nn.Module, out_dir: pathlib.Path, opset: int, attention: str = "fused"
+) -> onnx.ModelProto:
     _prepare(vae)
     f = vae_scale_factor(vae)
     image = (torch.rand(2, vae.config.in_channels, 24 * f, 40 * f) * 2 - 1).to(module_dtype(vae))
@@ -81,6 +86,7 @@ def export_vae_encoder(vae: torch.nn.Module, out_dir: pathlib.Path, opset: int) 
         out_dir,
         opset,
         prefix="vae.",
+        attention=attention,
     )
     vae.save_config(out_dir)
     return model
