@@ -217,6 +217,25 @@ pub fn native_size(model: &str, revision: Option<&str>) -> Option<usize> {
 
 /// The per-graph summary printed after loading: the providers each graph's nodes run on and,
 /// with a session cache, what it did.
+/// A note for a graph exported with fused attention whose main provider cannot run ONNX
+/// Runtime's contrib ops (TensorRT, CoreML): ONNX Runtime hands those nodes to the next provider,
+/// splitting the graph around every attention.
+fn fused_attention_note(fused: bool, session: &SessionReport) -> Option<String> {
+    const NO_CONTRIB_OPS: [&str; 2] = ["TensorrtExecutionProvider", "CoreMLExecutionProvider"];
+    let (first, rest) = session.assignment.split_first()?;
+    if !fused || rest.is_empty() || !NO_CONTRIB_OPS.contains(&first.provider.as_str()) {
+        return None;
+    }
+    let others: Vec<&str> = rest.iter().map(|a| a.provider.as_str()).collect();
+    Some(format!(
+        "note: {}'s attention is com.microsoft.MultiHeadAttention (export --attention fused), \
+         which {} does not run: those nodes run on {}; export with --attention plain for it",
+        session.component,
+        first.provider,
+        others.join(" and ")
+    ))
+}
+
 pub fn session_summary(engine: &Engine) -> Vec<String> {
     let sessions = engine.sessions();
     let mut lines = Vec::new();
@@ -235,6 +254,13 @@ pub fn session_summary(engine: &Engine) -> Vec<String> {
         })
         .collect();
     lines.push(format!("providers: {}", providers.join(", ")));
+    let manifest = engine.model().manifest();
+    for s in &sessions {
+        let attention = manifest
+            .and_then(|m| m.components.get(&s.component))
+            .and_then(|c| c.attention.as_deref());
+        lines.extend(fused_attention_note(attention == Some("fused"), s));
+    }
     let bound: Vec<&SessionReport> = sessions.iter().filter(|s| s.io_binding).collect();
     lines.push(match bound.as_slice() {
         [] => "io binding: off".to_string(),
@@ -260,4 +286,47 @@ pub fn session_summary(engine: &Engine) -> Vec<String> {
         lines.push(format!("session cache: {}", cache.join(", ")));
     }
     lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tcd_ort::runtime::ProviderAssignment;
+
+    fn report(providers: &[&str]) -> SessionReport {
+        SessionReport {
+            component: "unet".into(),
+            assignment: providers
+                .iter()
+                .map(|p| ProviderAssignment {
+                    provider: p.to_string(),
+                    nodes: 1,
+                })
+                .collect(),
+            cache: CacheStatus::Off,
+            io_binding: false,
+            device_inputs: false,
+        }
+    }
+
+    #[test]
+    fn fused_attention_is_noted_where_tensorrt_or_coreml_hand_it_on() {
+        let trt = report(&["TensorrtExecutionProvider", "CUDAExecutionProvider"]);
+        let note = fused_attention_note(true, &trt).expect("a note for TensorRT");
+        assert!(
+            note.contains("unet") && note.contains("CUDAExecutionProvider"),
+            "{note}"
+        );
+        assert!(note.contains("--attention plain"), "{note}");
+        let coreml = report(&["CoreMLExecutionProvider", "CPUExecutionProvider"]);
+        assert!(fused_attention_note(true, &coreml).is_some());
+        // Plain graphs, graphs TensorRT runs whole, and CUDA (which runs the op) get none.
+        assert_eq!(fused_attention_note(false, &trt), None);
+        assert_eq!(
+            fused_attention_note(true, &report(&["TensorrtExecutionProvider"])),
+            None
+        );
+        let cuda = report(&["CUDAExecutionProvider", "CPUExecutionProvider"]);
+        assert_eq!(fused_attention_note(true, &cuda), None);
+    }
 }

@@ -113,6 +113,10 @@ impl LoraSlots {
 pub struct ManifestComponent {
     /// The dtype of most of its weights (`float32`, `float16`); absent in older manifests.
     pub weights_dtype: Option<String>,
+    /// How the graph computes attention: `fused` (ONNX Runtime's
+    /// `com.microsoft.MultiHeadAttention`, `export --attention fused`) or `plain` (standard ONNX
+    /// ops only); absent in older manifests, whose graphs are plain.
+    pub attention: Option<String>,
     /// Graph inputs by name.
     #[serde(default)]
     pub inputs: BTreeMap<String, ManifestTensor>,
