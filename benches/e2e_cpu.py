@@ -16,7 +16,9 @@ from process start to the PNG on disk:
 
 With --tcd-ort-optimum-graphs tcd-ort also runs optimum's export (it loads optimum's layout
 as-is): the same engine on the other exporter's graphs, which tells a difference of graphs from
-one of engines.
+one of engines. --tcd-ort-plain-attention also runs an export with `--attention plain` (the
+exporter's MatMul/Softmax/MatMul instead of ONNX Runtime's MultiHeadAttention), and
+--tcd-ort-low-memory the default export with `--low-memory`.
 
 The Python runs are this script's own worker mode, run by the environment's interpreter: it
 times the imports, `from_pretrained` (load), the pipeline call (generate) and saving the PNG, and
@@ -72,7 +74,6 @@ PIPELINES = {
     "diffusers": {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"},
     "optimum": {"sd15": "ORTStableDiffusionPipeline", "sdxl": "ORTStableDiffusionXLPipeline"},
 }
-ENGINES = ("tcd-ort", "tcd-ort on optimum's graphs", "diffusers", "optimum")
 
 
 def log(msg: str) -> None:
@@ -289,6 +290,13 @@ def ensure_models(args, base: pathlib.Path) -> list[pathlib.Path]:
         run_logged([VENV_PY, "-m", "export", "convert", diffusers_dir, onnx_dir, "--overwrite"])
         log(f"built {onnx_dir} in {time.perf_counter() - start:.0f} s")
         created.append(onnx_dir)
+    plain_dir = base / "tcd-ort-plain"
+    if args.tcd_ort_plain_attention and not (plain_dir / "tcd_ort.json").is_file():
+        start = time.perf_counter()
+        run_logged([VENV_PY, "-m", "export", "convert", diffusers_dir, plain_dir, "--overwrite",
+                    "--attention", "plain"])
+        log(f"built {plain_dir} in {time.perf_counter() - start:.0f} s")
+        created.append(plain_dir)
     if not args.skip_optimum and not (optimum_dir / "model_index.json").is_file():
         # The fixtures' optimum export, on this pipeline: plain optimum-cli on a copy whose
         # CLIPTextModel weights carry the prefix transformers 4 expects.
@@ -331,9 +339,10 @@ def time_v(cmd: list, env: dict | None = None) -> dict:
             "load_before": before, "load_after": load_average()}
 
 
-def run_tcd_ort(args, binary, model: pathlib.Path, scratch: pathlib.Path, i) -> dict:
+def run_tcd_ort(args, binary, model: pathlib.Path, scratch: pathlib.Path, i,
+                flags: tuple = ()) -> dict:
     png, timings = scratch / f"tcd-ort-{model.name}-{i}.png", scratch / f"tcd-ort-{i}.json"
-    extra = ("--threads", str(args.threads)) if args.threads else ()
+    extra = tuple(flags) + (("--threads", str(args.threads)) if args.threads else ())
     if args.second_start:
         extra += ("--session-cache", str(scratch / "session-cache"))
     cmd = tcd_ort_command(binary, model, args.family, png, timings,
@@ -422,7 +431,7 @@ def table(summary: dict, flops: dict, peak: float) -> str:
             "| tcd-ort / engine, generate | UNet GFLOP/s (% of GEMM peak) "
             "| VAE GFLOP/s (% of peak) |")
     lines = [head, "|---|" + "---:|" * (head.count("|") - 2)]
-    for engine in ENGINES:
+    for engine in summary:
         s = summary.get(engine)
         if s is None:
             continue
@@ -463,6 +472,11 @@ def main() -> int:
     p.add_argument("--tcd-ort-optimum-graphs", action="store_true",
                    help="also run tcd-ort on optimum's export (which it loads as-is): the same "
                         "engine on other graphs, to tell graph differences from engine ones")
+    p.add_argument("--tcd-ort-plain-attention", action="store_true",
+                   help="also run tcd-ort on an export with --attention plain (tcd-ort-plain/, "
+                        "built if missing): the fused attention's share, in the same run")
+    p.add_argument("--tcd-ort-low-memory", action="store_true",
+                   help="also run tcd-ort with --low-memory")
     p.add_argument("--skip-diffusers", action="store_true")
     p.add_argument("--second-start", action="store_true",
                    help="time tcd-ort's second start: it runs with --session-cache, filled by "
@@ -509,8 +523,15 @@ def main() -> int:
             created = []
             log(f"models ready under {base}")
             return 0
-        engines = ["tcd-ort"] + [e for e, skip in (
-            ("tcd-ort on optimum's graphs", args.skip_optimum or not args.tcd_ort_optimum_graphs),
+        # tcd-ort variants: the model directory each runs and its extra flags.
+        variants = {"tcd-ort": ("tcd-ort", ())}
+        if args.tcd_ort_low_memory:
+            variants["tcd-ort --low-memory"] = ("tcd-ort", ("--low-memory",))
+        if args.tcd_ort_plain_attention:
+            variants["tcd-ort, plain attention"] = ("tcd-ort-plain", ())
+        if args.tcd_ort_optimum_graphs and not args.skip_optimum:
+            variants["tcd-ort on optimum's graphs"] = ("optimum", ())
+        engines = list(variants) + [e for e, skip in (
             ("diffusers", args.skip_diffusers), ("optimum", args.skip_optimum)) if not skip]
         with tempfile.TemporaryDirectory(prefix="e2e-cpu-") as tmp:
             scratch = pathlib.Path(tmp)
@@ -524,21 +545,18 @@ def main() -> int:
                 f"{flops['vae_decode_flops'] / 1e9:.0f} GFLOP")
             rows: dict[str, list[dict]] = {e: [] for e in engines}
             if args.second_start:
-                for engine in engines:
-                    if engine.startswith("tcd-ort"):
-                        log(f"{engine}: filling the session cache (untimed)")
-                        model = base / ("tcd-ort" if engine == "tcd-ort" else "optimum")
-                        r = run_tcd_ort(args, binary, model, scratch, "store")
-                        if "error" in r:
-                            log(f"{engine} failed:\n{r['error']}")
-                            return 1
+                for engine, (model_dir, flags) in variants.items():
+                    log(f"{engine}: filling the session cache (untimed)")
+                    r = run_tcd_ort(args, binary, base / model_dir, scratch, "store", flags)
+                    if "error" in r:
+                        log(f"{engine} failed:\n{r['error']}")
+                        return 1
             for i in range(args.repeats):
                 for engine in engines:
                     log(f"{engine} run {i + 1}/{args.repeats} (load average {load_average()})")
-                    if engine == "tcd-ort":
-                        r = run_tcd_ort(args, binary, base / "tcd-ort", scratch, i)
-                    elif engine.startswith("tcd-ort"):
-                        r = run_tcd_ort(args, binary, base / "optimum", scratch, i)
+                    if engine in variants:
+                        model_dir, flags = variants[engine]
+                        r = run_tcd_ort(args, binary, base / model_dir, scratch, i, flags)
                     else:
                         r = run_python(args, engine, base, scratch, i)
                     rows[engine].append(r)
