@@ -26,6 +26,18 @@ COMMANDS = (
 )
 
 
+def _add_attention(parser: argparse.ArgumentParser) -> None:
+    """`--attention` of the commands that export diffusers attention (export/attention.py)."""
+    parser.add_argument(
+        "--attention",
+        choices=("fused", "plain"),
+        default="fused",
+        help="fused (default): attention as ONNX Runtime's MultiHeadAttention, which runs "
+        "without materialising the attention maps on CPU, CUDA and DirectML; plain: standard "
+        "ONNX ops only, for TensorRT and CoreML (which cannot run com.microsoft ops)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m export",
@@ -89,14 +101,7 @@ def _parser() -> argparse.ArgumentParser:
         help="dtype of the VAE (default fp32): fp16 only for VAEs made for it, such as "
         "madebyollin/sdxl-vae-fp16-fix; others decode NaNs (black images) in fp16",
     )
-    c.add_argument(
-        "--attention",
-        choices=("fused", "plain"),
-        default="fused",
-        help="fused (default): attention as ONNX Runtime's MultiHeadAttention, which runs "
-        "without materialising the attention maps on CPU, CUDA and DirectML; plain: standard "
-        "ONNX ops only, for TensorRT and CoreML (which cannot run com.microsoft ops)",
-    )
+    _add_attention(c)
 
     cn = sub.add_parser(
         "controlnet",
@@ -113,14 +118,7 @@ def _parser() -> argparse.ArgumentParser:
         help="dtype of the weights and the float inputs/outputs (default fp32); match the "
         "UNet's (`convert --dtype`)",
     )
-    cn.add_argument(
-        "--attention",
-        choices=("fused", "plain"),
-        default="fused",
-        help="fused (default): attention as ONNX Runtime's MultiHeadAttention, which runs "
-        "without materialising the attention maps on CPU, CUDA and DirectML; plain: standard "
-        "ONNX ops only, for TensorRT and CoreML (which cannot run com.microsoft ops)",
-    )
+    _add_attention(cn)
 
     tc = sub.add_parser(
         "tiny-controlnet",
