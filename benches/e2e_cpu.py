@@ -17,8 +17,10 @@ from process start to the PNG on disk:
 With --tcd-ort-optimum-graphs tcd-ort also runs optimum's export (it loads optimum's layout
 as-is): the same engine on the other exporter's graphs, which tells a difference of graphs from
 one of engines. --tcd-ort-plain-attention also runs an export with `--attention plain` (the
-exporter's MatMul/Softmax/MatMul instead of ONNX Runtime's MultiHeadAttention), and
---tcd-ort-low-memory the default export with `--low-memory`.
+exporter's MatMul/Softmax/MatMul instead of ONNX Runtime's MultiHeadAttention),
+--tcd-ort-low-memory the default export with `--low-memory`, and --tcd-ort-keep-loaded with
+`--keep-loaded` (every component held to the end and the CPU arena off, as a long-lived engine
+holds them; the default releases each component after its stage and uses the arena).
 
 The Python runs are this script's own worker mode, run by the environment's interpreter: it
 times the imports, `from_pretrained` (load), the pipeline call (generate) and saving the PNG, and
@@ -477,6 +479,9 @@ def main() -> int:
                         "built if missing): the fused attention's share, in the same run")
     p.add_argument("--tcd-ort-low-memory", action="store_true",
                    help="also run tcd-ort with --low-memory")
+    p.add_argument("--tcd-ort-keep-loaded", action="store_true",
+                   help="also run tcd-ort with --keep-loaded (every component loaded to the "
+                        "end, the CPU arena off: what an engine serving many requests holds)")
     p.add_argument("--skip-diffusers", action="store_true")
     p.add_argument("--second-start", action="store_true",
                    help="time tcd-ort's second start: it runs with --session-cache, filled by "
@@ -527,6 +532,8 @@ def main() -> int:
         variants = {"tcd-ort": ("tcd-ort", ())}
         if args.tcd_ort_low_memory:
             variants["tcd-ort --low-memory"] = ("tcd-ort", ("--low-memory",))
+        if args.tcd_ort_keep_loaded:
+            variants["tcd-ort --keep-loaded"] = ("tcd-ort", ("--keep-loaded",))
         if args.tcd_ort_plain_attention:
             variants["tcd-ort, plain attention"] = ("tcd-ort-plain", ())
         if args.tcd_ort_optimum_graphs and not args.skip_optimum:

@@ -496,6 +496,20 @@ tcd_status tcd_engine_options_set_io_binding(struct tcd_engine_options *options,
 tcd_status tcd_engine_options_set_low_memory(struct tcd_engine_options *options, int32_t enabled);
 
 /**
+ * Turns release-after-use on (non-zero) or off (0, the default): every component still loads
+ * at `tcd_engine_new`, and each is released once a generation is past its stage (the text
+ * encoders after the prompt, the VAE encoder after the image, the UNet with its ControlNets
+ * before the VAE decodes). For hosts that generate once per process: the peak memory drops
+ * to the weights loaded at start-up; a later generation loads what it needs again.
+ *
+ * # Safety
+ *
+ * `options` is NULL or a live handle not used by another thread during the call.
+ */
+tcd_status tcd_engine_options_set_release_after_use(struct tcd_engine_options *options,
+                                                    int32_t enabled);
+
+/**
  * Turns ONNX Runtime's memory arena for the CPU provider on (non-zero) or off (0, the
  * default): on is faster (fewer page faults) at a higher peak memory.
  *

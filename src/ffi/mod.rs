@@ -37,9 +37,9 @@ pub use options::{
     tcd_engine_options_set_lora_allow_unmatched, tcd_engine_options_set_lora_weight_name,
     tcd_engine_options_set_low_memory, tcd_engine_options_set_model,
     tcd_engine_options_set_opt_level, tcd_engine_options_set_ort_library,
-    tcd_engine_options_set_providers, tcd_engine_options_set_revision,
-    tcd_engine_options_set_session_cache, tcd_engine_options_set_tensorrt,
-    tcd_engine_options_set_threads,
+    tcd_engine_options_set_providers, tcd_engine_options_set_release_after_use,
+    tcd_engine_options_set_revision, tcd_engine_options_set_session_cache,
+    tcd_engine_options_set_tensorrt, tcd_engine_options_set_threads,
 };
 pub use request::{
     tcd_control_preprocess, tcd_inpaint_mode, tcd_request, tcd_request_add_control_image,

@@ -335,8 +335,32 @@ pub unsafe extern "C" fn tcd_engine_options_set_low_memory(
     })
 }
 
+/// Turns release-after-use on (non-zero) or off (0, the default): every component still loads
+/// at `tcd_engine_new`, and each is released once a generation is past its stage (the text
+/// encoders after the prompt, the VAE encoder after the image, the UNet with its ControlNets
+/// before the VAE decodes). For hosts that generate once per process: the peak memory drops
+/// to the weights loaded at start-up; a later generation loads what it needs again.
+///
+/// # Safety
+///
+/// `options` is NULL or a live handle not used by another thread during the call.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_engine_options_set_release_after_use(
+    options: *mut tcd_engine_options,
+    enabled: i32,
+) -> tcd_status {
+    guard("tcd_engine_options_set_release_after_use", || {
+        // SAFETY: the caller's contract.
+        let options = unsafe { borrow_mut(options, "options") }?;
+        options.options.release_after_use = enabled != 0;
+        Ok(())
+    })
+}
+
 /// Turns ONNX Runtime's memory arena for the CPU provider on (non-zero) or off (0, the
-/// default): on is faster (fewer page faults) at a higher peak memory.
+/// default): on is faster (fewer page faults) at a higher peak memory. Each session has its
+/// own arena, freed with the session: with release-after-use it lives only through its stage
+/// (the command line turns both on by default).
 ///
 /// # Safety
 ///

@@ -92,8 +92,17 @@ pub struct EngineOptions {
     /// ControlNets and the VAE decoder are each loaded for their stage of a generation and
     /// released before the next stage loads (from the session cache when it is on). Peak memory
     /// is then the largest component's instead of all of them together; every generation
-    /// pays the loads. Load-time LoRA weights stay in memory for the reloads. Off by default.
+    /// pays the loads. Load-time LoRA weights stay in memory for the reloads (one copy, shared
+    /// with the session while it is loaded). Off by default.
     pub low_memory: bool,
+    /// Release each component once a generation is past its stage: the text encoders when
+    /// the prompt is encoded, the VAE encoder when the image is, the UNet with its ControlNets
+    /// before the VAE decodes. Everything still loads (in parallel) up front, so a bad model
+    /// fails at load; a later generation loads what it needs again. For hosts that generate
+    /// once per process, like the command line's `run` (on there by default): the peak is the
+    /// loaded weights at start-up rather than all weights plus the VAE decoder's activations.
+    /// Off by default; implied by [`EngineOptions::low_memory`].
+    pub release_after_use: bool,
 }
 
 /// How one loaded graph runs: the providers ONNX Runtime assigned its nodes to and what the
@@ -133,6 +142,7 @@ impl Default for EngineOptions {
             io_binding: true,
             fixed_shape: None,
             low_memory: false,
+            release_after_use: false,
         }
     }
 }
@@ -288,14 +298,16 @@ pub struct Engine {
     io_binding: bool,
     fixed_shape: Option<ShapeDims>,
     low_memory: bool,
+    release_after_use: bool,
     /// Sums the ControlNets' residuals where the UNet reads them (with IoBinding).
     residual_sum: Option<controlnet::ResidualSum>,
     /// Zero ControlNet residuals placed on the UNet's device, per `[batch, h, w]`.
     zero_residuals: resident::ShapeCache<Vec<runtime::PlacedTensor>>,
 }
 
-/// The stages of a generation, each with its own graphs ([`EngineOptions::low_memory`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The stages of a generation in order, each with its own graphs
+/// ([`EngineOptions::low_memory`], [`EngineOptions::release_after_use`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) enum Stage {
     /// The text encoders.
     Prompt,
@@ -421,34 +433,27 @@ impl Engine {
             &[("tokenizer", "text_encoder")]
         };
         let low_memory = options.low_memory;
-        // Low-memory mode: every graph is checked, then released until its stage needs it, and
-        // keeps what it needs to load again.
-        let releasable = |mut graph: Graph, options: &SessionOptions, weights: Vec<_>| {
+        let releases = low_memory || options.release_after_use;
+        // Graphs that are released keep what they need to load again; in low-memory mode every
+        // graph is checked, then released until its stage needs it.
+        let releasable = |mut graph: Graph, options: &SessionOptions| {
+            if releases {
+                graph.keep_for_reload(options);
+            }
             if low_memory {
-                graph.keep_for_reload(options, weights);
                 graph.release();
             }
             graph
         };
         let load_unet = || {
-            let kept = if low_memory {
-                unet_weights.clone()
-            } else {
-                Vec::new()
-            };
             Graph::load_with_weights("unet", &unet_path, &denoiser_options, unet_weights)
-                .map(|g| releasable(g, &denoiser_options, kept))
+                .map(|g| releasable(g, &denoiser_options))
         };
         let mut load_rest = || -> Result<_> {
             let mut encoders = Vec::new();
             for (tok, enc) in names {
                 let tokenizer = ClipTokenizer::from_dir(&root.join(tok))?;
                 let weights = overrides.remove(*enc).unwrap_or_default();
-                let kept = if low_memory {
-                    weights.clone()
-                } else {
-                    Vec::new()
-                };
                 let graph = Graph::load_with_weights(
                     enc,
                     &model.graph_path(enc),
@@ -457,13 +462,13 @@ impl Engine {
                 )?;
                 encoders.push(TextEncoder::new(
                     tokenizer,
-                    releasable(graph, &session_options, kept),
+                    releasable(graph, &session_options),
                     xl,
                 )?);
             }
             let (decoder, encoder) = load_vaes(&model, &session_options)?;
-            let decoder = releasable(decoder, &session_options, Vec::new());
-            let encoder = encoder.map(|e| releasable(e, &session_options, Vec::new()));
+            let decoder = releasable(decoder, &session_options);
+            let encoder = encoder.map(|e| releasable(e, &session_options));
             let depth = options
                 .depth_estimator
                 .as_deref()
@@ -473,9 +478,10 @@ impl Engine {
             let mut controlnets = Vec::with_capacity(options.controlnets.len());
             for source in &options.controlnets {
                 let mut net = ControlNet::load(source, None, &denoiser_options)?;
+                if releases {
+                    net.graph_mut().keep_for_reload(&denoiser_options);
+                }
                 if low_memory {
-                    net.graph_mut()
-                        .keep_for_reload(&denoiser_options, Vec::new());
                     net.graph_mut().release();
                 }
                 controlnets.push(net);
@@ -553,6 +559,7 @@ impl Engine {
             io_binding: options.io_binding,
             fixed_shape: options.fixed_shape,
             low_memory: options.low_memory,
+            release_after_use: options.release_after_use,
             zero_residuals: resident::ShapeCache::new(ZERO_RESIDUAL_SHAPES),
         })
     }
@@ -595,22 +602,26 @@ impl Engine {
     }
 
     /// Low-memory mode ([`EngineOptions::low_memory`]): releases every graph `stage` does not
-    /// use, then loads the ones it does. Nothing to do otherwise.
+    /// use, then loads the ones it does. Release-after-use
+    /// ([`EngineOptions::release_after_use`]): releases the graphs of the stages before
+    /// `stage`, then loads the ones it uses if they were released. Nothing to do otherwise.
     pub(super) fn stage(&mut self, stage: Stage) -> Result<()> {
-        if !self.low_memory {
+        if !self.low_memory && !self.release_after_use {
             return Ok(());
         }
-        if stage != Stage::Prompt {
+        let low_memory = self.low_memory;
+        let release = |other: Stage| other != stage && (low_memory || other < stage);
+        if release(Stage::Prompt) {
             for e in &mut self.encoders {
                 e.graph.release();
             }
         }
-        if stage != Stage::Image {
+        if release(Stage::Image) {
             if let Some(v) = &mut self.vae_encoder {
                 v.release();
             }
         }
-        if stage != Stage::Denoise {
+        if release(Stage::Denoise) {
             // Placed zeros hold on to the UNet's session.
             self.zero_residuals.clear();
             self.unet.release();
@@ -618,7 +629,7 @@ impl Engine {
                 c.graph_mut().release();
             }
         }
-        if stage != Stage::Decode {
+        if release(Stage::Decode) {
             self.vae_decoder.release();
         }
         match stage {
@@ -643,7 +654,8 @@ impl Engine {
         Ok(())
     }
 
-    /// The components whose sessions are loaded now (all of them, except in low-memory mode).
+    /// The components whose sessions are loaded now (all of them, except in low-memory and
+    /// release-after-use modes).
     pub fn loaded_components(&self) -> Vec<String> {
         let encoders = self.encoders.iter().map(|e| &e.graph);
         encoders
@@ -658,6 +670,12 @@ impl Engine {
     /// Whether the engine holds one component at a time ([`EngineOptions::low_memory`]).
     pub fn low_memory(&self) -> bool {
         self.low_memory
+    }
+
+    /// Whether the engine releases each component once a generation is past its stage
+    /// ([`EngineOptions::release_after_use`]).
+    pub fn release_after_use(&self) -> bool {
+        self.release_after_use
     }
 
     /// Whether the denoising loop runs through IoBindings ([`EngineOptions::io_binding`]).

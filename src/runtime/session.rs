@@ -1,6 +1,7 @@
 //! Sessions: one ONNX graph loaded once, with its input and output signature.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use half::f16;
@@ -168,11 +169,50 @@ pub struct RunStats {
     pub total: Duration,
 }
 
-/// What [`Graph::ensure_loaded`] builds a released graph's session from.
-#[derive(Debug, Clone)]
-struct Reload {
-    options: SessionOptions,
+/// A replacement weight as ONNX Runtime takes it: built once, shared by every session built
+/// from the graph (a reload after [`Graph::release`] reuses it instead of holding a copy).
+#[derive(Clone)]
+struct PreparedWeight {
+    name: String,
+    value: Arc<DynValue>,
+}
+
+/// Builds the tensors of `overrides` for `model`'s graph `context` names.
+fn prepare_weights(
+    context: &str,
+    model: &Path,
     overrides: Vec<WeightOverride>,
+) -> Result<Vec<PreparedWeight>> {
+    overrides
+        .into_iter()
+        .map(|o| {
+            let what = format!("{context}: weight '{}'", o.name);
+            let tensor = match o.dtype {
+                ElementType::F32 => {
+                    Tensor::from_array((o.shape.clone(), o.values)).map(|t| t.into_dyn())
+                }
+                // ONNX Runtime rejects a replacement whose type differs from the initializer's.
+                ElementType::F16 => {
+                    let values: Vec<f16> = o.values.iter().copied().map(f16::from_f32).collect();
+                    Tensor::from_array((o.shape.clone(), values)).map(|t| t.into_dyn())
+                }
+                other => {
+                    return Err(Error::model(
+                        model,
+                        format!(
+                            "{what} has element type {other:?}; only float32 and float16 weights \
+                             can be replaced"
+                        ),
+                    ))
+                }
+            }
+            .map_err(|e| rt_err(&what, e))?;
+            Ok(PreparedWeight {
+                name: o.name,
+                value: Arc::new(tensor),
+            })
+        })
+        .collect()
 }
 
 /// One loaded ONNX graph.
@@ -184,8 +224,10 @@ pub struct Graph {
     pub(super) binding: Option<IoBinding>,
     /// `None` while the graph is released ([`Graph::release`]).
     pub(super) session: Option<Session>,
-    /// How to build the session again after [`Graph::release`].
-    reload: Option<Box<Reload>>,
+    /// The options to build the session again with after [`Graph::release`].
+    reload: Option<Box<SessionOptions>>,
+    /// The replaced weights (load-time LoRA) the session was built with, for reloads.
+    weights: Vec<PreparedWeight>,
     pub(super) inputs: Vec<IoSpec>,
     /// Where the session reads each input (aligned with `inputs`).
     pub(super) placements: Vec<Placement>,
@@ -253,6 +295,18 @@ impl Graph {
         if !path.is_file() {
             return Err(Error::model(path, format!("the {name} graph is missing")));
         }
+        let context = format!("loading {} ({})", name, path.display());
+        let weights = prepare_weights(&context, path, overrides)?;
+        Self::load_prepared(name, path, options, weights)
+    }
+
+    /// Loads `path` with prepared replacement weights.
+    fn load_prepared(
+        name: &str,
+        path: &Path,
+        options: &SessionOptions,
+        weights: Vec<PreparedWeight>,
+    ) -> Result<Self> {
         let trt_shapes = if options.providers().contains(&ExecutionProvider::TensorRt) {
             let profile = options.provider_options.tensorrt.profile.ok_or_else(|| {
                 Error::invalid("TensorRT needs an optimisation profile (image size and batch)")
@@ -264,7 +318,7 @@ impl Graph {
         };
         let (entry, mut status) = match &options.cache {
             SessionCache::Off => (None, CacheStatus::Off),
-            SessionCache::Dir(root) => match options.cache_bypass(!overrides.is_empty()) {
+            SessionCache::Dir(root) => match options.cache_bypass(!weights.is_empty()) {
                 Some(why) => (None, CacheStatus::Bypassed(why)),
                 None => {
                     let key = CacheKey::new(
@@ -287,7 +341,7 @@ impl Graph {
                         options,
                         trt_shapes.as_ref(),
                         None,
-                        Vec::new(),
+                        &[],
                         false,
                     ) {
                         Ok(session) => {
@@ -322,7 +376,7 @@ impl Graph {
             options,
             trt_shapes.as_ref(),
             pending.as_ref().map(|p| p.model_path()),
-            overrides,
+            &weights,
             true,
         )?;
         if let (Some(entry), Some(pending)) = (&entry, pending) {
@@ -332,7 +386,9 @@ impl Graph {
                 Err(e) => status = CacheStatus::NotStored(e.to_string()),
             }
         }
-        Ok(Graph::new(name, path, session, status))
+        let mut graph = Graph::new(name, path, session, status);
+        graph.weights = weights;
+        Ok(graph)
     }
 
     pub(super) fn new(name: &str, path: &Path, session: Session, cache: CacheStatus) -> Self {
@@ -346,6 +402,7 @@ impl Graph {
             binding: None,
             session: Some(session),
             reload: None,
+            weights: Vec::new(),
             inputs,
             placements,
             outputs,
@@ -355,13 +412,10 @@ impl Graph {
         }
     }
 
-    /// Lets [`Graph::release`] drop the session: `options` and `overrides` (the weights it was
-    /// loaded with) are kept to build it again.
-    pub fn keep_for_reload(&mut self, options: &SessionOptions, overrides: Vec<WeightOverride>) {
-        self.reload = Some(Box::new(Reload {
-            options: options.clone(),
-            overrides,
-        }));
+    /// Lets [`Graph::release`] drop the session: `options` are kept to build it again, with the
+    /// replaced weights it was loaded with (shared with the session, not copied).
+    pub fn keep_for_reload(&mut self, options: &SessionOptions) {
+        self.reload = Some(Box::new(options.clone()));
     }
 
     /// Drops the session and its memory (weights, pre-packed kernels, arena) if the graph can
@@ -390,12 +444,7 @@ impl Graph {
         let reload = self.reload.as_ref().ok_or_else(|| {
             Error::Runtime(format!("the {} graph was released for good", self.name))
         })?;
-        let fresh = Graph::load_with_weights(
-            &self.name,
-            &self.path,
-            &reload.options,
-            reload.overrides.clone(),
-        )?;
+        let fresh = Graph::load_prepared(&self.name, &self.path, reload, self.weights.clone())?;
         self.session = fresh.session;
         self.placements = fresh.placements;
         self.assignment = fresh.assignment;
@@ -678,7 +727,7 @@ fn build(
     options: &SessionOptions,
     trt_shapes: Option<&ProfileShapes>,
     save_to: Option<PathBuf>,
-    overrides: Vec<WeightOverride>,
+    weights: &[PreparedWeight],
     optimise: bool,
 ) -> Result<Session> {
     let context = format!("loading {} ({})", name, model.display());
@@ -699,28 +748,10 @@ fn build(
             )
             .map_err(err)?;
     }
-    for o in overrides {
-        let what = format!("{context}: weight '{}'", o.name);
-        let tensor = match o.dtype {
-            ElementType::F32 => Tensor::from_array((o.shape.clone(), o.values)).map(|t| t.into_dyn()),
-            // ONNX Runtime rejects a replacement whose type differs from the initializer's.
-            ElementType::F16 => {
-                let values: Vec<f16> = o.values.iter().copied().map(f16::from_f32).collect();
-                Tensor::from_array((o.shape.clone(), values)).map(|t| t.into_dyn())
-            }
-            other => {
-                return Err(Error::model(
-                    model,
-                    format!(
-                        "{what} has element type {other:?}; only float32 and float16 weights can be replaced"
-                    ),
-                ))
-            }
-        }
-        .map_err(|e| rt_err(&what, e))?;
+    for w in weights {
         builder = builder
-            .with_external_initializer(&o.name, tensor)
-            .map_err(|e| rt_err(&format!("{context}: replacing weight '{}'", o.name), e))?;
+            .with_external_initializer(&w.name, Arc::clone(&w.value))
+            .map_err(|e| rt_err(&format!("{context}: replacing weight '{}'", w.name), e))?;
     }
     builder.commit_from_file(model).map_err(|e| {
         Error::model(

@@ -96,13 +96,18 @@ fn run_writes_png_with_parameters_and_latents_matching_the_library() {
     assert!(params.contains("Eta: 0.3"), "{params}");
 }
 
-/// `--low-memory` loads each component for its stage; the PNG is the same as without it.
+/// `--low-memory` loads each component for its stage and `--keep-loaded` keeps every one to
+/// the end (the default releases each after its stage); the PNG is the same every way.
 #[test]
 fn low_memory_flag_gives_the_same_image() {
     let dir = scratch_dir("cli-low-memory");
     let model_s = demo_model().to_string_lossy().into_owned();
     let mut pixels = Vec::new();
-    for (name, extra) in [("plain.png", None), ("low.png", Some("--low-memory"))] {
+    for (name, extra) in [
+        ("plain.png", None),
+        ("low.png", Some("--low-memory")),
+        ("kept.png", Some("--keep-loaded")),
+    ] {
         let png = dir.join(name);
         let png_s = png.to_string_lossy().into_owned();
         let mut args = base_args(&model_s, &png_s);
@@ -113,6 +118,7 @@ fn low_memory_flag_gives_the_same_image() {
         pixels.push(read_png_rgb(&png));
     }
     assert_eq!(pixels[0], pixels[1], "--low-memory changed the image");
+    assert_eq!(pixels[0], pixels[2], "--keep-loaded changed the image");
 }
 
 #[test]

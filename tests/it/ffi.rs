@@ -416,6 +416,7 @@ fn null_required_pointers_are_errors_with_messages() {
         expect(tcd_engine_options_set_io_binding(o, 0), "options");
         expect(tcd_engine_options_set_cpu_arena(o, 1), "options");
         expect(tcd_engine_options_set_low_memory(o, 1), "options");
+        expect(tcd_engine_options_set_release_after_use(o, 1), "options");
         expect(tcd_engine_options_set_fixed_shape(o, 0, 0, 0), "options");
         expect(
             tcd_engine_options_add_lora(o, c"x".as_ptr(), 1.0),

@@ -1,24 +1,31 @@
 //! Issue #8: low-memory mode holds one component at a time (text encoders, VAE encoder, UNet
 //! with its ControlNets, VAE decoder), loading each for its stage and releasing it before the
-//! next one loads. The graphs and their inputs are the same, so the results must be
-//! bit-identical to an engine that keeps everything loaded, on every task, across generations
-//! and through the session cache.
+//! next one loads; release-after-use loads everything up front and releases each component once
+//! a generation is past its stage. The graphs and their inputs are the same, so the results
+//! must be bit-identical to an engine that keeps everything loaded, on every task, across
+//! generations and through the session cache.
 
 use tcd_ort::image_io::load_image;
 use tcd_ort::pipeline::{
-    ControlImage, Engine, EngineOptions, GenerateRequest, Generated, InpaintMode, Task,
+    ControlImage, Engine, EngineOptions, GenerateRequest, Generated, InpaintMode, LoraSpec, Task,
 };
 use tcd_ort::runtime::{CacheStatus, SessionCache};
 
 use crate::common::{committed_model, repo_root, scratch_dir};
 
 fn load(low_memory: bool, session_cache: SessionCache) -> Engine {
-    let options = EngineOptions {
-        intra_threads: Some(1),
-        controlnets: vec![committed_model("tiny-sd15-controlnet")],
+    load_with(EngineOptions {
         low_memory,
         session_cache,
         ..EngineOptions::default()
+    })
+}
+
+fn load_with(options: EngineOptions) -> Engine {
+    let options = EngineOptions {
+        intra_threads: Some(1),
+        controlnets: vec![committed_model("tiny-sd15-controlnet")],
+        ..options
     };
     Engine::load(committed_model("tiny-sd15"), &options).expect("the committed tiny model loads")
 }
@@ -138,6 +145,107 @@ fn low_memory_mode_matches_and_holds_one_component() {
         .sum();
     assert_eq!(unet_calls, steps);
     assert!(steps >= 8 * 2, "{steps} steps");
+}
+
+#[test]
+fn release_after_use_matches_and_releases_each_stage_when_done() {
+    let mut released = load_with(EngineOptions {
+        release_after_use: true,
+        ..EngineOptions::default()
+    });
+    let mut full = load(false, SessionCache::Off);
+    assert!(released.release_after_use() && !released.low_memory());
+    assert!(!full.release_after_use());
+    assert_eq!(
+        released.loaded_components(),
+        full.loaded_components(),
+        "everything loads up front"
+    );
+    let mut steps = 0;
+    for round in 0..2 {
+        for (what, task, control) in tasks() {
+            let what = format!("{what}, round {round}");
+            let request = request(control);
+            let a = released
+                .run(&request, &task, &mut |_| true)
+                .expect("release-after-use run");
+            let b = full.run(&request, &task, &mut |_| true).expect("full run");
+            assert_same(&a, &b, &what);
+            steps += a.timesteps.len() as u64;
+            assert_eq!(
+                released.loaded_components(),
+                vec!["vae_decoder".to_string()],
+                "{what}: the stages before the decode are released"
+            );
+            assert_eq!(full.loaded_components().len(), 5, "{what}");
+        }
+    }
+    let unet_calls: u64 = released
+        .run_stats()
+        .into_iter()
+        .filter(|(name, _)| name == "unet")
+        .map(|(_, s)| s.calls)
+        .sum();
+    assert_eq!(
+        unet_calls, steps,
+        "the UNet loaded again for each generation"
+    );
+}
+
+/// Load-time LoRA weights are built once and shared by the reloaded sessions: a released and
+/// reloaded graph computes what the first session did.
+#[test]
+fn released_graphs_reload_with_their_lora_weights() {
+    let generated = crate::common::fixtures_dir();
+    let lora = generated
+        .join("lora")
+        .join("sd15")
+        .join("diffusers.safetensors");
+    let model = generated.join("parity").join("sd15").join("onnx");
+    let load = |loras: &[&std::path::Path], release_after_use| {
+        let options = EngineOptions {
+            intra_threads: Some(1),
+            loras: loras
+                .iter()
+                .map(|path| LoraSpec {
+                    source: path.to_string_lossy().into_owned(),
+                    weight: 0.8,
+                    weight_name: None,
+                })
+                .collect(),
+            release_after_use,
+            ..EngineOptions::default()
+        };
+        Engine::load(model.to_string_lossy(), &options)
+            .expect("the LoRA fixtures load; run `make fixtures`")
+    };
+    let mut released = load(&[&lora], true);
+    let mut full = load(&[&lora], false);
+    assert!(released.lora_report().patched.values().sum::<usize>() > 0);
+    let request = request(false);
+    let mut latents = Vec::new();
+    for round in 0..2 {
+        let a = released
+            .run(&request, &Task::TextToImage, &mut |_| true)
+            .expect("release-after-use run");
+        assert_eq!(
+            released.loaded_components(),
+            vec!["vae_decoder".to_string()],
+            "round {round}"
+        );
+        let b = full
+            .run(&request, &Task::TextToImage, &mut |_| true)
+            .expect("full run");
+        assert_same(&a, &b, &format!("with a LoRA, round {round}"));
+        latents.push(a.latents);
+    }
+    let without = load(&[], true)
+        .run(&request, &Task::TextToImage, &mut |_| true)
+        .expect("run without the LoRA");
+    assert_ne!(
+        latents[1], without.latents,
+        "the reloaded UNet kept the LoRA"
+    );
 }
 
 /// Reloads go through the session cache when it is on.

@@ -154,7 +154,8 @@ fn the_summary_names_the_provider_of_every_graph() {
 fn the_cpu_arena_changes_memory_use_not_pixels() {
     let dir = scratch_dir("cpu-arena");
     let (plain, arena) = (dir.join("plain.png"), dir.join("arena.png"));
-    for (png, extra) in [(&plain, &[][..]), (&arena, &["--cpu-arena"][..])] {
+    let off: &[&str] = &["--cpu-arena", "off"];
+    for (png, extra) in [(&plain, off), (&arena, &["--cpu-arena"][..])] {
         let out = tcd(&run_args(&png.to_string_lossy(), extra));
         assert!(
             out.status.success(),
