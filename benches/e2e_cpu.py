@@ -18,7 +18,9 @@ With --tcd-ort-optimum-graphs tcd-ort also runs optimum's export (it loads optim
 as-is): the same engine on the other exporter's graphs, which tells a difference of graphs from
 one of engines. --tcd-ort-plain-attention also runs an export with `--attention plain` (the
 exporter's MatMul/Softmax/MatMul instead of ONNX Runtime's MultiHeadAttention),
---tcd-ort-low-memory the default export with `--low-memory`, and --tcd-ort-keep-loaded with
+--tcd-ort-low-memory the default export with `--low-memory`, --tcd-ort-fp16 an export with
+`--dtype fp16` (float16 weights, cast to float32 in every step on the CPU: a different
+precision from the other engines' float32 runs), and --tcd-ort-keep-loaded with
 `--keep-loaded` (every component held to the end and the CPU arena off, as a long-lived engine
 holds them; the default releases each component after its stage and uses the arena).
 
@@ -292,6 +294,13 @@ def ensure_models(args, base: pathlib.Path) -> list[pathlib.Path]:
         run_logged([VENV_PY, "-m", "export", "convert", diffusers_dir, onnx_dir, "--overwrite"])
         log(f"built {onnx_dir} in {time.perf_counter() - start:.0f} s")
         created.append(onnx_dir)
+    fp16_dir = base / "tcd-ort-fp16"
+    if args.tcd_ort_fp16 and not (fp16_dir / "tcd_ort.json").is_file():
+        start = time.perf_counter()
+        run_logged([VENV_PY, "-m", "export", "convert", diffusers_dir, fp16_dir, "--overwrite",
+                    "--dtype", "fp16"])
+        log(f"built {fp16_dir} in {time.perf_counter() - start:.0f} s")
+        created.append(fp16_dir)
     plain_dir = base / "tcd-ort-plain"
     if args.tcd_ort_plain_attention and not (plain_dir / "tcd_ort.json").is_file():
         start = time.perf_counter()
@@ -479,6 +488,9 @@ def main() -> int:
                         "built if missing): the fused attention's share, in the same run")
     p.add_argument("--tcd-ort-low-memory", action="store_true",
                    help="also run tcd-ort with --low-memory")
+    p.add_argument("--tcd-ort-fp16", action="store_true",
+                   help="also export with --dtype fp16 (float16 text encoder and UNet weights, "
+                        "float32 VAE) and run tcd-ort on it")
     p.add_argument("--tcd-ort-keep-loaded", action="store_true",
                    help="also run tcd-ort with --keep-loaded (every component loaded to the "
                         "end, the CPU arena off: what an engine serving many requests holds)")
@@ -532,6 +544,8 @@ def main() -> int:
         variants = {"tcd-ort": ("tcd-ort", ())}
         if args.tcd_ort_low_memory:
             variants["tcd-ort --low-memory"] = ("tcd-ort", ("--low-memory",))
+        if args.tcd_ort_fp16:
+            variants["tcd-ort, fp16 export"] = ("tcd-ort-fp16", ())
         if args.tcd_ort_keep_loaded:
             variants["tcd-ort --keep-loaded"] = ("tcd-ort", ("--keep-loaded",))
         if args.tcd_ort_plain_attention:

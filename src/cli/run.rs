@@ -17,7 +17,7 @@ use tcd_ort::pipeline::{
 };
 use tcd_ort::runtime::{parse_provider_list, ExecutionProvider, RunStats};
 
-use super::session_args::{native_size, session_summary, RequestShape, SessionArgs};
+use super::session_args::{float16_model, native_size, session_summary, RequestShape, SessionArgs};
 
 /// `--inpaint-mode` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -597,6 +597,8 @@ pub fn run(args: RunArgs) -> Result<()> {
             && (args.width.is_none() || args.height.is_none()))
         .then(|| native_size(&args.model, args.revision.as_deref()))
         .flatten(),
+        float16: args.session.arena_by_default(&providers)
+            && float16_model(&args.model, args.revision.as_deref()),
     };
     args.session.apply(&providers, &shape, &mut options)?;
     let load_started = Instant::now();
