@@ -511,7 +511,9 @@ tcd_status tcd_engine_options_set_release_after_use(struct tcd_engine_options *o
 
 /**
  * Turns ONNX Runtime's memory arena for the CPU provider on (non-zero) or off (0, the
- * default): on is faster (fewer page faults) at a higher peak memory.
+ * default): on is faster (fewer page faults) at a higher peak memory. Each session has its
+ * own arena, freed with the session: with release-after-use it lives only through its stage
+ * (the command line turns both on by default).
  *
  * # Safety
  *

@@ -303,6 +303,36 @@ pub struct Engine {
     residual_sum: Option<controlnet::ResidualSum>,
     /// Zero ControlNet residuals placed on the UNet's device, per `[batch, h, w]`.
     zero_residuals: resident::ShapeCache<Vec<runtime::PlacedTensor>>,
+    /// Sessions released after use, being freed beside the next stage.
+    freeing: Freeing,
+}
+
+/// Frees released sessions on a thread of their own (release-after-use): dropping the UNet's
+/// gigabytes of weights and its arena took 0.19 s on the full-size SD1.5 job, which now
+/// overlaps the VAE decode. Dropped (and so joined) before a graph loads and with the engine.
+#[derive(Debug, Default)]
+struct Freeing(Option<std::thread::JoinHandle<()>>);
+
+impl Freeing {
+    fn start(&mut self, sessions: Vec<runtime::ReleasedSession>) {
+        self.wait();
+        if !sessions.is_empty() {
+            self.0 = Some(std::thread::spawn(move || drop(sessions)));
+        }
+    }
+
+    fn wait(&mut self) {
+        if let Some(thread) = self.0.take() {
+            // A panic while freeing leaves nothing to recover.
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Freeing {
+    fn drop(&mut self) {
+        self.wait();
+    }
 }
 
 /// The stages of a generation in order, each with its own graphs
@@ -561,6 +591,7 @@ impl Engine {
             low_memory: options.low_memory,
             release_after_use: options.release_after_use,
             zero_residuals: resident::ShapeCache::new(ZERO_RESIDUAL_SHAPES),
+            freeing: Freeing::default(),
         })
     }
 
@@ -611,26 +642,43 @@ impl Engine {
         }
         let low_memory = self.low_memory;
         let release = |other: Stage| other != stage && (low_memory || other < stage);
+        let mut released = Vec::new();
         if release(Stage::Prompt) {
             for e in &mut self.encoders {
-                e.graph.release();
+                released.extend(e.graph.release_session());
             }
         }
         if release(Stage::Image) {
             if let Some(v) = &mut self.vae_encoder {
-                v.release();
+                released.extend(v.release_session());
             }
         }
         if release(Stage::Denoise) {
             // Placed zeros hold on to the UNet's session.
             self.zero_residuals.clear();
-            self.unet.release();
+            released.extend(self.unet.release_session());
             for c in &mut self.controlnets {
-                c.graph_mut().release();
+                released.extend(c.graph_mut().release_session());
             }
         }
         if release(Stage::Decode) {
-            self.vae_decoder.release();
+            released.extend(self.vae_decoder.release_session());
+        }
+        // Low-memory mode frees before it loads, so the peak stays one stage's; released after
+        // use, the graphs of this stage are loaded already and freeing can overlap it.
+        let loads = match stage {
+            Stage::Prompt => self.encoders.iter().any(|e| !e.graph.is_loaded()),
+            Stage::Image => self.vae_encoder.as_ref().is_some_and(|v| !v.is_loaded()),
+            Stage::Denoise => {
+                !self.unet.is_loaded() || self.controlnets.iter().any(|c| !c.graph().is_loaded())
+            }
+            Stage::Decode => !self.vae_decoder.is_loaded(),
+        };
+        if low_memory || loads {
+            self.freeing.wait();
+            drop(released);
+        } else {
+            self.freeing.start(released);
         }
         match stage {
             Stage::Prompt => {

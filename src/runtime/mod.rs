@@ -25,6 +25,6 @@ pub use options::{
 };
 pub use provider::{parse_provider_list, select_providers, ExecutionProvider};
 pub use session::{
-    array, ElementType, Graph, IoSpec, ProviderAssignment, RunStats, SessionOptions, TensorInput,
-    WeightOverride,
+    array, ElementType, Graph, IoSpec, ProviderAssignment, ReleasedSession, RunStats,
+    SessionOptions, TensorInput, WeightOverride,
 };

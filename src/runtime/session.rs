@@ -215,6 +215,11 @@ fn prepare_weights(
         .collect()
 }
 
+/// A session taken out of its graph by [`Graph::release_session`]; dropping it frees its memory.
+pub struct ReleasedSession {
+    _session: Session,
+}
+
 /// One loaded ONNX graph.
 pub struct Graph {
     pub(super) name: String,
@@ -422,12 +427,17 @@ impl Graph {
     /// be loaded again ([`Graph::keep_for_reload`]); the next run loads it first. Returns
     /// whether a session was dropped.
     pub fn release(&mut self) -> bool {
-        if self.reload.is_none() || self.session.is_none() {
-            return false;
-        }
+        self.release_session().is_some()
+    }
+
+    /// [`Graph::release`], handing the session over instead of dropping it: freeing gigabytes
+    /// of weights takes a while, which the caller may spend elsewhere.
+    pub fn release_session(&mut self) -> Option<ReleasedSession> {
+        self.reload.as_ref()?;
         self.binding = None;
-        self.session = None;
-        true
+        self.session
+            .take()
+            .map(|session| ReleasedSession { _session: session })
     }
 
     /// Whether the session is loaded.
