@@ -289,25 +289,17 @@ def ensure_models(args, base: pathlib.Path) -> list[pathlib.Path]:
                     "--overwrite"])
         log(f"built {diffusers_dir} in {time.perf_counter() - start:.0f} s")
         created.append(diffusers_dir)
-    if not (onnx_dir / "tcd_ort.json").is_file():
-        start = time.perf_counter()
-        run_logged([VENV_PY, "-m", "export", "convert", diffusers_dir, onnx_dir, "--overwrite"])
-        log(f"built {onnx_dir} in {time.perf_counter() - start:.0f} s")
-        created.append(onnx_dir)
-    fp16_dir = base / "tcd-ort-fp16"
-    if args.tcd_ort_fp16 and not (fp16_dir / "tcd_ort.json").is_file():
-        start = time.perf_counter()
-        run_logged([VENV_PY, "-m", "export", "convert", diffusers_dir, fp16_dir, "--overwrite",
-                    "--dtype", "fp16"])
-        log(f"built {fp16_dir} in {time.perf_counter() - start:.0f} s")
-        created.append(fp16_dir)
-    plain_dir = base / "tcd-ort-plain"
-    if args.tcd_ort_plain_attention and not (plain_dir / "tcd_ort.json").is_file():
-        start = time.perf_counter()
-        run_logged([VENV_PY, "-m", "export", "convert", diffusers_dir, plain_dir, "--overwrite",
-                    "--attention", "plain"])
-        log(f"built {plain_dir} in {time.perf_counter() - start:.0f} s")
-        created.append(plain_dir)
+    # tcd-ort's exports: the default one always, the variants asked for.
+    exports = ((True, onnx_dir, ()),
+               (args.tcd_ort_fp16, base / "tcd-ort-fp16", ("--dtype", "fp16")),
+               (args.tcd_ort_plain_attention, base / "tcd-ort-plain", ("--attention", "plain")))
+    for wanted, out_dir, flags in exports:
+        if wanted and not (out_dir / "tcd_ort.json").is_file():
+            start = time.perf_counter()
+            run_logged([VENV_PY, "-m", "export", "convert", diffusers_dir, out_dir, "--overwrite",
+                        *flags])
+            log(f"built {out_dir} in {time.perf_counter() - start:.0f} s")
+            created.append(out_dir)
     if not args.skip_optimum and not (optimum_dir / "model_index.json").is_file():
         # The fixtures' optimum export, on this pipeline: plain optimum-cli on a copy whose
         # CLIPTextModel weights carry the prefix transformers 4 expects.
