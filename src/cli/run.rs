@@ -597,8 +597,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             && (args.width.is_none() || args.height.is_none()))
         .then(|| native_size(&args.model, args.revision.as_deref()))
         .flatten(),
-        float16: args.session.arena_by_default(&providers)
-            && float16_model(&args.model, args.revision.as_deref()),
+        float16: args.session.arena_by_default(&providers) && float16_model(&args.model),
     };
     args.session.apply(&providers, &shape, &mut options)?;
     let load_started = Instant::now();

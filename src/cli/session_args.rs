@@ -1,7 +1,7 @@
 //! Execution-provider and session start-up flags of `tcd-ort run`, kept apart from the
 //! generation flags: they translate to [`ProviderOptions`], [`OptLevel`] and [`SessionCache`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use clap::Args;
@@ -31,7 +31,8 @@ pub struct SessionArgs {
     /// component is released after its stage (full-size SD1.5: 33 s at 4.05 GiB on, 36 s at
     /// 3.68 GiB off); off with --keep-loaded or --low-memory, where the arenas would add up or
     /// outlast their stage, and for float16 exports, whose weights are cast to float32 every
-    /// step and would stay in the arena (4.75 instead of 2.50 GiB).
+    /// step and would stay in the arena (4.75 instead of 2.50 GiB; a hub id's dtype is not
+    /// known before it loads: pass --cpu-arena off for a float16 repository).
     #[arg(
         long,
         value_name = "on|off",
@@ -238,16 +239,16 @@ impl SessionArgs {
     }
 }
 
-/// Whether the model is a float16 export (`--dtype fp16`), read before loading; false when it
-/// cannot be told (the engine then reports what is wrong with the model).
-pub fn float16_model(model: &str, revision: Option<&str>) -> bool {
-    let Ok(root) = tcd_ort::pipeline::resolve_model(model, revision) else {
-        return false;
-    };
-    tcd_ort::model::ModelDir::open(&root)
-        .ok()
-        .and_then(|dir| dir.manifest()?.dtype.clone())
-        .is_some_and(|dtype| dtype == "float16")
+/// Whether `model` is a local directory holding a float16 export (`--dtype fp16`), read before
+/// loading. A hub id is not looked up (that would ask the hub twice), nor is a directory that
+/// cannot be read (the engine then says what is wrong with it): both count as float32.
+pub fn float16_model(model: &str) -> bool {
+    let root = Path::new(model);
+    root.is_dir()
+        && tcd_ort::model::ModelDir::open(root)
+            .ok()
+            .and_then(|dir| dir.manifest()?.dtype.clone())
+            .is_some_and(|dtype| dtype == "float16")
 }
 
 /// The model's native image size, read before loading when a TensorRT profile needs it.
@@ -437,13 +438,14 @@ mod tests {
             .unwrap_or_else(|| root.join("tests").join("fixtures").join("generated"));
         let fp16 = fixtures.join("fp16").join("sd15").join("onnx");
         assert!(
-            float16_model(&fp16.to_string_lossy(), None),
+            float16_model(&fp16.to_string_lossy()),
             "{} (run `make fixtures`)",
             fp16.display()
         );
         let fp32 = root.join("models").join("tiny-sd15");
-        assert!(!float16_model(&fp32.to_string_lossy(), None));
-        assert!(!float16_model("/no/such/model", None));
+        assert!(!float16_model(&fp32.to_string_lossy()));
+        assert!(!float16_model("/no/such/model"));
+        assert!(!float16_model("tcd-ort/not-looked-up"));
     }
 
     #[test]
