@@ -641,65 +641,44 @@ impl Engine {
             return Ok(());
         }
         let low_memory = self.low_memory;
-        let release = |other: Stage| other != stage && (low_memory || other < stage);
         let mut released = Vec::new();
-        if release(Stage::Prompt) {
-            for e in &mut self.encoders {
-                released.extend(e.graph.release_session());
+        for other in [Stage::Prompt, Stage::Image, Stage::Denoise, Stage::Decode] {
+            if other == stage || !(low_memory || other < stage) {
+                continue;
             }
-        }
-        if release(Stage::Image) {
-            if let Some(v) = &mut self.vae_encoder {
-                released.extend(v.release_session());
+            if other == Stage::Denoise {
+                // Placed zeros hold on to the UNet's session.
+                self.zero_residuals.clear();
             }
-        }
-        if release(Stage::Denoise) {
-            // Placed zeros hold on to the UNet's session.
-            self.zero_residuals.clear();
-            released.extend(self.unet.release_session());
-            for c in &mut self.controlnets {
-                released.extend(c.graph_mut().release_session());
+            for graph in self.stage_graphs(other) {
+                released.extend(graph.release_session());
             }
-        }
-        if release(Stage::Decode) {
-            released.extend(self.vae_decoder.release_session());
         }
         // Low-memory mode frees before it loads, so the peak stays one stage's; released after
         // use, the graphs of this stage are loaded already and freeing can overlap it.
-        let loads = match stage {
-            Stage::Prompt => self.encoders.iter().any(|e| !e.graph.is_loaded()),
-            Stage::Image => self.vae_encoder.as_ref().is_some_and(|v| !v.is_loaded()),
-            Stage::Denoise => {
-                !self.unet.is_loaded() || self.controlnets.iter().any(|c| !c.graph().is_loaded())
-            }
-            Stage::Decode => !self.vae_decoder.is_loaded(),
-        };
+        let loads = self.stage_graphs(stage).iter().any(|g| !g.is_loaded());
         if low_memory || loads {
             self.freeing.wait();
             drop(released);
         } else {
             self.freeing.start(released);
         }
-        match stage {
-            Stage::Prompt => {
-                for e in &mut self.encoders {
-                    e.graph.ensure_loaded()?;
-                }
-            }
-            Stage::Image => {
-                if let Some(v) = &mut self.vae_encoder {
-                    v.ensure_loaded()?;
-                }
-            }
-            Stage::Denoise => {
-                self.unet.ensure_loaded()?;
-                for c in &mut self.controlnets {
-                    c.graph_mut().ensure_loaded()?;
-                }
-            }
-            Stage::Decode => self.vae_decoder.ensure_loaded()?,
+        for graph in self.stage_graphs(stage) {
+            graph.ensure_loaded()?;
         }
         Ok(())
+    }
+
+    /// The graphs `stage` runs.
+    fn stage_graphs(&mut self, stage: Stage) -> Vec<&mut Graph> {
+        match stage {
+            Stage::Prompt => self.encoders.iter_mut().map(|e| &mut e.graph).collect(),
+            Stage::Image => self.vae_encoder.iter_mut().collect(),
+            Stage::Denoise => std::iter::once(&mut self.unet)
+                .chain(self.controlnets.iter_mut().map(ControlNet::graph_mut))
+                .collect(),
+            Stage::Decode => vec![&mut self.vae_decoder],
+        }
     }
 
     /// The components whose sessions are loaded now (all of them, except in low-memory and
