@@ -69,7 +69,9 @@ def trace_rss(command: list[str], interval: float, every: float) -> int:
     return proc.returncode
 
 
-MMAP = re.compile(r"^\d+\s+(\d+\.\d+) mmap\(\S+, (\d+), ([^,]+), ([^,]+), (-?\d+)[^)]*\) = (0x[0-9a-f]+)")
+MMAP = re.compile(
+    r"^\d+\s+(\d+\.\d+) mmap\(\S+, (\d+), ([^,]+), ([^,]+), (-?\d+)[^)]*\) = (0x[0-9a-f]+)"
+)
 MUNMAP = re.compile(r"^\d+\s+(\d+\.\d+) munmap\((0x[0-9a-f]+), (\d+)\)")
 
 
@@ -97,7 +99,8 @@ def trace_mmaps(command: list[str], min_mib: float, window: tuple[float, float])
                 spans.append((made[0], float(m.group(1)) - t0, made[1]))
     spans += [(t, None, size) for t, size in live.values()]
     shown = sorted(s for s in spans if window[0] <= s[0] <= window[1] and s[2] >= min_mib * 2**20)
-    print(f"exit status {rc}; anonymous mappings >= {min_mib} MiB made in {window[0]}-{window[1]} s:")
+    print(f"exit status {rc}; anonymous mappings >= {min_mib} MiB "
+          f"made in {window[0]}-{window[1]} s:")
     print("  made s  freed s  held s     MiB")
     for made, freed, size in shown:
         held = f"{freed - made:7.2f}" if freed is not None else "   (end)"
