@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -27,7 +28,7 @@ import sys
 import tempfile
 import time
 
-GIB = 2**20  # smaps reports kB
+GIB = 2**20  # one GiB in kB, the unit smaps reports
 
 
 def sample(pid: int) -> tuple[int, int] | None:
@@ -83,7 +84,7 @@ def trace_mmaps(command: list[str], min_mib: float, window: tuple[float, float])
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**20))
         rc = subprocess.run(["strace", "-f", "-ttt", "-e", "trace=mmap,munmap", "-o", log.name,
                              *command], env=env).returncode
-        lines = open(log.name).read().splitlines()
+        lines = pathlib.Path(log.name).read_text().splitlines()
     live: dict[int, tuple[float, int]] = {}
     spans: list[tuple[float, float | None, int]] = []
     t0 = None
