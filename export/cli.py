@@ -23,6 +23,7 @@ COMMANDS = (
     "tiny-depth",
     "full",
     "reference",
+    "segment",
 )
 
 
@@ -172,6 +173,20 @@ def _parser() -> argparse.ArgumentParser:
     td.add_argument("out_dir", type=pathlib.Path)
     td.add_argument("--seed", type=int, default=0)
     td.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+
+    sg = sub.add_parser(
+        "segment",
+        help="(re)write the UNet of a model directory as consecutive segments for the engine's "
+        "low-memory mode (`convert` writes 2); graphs only, sharing the UNet's weights file",
+    )
+    sg.add_argument("model_dir", type=pathlib.Path, help="model directory written by `convert`")
+    sg.add_argument(
+        "--parts",
+        type=int,
+        default=2,
+        help="how many segments (default 2); 1 removes them, so low-memory mode loads the UNet "
+        "whole",
+    )
 
     r = sub.add_parser("reference", help="run the diffusers TCD pipeline (golden outputs)")
     r.add_argument("--model", required=True, help="diffusers pipeline dir (or hub id)")
@@ -347,6 +362,12 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(args.out_dir)
             build_tiny_depth(args.out_dir, args.seed)
             logging.getLogger("export").info("wrote tiny depth estimator to %s", args.out_dir)
+        elif args.command == "segment":
+            from export.segments import segment_model_dir
+
+            if args.parts < 1:
+                parser.error("--parts must be at least 1")
+            segment_model_dir(args.model_dir, args.parts)
         elif args.command == "reference":
             from export.reference import run_from_args
 

@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from export.manifest import build_manifest, write_manifest
+from export.segments import write_unet_segments
 
 log = logging.getLogger("export")
 
@@ -277,6 +278,7 @@ def convert(
 
     def unet_step(d: pathlib.Path) -> None:
         slotted = export_unet(pipe.unet, d, opset, pooled_dim, lora_slots, attention)
+        write_unet_segments(d)
         if lora_slots is not None:
             slots["unet"] = slots_mod.manifest_entry(lora_slots, slotted)
             log.info("unet: LoRA slots of rank %d on %d modules", lora_slots, len(slotted))

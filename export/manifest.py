@@ -57,11 +57,16 @@ def build_manifest(
     record only: the engine must not apply them again); `lora_slots`: per component, the
     empty LoRA layers exported for unfused LoRAs (export.lora_slots.manifest_entry). Written
     only when there are slots, so plain exports keep their manifest unchanged."""
+    from export.segments import segment_files
+
     components = {}
     for name in COMPONENTS:
         path = out_dir / name / ONNX_FILE
         if path.exists():
             components[name] = describe_component(path)
+            segments = segment_files(path.parent)
+            if segments:
+                components[name]["segments"] = segments
     manifest = {
         "format_version": FORMAT_VERSION,
         "family": family,

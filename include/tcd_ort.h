@@ -487,7 +487,10 @@ tcd_status tcd_engine_options_set_io_binding(struct tcd_engine_options *options,
  * component at a time (text encoders, VAE encoder, UNet with its ControlNets, VAE decoder),
  * each loaded for its stage of a generation and released before the next one loads, so peak
  * memory is the largest component's. Every generation pays the loads (fast with a session
- * cache).
+ * cache). With a session cache, a UNet exported in segments (`python -m export convert` writes
+ * two) loads one segment at a time, each from the cache for its part of every step; the CPU
+ * arena (`tcd_engine_options_set_cpu_arena`) then costs no memory, as each segment's session
+ * lives for one run of it, and makes the steps faster.
  *
  * # Safety
  *

@@ -588,6 +588,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         depth_estimator: args.depth_model.clone(),
         ..EngineOptions::default()
     };
+    let unet_segments = args
+        .session
+        .expects_unet_segments(&args.model, !args.loras.is_empty());
     let shape = RequestShape {
         width: args.width,
         height: args.height,
@@ -597,7 +600,9 @@ pub fn run(args: RunArgs) -> Result<()> {
             && (args.width.is_none() || args.height.is_none()))
         .then(|| native_size(&args.model, args.revision.as_deref()))
         .flatten(),
-        float16: args.session.arena_by_default(&providers) && float16_model(&args.model),
+        float16: args.session.arena_by_default(&providers, unet_segments)
+            && float16_model(&args.model),
+        unet_segments,
     };
     args.session.apply(&providers, &shape, &mut options)?;
     let load_started = Instant::now();

@@ -29,8 +29,9 @@ pub struct SessionArgs {
     /// ONNX Runtime's memory arena for the CPU provider: on is faster (fewer page faults),
     /// and each component's arena lives as long as its session. Default: on, since each
     /// component is released after its stage (full-size SD1.5: 33 s at 4.05 GiB on, 36 s at
-    /// 3.68 GiB off); off with --keep-loaded or --low-memory, where the arenas would add up or
-    /// outlast their stage, and for float16 exports, whose weights are cast to float32 every
+    /// 3.68 GiB off); off with --keep-loaded, where the arenas would add up, with --low-memory
+    /// unless the UNet runs in segments (each segment's arena then lives for one run of it),
+    /// and for float16 exports, whose weights are cast to float32 every
     /// step and would stay in the arena (4.75 instead of 2.50 GiB; a hub id's dtype is not
     /// known before it loads: pass --cpu-arena off for a float16 repository).
     #[arg(
@@ -78,8 +79,9 @@ pub struct SessionArgs {
     fixed_shape: bool,
     /// Hold one component at a time: the text encoders, the UNet (with its ControlNets) and the
     /// VAE are each loaded for their stage and released before the next one loads. Peak memory
-    /// is the largest component's instead of all of them; pair it with --session-cache so the
-    /// loads are fast.
+    /// is the largest component's instead of all of them. With --session-cache, a UNet exported
+    /// in segments (`python -m export segment`) holds one segment at a time, each loaded from
+    /// the cache for its part of every step.
     #[arg(long)]
     low_memory: bool,
     /// Keep every component loaded until the run ends. By default each is released once the
@@ -92,11 +94,35 @@ pub struct SessionArgs {
 impl SessionArgs {
     /// Whether the CPU arena's default depends on the model: no --cpu-arena given, and each
     /// component released after its stage on the CPU provider.
-    pub fn arena_by_default(&self, providers: &[ExecutionProvider]) -> bool {
+    /// `unet_segments`: low-memory mode will run the UNet in segments
+    /// ([`SessionArgs::expects_unet_segments`]).
+    pub fn arena_by_default(&self, providers: &[ExecutionProvider], unet_segments: bool) -> bool {
         self.cpu_arena.is_none()
             && !self.keep_loaded
-            && !self.low_memory
+            && (!self.low_memory || unet_segments)
             && providers.contains(&ExecutionProvider::Cpu)
+    }
+
+    /// Whether low-memory mode will run `model`'s UNet in segments, read before loading: a
+    /// local directory whose manifest lists them, the session cache on, and nothing that
+    /// bypasses the cache (`loras` given or recorded in the manifest, --fixed-shape), as
+    /// [`tcd_ort::Engine::load`] decides.
+    pub fn expects_unet_segments(&self, model: &str, loras: bool) -> bool {
+        if !self.low_memory
+            || loras
+            || self.fixed_shape
+            || matches!(self.session_cache, SessionCache::Off)
+        {
+            return false;
+        }
+        let root = Path::new(model);
+        root.is_dir()
+            && tcd_ort::model::ModelDir::open(root)
+                .ok()
+                .is_some_and(|dir| {
+                    let manifest_loras = dir.manifest().is_some_and(|m| !m.lora.is_empty());
+                    !manifest_loras && dir.segment_paths("unet").is_ok_and(|p| !p.is_empty())
+                })
     }
 
     /// Whether the model's native size is needed before loading (a derived TensorRT profile
@@ -123,6 +149,10 @@ pub struct RequestShape {
     /// Whether the model's export is float16 (its manifest, read before loading): on the CPU
     /// its weights are cast to float32 in every step, and an arena would keep those copies.
     pub float16: bool,
+    /// Whether low-memory mode will run the UNet in segments
+    /// ([`SessionArgs::expects_unet_segments`]): each segment's session, its arena included,
+    /// lives for one run of it, so the arena saves time without holding memory.
+    pub unet_segments: bool,
 }
 
 impl SessionArgs {
@@ -179,7 +209,7 @@ impl SessionArgs {
         let po = &mut options.provider_options;
         po.cpu_arena = self
             .cpu_arena
-            .unwrap_or(self.arena_by_default(providers) && !shape.float16);
+            .unwrap_or(self.arena_by_default(providers, shape.unet_segments) && !shape.float16);
         if let Some(v) = self.cuda_cudnn_search {
             po.cuda.cudnn_conv_search = v;
         }
@@ -321,6 +351,13 @@ pub fn session_summary(engine: &Engine) -> Vec<String> {
             )
         }
     });
+    for s in sessions.iter().filter(|s| s.segments > 0) {
+        lines.push(format!(
+            "{}: {} segments, each loaded for its part of every step (low-memory mode)",
+            s.component, s.segments
+        ));
+    }
+    lines.extend(engine.notes().iter().map(|n| format!("note: {n}")));
     if sessions.iter().any(|s| s.cache != CacheStatus::Off) {
         let cache: Vec<String> = sessions
             .iter()
@@ -349,6 +386,7 @@ mod tests {
             cache: CacheStatus::Off,
             io_binding: false,
             device_inputs: false,
+            segments: 0,
         }
     }
 
@@ -360,13 +398,14 @@ mod tests {
 
     /// The engine options the command line makes of `flags` for `providers`.
     fn applied(flags: &[&str], providers: &[ExecutionProvider]) -> Result<EngineOptions> {
-        applied_to(flags, providers, false)
+        applied_to(flags, providers, false, false)
     }
 
     fn applied_to(
         flags: &[&str],
         providers: &[ExecutionProvider],
         float16: bool,
+        unet_segments: bool,
     ) -> Result<EngineOptions> {
         let args = <Cli as clap::Parser>::try_parse_from(
             std::iter::once("tcd-ort").chain(flags.iter().copied()),
@@ -378,6 +417,7 @@ mod tests {
             guidance: false,
             native_size: Some(64),
             float16,
+            unet_segments,
         };
         let mut options = EngineOptions::default();
         args.session.apply(providers, &shape, &mut options)?;
@@ -409,13 +449,24 @@ mod tests {
         );
         // A float16 model's per-step casts would stay in the arena.
         let arena = |flags: &[&str]| {
-            applied_to(flags, &[Cpu], true)
+            applied_to(flags, &[Cpu], true, false)
                 .expect("valid flags")
                 .provider_options
                 .cpu_arena
         };
         assert!(!arena(&[]));
         assert!(arena(&["--cpu-arena"]));
+        // Low-memory mode with the UNet in segments: each segment's arena lives for one run.
+        let segmented = |flags: &[&str], float16: bool| {
+            applied_to(flags, &[Cpu], float16, true)
+                .expect("valid flags")
+                .provider_options
+                .cpu_arena
+        };
+        assert!(segmented(&["--low-memory"], false));
+        assert!(!segmented(&["--low-memory", "--cpu-arena", "off"], false));
+        assert!(!segmented(&["--low-memory"], true));
+        assert!(!segmented(&["--keep-loaded"], false));
         // Another provider's host fallback keeps ONNX Runtime's default.
         assert_eq!(modes(&[], &[Cuda]), (true, false, false));
         assert_eq!(
@@ -446,6 +497,37 @@ mod tests {
         assert!(!float16_model(&fp32.to_string_lossy()));
         assert!(!float16_model("/no/such/model"));
         assert!(!float16_model("tcd-ort/not-looked-up"));
+    }
+
+    #[test]
+    fn unet_segments_are_expected_as_the_engine_decides() {
+        let tiny = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models")
+            .join("tiny-sd15");
+        let tiny = tiny.to_string_lossy();
+        let expects = |flags: &[&str], model: &str, loras: bool| {
+            let args = <Cli as clap::Parser>::try_parse_from(
+                std::iter::once("tcd-ort").chain(flags.iter().copied()),
+            )
+            .expect("valid flags");
+            args.session.expects_unet_segments(model, loras)
+        };
+        let cached = ["--low-memory", "--session-cache", "/tmp/tcd-ort-unused"];
+        assert!(expects(&cached, &tiny, false));
+        assert!(!expects(&cached, &tiny, true), "LoRAs bypass the cache");
+        assert!(!expects(&["--low-memory"], &tiny, false), "no cache");
+        assert!(!expects(
+            &["--session-cache", "/tmp/tcd-ort-unused"],
+            &tiny,
+            false
+        ));
+        assert!(!expects(
+            &[&cached[..], &["--fixed-shape"]].concat(),
+            &tiny,
+            false
+        ));
+        assert!(!expects(&cached, "/no/such/model", false));
+        assert!(!expects(&cached, "owner/hub-id", false));
     }
 
     #[test]

@@ -123,6 +123,10 @@ pub struct ManifestComponent {
     /// Graph outputs by name.
     #[serde(default)]
     pub outputs: BTreeMap<String, ManifestTensor>,
+    /// The graph as consecutive segments (files beside `model.onnx`, sharing its weights), in
+    /// running order: what low-memory mode loads one at a time (`export/segments.py`).
+    #[serde(default)]
+    pub segments: Vec<String>,
 }
 
 /// A graph input or output in the manifest.
@@ -375,6 +379,37 @@ impl ModelDir {
     /// The `model.onnx` of a component.
     pub fn graph_path(&self, component: &str) -> PathBuf {
         self.root.join(component).join("model.onnx")
+    }
+
+    /// The segment files of a component the manifest lists (`export/segments.py`), in running
+    /// order; empty when it lists none. A listed file that is missing is an error.
+    pub fn segment_paths(&self, component: &str) -> Result<Vec<PathBuf>> {
+        let Some(listed) = self
+            .manifest
+            .as_ref()
+            .and_then(|m| m.components.get(component))
+            .map(|c| &c.segments)
+        else {
+            return Ok(Vec::new());
+        };
+        listed
+            .iter()
+            .map(|file| {
+                let path = self.root.join(component).join(file);
+                let plain = Path::new(file).file_name() == Some(file.as_ref());
+                if !plain || !path.is_file() {
+                    return Err(Error::model(
+                        &path,
+                        format!(
+                            "the manifest lists this {component} segment but it is missing; \
+                             write the segments again with `python -m export segment {}`",
+                            self.root.display()
+                        ),
+                    ));
+                }
+                Ok(path)
+            })
+            .collect()
     }
 
     /// Whether a component is present.

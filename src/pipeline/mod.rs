@@ -93,7 +93,14 @@ pub struct EngineOptions {
     /// released before the next stage loads (from the session cache when it is on). Peak memory
     /// is then the largest component's instead of all of them together; every generation
     /// pays the loads. Load-time LoRA weights stay in memory for the reloads (one copy, shared
-    /// with the session while it is loaded). Off by default.
+    /// with the session while it is loaded). With the session cache on, a UNet exported in
+    /// segments (the manifest's `segments`, `export/segments.py`) goes further: each step
+    /// loads one segment from the cache, runs it and releases it before the next, so the
+    /// stage holds the largest segment's weights; without the cache (or with weight overrides
+    /// or fixed shapes, which bypass it) the UNet loads whole and [`Engine::notes`] says why.
+    /// Each segment's session lives for one run of it, so
+    /// [`ProviderOptions::cpu_arena`] costs no memory there and speeds the steps. Off by
+    /// default.
     pub low_memory: bool,
     /// Release each component once a generation is past its stage: the text encoders when
     /// the prompt is encoded, the VAE encoder when the image is, the UNet with its ControlNets
@@ -121,6 +128,9 @@ pub struct SessionReport {
     /// Whether the session reads some input from device memory, where placed inputs save
     /// host-to-device copies (false on the CPU, where binding adds and saves no copies).
     pub device_inputs: bool,
+    /// How many segments the graph runs in, each loaded for its part of every run (low-memory
+    /// mode); 0 for a graph loaded whole.
+    pub segments: usize,
 }
 
 impl Default for EngineOptions {
@@ -296,6 +306,8 @@ pub struct Engine {
     ort_library: PathBuf,
     lora_report: LoraReport,
     io_binding: bool,
+    /// What loading chose that the caller should hear about.
+    notes: Vec<String>,
     fixed_shape: Option<ShapeDims>,
     low_memory: bool,
     release_after_use: bool,
@@ -475,9 +487,40 @@ impl Engine {
             }
             graph
         };
+        // In low-memory mode a UNet exported in segments loads one segment at a time, at every
+        // step: worth it only when the loads come from the session cache.
+        let mut notes = Vec::new();
+        let unet_segments = if low_memory {
+            let parts = model.segment_paths("unet")?;
+            let uncached = denoiser_options.uncached_reloads(!unet_weights.is_empty());
+            match uncached {
+                Some(why) if !parts.is_empty() => {
+                    notes.push(format!(
+                        "the UNet loads whole: its {} segments would load at every step and \
+                         each load would optimise them again ({why}); pass --session-cache \
+                         to hold one segment at a time",
+                        parts.len()
+                    ));
+                    Vec::new()
+                }
+                _ => parts,
+            }
+        } else {
+            Vec::new()
+        };
         let load_unet = || {
-            Graph::load_with_weights("unet", &unet_path, &denoiser_options, unet_weights)
-                .map(|g| releasable(g, &denoiser_options))
+            if unet_segments.is_empty() {
+                Graph::load_with_weights("unet", &unet_path, &denoiser_options, unet_weights)
+                    .map(|g| releasable(g, &denoiser_options))
+            } else {
+                Graph::load_segmented(
+                    "unet",
+                    &unet_path,
+                    &unet_segments,
+                    &denoiser_options,
+                    unet_weights,
+                )
+            }
         };
         let mut load_rest = || -> Result<_> {
             let mut encoders = Vec::new();
@@ -559,7 +602,9 @@ impl Engine {
                 }
             }
         }
-        let residual_sum = match (&residuals, options.io_binding) {
+        // A UNet in segments runs from host memory: its sessions come and go within a step.
+        let io_binding = options.io_binding && unet.segment_count() == 0;
+        let residual_sum = match (&residuals, io_binding) {
             (Some(layout), true) => {
                 controlnet::ResidualSum::build(layout, &unet, &controlnets, &session_options)?
             }
@@ -586,13 +631,20 @@ impl Engine {
             providers,
             ort_library,
             lora_report,
-            io_binding: options.io_binding,
+            io_binding,
+            notes,
             fixed_shape: options.fixed_shape,
             low_memory: options.low_memory,
             release_after_use: options.release_after_use,
             zero_residuals: resident::ShapeCache::new(ZERO_RESIDUAL_SHAPES),
             freeing: Freeing::default(),
         })
+    }
+
+    /// What loading chose that the caller should hear about (e.g. why low-memory mode loads the
+    /// UNet whole).
+    pub fn notes(&self) -> &[String] {
+        &self.notes
     }
 
     /// What load-time LoRA application did.
@@ -628,6 +680,7 @@ impl Engine {
                 cache: g.cache_status().clone(),
                 io_binding: self.io_binding && denoiser(g),
                 device_inputs: g.reads_device_inputs(),
+                segments: g.segment_count(),
             })
             .collect()
     }

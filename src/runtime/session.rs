@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use half::f16;
 use ndarray::{ArrayD, IxDyn};
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
-use ort::session::{IoBinding, Session, SessionOutputs};
+use ort::session::{IoBinding, Session, SessionInputValue, SessionOutputs};
 use ort::value::{DynTensor, DynValue, Tensor, TensorElementType, ValueType};
 use ort::AsPointer;
 
@@ -45,6 +45,15 @@ impl SessionOptions {
             &[ExecutionProvider::Cpu]
         } else {
             &self.providers
+        }
+    }
+
+    /// Why a graph loaded with these options would be optimised afresh each time it loads again
+    /// (the session cache off or bypassed), if it would.
+    pub fn uncached_reloads(&self, has_overrides: bool) -> Option<String> {
+        match self.cache {
+            SessionCache::Off => Some("the session cache is off".into()),
+            SessionCache::Dir(_) => self.cache_bypass(has_overrides),
         }
     }
 
@@ -215,9 +224,10 @@ fn prepare_weights(
         .collect()
 }
 
-/// A session taken out of its graph by [`Graph::release_session`]; dropping it frees its memory.
+/// Sessions taken out of a graph by [`Graph::release_session`]; dropping them frees their
+/// memory.
 pub struct ReleasedSession {
-    _session: Session,
+    _sessions: Vec<Session>,
 }
 
 /// One loaded ONNX graph.
@@ -240,6 +250,10 @@ pub struct Graph {
     assignment: Vec<ProviderAssignment>,
     cache: CacheStatus,
     pub(super) run_stats: RunStats,
+    /// The graph as consecutive segments ([`Graph::load_segmented`]), each loaded for its part
+    /// of a run and released before the next loads; empty for a graph loaded whole, which
+    /// `session` runs.
+    segments: Vec<Graph>,
 }
 
 impl std::fmt::Debug for Graph {
@@ -252,6 +266,7 @@ impl std::fmt::Debug for Graph {
             .field("assignment", &self.assignment)
             .field("cache", &self.cache)
             .field("run_stats", &self.run_stats)
+            .field("segments", &self.segments.len())
             .finish()
     }
 }
@@ -414,7 +429,192 @@ impl Graph {
             assignment,
             cache,
             run_stats: RunStats::default(),
+            segments: Vec::new(),
         }
+    }
+
+    /// Loads a graph split into consecutive segments (`export/segments.py`: the files share the
+    /// weights of `whole`, the unsplit graph): a run loads each segment, runs it and releases
+    /// it before the next one loads, so it holds one segment's weights at a time and pays a
+    /// load per segment (from the session cache when it is on). What one segment computes for
+    /// a later one passes between them under its name in the whole graph. Replaced weights go
+    /// to the segments that read them. Each segment is loaded once here, to check it (and to
+    /// fill the session cache), and released.
+    pub fn load_segmented(
+        name: &str,
+        whole: &Path,
+        parts: &[PathBuf],
+        options: &SessionOptions,
+        overrides: Vec<WeightOverride>,
+    ) -> Result<Self> {
+        if parts.len() < 2 {
+            return Err(Error::model(
+                whole,
+                format!("the {name} graph needs at least 2 segments to load in segments"),
+            ));
+        }
+        let tables = parts
+            .iter()
+            .map(|p| super::InitializerTable::read(p))
+            .collect::<Result<Vec<_>>>()?;
+        let mut routed: Vec<Vec<WeightOverride>> = vec![Vec::new(); parts.len()];
+        for o in overrides {
+            let holders: Vec<usize> = (0..tables.len())
+                .filter(|&k| tables[k].get(&o.name).is_some())
+                .collect();
+            let Some((&last, rest)) = holders.split_last() else {
+                return Err(Error::model(
+                    whole,
+                    format!(
+                        "no segment of the {name} graph has the weight '{}'; write the \
+                         segments again with `python -m export segment`",
+                        o.name
+                    ),
+                ));
+            };
+            for &k in rest {
+                routed[k].push(o.clone());
+            }
+            routed[last].push(o);
+        }
+        let mut segments = Vec::with_capacity(parts.len());
+        for (k, (part, weights)) in parts.iter().zip(routed).enumerate() {
+            let mut graph =
+                Graph::load_with_weights(&format!("{name}-segment-{k}"), part, options, weights)?;
+            graph.keep_for_reload(options);
+            graph.release();
+            segments.push(graph);
+        }
+        Self::from_segments(name, whole, options, segments)
+    }
+
+    /// The graph the loaded `segments` make together: its inputs are those no earlier segment
+    /// computes, its outputs those no later segment reads (and the last segment's).
+    fn from_segments(
+        name: &str,
+        whole: &Path,
+        options: &SessionOptions,
+        segments: Vec<Graph>,
+    ) -> Result<Self> {
+        let mut inputs: Vec<IoSpec> = Vec::new();
+        let mut placements = Vec::new();
+        let mut computed: Vec<&str> = Vec::new();
+        for segment in &segments {
+            for (spec, placement) in segment.inputs.iter().zip(&segment.placements) {
+                let known = computed.contains(&spec.name.as_str())
+                    || inputs.iter().any(|i| i.name == spec.name);
+                if !known {
+                    inputs.push(spec.clone());
+                    placements.push(placement.clone());
+                }
+            }
+            computed.extend(segment.outputs.iter().map(|o| o.name.as_str()));
+        }
+        let last = segments.len() - 1;
+        let mut outputs = Vec::new();
+        for (k, segment) in segments.iter().enumerate() {
+            for spec in &segment.outputs {
+                let read_later = segments[k + 1..]
+                    .iter()
+                    .any(|s| s.input(&spec.name).is_some());
+                if k == last || !read_later {
+                    outputs.push(spec.clone());
+                }
+            }
+        }
+        if outputs.is_empty() {
+            return Err(Error::model(
+                whole,
+                format!("the segments of the {name} graph compute no output"),
+            ));
+        }
+        let mut assignment: Vec<ProviderAssignment> = Vec::new();
+        for a in segments.iter().flat_map(|s| &s.assignment) {
+            match assignment.iter_mut().find(|t| t.provider == a.provider) {
+                Some(t) => t.nodes += a.nodes,
+                None => assignment.push(a.clone()),
+            }
+        }
+        assignment.sort_by_key(|t| std::cmp::Reverse(t.nodes));
+        // One status for the graph: the segments' when they agree, else the first that differs
+        // from a hit (a miss, a store, a rejection).
+        let first = segments[0].cache.clone();
+        let cache = segments
+            .iter()
+            .map(|s| &s.cache)
+            .find(|c| **c != first && **c != CacheStatus::Hit)
+            .cloned()
+            .unwrap_or(first);
+        Ok(Graph {
+            name: name.to_string(),
+            path: whole.to_path_buf(),
+            binding: None,
+            session: None,
+            reload: Some(Box::new(options.clone())),
+            weights: Vec::new(),
+            inputs,
+            placements,
+            outputs,
+            assignment,
+            cache,
+            run_stats: RunStats::default(),
+            segments,
+        })
+    }
+
+    /// How many segments the graph runs in (0: loaded whole).
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Runs the segments in order, each loaded for its run and released after it.
+    fn run_segments(
+        &mut self,
+        inputs: Vec<(String, DynValue)>,
+        wanted: &[&str],
+    ) -> Result<Vec<ArrayD<f32>>> {
+        let mut values: std::collections::HashMap<String, DynValue> = inputs.into_iter().collect();
+        for segment in &mut self.segments {
+            segment.ensure_loaded()?;
+            let feeds = segment
+                .inputs
+                .iter()
+                .map(|i| {
+                    let value = values.get(&i.name).ok_or_else(|| {
+                        Error::Runtime(format!(
+                            "{}: no value for input '{}' (not fed, and no earlier segment \
+                             computes it)",
+                            segment.name, i.name
+                        ))
+                    })?;
+                    Ok((i.name.as_str(), SessionInputValue::from(value)))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let session = segment
+                .session
+                .as_mut()
+                .ok_or_else(|| not_loaded(&segment.name))?;
+            let mut outputs = session
+                .run(feeds)
+                .map_err(|e| rt_err(&format!("running {}", segment.name), e))?;
+            let computed: Vec<(String, DynValue)> = segment
+                .outputs
+                .iter()
+                .filter_map(|o| outputs.remove(&o.name).map(|v| (o.name.clone(), v)))
+                .collect();
+            drop(outputs);
+            values.extend(computed);
+            segment.release();
+        }
+        wanted
+            .iter()
+            .map(|w| {
+                let value = values.get(*w).ok_or_else(|| {
+                    Error::Runtime(format!("{} produced no output '{w}'", self.name))
+                })?;
+                read_output(&self.name, &self.outputs, w, value)
+            })
+            .collect()
     }
 
     /// Lets [`Graph::release`] drop the session: `options` are kept to build it again, with the
@@ -435,20 +635,31 @@ impl Graph {
     pub fn release_session(&mut self) -> Option<ReleasedSession> {
         self.reload.as_ref()?;
         self.binding = None;
-        self.session
+        let sessions: Vec<Session> = self
+            .session
             .take()
-            .map(|session| ReleasedSession { _session: session })
+            .into_iter()
+            .chain(
+                self.segments
+                    .iter_mut()
+                    .filter_map(|s| s.release_session())
+                    .flat_map(|r| r._sessions),
+            )
+            .collect();
+        (!sessions.is_empty()).then_some(ReleasedSession {
+            _sessions: sessions,
+        })
     }
 
-    /// Whether the session is loaded.
+    /// Whether the session is loaded (for a graph in segments: one of them).
     pub fn is_loaded(&self) -> bool {
-        self.session.is_some()
+        self.session.is_some() || self.segments.iter().any(Graph::is_loaded)
     }
 
     /// Builds the session again after [`Graph::release`] (through the session cache when it is
-    /// on); nothing to do while loaded.
+    /// on); nothing to do while loaded, nor for a graph in segments, whose runs load them.
     pub fn ensure_loaded(&mut self) -> Result<()> {
-        if self.session.is_some() {
+        if self.session.is_some() || !self.segments.is_empty() {
             return Ok(());
         }
         let reload = self.reload.as_ref().ok_or_else(|| {
@@ -574,6 +785,12 @@ impl Graph {
         self.check_outputs(wanted)?;
         let name = self.name.clone();
         let started = Instant::now();
+        if !self.segments.is_empty() {
+            let outputs = self.run_segments(values, wanted);
+            self.run_stats.calls += 1;
+            self.run_stats.total += started.elapsed();
+            return outputs;
+        }
         self.ensure_loaded()?;
         let session = self
             .session

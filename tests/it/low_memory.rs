@@ -3,13 +3,20 @@
 //! next one loads; release-after-use loads everything up front and releases each component once
 //! a generation is past its stage. The graphs and their inputs are the same, so the results
 //! must be bit-identical to an engine that keeps everything loaded, on every task, across
-//! generations and through the session cache.
+//! generations and through the session cache. With the session cache on, a UNet exported in
+//! segments (the committed tiny model has two) loads one segment at a time at every step:
+//! ONNX Runtime then optimises each segment on its own, so the results agree to float32
+//! rounding instead of bit for bit.
 
+use ndarray::ArrayD;
 use tcd_ort::image_io::load_image;
 use tcd_ort::pipeline::{
-    ControlImage, Engine, EngineOptions, GenerateRequest, Generated, InpaintMode, LoraSpec, Task,
+    ControlImage, Engine, EngineOptions, GenerateRequest, Generated, InpaintMode, LoraSpec,
+    SessionReport, Task,
 };
-use tcd_ort::runtime::{CacheStatus, SessionCache};
+use tcd_ort::runtime::{
+    CacheStatus, Graph, InitializerTable, SessionCache, SessionOptions, TensorInput, WeightOverride,
+};
 
 use crate::common::{committed_model, repo_root, scratch_dir};
 
@@ -248,31 +255,263 @@ fn released_graphs_reload_with_their_lora_weights() {
     );
 }
 
-/// Reloads go through the session cache when it is on.
-#[test]
-fn low_memory_reloads_hit_the_session_cache() {
-    let dir = scratch_dir("low-memory-cache");
-    let cache = SessionCache::Dir(dir.clone());
-    // The first engine fills the cache; the low-memory engine's loads then hit it.
-    let mut full = load(false, cache.clone());
-    let mut low = load(true, cache);
-    let request = request(false);
-    let a = low
-        .run(&request, &Task::TextToImage, &mut |_| true)
-        .expect("low-memory run");
-    let b = full
-        .run(&request, &Task::TextToImage, &mut |_| true)
-        .expect("full run");
-    assert_same(&a, &b, "through the cache");
-    let unet = low
+fn unet_report(engine: &Engine) -> SessionReport {
+    engine
         .sessions()
         .into_iter()
         .find(|s| s.component == "unet")
-        .expect("a unet session");
-    assert_eq!(
-        unet.cache,
-        CacheStatus::Hit,
-        "the reloaded UNet came from the cache"
+        .expect("a unet session")
+}
+
+/// Latents within float32 rounding of each other (relative to their scale), images within
+/// 1/255.
+fn assert_close(a: &Generated, b: &Generated, what: &str) {
+    assert_eq!(a.latents.shape(), b.latents.shape(), "{what}");
+    let scale = b.latents.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = a
+        .latents
+        .iter()
+        .zip(b.latents.iter())
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(
+        worst <= 1e-4 * scale.max(1.0),
+        "{what}: latents differ by up to {worst} (scale {scale})"
     );
+    assert!(
+        a.latents.iter().all(|v| v.is_finite()),
+        "{what}: non-finite latents"
+    );
+    for (x, y) in a.images.iter().zip(&b.images) {
+        let off = x
+            .pixels
+            .iter()
+            .zip(&y.pixels)
+            .map(|(p, q)| p.abs_diff(*q))
+            .max()
+            .unwrap_or(0);
+        assert!(off <= 1, "{what}: pixels differ by {off}/255");
+    }
+}
+
+/// With the session cache on, low-memory mode runs the committed model's UNet in its two
+/// segments, each loaded from the cache for its part of every step and released after it, on
+/// every task; the results match an engine that keeps the whole UNet loaded. A second engine's
+/// segment loads hit the cache.
+#[test]
+fn low_memory_runs_the_unet_in_segments_through_the_cache() {
+    let dir = scratch_dir("low-memory-segments");
+    let cache = SessionCache::Dir(dir.clone());
+    let mut low = load(true, cache.clone());
+    let mut full = load(false, SessionCache::Off);
+    let unet = unet_report(&low);
+    assert_eq!(unet.segments, 2, "{unet:?}");
+    assert_eq!(unet.cache, CacheStatus::Stored, "{unet:?}");
+    assert!(!unet.io_binding, "a UNet in segments runs from host memory");
+    assert!(low.notes().is_empty(), "{:?}", low.notes());
+    assert!(low.loaded_components().is_empty());
+    assert_eq!(unet_report(&full).segments, 0);
+    let mut steps = 0;
+    for (what, task, control) in tasks() {
+        let request = request(control);
+        let a = low
+            .run(&request, &task, &mut |_| true)
+            .expect("low-memory run");
+        let b = full.run(&request, &task, &mut |_| true).expect("full run");
+        assert_close(&a, &b, what);
+        steps += a.timesteps.len() as u64;
+        assert_eq!(
+            low.loaded_components(),
+            vec!["vae_decoder".to_string()],
+            "{what}: no segment stays loaded after its run"
+        );
+    }
+    let unet_calls: u64 = low
+        .run_stats()
+        .into_iter()
+        .filter(|(name, _)| name == "unet")
+        .map(|(_, s)| s.calls)
+        .sum();
+    assert_eq!(unet_calls, steps);
+    // The segments' optimised graphs are in the cache, one entry each.
+    let entries: Vec<String> = std::fs::read_dir(&dir)
+        .expect("the cache directory")
+        .map(|e| {
+            e.expect("an entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|name| name.starts_with("unet"))
+        .collect();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    assert!(entries.iter().all(|e| e.starts_with("unet-segment-")));
+    let again = load(true, cache);
+    assert_eq!(unet_report(&again).cache, CacheStatus::Hit);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Segments reloaded at every step would each be optimised again without the cache, or with
+/// weight overrides (which bypass it): low-memory mode then loads the UNet whole and says why.
+#[test]
+fn low_memory_loads_the_unet_whole_when_segments_would_not_come_from_the_cache() {
+    let low = load(true, SessionCache::Off);
+    assert_eq!(unet_report(&low).segments, 0);
+    let note = low.notes().join("\n");
+    assert!(
+        note.contains("2 segments") && note.contains("session cache is off"),
+        "{note}"
+    );
+    let dir = scratch_dir("low-memory-segments-lora");
+    let lora = crate::common::fixtures_dir()
+        .join("lora")
+        .join("sd15")
+        .join("diffusers.safetensors");
+    let with_lora = Engine::load(
+        committed_model("tiny-sd15"),
+        &EngineOptions {
+            intra_threads: Some(1),
+            low_memory: true,
+            session_cache: SessionCache::Dir(dir.clone()),
+            loras: vec![LoraSpec {
+                source: lora.to_string_lossy().into_owned(),
+                weight: 1.0,
+                weight_name: None,
+            }],
+            lora_allow_unmatched: true,
+            ..EngineOptions::default()
+        },
+    )
+    .expect("the LoRA fixture loads onto the committed model; run `make fixtures`");
+    assert!(with_lora.lora_report().patched.values().sum::<usize>() > 0);
+    assert_eq!(unet_report(&with_lora).segments, 0);
+    let note = with_lora.notes().join("\n");
+    assert!(note.contains("LoRA"), "{note}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A graph loaded in segments computes what the whole graph computes, with replaced weights
+/// routed to the segments that read them; a weight no segment has is refused by name.
+#[test]
+fn a_graph_in_segments_runs_like_the_whole_graph_with_replaced_weights() {
+    tcd_ort::runtime::ensure_loaded(None).expect("ONNX Runtime loads");
+    let root = std::path::PathBuf::from(committed_model("tiny-sd15")).join("unet");
+    let whole = root.join("model.onnx");
+    let parts = [root.join("segment_0.onnx"), root.join("segment_1.onnx")];
+    let table = InitializerTable::read(&whole).expect("the UNet's initializers");
+    // One weight of each segment: the first convolution and the last.
+    let overrides: Vec<WeightOverride> = ["conv_in.weight", "conv_out.bias"]
+        .iter()
+        .map(|name| {
+            let init = table.get(name).expect("a UNet weight");
+            let values = table.read_f32(init).expect("its values");
+            WeightOverride {
+                name: name.to_string(),
+                shape: init.dims.clone(),
+                values: values.iter().map(|v| v * 0.5 + 0.01).collect(),
+                dtype: tcd_ort::runtime::ElementType::F32,
+            }
+        })
+        .collect();
+    let options = SessionOptions {
+        intra_threads: Some(1),
+        ..SessionOptions::default()
+    };
+    let mut segmented = Graph::load_segmented("unet", &whole, &parts, &options, overrides.clone())
+        .expect("the segments load");
+    let mut replaced = Graph::load_with_weights("unet", &whole, &options, overrides.clone())
+        .expect("the whole UNet loads");
+    let mut original = Graph::load("unet", &whole, &options).expect("the whole UNet loads");
+    assert_eq!(segmented.segment_count(), 2);
+    assert!(!segmented.is_loaded(), "segments load for their runs only");
+    let mut names: Vec<&str> = segmented.inputs().iter().map(|i| i.name.as_str()).collect();
+    let mut expected: Vec<&str> = replaced.inputs().iter().map(|i| i.name.as_str()).collect();
+    names.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(
+        names, expected,
+        "the segments take the whole graph's inputs"
+    );
+    let outputs: Vec<&str> = segmented
+        .outputs()
+        .iter()
+        .map(|o| o.name.as_str())
+        .collect();
+    assert_eq!(outputs, ["out_sample"]);
+
+    // 64x64 pixels: 32x32 latents; the residuals of block_out_channels (32, 64), 2 layers.
+    let residuals: [(usize, usize); 6] =
+        [(32, 32), (32, 32), (32, 32), (32, 16), (64, 16), (64, 16)];
+    let inputs = || {
+        let mut feeds = vec![
+            (
+                "sample".to_string(),
+                ArrayD::from_shape_fn(ndarray::IxDyn(&[1, 4, 32, 32]), |i| {
+                    ((i[1] * 7 + i[2] * 3 + i[3]) % 11) as f32 / 11.0 - 0.5
+                }),
+            ),
+            (
+                "encoder_hidden_states".to_string(),
+                ArrayD::from_shape_fn(ndarray::IxDyn(&[1, 77, 32]), |i| {
+                    ((i[1] + i[2] * 5) % 13) as f32 / 13.0 - 0.5
+                }),
+            ),
+        ];
+        for (k, (c, h)) in residuals.iter().enumerate() {
+            feeds.push((
+                format!("down_block_additional_residual_{k}"),
+                ArrayD::zeros(ndarray::IxDyn(&[1, *c, *h, *h])),
+            ));
+        }
+        feeds.push((
+            "mid_block_additional_residual".to_string(),
+            ArrayD::zeros(ndarray::IxDyn(&[1, 64, 16, 16])),
+        ));
+        feeds
+    };
+    let run = |graph: &mut Graph| {
+        let feeds = inputs();
+        let mut named: Vec<(&str, TensorInput)> = feeds
+            .iter()
+            .map(|(n, a)| (n.as_str(), TensorInput::F32(a.clone())))
+            .collect();
+        named.push((
+            "timestep",
+            TensorInput::I64(ArrayD::from_elem(ndarray::IxDyn(&[1]), 499)),
+        ));
+        graph
+            .run(named, &["out_sample"])
+            .expect("the UNet runs")
+            .remove(0)
+    };
+    let a = run(&mut segmented);
+    let b = run(&mut replaced);
+    let c = run(&mut original);
+    assert!(
+        !segmented.is_loaded(),
+        "each segment is released after its run"
+    );
+    let worst = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(worst < 1e-4, "segments and whole graph differ by {worst}");
+    let moved = b
+        .iter()
+        .zip(&c)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(
+        moved > 1e-2,
+        "the replaced weights changed nothing ({moved})"
+    );
+    // A second run reloads the segments and computes the same.
+    let again = run(&mut segmented);
+    assert_eq!(again, a);
+
+    let unknown = WeightOverride {
+        name: "no_such.weight".into(),
+        ..overrides[0].clone()
+    };
+    let err = Graph::load_segmented("unet", &whole, &parts, &options, vec![unknown])
+        .expect_err("an unknown weight is refused");
+    assert!(err.to_string().contains("no_such.weight"), "{err}");
 }
