@@ -119,6 +119,37 @@ fn low_memory_flag_gives_the_same_image() {
     }
     assert_eq!(pixels[0], pixels[1], "--low-memory changed the image");
     assert_eq!(pixels[0], pixels[2], "--keep-loaded changed the image");
+
+    // Without -q the run says how the UNet loads: whole without the session cache (and why),
+    // in its segments with it, where ONNX Runtime's per-segment optimisation moves the image by
+    // float32 rounding at most.
+    let cache = dir.join("cache").to_string_lossy().into_owned();
+    for (name, cached) in [("whole.png", false), ("segments.png", true)] {
+        let png = dir.join(name).to_string_lossy().into_owned();
+        let mut args = base_args(&model_s, &png);
+        args.retain(|a| *a != "-q");
+        args.extend(["--steps", "2", "--guidance", "2", "--low-memory"]);
+        if cached {
+            args.extend(["--session-cache", &cache]);
+        }
+        let out = tcd(&args);
+        let err = stderr(&out);
+        assert!(out.status.success(), "{err}");
+        if cached {
+            assert!(err.contains("unet: 2 segments"), "{err}");
+            let (w, h, seg) = read_png_rgb(&dir.join(name));
+            assert_eq!((w, h), (pixels[0].0, pixels[0].1));
+            let off = seg
+                .iter()
+                .zip(&pixels[0].2)
+                .map(|(a, b)| a.abs_diff(*b))
+                .max();
+            assert!(off <= Some(1), "segments moved a pixel by {off:?}");
+        } else {
+            assert!(err.contains("note: the UNet loads whole"), "{err}");
+            assert!(err.contains("--session-cache"), "{err}");
+        }
+    }
 }
 
 #[test]
