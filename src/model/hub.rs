@@ -288,6 +288,8 @@ mod tests {
         assert!(wanted_pipeline_file("model_index.json"));
         assert!(wanted_pipeline_file("unet/model.onnx"));
         assert!(wanted_pipeline_file("unet/model.onnx_data"));
+        // The UNet's segments for low-memory mode.
+        assert!(wanted_pipeline_file("unet/segment_1.onnx"));
         assert!(wanted_pipeline_file("tokenizer/merges.txt"));
         assert!(!wanted_pipeline_file(
             "unet/diffusion_pytorch_model.safetensors"
