@@ -300,6 +300,10 @@ def ensure_models(args, base: pathlib.Path) -> list[pathlib.Path]:
                         *flags])
             log(f"built {out_dir} in {time.perf_counter() - start:.0f} s")
             created.append(out_dir)
+        elif wanted and "segments" not in json.loads(
+                (out_dir / "tcd_ort.json").read_text()).get("components", {}).get("unet", {}):
+            # A directory kept from before `convert` wrote the UNet's segments (--low-memory).
+            run_logged([VENV_PY, "-m", "export", "segment", out_dir])
     if not args.skip_optimum and not (optimum_dir / "model_index.json").is_file():
         # The fixtures' optimum export, on this pipeline: plain optimum-cli on a copy whose
         # CLIPTextModel weights carry the prefix transformers 4 expects.
