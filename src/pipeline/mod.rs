@@ -402,6 +402,7 @@ fn session_options(
         opt_level: options.opt_level,
         cache: options.session_cache.clone(),
         fixed_shape: None,
+        disable_prepacking: false,
     })
 }
 
