@@ -184,14 +184,18 @@ def write_segments(component_dir: pathlib.Path, parts: int, onnx_file: str) -> l
 
     model = onnx.load(str(component_dir / onnx_file), load_external_data=False)
     segments = split(model, parts)
-    for old in component_dir.glob(SEGMENT_FILE.format("*")):
-        old.unlink()
+    remove_segments(component_dir)
     names = []
     for k, seg in enumerate(segments):
         name = SEGMENT_FILE.format(k)
         onnx.save(seg, str(component_dir / name))
         names.append(name)
     return names
+
+
+def remove_segments(component_dir: pathlib.Path) -> None:
+    for old in component_dir.glob(SEGMENT_FILE.format("*")):
+        old.unlink()
 
 
 def segment_files(component_dir: pathlib.Path) -> list[str]:
@@ -236,8 +240,7 @@ def segment_model_dir(model_dir: pathlib.Path, parts: int) -> list[str]:
         )
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     if parts == 1:
-        for old in unet_dir.glob(SEGMENT_FILE.format("*")):
-            old.unlink()
+        remove_segments(unet_dir)
         names: list[str] = []
     else:
         try:

@@ -543,10 +543,7 @@ impl Graph {
         }
         let mut assignment: Vec<ProviderAssignment> = Vec::new();
         for a in segments.iter().flat_map(|s| &s.assignment) {
-            match assignment.iter_mut().find(|t| t.provider == a.provider) {
-                Some(t) => t.nodes += a.nodes,
-                None => assignment.push(a.clone()),
-            }
+            tally(&mut assignment, &a.provider, a.nodes);
         }
         assignment.sort_by_key(|t| std::cmp::Reverse(t.nodes));
         // One status for the graph: the segments' when they agree, else the first that differs
@@ -1048,13 +1045,21 @@ fn assignment(session: &Session) -> Result<Vec<ProviderAssignment>> {
         let provider = unsafe { std::ffi::CStr::from_ptr(name) }
             .to_string_lossy()
             .into_owned();
-        match totals.iter_mut().find(|t| t.provider == provider) {
-            Some(t) => t.nodes += n,
-            None => totals.push(ProviderAssignment { provider, nodes: n }),
-        }
+        tally(&mut totals, &provider, n);
     }
     totals.sort_by_key(|t| std::cmp::Reverse(t.nodes));
     Ok(totals)
+}
+
+/// Adds `nodes` to `provider`'s count in `totals`.
+fn tally(totals: &mut Vec<ProviderAssignment>, provider: &str, nodes: usize) {
+    match totals.iter_mut().find(|t| t.provider == provider) {
+        Some(t) => t.nodes += nodes,
+        None => totals.push(ProviderAssignment {
+            provider: provider.to_string(),
+            nodes,
+        }),
+    }
 }
 
 /// Builds an `ArrayD` from a shape and data, as graphs expect.

@@ -91,6 +91,16 @@ fn tasks() -> Vec<(&'static str, Task, bool)> {
     ]
 }
 
+/// How often the engine ran the UNet since it loaded.
+fn unet_calls(engine: &Engine) -> u64 {
+    engine
+        .run_stats()
+        .into_iter()
+        .filter(|(name, _)| name == "unet")
+        .map(|(_, s)| s.calls)
+        .sum()
+}
+
 fn assert_same(a: &Generated, b: &Generated, what: &str) {
     assert_eq!(a.latents.shape(), b.latents.shape(), "{what}");
     let differing = a
@@ -144,13 +154,7 @@ fn low_memory_mode_matches_and_holds_one_component() {
         }
     }
     // Every stage loaded its graphs again and ran: one UNet call per step of every generation.
-    let unet_calls: u64 = low
-        .run_stats()
-        .into_iter()
-        .filter(|(name, _)| name == "unet")
-        .map(|(_, s)| s.calls)
-        .sum();
-    assert_eq!(unet_calls, steps);
+    assert_eq!(unet_calls(&low), steps);
     assert!(steps >= 8 * 2, "{steps} steps");
 }
 
@@ -187,14 +191,9 @@ fn release_after_use_matches_and_releases_each_stage_when_done() {
             assert_eq!(full.loaded_components().len(), 5, "{what}");
         }
     }
-    let unet_calls: u64 = released
-        .run_stats()
-        .into_iter()
-        .filter(|(name, _)| name == "unet")
-        .map(|(_, s)| s.calls)
-        .sum();
     assert_eq!(
-        unet_calls, steps,
+        unet_calls(&released),
+        steps,
         "the UNet loaded again for each generation"
     );
 }
@@ -325,13 +324,7 @@ fn low_memory_runs_the_unet_in_segments_through_the_cache() {
             "{what}: no segment stays loaded after its run"
         );
     }
-    let unet_calls: u64 = low
-        .run_stats()
-        .into_iter()
-        .filter(|(name, _)| name == "unet")
-        .map(|(_, s)| s.calls)
-        .sum();
-    assert_eq!(unet_calls, steps);
+    assert_eq!(unet_calls(&low), steps);
     // The segments' optimised graphs are in the cache, one entry each.
     let entries: Vec<String> = std::fs::read_dir(&dir)
         .expect("the cache directory")
