@@ -191,7 +191,10 @@ typedef int32_t tcd_control_preprocess;
  * by `tcd_engine_free`. An engine may be moved to and used from any thread, but it runs one
  * generation at a time: calls that take it must not overlap (guard it with a mutex, or give
  * each thread its own engine). Engines do not share state, except that ONNX Runtime is
- * loaded once per process.
+ * loaded once per process. No teardown call is needed: freeing the last engine ends every
+ * thread started for it, and the process keeps no ONNX Runtime thread (tcd-ort sets
+ * `ORT_DISABLE_TELEMETRY=1` before the first load, unless the host set that variable, so
+ * ONNX Runtime's telemetry client, whose thread would outlive every engine, never starts).
  */
 typedef struct tcd_engine tcd_engine;
 

@@ -102,16 +102,34 @@ pub fn apply_loras(
 }
 
 /// Computes the weight replacements for every component, keyed by component directory name.
+///
+/// The work runs on a thread pool of its own, joined before this returns: rayon's global pool
+/// would keep its threads for the life of the process, and a host that drops every engine
+/// should be left with the threads it had (issue 28).
 pub(super) fn weight_overrides(
     model: &ModelDir,
     specs: &[LoraSpec],
     weight_name: Option<&str>,
     allow_unmatched: bool,
 ) -> Result<(BTreeMap<String, Vec<WeightOverride>>, LoraReport)> {
-    let mut report = LoraReport::default();
     if specs.is_empty() {
-        return Ok((BTreeMap::new(), report));
+        return Ok((BTreeMap::new(), LoraReport::default()));
     }
+    rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("tcd-ort-lora-{i}"))
+        .build_scoped(rayon::ThreadBuilder::run, |pool| {
+            pool.install(|| compute_overrides(model, specs, weight_name, allow_unmatched))
+        })
+        .map_err(|e| Error::io("threads for the LoRA work", std::io::Error::other(e)))?
+}
+
+fn compute_overrides(
+    model: &ModelDir,
+    specs: &[LoraSpec],
+    weight_name: Option<&str>,
+    allow_unmatched: bool,
+) -> Result<(BTreeMap<String, Vec<WeightOverride>>, LoraReport)> {
+    let mut report = LoraReport::default();
     for spec in specs {
         if !spec.weight.is_finite() {
             return Err(Error::invalid(format!(

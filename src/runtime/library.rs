@@ -33,6 +33,9 @@ pub const INSTALL_HINT: &str = "install ONNX Runtime 1.31 with `make setup` (or 
 onnxruntime==1.31.1`; `onnxruntime-gpu` for CUDA/TensorRT, `onnxruntime-directml` on Windows) \
 or point --ort-lib / ORT_DYLIB_PATH at libonnxruntime";
 
+/// The environment variable ONNX Runtime reads to leave its telemetry client out.
+pub const TELEMETRY_ENV: &str = "ORT_DISABLE_TELEMETRY";
+
 /// The library this process loaded, once it has: ONNX Runtime can be loaded only once per process.
 static LOADED: Mutex<Option<(PathBuf, ort::environment::Environment)>> = Mutex::new(None);
 
@@ -185,6 +188,7 @@ pub fn ensure_loaded(explicit: Option<&Path>) -> Result<PathBuf> {
         return Ok(path.clone());
     }
     let path = find_library(explicit)?;
+    keep_telemetry_client_out();
     let env = ort::init_from(&path)
         .map_err(|e| {
             Error::Runtime(format!(
@@ -198,6 +202,27 @@ pub fn ensure_loaded(explicit: Option<&Path>) -> Result<PathBuf> {
         .map_err(|e| Error::Runtime(format!("could not create the environment: {e}")))?;
     *loaded = Some((path.clone(), env));
     Ok(path)
+}
+
+/// Sets `ORT_DISABLE_TELEMETRY=1` unless the process environment already sets it.
+///
+/// The Linux builds of ONNX Runtime 1.31 start Microsoft's 1DS telemetry client when the first
+/// environment is created: a worker thread that lives until the process exits and a cache under
+/// `$XDG_CACHE_HOME/Microsoft/DeveloperTools/.onnxruntime` (a device id and an event database).
+/// `DisableTelemetryEvents`, which the environment is built with, stops the events but not the
+/// client, and releasing the environment does not stop the thread either. At exit that thread
+/// kept running while static destructors freed what it reads (intermittent invalid reads under
+/// valgrind in a C++ host, issue 28). With the variable set, ONNX Runtime creates no client at
+/// all: no thread, no files. It is read when the environment is created, so it is set before, in
+/// the process environment, and left set (ONNX Runtime may read it again).
+///
+/// A host that sets the variable itself keeps its value (and, with telemetry on, that thread);
+/// a host that reads the environment from other threads while the first engine loads should
+/// set it before starting them, as `setenv` is not safe beside a concurrent `getenv`.
+fn keep_telemetry_client_out() {
+    if std::env::var_os(TELEMETRY_ENV).is_none() {
+        std::env::set_var(TELEMETRY_ENV, "1");
+    }
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {

@@ -17,7 +17,7 @@ pub use initializers::{
     declared_inputs, f16_to_f32, DeclaredDim, DeclaredInput, Initializer, InitializerTable, Storage,
 };
 pub(crate) use library::environment;
-pub use library::{ensure_loaded, find_library, INSTALL_HINT};
+pub use library::{ensure_loaded, find_library, INSTALL_HINT, TELEMETRY_ENV};
 pub use options::{
     parse_bytes, user_cache_dir, ArenaExtendStrategy, CoreMlComputeUnits, CoreMlOptions,
     CudaOptions, CudnnConvSearch, FixedShape, OptLevel, ProviderOptions, SessionCache, ShapeDims,

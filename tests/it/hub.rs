@@ -621,38 +621,11 @@ fn a_repository_the_hub_does_not_have_is_an_error() {
     );
 }
 
-/// A small LoRA for the demo model in diffusers' peft format: one attention projection of the
-/// first attention block (64 channels), rank 2, with values large enough to move the image.
-fn tiny_lora_bytes() -> Vec<u8> {
-    let module = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q";
-    let a: Vec<f32> = (0..2 * 64)
-        .map(|i| ((i as f32) * 0.37).sin() * 0.8)
-        .collect();
-    let b: Vec<f32> = (0..64 * 2)
-        .map(|i| ((i as f32) * 0.53).cos() * 0.8)
-        .collect();
-    let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-    let (a_bytes, b_bytes) = (bytes(&a), bytes(&b));
-    let tensors = [
-        (
-            format!("{module}.lora_A.weight"),
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 64], &a_bytes)
-                .expect("view"),
-        ),
-        (
-            format!("{module}.lora_B.weight"),
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![64, 2], &b_bytes)
-                .expect("view"),
-        ),
-    ];
-    safetensors::serialize(tensors, None).expect("serialize")
-}
-
 #[test]
 fn a_lora_hub_id_downloads_its_weights_file_and_then_works_offline() {
     let dir = scratch_dir("hub-lora");
     let hf_home = dir.join("hf");
-    let lora = tiny_lora_bytes();
+    let lora = crate::common::tiny_lora_bytes();
     let local_lora = dir.join("local_lora.safetensors");
     std::fs::write(&local_lora, &lora).expect("write lora");
     let mut files = BTreeMap::new();

@@ -19,7 +19,9 @@ mod low_memory;
 mod optimum;
 mod parity;
 mod providers;
-
 mod rng;
 mod scheduler;
+// Counts the process's threads in /proc.
+#[cfg(target_os = "linux")]
+mod threads;
 mod tokenizer;
