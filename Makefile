@@ -110,9 +110,11 @@ fixture-lora fixture-lora_slots fixture-img2img fixture-controlnet: venv fixture
 fixture-optimum: venv-optimum fixture-parity
 	$(VENV_OPTIMUM)/bin/python tests/golden/make_optimum.py $(FIXTURES)/parity $(FIXTURES)/optimum
 
-lint:
+lint: venv
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
+	$(VPY) -m ruff check --config export/ruff.toml --cache-dir target/ruff-cache \
+		export tests/golden benches
 
 rust-test: setup-ort
 	cargo test

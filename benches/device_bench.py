@@ -24,6 +24,7 @@ one warm-up, with `torch.cuda.synchronize()` at every step boundary.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import pathlib
@@ -73,7 +74,7 @@ def run_diffusers(args, dtype_name: str, steps: int, guidance: float) -> list[di
     for i in range(args.repeats + 1):
         marks: list[float] = []
 
-        def on_step(_pipe, _i, _t, kwargs):
+        def on_step(_pipe, _i, _t, kwargs, marks=marks):
             torch.cuda.synchronize()
             marks.append(time.perf_counter())
             return kwargs
@@ -87,7 +88,7 @@ def run_diffusers(args, dtype_name: str, steps: int, guidance: float) -> list[di
         end = time.perf_counter()
         if i == 0:
             continue  # warm-up
-        steps_s = [b - a for a, b in zip(marks, marks[1:])]
+        steps_s = [b - a for a, b in itertools.pairwise(marks)]
         runs.append({
             "tag": f"diffusers {dtype_name} g{guidance}", "load_s": load, "generate_s": end - start,
             "first_step_and_encode_s": marks[0] - start, "steps_s": steps_s,

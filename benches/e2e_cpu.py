@@ -39,10 +39,10 @@ multiply-add), from which the achieved GFLOP/s of each engine's UNet step and VA
 
 Usage, from the repository root:
 
-    .venv/bin/python benches/e2e_cpu.py --family sd15 --workdir /var/tmp/e2e   # builds, runs, deletes
+    .venv/bin/python benches/e2e_cpu.py --family sd15 --workdir /var/tmp/e2e  # build, run, delete
     .venv/bin/python benches/e2e_cpu.py --repeats 3 --keep     # keep the models for a later run
     .venv/bin/python benches/e2e_cpu.py --skip-optimum --json out.json
-    .venv/bin/python benches/e2e_cpu.py --repeats 3 --second-start   # tcd-ort from its session cache
+    .venv/bin/python benches/e2e_cpu.py --repeats 3 --second-start  # from tcd-ort's session cache
 
 What is missing under WORKDIR/<family>/ is built first: `diffusers/` (`python -m export full`),
 `tcd-ort/` (`python -m export convert`), `optimum/` (optimum-cli), and target/release/tcd-ort
@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import pathlib
@@ -69,8 +70,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import (ETA, PROMPT, ROOT, SEED, SIZES, STEPS, cpu_info, load_average,
-                      tcd_ort_command)
+from benchlib import ETA, PROMPT, ROOT, SEED, SIZES, STEPS, cpu_info, load_average, tcd_ort_command
 
 VENV_PY = ROOT / ".venv" / "bin" / "python"
 OPTIMUM_PY = ROOT / ".venv-optimum" / "bin" / "python"
@@ -104,7 +104,7 @@ def worker_pipeline(engine: str, family: str, model: str, output: str, out_json:
     """Loads and runs one pipeline once, writing the phases and per-call times as JSON."""
     entered = time.perf_counter()
     calls: dict[str, list[float]] = {}
-    import torch  # noqa: F401 - timed as part of the imports
+    import torch  # timed as part of the imports
 
     if engine == "optimum":
         import onnxruntime as ort
@@ -134,7 +134,6 @@ def worker_pipeline(engine: str, family: str, model: str, output: str, out_json:
 
         versions = {}
     import diffusers
-    import torch
     import transformers
 
     versions.update(torch=torch.__version__, diffusers=diffusers.__version__,
@@ -250,7 +249,8 @@ def worker_flops(family: str, diffusers_dir: str, out_json: str) -> None:
         extra = {}
         if cfg.addition_embed_type == "text_time":
             time_ids = 6
-            pooled = cfg.projection_class_embeddings_input_dim - time_ids * cfg.addition_time_embed_dim
+            pooled = (cfg.projection_class_embeddings_input_dim
+                      - time_ids * cfg.addition_time_embed_dim)
             extra["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled),
                                           "time_ids": torch.randn(1, time_ids)}
         counter = FlopCounterMode(display=False)
@@ -361,8 +361,9 @@ def run_tcd_ort(args, binary, model: pathlib.Path, scratch: pathlib.Path, i,
     runs = t.get("ort_runs", {})
     calls = {name: {"calls": v["calls"], "seconds": v["seconds"]} for name, v in runs.items()}
     unet, vae = runs.get("unet", {}), runs.get("vae_decoder", {})
-    return {"engine": f"tcd-ort ({model.name})", **r, "load_s": t["load_s"], "generate_s": t["generate_s"],
-            "encode_s": t["encode_s"], "steps_s": t["steps_s"], "decode_s": t["decode_s"],
+    return {"engine": f"tcd-ort ({model.name})", **r, "load_s": t["load_s"],
+            "generate_s": t["generate_s"], "encode_s": t["encode_s"], "steps_s": t["steps_s"],
+            "decode_s": t["decode_s"],
             "runtime_s": t.get("ort_run_s"),
             "unet_step_s": unet["seconds"] / unet["calls"] if unet.get("calls") else None,
             "vae_decode_s": vae["seconds"] / vae["calls"] if vae.get("calls") else None,
@@ -387,7 +388,7 @@ def run_python(args, engine: str, base: pathlib.Path, scratch: pathlib.Path, i: 
     at = w["steps_at_s"]
     return {"engine": engine, **r, "import_s": w["import_s"], "load_s": w["load_s"],
             "generate_s": w["generate_s"], "save_s": w["save_s"],
-            "steps_s": [b - a for a, b in zip(at, at[1:])],
+            "steps_s": [b - a for a, b in itertools.pairwise(at)],
             "runtime_s": sum(c["seconds"] for c in calls.values()),
             # Means over the calls, as tcd-ort's `ort_runs` give them.
             "unet_step_s": sum(unet) / len(unet) if unet else None,
@@ -443,7 +444,7 @@ def table(summary: dict, flops: dict, peak: float) -> str:
         if s is None:
             continue
 
-        def ratio(key):
+        def ratio(key, s=s):
             if tcd and s.get(key) and tcd.get(key):
                 return f"{tcd[key] / s[key]:.2f}"
             return "-"

@@ -18,8 +18,9 @@ with one compiled kernel (cubin) per GPU architecture. This script (standard lib
    library first, into parts of at most `--part-mb` MiB that fill `call1/`, `call2/`, ...
    directories one after the other, each small enough to travel with the working tree in one
    device call (`--call-mb`, by default 64 MiB minus the current working tree minus 2 MiB), so
-   the number of calls is the smallest possible, with the parts spread evenly over them; every call directory also holds the checksum
-   lists (`SHA256SUMS.parts`, `SHA256SUMS.libs`) and `PACK_ID`;
+   the number of calls is the smallest possible, with the parts spread evenly over them; every
+   call directory also holds the checksum lists (`SHA256SUMS.parts`, `SHA256SUMS.libs`) and
+   `PACK_ID`;
 4. writes `manifest.json` (fat-binary tables, sizes, sha256 of the wheel, of the original
    and zeroed libraries, of the xz streams and of every part) next to them.
 
@@ -31,7 +32,8 @@ section holds fat-binary containers back to back (zero padding between them is a
     container header, 16 bytes:  u32 magic 0xBA55ED50, u16 version (1), u16 header size (16),
                                  u64 size of the entries that follow
     entry header, >= 64 bytes:   +0 u16 kind (1 = PTX, 2 = ELF cubin), +2 u16 (0x0101),
-                                 +4 u32 header size (64; 112 for sm_100+ cubins, 80 for sm_120+ PTX),
+                                 +4 u32 header size (64; 112 for sm_100+ cubins, 80 for
+                                 sm_120+ PTX),
                                  +8 u64 payload size (padded to 8), +16 u32 compressed size,
                                  +20 u32 (0, or 64 with an extended header), +24 u16 u16 version,
                                  +28 u32 SM architecture (75, 80, 86, 89, 90, 120, ...),
@@ -59,8 +61,9 @@ Usage:
 `--list` prints every fat-binary entry (otherwise a summary per kind/arch/flags). `--jobs`
 compresses that many libraries at once (default 2; xz -9e of the CUDA provider takes minutes).
 The zeroed libraries stay in `--work` (default /tmp/tcd-gpu-pack/libs) for inspection, next to
-their xz streams, which a later run reuses when the zeroed library is unchanged. Then carry `.gpu/ort/call1`, ... one per
-device call (`.gpu/` is ignored by git) and run benches/gpu_unpack.sh there.
+their xz streams, which a later run reuses when the zeroed library is unchanged. Then carry
+`.gpu/ort/call1`, ... one per device call (`.gpu/` is ignored by git) and run
+benches/gpu_unpack.sh there.
 """
 
 from __future__ import annotations
@@ -299,7 +302,8 @@ def print_summary(name: str, report: dict) -> None:
 
 
 def fetch_wheel(download_dir: str) -> str:
-    pattern = os.path.join(download_dir, f"onnxruntime_gpu-{ORT_VERSION}-cp312-cp312-manylinux*x86_64.whl")
+    wheel = f"onnxruntime_gpu-{ORT_VERSION}-cp312-cp312-manylinux*x86_64.whl"
+    pattern = os.path.join(download_dir, wheel)
     found = sorted(glob.glob(pattern))
     if not found:
         os.makedirs(download_dir, exist_ok=True)
@@ -426,7 +430,7 @@ def main() -> None:
     with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
         jobs = [(lib, pool.submit(compress, os.path.join(libs_dir, lib["name"]),
                                   os.path.join(args.work, lib["name"] + ".xz")))
-                for lib in sorted(todo, key=lambda l: -l["size"])]
+                for lib in sorted(todo, key=lambda item: -item["size"])]
         for lib, job in jobs:
             job.result()
             with open(os.path.join(args.work, lib["name"] + ".xz.source-sha256"), "w") as f:
@@ -441,7 +445,7 @@ def main() -> None:
         elif old in ("manifest.json", "SHA256SUMS.parts", "SHA256SUMS.libs", "PACK_ID"):
             os.remove(path)
     streams = []
-    for lib in sorted(manifest["libs"], key=lambda l: -l["size"]):
+    for lib in sorted(manifest["libs"], key=lambda item: -item["size"]):
         xz_path = os.path.join(args.work, lib["name"] + ".xz")
         lib["xz_size"] = os.path.getsize(xz_path)
         lib["xz_sha256"] = sha256_file(xz_path)
@@ -491,8 +495,10 @@ def main() -> None:
         for fname in call["parts"]:
             size = next(p["size"] for p in parts if p["file"] == fname)
             print(f"    {fname:<50} {size:>10} bytes ({size / MIB:.2f} MiB)")
+    dirs = " ".join(os.path.relpath(os.path.join(args.out, c["dir"]), REPO)
+                    for c in manifest["calls"])
     print(f"\ncarry one call directory per device call, then in each call:\n"
-          f"  bash benches/gpu_unpack.sh {' '.join(os.path.relpath(os.path.join(args.out, c['dir']), REPO) for c in manifest['calls'])} DEST")
+          f"  bash benches/gpu_unpack.sh {dirs} DEST")
 
 
 if __name__ == "__main__":

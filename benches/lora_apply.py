@@ -137,7 +137,6 @@ def _lora_state_dict(unet: Any, rank: int, seed: int) -> tuple[dict[str, Any], l
 
 
 def _trivial_graph(initializers: list[Any]) -> Any:
-    import onnx
     from onnx import TensorProto, helper
 
     x, y = TRIVIAL_NODE
@@ -171,7 +170,11 @@ def _external_initializers(safetensors_file: pathlib.Path, location: str) -> lis
         t.data_type = TensorProto.FLOAT
         t.dims.extend(info["shape"])
         t.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", location), ("offset", base + begin), ("length", end - begin)):
+        for key, value in (
+            ("location", location),
+            ("offset", base + begin),
+            ("length", end - begin),
+        ):
             entry = t.external_data.add()
             entry.key, entry.value = key, str(value)
         out.append(t)
@@ -222,10 +225,14 @@ def prepare(family: str, work: pathlib.Path, rank: int) -> dict[str, Any]:
     for sub in ("text_encoder", "vae_decoder") + (("text_encoder_2",) if family == "sdxl" else ()):
         onnx.save(_trivial_graph([]), str(model / sub / "model.onnx"))
     shutil.copy(CONFIG_DIR / family / "vae.json", model / "vae_decoder" / "config.json")
-    shutil.copy(CONFIG_DIR / family / "scheduler.json", model / "scheduler" / "scheduler_config.json")
+    shutil.copy(
+        CONFIG_DIR / family / "scheduler.json", model / "scheduler" / "scheduler_config.json"
+    )
     (model / "model_index.json").write_text(json.dumps({"_class_name": PIPELINE_CLASS[family]}))
     (model / "tcd_ort.json").write_text(
-        json.dumps({"format_version": 1, "family": family, "dtype": "float32", "weights_keep_names": True})
+        json.dumps(
+            {"format_version": 1, "family": family, "dtype": "float32", "weights_keep_names": True}
+        )
     )
     return {
         "unet_params": unet_params,
@@ -312,7 +319,9 @@ def prepare_slots(family: str, work: pathlib.Path, rank: int) -> dict[str, Any]:
     for sub in ("text_encoder", "vae_decoder") + (("text_encoder_2",) if family == "sdxl" else ()):
         onnx.save(_trivial_graph([]), str(model / sub / "model.onnx"))
     shutil.copy(CONFIG_DIR / family / "vae.json", model / "vae_decoder" / "config.json")
-    shutil.copy(CONFIG_DIR / family / "scheduler.json", model / "scheduler" / "scheduler_config.json")
+    shutil.copy(
+        CONFIG_DIR / family / "scheduler.json", model / "scheduler" / "scheduler_config.json"
+    )
     (model / "model_index.json").write_text(json.dumps({"_class_name": PIPELINE_CLASS[family]}))
     manifest = {
         "format_version": 1,
@@ -333,12 +342,17 @@ def prepare_slots(family: str, work: pathlib.Path, rank: int) -> dict[str, Any]:
     }
 
 
-def bench_slots(family: str, work: pathlib.Path, exe: str, rank: int, repeats: int) -> dict[str, Any]:
-    out, prep_rss = timed([sys.executable, __file__, "_prepare_slots", family, str(work), str(rank)])
+def bench_slots(
+    family: str, work: pathlib.Path, exe: str, rank: int, repeats: int
+) -> dict[str, Any]:
+    out, prep_rss = timed(
+        [sys.executable, __file__, "_prepare_slots", family, str(work), str(rank)]
+    )
     info = json.loads(out)
     log(
-        f"{family}: {info['modules']} slotted modules, {info['lora_params'] / 1e6:.1f}M LoRA params "
-        f"({info['lora_mb']:.0f} MB), {info['slot_params'] / 1e6:.1f}M slot params "
+        f"{family}: {info['modules']} slotted modules, "
+        f"{info['lora_params'] / 1e6:.1f}M LoRA params ({info['lora_mb']:.0f} MB), "
+        f"{info['slot_params'] / 1e6:.1f}M slot params "
         f"(prepare peak RSS {prep_rss:.1f} GiB)"
     )
     walls, rss = [], []
@@ -351,7 +365,9 @@ def bench_slots(family: str, work: pathlib.Path, exe: str, rank: int, repeats: i
             raise SystemExit(f"{family}: {m.group(3)} of {info['modules']} modules went into slots")
         walls.append(float(m.group(1)))
         rss.append(peak)
-        log(f"{family}: tcd-ort slots {walls[-1]:.3f} s, {peak:.2f} GiB ({m.group(2)} replacements)")
+        log(
+            f"{family}: tcd-ort slots {walls[-1]:.3f} s, {peak:.2f} GiB ({m.group(2)} replacements)"
+        )
     return {**info, "walls": walls, "tcd_wall_s": min(walls), "tcd_rss_gib": max(rss)}
 
 
@@ -387,7 +403,9 @@ def timed(cmd: list[str]) -> tuple[str, float]:
     """Runs `cmd` under `/usr/bin/time -v`; returns its stdout and its peak RSS in GiB."""
     p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, cwd=ROOT)
     if p.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr[-4000:]}")
+        raise SystemExit(
+            f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr[-4000:]}"
+        )
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
     return p.stdout, (int(m.group(1)) / 2**20 if m else float("nan"))
 
@@ -421,7 +439,9 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {mem_available_gib():.0f} GiB available at start"
 
 
-def bench_family(family: str, work: pathlib.Path, exe: str, rank: int, repeats: int) -> dict[str, Any]:
+def bench_family(
+    family: str, work: pathlib.Path, exe: str, rank: int, repeats: int
+) -> dict[str, Any]:
     out, prep_rss = timed([sys.executable, __file__, "_prepare", family, str(work), str(rank)])
     info = json.loads(out)
     log(
@@ -437,13 +457,20 @@ def bench_family(family: str, work: pathlib.Path, exe: str, rank: int, repeats: 
             raise SystemExit(f"unexpected output of the bench binary: {out}")
         tcd_walls.append(float(m.group(1)))
         tcd_rss.append(rss)
-        log(f"{family}: tcd-ort {tcd_walls[-1]:.2f} s, {rss:.2f} GiB ({m.group(2)} weights patched)")
-        out, rss = timed([sys.executable, __file__, "_diffusers", info["unet_dir"], info["lora_file"]])
+        log(
+            f"{family}: tcd-ort {tcd_walls[-1]:.2f} s, {rss:.2f} GiB ({m.group(2)} weights patched)"
+        )
+        out, rss = timed(
+            [sys.executable, __file__, "_diffusers", info["unet_dir"], info["lora_file"]]
+        )
         d = json.loads(out)
         dif_walls.append(d["wall_s"])
         dif_rss.append(rss)
         dif_loaded.append(d["rss_loaded_gib"])
-        log(f"{family}: diffusers {d['wall_s']:.2f} s, {rss:.2f} GiB (UNet alone {d['rss_loaded_gib']:.2f} GiB)")
+        log(
+            f"{family}: diffusers {d['wall_s']:.2f} s, {rss:.2f} GiB "
+            f"(UNet alone {d['rss_loaded_gib']:.2f} GiB)"
+        )
     out, _ = timed([exe, "--phases", info["model_dir"], info["lora_file"]])
     phases = dict(kv.split("=") for kv in out.split()[1:])
     log(f"{family}: tcd-ort phases, one weight at a time: {phases}")
@@ -468,17 +495,24 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_diffusers":
         print(json.dumps(run_diffusers(sys.argv[2], sys.argv[3])))
         return
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--families", default="sd15,sdxl", help="comma-separated: sd15, sdxl")
     ap.add_argument("--rank", type=int, default=RANK)
     ap.add_argument(
         "--mode",
         choices=("fused", "slots"),
         default="fused",
-        help="fused: tcd-ort's fusing beside diffusers' fuse_lora; slots: tcd-ort filling LoRA slots",
+        help="fused: tcd-ort's fusing beside diffusers' fuse_lora; "
+        "slots: tcd-ort filling LoRA slots",
     )
-    ap.add_argument("--repeats", type=int, default=1, help="runs per side; the table shows the fastest")
-    ap.add_argument("--workdir", type=pathlib.Path, default=None, help="default: a temp dir under /tmp")
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="runs per side; the table shows the fastest"
+    )
+    ap.add_argument(
+        "--workdir", type=pathlib.Path, default=None, help="default: a temp dir under /tmp"
+    )
     args = ap.parse_args()
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     for f in families:
@@ -490,26 +524,37 @@ def main() -> None:
     if args.mode == "slots":
         slot_rows = []
         for family in families:
-            work = pathlib.Path(tempfile.mkdtemp(prefix=f"tcd-slots-{family}-", dir=args.workdir or "/tmp"))
+            work = pathlib.Path(
+                tempfile.mkdtemp(prefix=f"tcd-slots-{family}-", dir=args.workdir or "/tmp")
+            )
             try:
                 slot_rows.append((family, bench_slots(family, work, exe, args.rank, args.repeats)))
             finally:
                 shutil.rmtree(work, ignore_errors=True)
         print(f"\nLoRA apply into rank-{args.rank} slots, fp16 LoRA ({header})\n")
-        print("| family | modules | LoRA params | slot params | tcd-ort wall (fastest) | all runs | tcd-ort peak RSS |")
+        print(
+            "| family | modules | LoRA params | slot params | tcd-ort wall (fastest) | all runs "
+            "| tcd-ort peak RSS |"
+        )
         print("|---|---:|---:|---:|---:|---|---:|")
         for family, r in slot_rows:
             runs = ", ".join(f"{w:.2f}" for w in r["walls"])
             print(
-                f"| {family} | {r['modules']} | {r['lora_params'] / 1e6:.1f}M | {r['slot_params'] / 1e6:.1f}M "
+                f"| {family} | {r['modules']} | {r['lora_params'] / 1e6:.1f}M "
+                f"| {r['slot_params'] / 1e6:.1f}M "
                 f"| {r['tcd_wall_s']:.2f} s | {runs} | {r['tcd_rss_gib']:.2f} GiB |"
             )
         return
     rows = []
     for family in families:
-        work = pathlib.Path(tempfile.mkdtemp(prefix=f"tcd-lora-{family}-", dir=args.workdir or "/tmp"))
+        work = pathlib.Path(
+            tempfile.mkdtemp(prefix=f"tcd-lora-{family}-", dir=args.workdir or "/tmp")
+        )
         free_disk = shutil.disk_usage(work).free / 2**30
-        log(f"{family}: working in {work} ({free_disk:.0f} GiB free on disk, {mem_available_gib():.1f} GiB memory available)")
+        log(
+            f"{family}: working in {work} ({free_disk:.0f} GiB free on disk, "
+            f"{mem_available_gib():.1f} GiB memory available)"
+        )
         try:
             rows.append((family, bench_family(family, work, exe, args.rank, args.repeats)))
         finally:
@@ -522,9 +567,11 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for family, r in rows:
         print(
-            f"| {family} | {r['modules']} | {r['lora_params'] / 1e6:.1f}M | {r['patched_params'] / 1e9:.3f}B "
+            f"| {family} | {r['modules']} | {r['lora_params'] / 1e6:.1f}M "
+            f"| {r['patched_params'] / 1e9:.3f}B "
             f"| {r['tcd_wall_s']:.2f} s | {r['tcd_rss_gib']:.2f} GiB "
-            f"| {r['diffusers_wall_s']:.2f} s | {r['diffusers_rss_gib']:.2f} GiB ({r['diffusers_unet_rss_gib']:.2f}) "
+            f"| {r['diffusers_wall_s']:.2f} s | {r['diffusers_rss_gib']:.2f} GiB "
+            f"({r['diffusers_unet_rss_gib']:.2f}) "
             f"| {r['diffusers_wall_s'] / r['tcd_wall_s']:.2f} |"
         )
     print("\ntcd-ort phases, one weight at a time (seconds; `lora_apply --phases`):\n")

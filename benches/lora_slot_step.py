@@ -87,7 +87,9 @@ def time_steps(models: dict[str, pathlib.Path], size: int, batch: int, runs: int
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--size", type=int, default=64, help="latent edge (64 = 512 px)")
     ap.add_argument("--batch", type=int, default=1)
@@ -99,7 +101,11 @@ def main() -> None:
     try:
         plain, slotted = export_both(work, args.rank)
         times = time_steps(
-            {"plain": plain, f"slots r{args.rank}": slotted}, args.size, args.batch, args.runs, args.threads
+            {"plain": plain, f"slots r{args.rank}": slotted},
+            args.size,
+            args.batch,
+            args.runs,
+            args.threads,
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -107,7 +113,8 @@ def main() -> None:
 
     load = os.getloadavg()
     print(
-        f"\nSD1.5 UNet step, CPU, {args.threads} threads, latents {args.batch}x4x{args.size}x{args.size}, "
+        f"\nSD1.5 UNet step, CPU, {args.threads} threads, "
+        f"latents {args.batch}x4x{args.size}x{args.size}, "
         f"ONNX Runtime {onnxruntime.__version__}, {datetime.date.today().isoformat()}, "
         f"load average {load[0]:.1f} at the end\n"
     )
@@ -116,7 +123,10 @@ def main() -> None:
     base = statistics.median(times["plain"])
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"| {name} | {med:.3f} s ({med / base:.3f}x) | {min(ts):.3f} s | {max(ts):.3f} s | {len(ts)} |")
+        print(
+            f"| {name} | {med:.3f} s ({med / base:.3f}x) | {min(ts):.3f} s | {max(ts):.3f} s "
+            f"| {len(ts)} |"
+        )
 
 
 if __name__ == "__main__":

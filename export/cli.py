@@ -1,4 +1,5 @@
-"""Command line: `python -m export {convert,controlnet,depth,tiny,tiny-controlnet,tiny-depth,full,reference} ...`.
+"""Command line: `python -m export COMMAND ...`, COMMAND one of `convert`, `controlnet`, `depth`,
+`tiny`, `tiny-controlnet`, `tiny-depth`, `full`, `reference` and `segment`.
 
 `convert` is the default: `python -m export SOURCE OUT_DIR` means `python -m export convert
 SOURCE OUT_DIR`.
@@ -13,6 +14,8 @@ import pathlib
 import sys
 import time
 import warnings
+
+from export.errors import UserError
 
 COMMANDS = (
     "convert",
@@ -277,12 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("export").setLevel(logging.ERROR if args.quiet else logging.INFO)
     _quiet_libraries()
 
-    from export.convert import UserError
-
+    # Each command imports its module when it runs: they pull in torch, diffusers and onnx,
+    # which `--help` and argument errors should not wait for.
     try:
         if args.command == "convert":
             from export.convert import convert
-
             from export.lora import parse_lora_spec
 
             if args.fuse_lora and not args.lora:

@@ -106,7 +106,7 @@ def bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(2**8 + n)
             n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
 
 
 def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -125,7 +125,8 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 
 def write_vocab_files(out_dir: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
-    """Write ``vocab.json`` and ``merges.txt`` as transformers' slow ``CLIPTokenizer`` saved them."""
+    """Write ``vocab.json`` and ``merges.txt`` as transformers' slow ``CLIPTokenizer`` saved
+    them."""
     encoder, merges = clip_vocab_and_merges()
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab_file = out_dir / "vocab.json"

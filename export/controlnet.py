@@ -38,9 +38,11 @@ from typing import Any
 import onnx
 import torch
 
-from export.convert import UserError, _looks_like_hub_id
+from export.convert import DTYPE_NAMES, torch_dtype
+from export.errors import UserError
 from export.manifest import build_controlnet_manifest, write_manifest
 from export.onnx_io import Io, export_component, module_dtype
+from export.sources import looks_like_hub_id
 from export.unet import controlnet_residual_shapes
 
 log = logging.getLogger("export")
@@ -126,7 +128,7 @@ def load_controlnet(source: str) -> Any:
         return ControlNetModel.from_pretrained(path, torch_dtype=torch.float32)
     if path.exists():
         raise UserError(f"{source}: expected a diffusers ControlNetModel directory")
-    if _looks_like_hub_id(source):
+    if looks_like_hub_id(source):
         return ControlNetModel.from_pretrained(source, torch_dtype=torch.float32)
     raise UserError(f"{source}: no such file or directory (and not a hub id like 'owner/name')")
 
@@ -189,8 +191,6 @@ def export_controlnet(
 
     `dtype="fp16"` exports float16 weights and float16 float inputs/outputs (`timestep` stays
     float32), to pair with a `convert --dtype fp16` UNet."""
-    from export.convert import DTYPE_NAMES, torch_dtype
-
     model_dtype = torch_dtype(dtype)
     out_dir = pathlib.Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():

@@ -31,8 +31,11 @@ from typing import Any
 
 import torch
 
-from export.manifest import FORMAT_VERSION, MANIFEST_FILE, exporter_info
-from export.onnx_io import ONNX_FILE, Io, describe_io, export_component
+from export.errors import UserError
+from export.layout import MANIFEST_FILE, ONNX_FILE
+from export.manifest import FORMAT_VERSION, exporter_info
+from export.onnx_io import Io, describe_io, export_component
+from export.sources import looks_like_hub_id
 
 log = logging.getLogger("export")
 
@@ -74,8 +77,6 @@ class _DepthWrapper(torch.nn.Module):
 
 def fixed_input_size(processor: Any) -> tuple[int, int]:
     """(height, width) of every `pixel_values` the processor makes, or a UserError."""
-    from export.convert import UserError
-
     size = getattr(processor, "size", None) or {}
     height, width = size.get("height"), size.get("width")
     if not getattr(processor, "do_resize", True) or height is None or width is None:
@@ -113,8 +114,6 @@ def load_depth_model(source: str) -> tuple[Any, Any]:
     """`DPTForDepthEstimation` and its image processor from a local dir or a hub id."""
     from transformers import DPTForDepthEstimation
 
-    from export.convert import UserError, _looks_like_hub_id
-
     path = pathlib.Path(source).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -126,7 +125,7 @@ def load_depth_model(source: str) -> tuple[Any, Any]:
                 "(a transformers DPTForDepthEstimation such as Intel/dpt-hybrid-midas)"
             )
         src: str | pathlib.Path = path
-    elif _looks_like_hub_id(source):
+    elif looks_like_hub_id(source):
         src = source
     else:
         raise UserError(f"{source}: no such directory (and not a hub id like 'owner/name')")
@@ -186,8 +185,6 @@ def convert_depth(
     source: str, out_dir: pathlib.Path, opset: int = 18, overwrite: bool = False
 ) -> dict[str, Any]:
     """`python -m export depth SOURCE OUT_DIR`: export and check onnxruntime against torch."""
-    from export.convert import UserError
-
     out_dir = pathlib.Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} exists and is not a directory")

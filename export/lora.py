@@ -24,7 +24,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from export.convert import UserError
+from export.errors import UserError
+from export.sources import looks_like_hub_id
 
 # A trailing `:<float>` is a weight; anything else after a colon belongs to the path
 # (`C:\loras\x.safetensors`, `./a:b.safetensors`).
@@ -85,8 +86,6 @@ def resolve_lora(spec: LoraSpec) -> LoraSpec:
     The manifest stores what this returns, so a model directory written from a relative path
     still finds its LoRA when the engine runs from another working directory.
     """
-    from export.convert import _looks_like_hub_id
-
     what = f"--lora {spec.source}"
     path = pathlib.Path(spec.source).expanduser()
     if path.is_file():
@@ -118,7 +117,7 @@ def resolve_lora(spec: LoraSpec) -> LoraSpec:
             raise UserError(f"{what}: --lora-weight-name must name a .safetensors file")
         _check_safetensors(file, f"{what}/{name}")
         return LoraSpec(str(file.resolve()), spec.weight, None)
-    if _looks_like_hub_id(spec.source):
+    if looks_like_hub_id(spec.source):
         return spec
     raise UserError(f"{what}: no such file or directory (and not a hub id like 'owner/name')")
 

@@ -39,6 +39,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from export.errors import UserError
+
 # peft target names, matched as `name == t or name.endswith("." + t)`.
 TARGET_MODULES = (
     "to_q",
@@ -66,8 +68,6 @@ _PEFT_NAME = re.compile(rf"\.(lora_[AB])\.{ADAPTER}\.")
 
 
 def check_rank(rank: int) -> None:
-    from export.convert import UserError
-
     if not isinstance(rank, int) or rank < 1:
         raise UserError(f"--lora-slots {rank}: the slot rank must be a positive integer")
 

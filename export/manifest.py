@@ -18,9 +18,10 @@ import pathlib
 from typing import Any
 
 from export.attention import graph_attention
-from export.onnx_io import EXPORT_METHOD, ONNX_FILE, describe_io, weights_dtype
+from export.layout import MANIFEST_FILE, ONNX_FILE
+from export.onnx_io import EXPORT_METHOD, describe_io, weights_dtype
+from export.segments import segment_files
 
-MANIFEST_FILE = "tcd_ort.json"
 FORMAT_VERSION = 1
 COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 
@@ -57,8 +58,6 @@ def build_manifest(
     record only: the engine must not apply them again); `lora_slots`: per component, the
     empty LoRA layers exported for unfused LoRAs (export.lora_slots.manifest_entry). Written
     only when there are slots, so plain exports keep their manifest unchanged."""
-    from export.segments import segment_files
-
     components = {}
     for name in COMPONENTS:
         path = out_dir / name / ONNX_FILE

@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import inspect
 import pathlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import onnx
 import torch
 
 from export.attention import TRANSLATIONS, fused_attention
+from export.layout import DATA_FILE, ONNX_FILE
 
 EXPORT_METHOD = "torch.onnx.export(dynamo=True, optimize=False)"
-ONNX_FILE = "model.onnx"
-DATA_FILE = "model.onnx_data"
 
 
 @dataclass

@@ -107,7 +107,9 @@ from typing import Any
 
 import numpy as np
 
-from export.convert import UserError
+from export.errors import UserError
+from export.lora import LoraSpec, load_loras, lora_components, parse_lora_spec, resolve_lora
+from export.sources import load_pipeline
 
 
 @dataclass
@@ -137,7 +139,7 @@ class Case:
     canny_high: float = 200
 
     @classmethod
-    def from_json(cls, obj: Any, index: int) -> "Case":
+    def from_json(cls, obj: Any, index: int) -> Case:
         if not isinstance(obj, dict):
             raise UserError(f"case {index}: expected a JSON object, got {type(obj).__name__}")
         known = {f.name for f in fields(cls)}
@@ -221,7 +223,7 @@ class Case:
             if not all(_is_number(v) and 0.0 <= v <= 1.0 for v in value):
                 raise UserError(f"{what}: {key} values must be in [0, 1]")
         start, end = self.control_window()
-        if any(s >= e for s, e in zip(start, end)):
+        if any(s >= e for s, e in zip(start, end, strict=True)):
             raise UserError(f"{what}: each control_start must be below its control_end")
         if self.control_preprocess not in (None, "canny"):
             raise UserError(f"{what}: control_preprocess must be \"canny\"")
@@ -282,8 +284,6 @@ class Case:
         return out
 
     def lora_specs(self, base: pathlib.Path) -> list[Any]:
-        from export.lora import LoraSpec, resolve_lora
-
         out = []
         for item in self.loras or []:
             path = pathlib.Path(item["file"]).expanduser()
@@ -308,8 +308,6 @@ class Result:
 def load_reference_pipeline(model: str) -> Any:
     from diffusers import TCDScheduler
 
-    from export.convert import load_pipeline
-
     pipe = load_pipeline(model)
     pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -318,8 +316,6 @@ def load_reference_pipeline(model: str) -> Any:
 
 def apply_loras(pipe: Any, specs: list[Any], fuse: bool) -> None:
     """Load `specs` as adapters with set_adapters weights; fuse them when asked."""
-    from export.lora import load_loras, lora_components
-
     names = load_loras(pipe, specs)
     if fuse and names:
         pipe.fuse_lora(components=lora_components(pipe), adapter_names=names)
@@ -696,8 +692,6 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 
 def _cli_lora(text: str, absolute: bool = False) -> dict[str, Any]:
-    from export.lora import parse_lora_spec
-
     spec = parse_lora_spec(text)
     path = pathlib.Path(spec.source).expanduser()
     return {"file": str(path.resolve()) if absolute else str(path), "weight": spec.weight}

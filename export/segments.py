@@ -23,6 +23,9 @@ import logging
 import pathlib
 from typing import Any
 
+from export.errors import UserError
+from export.layout import MANIFEST_FILE, ONNX_FILE
+
 log = logging.getLogger("export")
 
 SEGMENT_FILE = "segment_{}.onnx"
@@ -211,8 +214,6 @@ def segment_files(component_dir: pathlib.Path) -> list[str]:
 def write_unet_segments(unet_dir: pathlib.Path, parts: int = DEFAULT_PARTS) -> list[str]:
     """`convert`'s step: the exported UNet in `parts` segments; none (with a warning) when the
     graph has too few blocks to cut."""
-    from export.onnx_io import ONNX_FILE
-
     try:
         names = write_segments(unet_dir, parts, ONNX_FILE)
     except ValueError as exc:
@@ -225,10 +226,6 @@ def write_unet_segments(unet_dir: pathlib.Path, parts: int = DEFAULT_PARTS) -> l
 def segment_model_dir(model_dir: pathlib.Path, parts: int) -> list[str]:
     """`python -m export segment`: (re)write the UNet segments of a model directory and list
     them in its manifest; `parts == 1` removes them."""
-    from export.convert import UserError
-    from export.manifest import MANIFEST_FILE
-    from export.onnx_io import ONNX_FILE
-
     manifest_path = model_dir / MANIFEST_FILE
     unet_dir = model_dir / "unet"
     if not (unet_dir / ONNX_FILE).is_file():

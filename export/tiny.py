@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from export.clip_vocab import write_clip_tokenizer
+
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 
 FAMILIES = ("sd15", "sd21", "sd21v", "sdxl", "sd15-inpaint", "sdxl-inpaint")
@@ -156,20 +158,13 @@ def _tiny_clip_config(projection: bool) -> dict[str, Any]:
 def _reinit_zeroed(module: torch.nn.Module, generator: torch.Generator) -> None:
     """Give any all-zero weight small random values so parity tests compare real signal."""
     with torch.no_grad():
-        for name, p in module.named_parameters():
+        for _name, p in module.named_parameters():
             if p.ndim >= 2 and torch.count_nonzero(p) == 0:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
 
 
 def _tokenizers(out_dir: pathlib.Path, family: str) -> None:
     from transformers import CLIPTokenizer, CLIPTokenizerFast
-
-    try:
-        from export.clip_vocab import write_clip_tokenizer
-    except ImportError as exc:  # pragma: no cover - depends on the repository state
-        raise RuntimeError(
-            "export/clip_vocab.py (write_clip_tokenizer) is required to build the tiny tokenizers"
-        ) from exc
 
     # SD2's tokenizer pads with "!" (id 0), SD1's with <|endoftext|>; SDXL has one of each.
     names = [("tokenizer", "!" if family in SD2_FAMILIES else "<|endoftext|>")]

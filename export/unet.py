@@ -61,7 +61,7 @@ def controlnet_residual_shapes(config) -> tuple[list[Residual], Residual]:
     if isinstance(layers, int):
         layers = [layers] * len(channels)
     down = [Residual(channels[0], 0)]
-    for i, (ch, n) in enumerate(zip(channels, layers)):
+    for i, (ch, n) in enumerate(zip(channels, layers, strict=True)):
         down += [Residual(ch, i)] * n
         if i < len(channels) - 1:
             down.append(Residual(ch, i + 1))

@@ -8,6 +8,9 @@ import pathlib
 import pytest
 import torch
 
+from export.convert import convert
+from export.tiny import build_tiny
+
 torch.set_num_threads(2)
 logging.getLogger("export").setLevel(logging.WARNING)
 
@@ -36,9 +39,6 @@ class Exported:
 
 
 def _export(tmp_path_factory, family: str) -> Exported:
-    from export.convert import convert
-    from export.tiny import build_tiny
-
     root = tmp_path_factory.mktemp(family)
     src = build_tiny(family, root / "diffusers", seed=0)
     manifest = convert(str(src), root / "onnx")

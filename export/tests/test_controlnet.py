@@ -14,7 +14,16 @@ import onnx
 import pytest
 import torch
 
+from export.controlnet import (
+    ZEROED_BY_FROM_UNET,
+    build_tiny_controlnet,
+    export_controlnet,
+    export_controlnet_model,
+)
+from export.errors import UserError
 from export.onnx_io import initializer_names
+from export.reference import Case, load_reference_pipeline, run_case
+from export.unet import export_unet, residual_inputs
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TOL = 1e-4
@@ -47,8 +56,6 @@ class ExportedControlNet:
 
 
 def _controlnet(tmp_path_factory, exported, seed=0):
-    from export.controlnet import build_tiny_controlnet, export_controlnet
-
     root = tmp_path_factory.mktemp(f"controlnet_{exported.family}")
     src = build_tiny_controlnet(exported.src, root / "diffusers", seed=seed)
     manifest = export_controlnet(str(src), root / "onnx")
@@ -171,7 +178,7 @@ def test_matches_torch(controlnet, b, h, w):
     got = controlnet.session.run(None, {k: v.numpy() for k, v in feeds.items()})
     down, mid = _torch_controlnet(controlnet, feeds)
     assert len(got) == len(down) + 1
-    for name, a, r in zip([*DOWN, "mid"], got, [*down, mid]):
+    for name, a, r in zip([*DOWN, "mid"], got, [*down, mid], strict=True):
         assert a.shape == tuple(r.shape), name
         assert float(r.abs().mean()) > 1e-2, name  # from_unet's zeros were re-initialised
         assert float(np.abs(a - r.numpy()).max()) <= TOL, name
@@ -203,8 +210,6 @@ def test_residuals_drive_the_unet(sd15_controlnet):
 def test_tiny_controlnet_seeds(sd15, sd15_controlnet, tmp_path):
     from diffusers import ControlNetModel
 
-    from export.controlnet import ZEROED_BY_FROM_UNET, build_tiny_controlnet
-
     a = dict(sd15_controlnet.model.named_parameters())
     other = build_tiny_controlnet(sd15.src, tmp_path / "seed1", seed=1)
     b = dict(ControlNetModel.from_pretrained(other, torch_dtype=torch.float32).named_parameters())
@@ -230,8 +235,6 @@ def _control_image(path, width, height):
 
 
 def test_reference_controlnet_cases(sd15_controlnet, tmp_path):
-    from export.reference import Case, load_reference_pipeline, run_case
-
     cn = sd15_controlnet
     _control_image(tmp_path / "lines.png", 40, 24)
     pipe = load_reference_pipeline(str(cn.pipeline.src))
@@ -263,9 +266,6 @@ def test_reference_controlnet_cases(sd15_controlnet, tmp_path):
 
 
 def test_reference_multi_controlnet_and_canny(sd15_controlnet, tmp_path):
-    from export.controlnet import build_tiny_controlnet
-    from export.reference import Case, load_reference_pipeline, run_case
-
     cn = sd15_controlnet
     other = build_tiny_controlnet(cn.pipeline.src, tmp_path / "cn1", seed=1)
     _control_image(tmp_path / "lines.png", 32, 16)
@@ -286,9 +286,6 @@ def test_reference_multi_controlnet_and_canny(sd15_controlnet, tmp_path):
 
 
 def test_reference_refuses_other_family(sd15, sdxl_controlnet, tmp_path):
-    from export.convert import UserError
-    from export.reference import Case, load_reference_pipeline, run_case
-
     _control_image(tmp_path / "lines.png", 32, 16)
     pipe = load_reference_pipeline(str(sd15.src))
     case = Case(prompt="a", width=32, height=16, controlnets=[{"path": str(sdxl_controlnet.src)}],
@@ -316,9 +313,6 @@ def test_reference_refuses_other_family(sd15, sdxl_controlnet, tmp_path):
     ],
 )
 def test_reference_controlnet_case_checks(fields, message):
-    from export.convert import UserError
-    from export.reference import Case
-
     with pytest.raises(UserError, match=message):
         Case.from_json({"name": "x", "prompt": "p", **fields}, 0)
 
@@ -375,9 +369,6 @@ def test_real_layout_unet_and_controlnet(tmp_path):
     import onnxruntime as ort
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    from export.controlnet import export_controlnet_model
-    from export.unet import export_unet, residual_inputs
-
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 32, 64, 64),
@@ -424,12 +415,12 @@ def test_real_layout_unet_and_controlnet(tmp_path):
             ref = unet(*feeds.values(), down_block_additional_residuals=down,
                        mid_block_additional_residual=mid).sample
             plain = unet(*feeds.values()).sample
-        for a, r in zip(outs, [*down, mid]):
+        for a, r in zip(outs, [*down, mid], strict=True):
             assert a.shape == tuple(r.shape)
             assert float(np.abs(a - r.numpy()).max()) <= TOL
         names = [i.name for i in u.get_inputs()][3:]
         unet_feeds = {k: v.numpy() for k, v in feeds.items()}
-        got = u.run(None, {**unet_feeds, **dict(zip(names, outs))})[0]
+        got = u.run(None, {**unet_feeds, **dict(zip(names, outs, strict=True))})[0]
         assert float(np.abs(got - ref.numpy()).max()) <= TOL
         zeros = {k: v.numpy() for k, v in residual_inputs(unet.config, 1, h, w).items()}
         got0 = u.run(None, {**unet_feeds, **zeros})[0]

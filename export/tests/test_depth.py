@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from export.convert import UserError
+from export.cli import main
 from export.depth import (
     DPT_HYBRID_MIDAS_PREPROCESSOR,
     TINY_IMAGE_SIZE,
@@ -19,6 +19,7 @@ from export.depth import (
     fixed_input_size,
     image_processor_class,
 )
+from export.errors import UserError
 from export.onnx_io import initializer_names
 
 
@@ -148,8 +149,6 @@ def test_refuses_a_non_empty_out_dir(exported, tmp_path):
 
 
 def test_cli_tiny_depth(tmp_path):
-    from export.cli import main
-
     assert main(["-q", "tiny-depth", str(tmp_path / "tiny"), "--seed", "1"]) == 0
     assert (tmp_path / "tiny" / "config.json").is_file()
     assert (tmp_path / "tiny" / "preprocessor_config.json").is_file()

@@ -8,8 +8,9 @@ import onnx
 import pytest
 import torch
 
-from export.convert import UserError, cast_pipeline, convert, torch_dtype
-from export.onnx_io import ONNX_FILE
+from export.convert import cast_pipeline, convert, torch_dtype
+from export.errors import UserError
+from export.layout import ONNX_FILE
 from export.unet import residual_inputs
 
 F16 = onnx.TensorProto.FLOAT16
@@ -49,7 +50,8 @@ def test_weights_and_io_dtypes(fp16_export):
         assert all(t == F32 for t in inits.values()), name
         assert comps[name]["weights_dtype"] == "float32"
         spec = comps[name]
-        assert all(v["dtype"] == "float32" for v in [*spec["inputs"].values(), *spec["outputs"].values()])
+        ends = [*spec["inputs"].values(), *spec["outputs"].values()]
+        assert all(v["dtype"] == "float32" for v in ends)
 
 
 def test_names_kept(sd15, fp16_export):
@@ -75,7 +77,9 @@ def test_unet_matches_torch_fp16(sd15, fp16_export):
     feeds["timestep"] = timestep.numpy()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
-    sess = ort.InferenceSession(str(out / "unet" / ONNX_FILE), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        str(out / "unet" / ONNX_FILE), opts, providers=["CPUExecutionProvider"]
+    )
     got = sess.run(None, feeds)[0]
     assert got.dtype == np.float16
     with torch.no_grad():

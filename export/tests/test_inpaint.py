@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from export.errors import UserError
+from export.reference import Case, load_reference_pipeline, run_case
 from export.tests.conftest import _export
 from export.unet import residual_inputs
 
@@ -66,9 +68,6 @@ def test_inpaint_unet(inpaint):
 def test_reference_inpaint_case(inpaint, tmp_path):
     from PIL import Image
 
-    from export.convert import UserError
-    from export.reference import Case, load_reference_pipeline, run_case
-
     Image.new("RGB", (40, 24), (200, 80, 40)).save(tmp_path / "image.png")
     mask = Image.new("L", (40, 24), 0)
     mask.paste(255, (8, 4, 24, 20))
@@ -100,8 +99,5 @@ def test_reference_inpaint_case(inpaint, tmp_path):
     ],
 )
 def test_reference_image_case_checks(fields, message):
-    from export.convert import UserError
-    from export.reference import Case
-
     with pytest.raises(UserError, match=message):
         Case.from_json({"name": "x", "prompt": "p", **fields}, 0)

@@ -16,8 +16,10 @@ import torch
 from safetensors.torch import save_file
 
 from export.cli import main as cli_main
-from export.convert import UserError
+from export.convert import convert
+from export.errors import UserError
 from export.lora import LoraSpec, parse_lora_spec, resolve_lora
+from export.tiny import build_tiny
 from export.unet import residual_inputs
 
 TOL = 1e-4
@@ -96,8 +98,6 @@ def write_kohya_lora(pipe, path: pathlib.Path, seed: int, alpha: float = 2.0) ->
 def tiny_sd15(tmp_path_factory):
     from diffusers import DiffusionPipeline
 
-    from export.tiny import build_tiny
-
     root = tmp_path_factory.mktemp("lora")
     src = build_tiny("sd15", root / "diffusers", seed=0)
     pipe = DiffusionPipeline.from_pretrained(src, dtype=torch.float32)
@@ -144,8 +144,6 @@ def _outputs(pipe, onnx_dir: pathlib.Path):
 
 def test_fused_export_matches_diffusers_fused_pipeline(tiny_sd15, tmp_path):
     from diffusers import DiffusionPipeline
-
-    from export.convert import convert
 
     src, a, b = tiny_sd15["src"], tiny_sd15["a"], tiny_sd15["b"]
     out = tmp_path / "fused"
@@ -274,9 +272,6 @@ def test_resolve_missing_and_directories(tiny_sd15, tmp_path):
 def test_convert_rejects_a_lora_for_another_base(tiny_sd15, tmp_path):
     """A LoRA whose shapes do not fit fails before anything is exported, with diffusers' reason."""
     from diffusers import DiffusionPipeline
-
-    from export.convert import convert
-    from export.tiny import build_tiny
 
     sdxl = DiffusionPipeline.from_pretrained(
         build_tiny("sdxl", tmp_path / "sdxl", seed=0), dtype=torch.float32

@@ -13,10 +13,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from export.unet import residual_inputs
 from export.cli import main as cli_main
-from export.convert import UserError, convert
+from export.convert import convert
+from export.errors import UserError
 from export.lora_slots import TARGET_MODULES, slot_param_name
+from export.unet import residual_inputs
 
 RANK = 8
 LORA_RANK = 4
@@ -57,7 +58,9 @@ def _session(path, overrides=None):
     opts.intra_op_num_threads = 2
     if overrides:
         names = list(overrides)
-        values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(overrides[n])) for n in names]
+        values = [
+            ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(overrides[n])) for n in names
+        ]
         opts.add_external_initializers(names, values)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
@@ -179,7 +182,7 @@ def test_filled_slots_match_diffusers_unfused_adapters(sd15, slotted, tmp_path) 
     # The engine's filling: A rows and scaled B columns concatenated, zero-padded to RANK.
     overrides = {}
     for name in picks:
-        parts = [(lora[name], w) for lora, w in zip(loras, weights) if name in lora]
+        parts = [(lora[name], w) for lora, w in zip(loras, weights, strict=True) if name in lora]
         a = torch.cat([a for (a, _), _ in parts], 0)
         b = torch.cat([b * w for (_, b), w in parts], 1)
         pad = RANK - a.shape[0]

@@ -40,7 +40,7 @@ def test_layout(exported):
             assert (d / t / f).is_file(), (t, f)
     # SD2's tokenizer pads with "!" (id 0), SD1's with <|endoftext|>; SDXL has one of each.
     pads = {"sd15": ["<|endoftext|>"], "sd21v": ["!"], "sdxl": ["<|endoftext|>", "!"]}
-    for t, pad in zip(toks, pads[exported.family]):
+    for t, pad in zip(toks, pads[exported.family], strict=True):
         assert json.loads((d / t / "tokenizer_config.json").read_text())["pad_token"] == pad, t
     for c in _components(exported.family):
         for f in ["model.onnx", "model.onnx_data", "config.json"]:

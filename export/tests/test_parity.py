@@ -35,7 +35,13 @@ def test_text_encoders(exported, prompts):
         ids = _ids(tok, prompts)
         sess = exported.session(name)
         out_names = [o.name for o in sess.get_outputs()]
-        got = dict(zip(out_names, sess.run(None, {"input_ids": ids.numpy().astype(np.int32)})))
+        got = dict(
+            zip(
+                out_names,
+                sess.run(None, {"input_ids": ids.numpy().astype(np.int32)}),
+                strict=True,
+            )
+        )
         with torch.no_grad():
             ref = model(ids, output_hidden_states=True)
         assert _max_diff(got["last_hidden_state"], ref.last_hidden_state) <= TOL

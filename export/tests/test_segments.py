@@ -15,15 +15,15 @@ import numpy as np
 import onnx
 import pytest
 
-from export.segments import plan_cuts, segment_files, split, write_segments
+from export.cli import main
+from export.segments import _block, _numel_bytes, plan_cuts, segment_files, split, write_segments
+from export.unet import residual_inputs
 
 
 def _feeds(exported) -> dict:
     """UNet inputs at 24x40 latents (odd downsampled sizes), random ControlNet residuals (so
     the residual inputs are exercised too)."""
     import torch
-
-    from export.unet import residual_inputs
 
     g = torch.Generator().manual_seed(0)
     cfg = exported.pipe.unet.config
@@ -50,7 +50,7 @@ def _run_chain(paths, feeds) -> np.ndarray:
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         names = [o.name for o in sess.get_outputs()]
         inputs = {i.name: values[i.name] for i in sess.get_inputs()}
-        values.update(zip(names, sess.run(names, inputs)))
+        values.update(zip(names, sess.run(names, inputs), strict=True))
     return values["out_sample"]
 
 
@@ -110,7 +110,6 @@ def test_three_segments_and_the_cut_plan(sd15, tmp_path):
         atol=1e-5,
     )
     # The plan is the best of all cuts at block starts: brute force over every pair agrees.
-    from export.segments import _block, _numel_bytes
 
     sizes = {i.name: _numel_bytes(i) for i in model.graph.initializer}
     starts: dict[str, int] = {}
@@ -137,8 +136,6 @@ def test_three_segments_and_the_cut_plan(sd15, tmp_path):
 
 
 def test_segment_command_rewrites_and_removes(sd15, tmp_path):
-    from export.cli import main
-
     model_dir = tmp_path / "model"
     shutil.copytree(sd15.dir, model_dir)
     assert main(["-q", "segment", str(model_dir), "--parts", "3"]) == 0

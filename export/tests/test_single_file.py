@@ -24,7 +24,8 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from export.convert import _single_file_is_sdxl, convert, detect_family, load_pipeline
+from export.convert import convert, detect_family
+from export.errors import UserError
 from export.single_file import (
     SD_CLIP_PREFIX,
     SDXL_OPEN_CLIP_PREFIX,
@@ -32,6 +33,8 @@ from export.single_file import (
     VAE_PREFIX,
     pipeline_to_single_file,
 )
+from export.sources import _single_file_is_sdxl, load_pipeline
+from export.tiny import build_tiny
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TOL = 1e-4
@@ -84,7 +87,7 @@ def _assert_same_export(want: pathlib.Path, got: pathlib.Path, components: list[
             for d in (want, got)
         ]
         feeds = _feeds(sessions[0], seed=len(c))
-        for x, y in zip(*(s.run(None, feeds) for s in sessions)):
+        for x, y in zip(*(s.run(None, feeds) for s in sessions), strict=True):
             assert float(np.abs(x - y).max()) <= TOL, c
         # `_name_or_path` records where diffusers loaded the source from, nothing the engine reads.
         configs = [json.loads((d / c / "config.json").read_text()) for d in (want, got)]
@@ -129,8 +132,6 @@ def _widen_text_encoder_2(src: pathlib.Path, dst: pathlib.Path, width: int = 48)
 
 @pytest.fixture(scope="module")
 def sdxl_src(tmp_path_factory) -> pathlib.Path:
-    from export.tiny import build_tiny
-
     root = tmp_path_factory.mktemp("single-file-sdxl")
     return _widen_text_encoder_2(build_tiny("sdxl", root / "tiny", seed=0), root / "diffusers")
 
@@ -191,8 +192,6 @@ def test_sdxl_single_file_exports_like_the_diffusers_dir(sdxl_src, tmp_path):
 def test_missing_weights_are_a_user_error(sd15, tmp_path):
     """A checkpoint without a text encoder must not export diffusers' unset (meta) weights."""
     from safetensors.torch import load_file, save_file
-
-    from export.convert import UserError
 
     full = load_file(str(pipeline_to_single_file(sd15.src, tmp_path / "full.safetensors")))
     dropped = SD_CLIP_PREFIX + "text_model.final_layer_norm."

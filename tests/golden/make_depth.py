@@ -39,9 +39,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from make_canny import scene  # noqa: E402
-
 from export.depth import build_tiny_depth, convert_depth, image_processor_class  # noqa: E402
+
+from make_canny import scene  # noqa: E402
 
 # (name, width, height, seed): downscaled on both axes, on one axis, upscaled, and the
 # processor's own size (a copy in Pillow).

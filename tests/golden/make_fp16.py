@@ -25,7 +25,8 @@ OUT_DIR defaults to tests/fixtures/generated/fp16, FAMILY to sd15 sdxl. Layout:
     OUT_DIR/<family>/diffusers/        the random-weight pipeline (save_pretrained)
     OUT_DIR/<family>/onnx/             `python -m export convert --dtype fp16` of it
     OUT_DIR/<family>/cases.json        the requests
-    OUT_DIR/<family>/reference/        float16 run: <name>.npy (final latents, as float32), <name>.png
+    OUT_DIR/<family>/reference/        float16 run: <name>.npy (final latents, as float32),
+                                       <name>.png
     OUT_DIR/<family>/reference_fp32/   float32 run: <name>.npy
 
 Every number the Rust fp16 tests compare against comes from diffusers through this script.

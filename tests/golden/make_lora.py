@@ -259,7 +259,7 @@ def fused_deltas(pipe, base, loads, weights=None):
     """Load `loads` (paths) as adapters, set_adapters(weights), fuse_lora, unload; returns
     {"<component>.<param>": fused - base} for every changed parameter and restores the base."""
     names = [f"a{i}" for i in range(len(loads))]
-    for name, path in zip(names, loads):
+    for name, path in zip(names, loads, strict=True):
         pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
     if weights is not None:
         pipe.set_adapters(names, adapter_weights=list(weights))
@@ -281,7 +281,7 @@ def fused_deltas(pipe, base, loads, weights=None):
 def formula_deltas(loras, weights):
     """sum_i w_i * alpha_i / r * B_i @ A_i, the maths the engine does, for comparison."""
     out = {}
-    for lora, w in zip(loras, weights):
+    for lora, w in zip(loras, weights, strict=True):
         for comp, mods in lora.items():
             for name, (a, b, alpha) in mods.items():
                 d = (b.flatten(1) @ a.flatten(1)) * (w * alpha / RANK)
@@ -478,7 +478,10 @@ def make_family(family, out):
     )
 
     names = MULTI[family]
-    multi = [{"file": f"{n}.safetensors", "weight": w} for n, w in zip(names, MULTI_WEIGHTS)]
+    multi = [
+        {"file": f"{n}.safetensors", "weight": w}
+        for n, w in zip(names, MULTI_WEIGHTS, strict=True)
+    ]
     (fam_dir / "multi.json").write_text(json.dumps(multi, indent=1) + "\n")
     paths = [fam_dir / m["file"] for m in multi]
     deltas = fused_deltas(pipe, base, paths, MULTI_WEIGHTS)

@@ -41,8 +41,9 @@ sys.path.insert(0, str(ROOT.parents[1]))
 
 import torch  # noqa: E402
 
-import make_lora  # noqa: E402
 from export.lora_slots import TARGET_MODULES  # noqa: E402
+
+import make_lora  # noqa: E402
 
 FAMILIES = ("sd15", "sdxl")
 RANK = make_lora.RANK

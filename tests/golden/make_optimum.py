@@ -10,7 +10,8 @@ after tests/golden/make_parity.py has built the diffusers pipelines:
 PARITY_DIR defaults to tests/fixtures/generated/parity and OUT_DIR to
 tests/fixtures/generated/optimum. For each family the command run is
 
-    optimum-cli export onnx --model PARITY_DIR/<family>/diffusers --task text-to-image OUT_DIR/<family>
+    optimum-cli export onnx --model PARITY_DIR/<family>/diffusers --task text-to-image \
+        OUT_DIR/<family>
 
 with nothing added or changed afterwards. The weights are the parity pipelines' own, so the
 diffusers references in PARITY_DIR/<family>/reference apply to these exports directly.
@@ -90,7 +91,9 @@ def main():
     for family in FAMILIES:
         pipe = parity / family / "diffusers"
         if not (pipe / "model_index.json").is_file():
-            sys.exit(f"{pipe} is missing: run tests/golden/make_parity.py first (or `make fixtures`)")
+            sys.exit(
+                f"{pipe} is missing: run tests/golden/make_parity.py first (or `make fixtures`)"
+            )
         dest = out / family
         if (dest / "model_index.json").is_file():
             print(f"{dest} exists, kept", flush=True)

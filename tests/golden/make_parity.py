@@ -128,9 +128,9 @@ def cases(family):
         },
         {
             "name": "unicode_long_prompt",
-            "prompt": "Painting of the orange cat Otto von Garfield, Count of Bismarck-Schönhausen, "
-            "Duke of Lauenburg, Minister-President of Prussia. Depicted wearing a Prussian "
-            "Pickelhaube and eating his favorite meal - lasagna. " * 2,
+            "prompt": "Painting of the orange cat Otto von Garfield, Count of "
+            "Bismarck-Schönhausen, Duke of Lauenburg, Minister-President of Prussia. Depicted "
+            "wearing a Prussian Pickelhaube and eating his favorite meal - lasagna. " * 2,
             "steps": 4,
             "eta": 0.3,
             "guidance": 0.0,

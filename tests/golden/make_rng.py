@@ -74,7 +74,8 @@ def main() -> None:
         for shape in SHAPES:
             g = torch.Generator("cpu").manual_seed(seed)
             t = torch.randn(shape, generator=g, dtype=torch.float32)
-            cases.append({"name": f"seed{seed}_{'x'.join(map(str, shape))}", "seed": seed, "calls": [record(t)]})
+            name = f"seed{seed}_{'x'.join(map(str, shape))}"
+            cases.append({"name": name, "seed": seed, "calls": [record(t)]})
     for seed in (0, 42, 2**32 + 7):
         for name, calls in SEQUENCES.items():
             g = torch.Generator("cpu").manual_seed(seed)

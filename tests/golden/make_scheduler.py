@@ -128,7 +128,10 @@ def timesteps_grid():
                 for strength in (1.0, 0.75, 0.3, 0.99):
                     cases.append(
                         timesteps_case(
-                            config, num_inference_steps=steps, original_inference_steps=ois, strength=strength
+                            config,
+                            num_inference_steps=steps,
+                            original_inference_steps=ois,
+                            strength=strength,
                         )
                     )
     extra = [
@@ -159,7 +162,16 @@ def timesteps_grid():
     return cases
 
 
-def run_case(config, steps, eta, shape=(1, 4, 3, 5), strength=1.0, custom=None, begin_index=None, noise_seed=1234):
+def run_case(
+    config,
+    steps,
+    eta,
+    shape=(1, 4, 3, 5),
+    strength=1.0,
+    custom=None,
+    begin_index=None,
+    noise_seed=1234,
+):
     s = make(config)
     if custom is not None:
         s.set_timesteps(timesteps=custom, strength=strength)
@@ -181,7 +193,9 @@ def run_case(config, steps, eta, shape=(1, 4, 3, 5), strength=1.0, custom=None, 
         "steps": [],
     }
     for i, t in enumerate(s.timesteps):
-        model_output = torch.randn(shape, generator=torch.Generator().manual_seed(100 + i), dtype=torch.float32)
+        model_output = torch.randn(
+            shape, generator=torch.Generator().manual_seed(100 + i), dtype=torch.float32
+        )
         out = s.step(model_output, t, sample, eta=eta, generator=g)
         case["steps"].append(
             {
@@ -240,7 +254,16 @@ def step_errors():
             err = None
         except Exception as e:  # noqa: BLE001 - the type is the recorded result
             err = type(e).__name__
-        out.append({"name": name, "steps": steps, "timestep": t, "eta": eta, "set_timesteps": set_first, "error": err})
+        out.append(
+            {
+                "name": name,
+                "steps": steps,
+                "timestep": t,
+                "eta": eta,
+                "set_timesteps": set_first,
+                "error": err,
+            }
+        )
     return out
 
 
@@ -254,7 +277,8 @@ def main() -> None:
             "final_alpha_cumprod": bits(s.final_alpha_cumprod.reshape(1))[0],
         }
     doc = {
-        "generator": f"tests/golden/make_scheduler.py, torch {torch.__version__}, diffusers {diffusers.__version__}",
+        "generator": f"tests/golden/make_scheduler.py, torch {torch.__version__}, "
+        f"diffusers {diffusers.__version__}",
         "configs": configs,
         "timesteps": timesteps_grid(),
         "runs": runs(),

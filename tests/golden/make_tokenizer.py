@@ -79,7 +79,10 @@ CASES: list[tuple[str, str]] = [
     ("endoftext_upper", "a cat <|ENDOFTEXT|> dog"),
     ("bang", "hello! wow!! !"),
     ("weights_syntax", "(masterpiece:1.2), best quality, [ugly], <lora:foo:0.8>"),
-    ("long_word", "supercalifragilisticexpialidocious pneumonoultramicroscopicsilicovolcanoconiosis"),
+    (
+        "long_word",
+        "supercalifragilisticexpialidocious pneumonoultramicroscopicsilicovolcanoconiosis",
+    ),
     ("mixed_script_word", "catκάτ猫cat123abc"),
     ("control_chars", "a\u0000b\u0007c\u200bd\ufeffe"),
     ("url", "https://example.com/a_b-c?d=e&f=g#h"),
