@@ -45,7 +45,7 @@ FFI_DIR := target/ffi
 FFI_CXX := g++ -std=c++17 -Wall -Wextra -Werror -O1
 
 ffi: setup-ort
-	cargo build --lib $(if $(filter release,$(FFI_PROFILE)),--release)
+	cargo rustc --lib --features capi --crate-type cdylib,staticlib $(if $(filter release,$(FFI_PROFILE)),--release)
 	mkdir -p $(FFI_DIR)
 	$(FFI_CXX) -Iinclude examples/cpp/main.cpp -Ltarget/$(FFI_PROFILE) -ltcd_ort \
 		-Wl,-rpath,$(CURDIR)/target/$(FFI_PROFILE) -o $(FFI_DIR)/tcd_example

@@ -815,7 +815,8 @@ tcd_status tcd_request_clear_control_images(struct tcd_request *request);
 
 /**
  * Sets the hysteresis thresholds of `TCD_CONTROL_CANNY` images, as `cv2.Canny(image, low,
- * high)` takes them (default 100 and 200); finite, >= 0, `low <= high`.
+ * high)` takes them (default 100 and 200); finite and >= 0 (given the wrong way round they are
+ * swapped, as OpenCV does).
  *
  * # Safety
  *

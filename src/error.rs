@@ -12,6 +12,15 @@ pub enum Error {
     /// A request or option the user supplied is out of range or inconsistent.
     #[error("{0}")]
     InvalidInput(String),
+    /// A request field is out of range: the message follows the field's name (`steps must be
+    /// at least 1`). Front ends show the field under their own name (`--steps`).
+    #[error("{field} {message}")]
+    InvalidField {
+        /// The field, as the library names it.
+        field: crate::pipeline::Field,
+        /// What is wrong with its value, to follow its name.
+        message: String,
+    },
     /// Reading or writing a file failed.
     #[error("{}: {source}", path.display())]
     Io {

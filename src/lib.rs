@@ -2,6 +2,7 @@
 
 pub mod control;
 pub mod error;
+#[cfg(feature = "capi")]
 pub mod ffi;
 pub mod image_io;
 pub mod lora;

@@ -2,7 +2,8 @@
 # Installs the tcd-ort C ABI under a prefix: the header, the shared library cargo built, a
 # pkg-config file and a CMake package config.
 #
-#   cargo build --release && examples/cpp/install.sh /usr/local release
+#   cargo rustc --lib --release --features capi --crate-type cdylib,staticlib
+#   examples/cpp/install.sh /usr/local release
 #
 # Then `pkg-config --cflags --libs tcd-ort` or `find_package(tcd-ort CONFIG)` find it. ONNX
 # Runtime itself is loaded at run time (tcd_engine_options_set_ort_library, ORT_DYLIB_PATH, or

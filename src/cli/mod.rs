@@ -2,12 +2,15 @@
 //! Errors are printed on one line and end the process with a non-zero status.
 
 mod memory;
+mod output;
+mod report;
 mod run;
 mod session_args;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tcd_ort::pipeline::Field;
 
 /// Trajectory Consistency Distillation Stable Diffusion on ONNX Runtime.
 #[derive(Debug, Parser)]
@@ -40,9 +43,36 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let message = format!("{e:#}").replace('\n', " ");
+            let message = match e.downcast_ref::<tcd_ort::Error>() {
+                Some(tcd_ort::Error::InvalidField { field, message }) => {
+                    format!("{} {message}", flag(*field))
+                }
+                _ => format!("{e:#}"),
+            }
+            .replace('\n', " ");
             eprintln!("error: {message}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The flag that sets a request field the library names.
+fn flag(field: Field) -> &'static str {
+    match field {
+        Field::Steps => "--steps",
+        Field::Eta => "--eta",
+        Field::Guidance => "--guidance",
+        Field::Width => "--width",
+        Field::Height => "--height",
+        Field::NumImages => "--num-images",
+        Field::OriginalInferenceSteps => "--original-inference-steps",
+        Field::Strength => "--strength",
+        Field::Image => "--image",
+        Field::InpaintMode => "--inpaint-mode",
+        Field::ControlScale => "--controlnet's SCALE",
+        Field::ControlStart => "--control-start",
+        Field::ControlEnd => "--control-end",
+        Field::CannyThresholds => "--canny-low/--canny-high",
+        _ => field.name(),
     }
 }

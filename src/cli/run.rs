@@ -1,7 +1,6 @@
 //! `tcd-ort run`: text-to-image, image-to-image (`--image`) and inpainting (`--image --mask`)
 //! from the command line.
 
-use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -11,13 +10,16 @@ use tcd_ort::image_io::{
     image_grid, load_image, mask_preview, numbered_path, resize_lanczos, write_npy, write_png,
 };
 use tcd_ort::lora::{parse_lora_arg, parse_weighted_source};
+use tcd_ort::model::ModelDir;
 use tcd_ort::pipeline::{
-    ControlImage, ControlPreprocess, Engine, EngineOptions, GenerateRequest, InpaintMode, LoraSpec,
-    Progress, Task,
+    unet_shape, ControlImage, ControlPreprocess, Engine, EngineOptions, GenerateRequest, Generated,
+    InpaintMode, LoraSpec, Task,
 };
-use tcd_ort::runtime::{parse_provider_list, ExecutionProvider, RunStats};
+use tcd_ort::runtime::{parse_provider_list, ExecutionProvider};
 
-use super::session_args::{float16_model, native_size, session_summary, RequestShape, SessionArgs};
+use super::output::{check_outputs, parameters_text, run_stats_since, ProgressBar, Timeline};
+use super::report::{lora_summary, session_summary};
+use super::session_args::{RequestShape, SessionArgs};
 
 /// `--inpaint-mode` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -183,93 +185,6 @@ pub struct RunArgs {
     session: SessionArgs,
 }
 
-/// Seconds since the generation started at each progress event, for `--timings`.
-#[derive(Debug, Default)]
-struct Timeline {
-    encoding: Option<f64>,
-    denoising: Option<f64>,
-    steps: Vec<f64>,
-    decoding: Option<f64>,
-}
-
-impl Timeline {
-    fn record(&mut self, event: Progress, at: f64) {
-        match event {
-            Progress::EncodingPrompt => self.encoding = Some(at),
-            Progress::Denoising { .. } => self.denoising = Some(at),
-            Progress::Step { .. } => self.steps.push(at),
-            Progress::Decoding => self.decoding = Some(at),
-        }
-    }
-
-    /// `{"load_s", "encode_s", "steps_s": [...], "decode_s", "generate_s", "total_s",
-    /// "ort_run_s", "ort_runs": {component: {"calls", "seconds"}}}`: each phase runs from the
-    /// event that starts it to the next one; `ort_runs` are the generation's calls into ONNX
-    /// Runtime's Run per graph and `ort_run_s` their summed time, so `total_s - load_s -
-    /// ort_run_s` is what the engine spends outside ONNX Runtime (PNG writing included).
-    fn to_json(
-        &self,
-        load: f64,
-        generate: f64,
-        total: f64,
-        runs: &[(String, RunStats)],
-    ) -> serde_json::Value {
-        let mut steps = Vec::with_capacity(self.steps.len());
-        let mut previous = self.denoising;
-        for &t in &self.steps {
-            if let Some(p) = previous {
-                steps.push(t - p);
-            }
-            previous = Some(t);
-        }
-        let mut by_graph = serde_json::Map::new();
-        for (name, r) in runs {
-            // Several ControlNets share a component name: number the later ones.
-            let mut key = name.clone();
-            let mut n = 1;
-            while by_graph.contains_key(&key) {
-                n += 1;
-                key = format!("{name}_{n}");
-            }
-            let value = serde_json::json!({"calls": r.calls, "seconds": r.total.as_secs_f64()});
-            by_graph.insert(key, value);
-        }
-        serde_json::json!({
-            "load_s": load,
-            "encode_s": self.encoding.zip(self.denoising).map(|(a, b)| b - a),
-            "steps_s": steps,
-            "decode_s": self.decoding.map(|d| generate - d),
-            "generate_s": generate,
-            "total_s": total,
-            "ort_run_s": runs.iter().map(|(_, r)| r.total.as_secs_f64()).sum::<f64>(),
-            "ort_runs": by_graph,
-        })
-    }
-}
-
-/// Each graph's `Run` calls and time after `before` was taken (same graphs, same order).
-fn run_stats_since(
-    before: &[(String, RunStats)],
-    after: Vec<(String, RunStats)>,
-) -> Vec<(String, RunStats)> {
-    after
-        .into_iter()
-        .enumerate()
-        .map(|(i, (name, now))| {
-            let earlier = before
-                .get(i)
-                .filter(|(n, _)| *n == name)
-                .map(|(_, r)| *r)
-                .unwrap_or_default();
-            let since = RunStats {
-                calls: now.calls.saturating_sub(earlier.calls),
-                total: now.total.saturating_sub(earlier.total),
-            };
-            (name, since)
-        })
-        .collect()
-}
-
 fn random_seed() -> u64 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -277,112 +192,6 @@ fn random_seed() -> u64 {
         .unwrap_or_default();
     // Keep seeds in the range torch's manual_seed accepts everywhere.
     (nanos as u64 ^ u64::from(std::process::id()).rotate_left(32)) & 0x7fff_ffff_ffff_ffff
-}
-
-/// Refuses to start when an output would be overwritten, before any work is done.
-fn check_outputs(paths: &[PathBuf], overwrite: bool) -> Result<()> {
-    for path in paths {
-        if path.exists() && !overwrite {
-            bail!(
-                "{} already exists; pass --overwrite to replace it",
-                path.display()
-            );
-        }
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            if !parent.is_dir() {
-                bail!(
-                    "cannot write {}: the directory {} does not exist",
-                    path.display(),
-                    parent.display()
-                );
-            }
-        }
-    }
-    Ok(())
-}
-
-struct ProgressBar {
-    enabled: bool,
-    tty: bool,
-    started: Instant,
-}
-
-impl ProgressBar {
-    fn update(&mut self, event: Progress) -> bool {
-        if !self.enabled {
-            return true;
-        }
-        let mut err = std::io::stderr().lock();
-        match event {
-            Progress::EncodingPrompt => {
-                let _ = writeln!(err, "encoding prompt");
-            }
-            Progress::Step { step, total, .. } => {
-                let width = 30;
-                let filled = step * width / total.max(1);
-                let line = format!(
-                    "[{}{}] {step}/{total} steps, {:.1}s",
-                    "#".repeat(filled),
-                    "-".repeat(width - filled),
-                    self.started.elapsed().as_secs_f32()
-                );
-                if self.tty {
-                    let _ = write!(err, "\r{line}");
-                    if step == total {
-                        let _ = writeln!(err);
-                    }
-                } else {
-                    let _ = writeln!(err, "{line}");
-                }
-            }
-            Progress::Denoising { .. } => {}
-            Progress::Decoding => {
-                let _ = writeln!(err, "decoding");
-            }
-        }
-        true
-    }
-}
-
-fn parameters_text(
-    request: &GenerateRequest,
-    task: &Task,
-    width: u32,
-    height: u32,
-    model: &str,
-    controlnets: &[String],
-) -> String {
-    let mut text = request.prompt.clone();
-    if let Some(neg) = &request.negative_prompt {
-        text.push_str(&format!("\nNegative prompt: {neg}"));
-    }
-    text.push_str(&format!(
-        "\nSteps: {}, Sampler: TCD, Eta: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
-        request.steps, request.eta, request.guidance, request.seed, width, height, model
-    ));
-    if let Some(o) = request.original_inference_steps {
-        text.push_str(&format!(", Original inference steps: {o}"));
-    }
-    for (i, c) in request.control.iter().enumerate() {
-        text.push_str(&format!(
-            ", ControlNet {}: {} (scale {}, steps {}-{})",
-            i + 1,
-            controlnets.get(i).map(String::as_str).unwrap_or("?"),
-            c.scale,
-            c.start,
-            c.end
-        ));
-    }
-    match task {
-        Task::TextToImage => {}
-        Task::ImageToImage { strength, .. } => {
-            text.push_str(&format!(", Task: img2img, Denoising strength: {strength}"))
-        }
-        Task::Inpaint { strength, .. } => {
-            text.push_str(&format!(", Task: inpaint, Denoising strength: {strength}"))
-        }
-    }
-    text
 }
 
 /// One value for every ControlNet, or one each.
@@ -451,16 +260,14 @@ fn control_args(args: &RunArgs) -> Result<(Vec<String>, Vec<ControlImage>)> {
     Ok((sources, control))
 }
 
-/// Runs `tcd-ort run`.
-pub fn run(args: RunArgs) -> Result<()> {
-    let providers: Vec<ExecutionProvider> = parse_provider_list(&args.ep)?;
-    if args
-        .output
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase)
-        != Some("png".to_string())
-    {
+/// The paths and flag combinations `run` refuses before it reads anything.
+fn check_flags(args: &RunArgs) -> Result<()> {
+    let is = |p: &Path, ext: &str| {
+        p.extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e.eq_ignore_ascii_case(ext))
+    };
+    if !is(&args.output, "png") {
         bail!(
             "--output must be a .png path, got {}",
             args.output.display()
@@ -487,23 +294,15 @@ pub fn run(args: RunArgs) -> Result<()> {
     if args.mask.is_none() && args.inpaint_mode != InpaintModeArg::Auto {
         bail!("--inpaint-mode needs --image and --mask");
     }
-    if let Some(s) = args.strength {
-        if !(s > 0.0 && s <= 1.0) {
-            bail!(
-                "--strength must be in (0, 1], got {s}: 1 repaints everything, smaller values \
-                 keep more of the input image"
-            );
-        }
+    if let Some(p) = args.grid.as_deref().filter(|p| !is(p, "png")) {
+        bail!("--grid must be a .png path, got {}", p.display());
     }
-    if let Some(p) = &args.grid {
-        if p.extension()
-            .and_then(|e| e.to_str())
-            .map(str::to_ascii_lowercase)
-            != Some("png".to_string())
-        {
-            bail!("--grid must be a .png path, got {}", p.display());
-        }
-    }
+    Ok(())
+}
+
+/// The request, the task and the ControlNet sources the flags ask for, checked by the library
+/// (its refusals name fields, which `cli::main` shows as flags).
+fn build_request(args: &RunArgs, seed: u64) -> Result<(GenerateRequest, Task, Vec<String>)> {
     let task = match (&args.image, &args.mask) {
         (None, _) => Task::TextToImage,
         (Some(image), None) => Task::ImageToImage {
@@ -517,11 +316,11 @@ pub fn run(args: RunArgs) -> Result<()> {
             mode: args.inpaint_mode.into(),
         },
     };
-    let (controlnets, control) = control_args(&args)?;
+    task.validate()?;
+    let (controlnets, control) = control_args(args)?;
     if !control.is_empty() && args.image.is_some() {
         bail!("ControlNet runs with text-to-image only; drop --image/--mask or the ControlNets");
     }
-    let seed = args.seed.unwrap_or_else(random_seed);
     let request = GenerateRequest {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
@@ -535,34 +334,16 @@ pub fn run(args: RunArgs) -> Result<()> {
         original_inference_steps: args.original_inference_steps,
         control,
     };
-    // Cheap checks first, so a bad request fails before minutes of model loading.
-    if request.steps == 0 {
-        bail!("--steps must be at least 1 (TCD works well with 2 to 8)");
-    }
-    if !(0.0..=1.0).contains(&request.eta) {
-        bail!(
-            "--eta must be between 0 and 1 (it is TCD's gamma; 0.3 is a good default), got {}",
-            request.eta
-        );
-    }
-    if request.num_images == 0 {
-        bail!("--num-images must be at least 1");
-    }
-    for (name, v) in [("--width", args.width), ("--height", args.height)] {
-        if let Some(v) = v {
-            if v == 0 || v % 8 != 0 {
-                bail!("{name} must be a positive multiple of 8, got {v}");
-            }
-        }
-    }
-    let image_paths: Vec<PathBuf> = (0..request.num_images)
-        .map(|i| numbered_path(&args.output, i, request.num_images))
-        .collect();
-    let mut all_outputs = image_paths.clone();
-    all_outputs.extend(args.save_latents.iter().cloned());
-    all_outputs.extend(args.grid.iter().cloned());
-    check_outputs(&all_outputs, args.overwrite)?;
+    request.validate()?;
+    Ok((request, task, controlnets))
+}
 
+/// The engine options of the flags, on the library's preset for a one-generation process.
+fn engine_options(
+    args: &RunArgs,
+    providers: &[ExecutionProvider],
+    controlnets: Vec<String>,
+) -> Result<EngineOptions> {
     let loras = args
         .loras
         .iter()
@@ -575,152 +356,72 @@ pub fn run(args: RunArgs) -> Result<()> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut options = EngineOptions {
+    Ok(EngineOptions {
         ort_lib: args.ort_lib.clone(),
-        providers: providers.clone(),
+        providers: providers.to_vec(),
         device_id: args.device_id,
         intra_threads: args.threads,
         revision: args.revision.clone(),
         loras,
         lora_weight_name: args.lora_weight_name.clone(),
         lora_allow_unmatched: args.lora_allow_unmatched,
-        controlnets: controlnets.clone(),
+        controlnets,
         depth_estimator: args.depth_model.clone(),
-        ..EngineOptions::default()
-    };
-    let unet_segments = args
-        .session
-        .expects_unet_segments(&args.model, !args.loras.is_empty());
-    let shape = RequestShape {
-        width: args.width,
-        height: args.height,
-        num_images: request.num_images,
-        guidance: request.guidance > 1.0,
-        native_size: (args.session.needs_native_size(&providers)
-            && (args.width.is_none() || args.height.is_none()))
-        .then(|| native_size(&args.model, args.revision.as_deref()))
-        .flatten(),
-        float16: args.session.arena_by_default(&providers, unet_segments)
-            && float16_model(&args.model),
-        unet_segments,
-    };
-    args.session.apply(&providers, &shape, &mut options)?;
-    let load_started = Instant::now();
-    if let Some(path) = &args.timings {
-        check_outputs(std::slice::from_ref(path), args.overwrite)?;
-    }
-    let mut engine = Engine::load(&args.model, &options)?;
-    if !args.quiet {
-        eprintln!(
-            "loaded {} ({:?}) in {:.1}s on {} with ONNX Runtime {}",
-            args.model,
-            engine.model().family(),
-            load_started.elapsed().as_secs_f32(),
-            engine
-                .providers()
-                .iter()
-                .map(|p| p.as_str())
-                .collect::<Vec<_>>()
-                .join(","),
-            engine.ort_library().display()
-        );
-        for line in session_summary(&engine) {
-            eprintln!("{line}");
-        }
-        let report = engine.lora_report();
-        if report.adapters > 0 {
-            let patched: Vec<String> = report
-                .patched
-                .iter()
-                .map(|(c, n)| format!("{n} in {c}"))
-                .collect();
-            let slotted: Vec<String> = report
-                .slotted
-                .iter()
-                .map(|(c, n)| format!("{n} in {c}"))
-                .collect();
-            if slotted.is_empty() {
-                eprintln!(
-                    "applied {} LoRA(s), {} modules: patched {} weights",
-                    report.adapters,
-                    report.modules,
-                    patched.join(", ")
-                );
-            } else {
-                eprintln!(
-                    "applied {} LoRA(s), {} modules: {} unfused in LoRA slots, {} fused",
-                    report.adapters,
-                    report.modules,
-                    slotted.join(", "),
-                    if patched.is_empty() {
-                        "none".to_string()
-                    } else {
-                        patched.join(", ")
-                    }
-                );
-            }
-            if !report.slot_overflow.is_empty() {
-                eprintln!(
-                    "note: fused {} module(s) whose LoRA ranks add up to more than their slot's",
-                    report.slot_overflow.len()
-                );
-            }
-            if !report.unmatched.is_empty() {
-                eprintln!(
-                    "warning: skipped {} LoRA target(s) that match no weight",
-                    report.unmatched.len()
-                );
-            }
-        }
-        if args.seed.is_none() {
-            eprintln!("seed: {seed}");
-        }
-    }
-    let mut bar = ProgressBar {
-        enabled: !args.quiet,
-        tty: std::io::stderr().is_terminal(),
-        started: Instant::now(),
-    };
-    let mut timeline = Timeline::default();
-    let runs_before = engine.run_stats();
-    let generate_started = Instant::now();
-    let generated = engine.run(&request, &task, &mut |event| {
-        timeline.record(event, generate_started.elapsed().as_secs_f64());
-        bar.update(event)
-    })?;
-    let generate_s = generate_started.elapsed().as_secs_f64();
-    let load_s = generate_started.duration_since(load_started).as_secs_f64();
-    let runs = run_stats_since(&runs_before, engine.run_stats());
+        ..EngineOptions::one_shot()
+    })
+}
 
+/// What loading did, for stderr.
+fn load_report(args: &RunArgs, engine: &Engine, seconds: f32) -> Vec<String> {
+    let providers: Vec<&str> = engine.providers().iter().map(|p| p.as_str()).collect();
+    let mut lines = vec![format!(
+        "loaded {} ({:?}) in {seconds:.1}s on {} with ONNX Runtime {}",
+        args.model,
+        engine.model().family(),
+        providers.join(","),
+        engine.ort_library().display()
+    )];
+    lines.extend(session_summary(engine));
+    lines.extend(lora_summary(engine.lora_report()));
+    lines
+}
+
+/// Writes the images, the grid, the timings and the latents.
+fn write_outputs(
+    args: &RunArgs,
+    (request, task, controlnets): (&GenerateRequest, &Task, &[String]),
+    generated: &Generated,
+    image_paths: &[PathBuf],
+) -> Result<()> {
     let model_name = Path::new(&args.model)
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| args.model.clone());
-    for (image, path) in generated.images.iter().zip(&image_paths) {
+    let say = |path: &Path| {
+        if !args.quiet {
+            eprintln!("wrote {}", path.display());
+        }
+    };
+    for (image, path) in generated.images.iter().zip(image_paths) {
+        let parameters = parameters_text(
+            request,
+            task,
+            (image.width, image.height),
+            &model_name,
+            controlnets,
+        );
         let text = [
-            (
-                "parameters",
-                parameters_text(
-                    &request,
-                    &task,
-                    image.width,
-                    image.height,
-                    &model_name,
-                    &controlnets,
-                ),
-            ),
+            ("parameters", parameters),
             ("Software", format!("tcd-ort {}", env!("CARGO_PKG_VERSION"))),
         ];
         write_png(path, image, &text, args.overwrite)
             .with_context(|| format!("writing {}", path.display()))?;
-        if !args.quiet {
-            eprintln!("wrote {}", path.display());
-        }
+        say(path);
     }
     if let (Some(path), Some(first)) = (&args.grid, generated.images.first()) {
         let (w, h) = (first.width, first.height);
         let mut cells = Vec::new();
-        match &task {
+        match task {
             Task::TextToImage => {}
             Task::ImageToImage { image, .. } => cells.push(resize_lanczos(image, w, h)?),
             Task::Inpaint { image, mask, .. } => {
@@ -733,22 +434,79 @@ pub fn run(args: RunArgs) -> Result<()> {
         let grid = image_grid(&cells.iter().collect::<Vec<_>>())?;
         write_png(path, &grid, &[], args.overwrite)
             .with_context(|| format!("writing {}", path.display()))?;
-        if !args.quiet {
-            eprintln!("wrote {}", path.display());
+        say(path);
+    }
+    if let Some(path) = &args.save_latents {
+        write_npy(path, &generated.latents, args.overwrite)?;
+        say(path);
+    }
+    Ok(())
+}
+
+/// Runs `tcd-ort run`.
+pub fn run(args: RunArgs) -> Result<()> {
+    let providers: Vec<ExecutionProvider> = parse_provider_list(&args.ep)?;
+    check_flags(&args)?;
+    let seed = args.seed.unwrap_or_else(random_seed);
+    // Cheap checks first, so a bad request fails before minutes of model loading.
+    let (request, task, controlnets) = build_request(&args, seed)?;
+    let image_paths: Vec<PathBuf> = (0..request.num_images)
+        .map(|i| numbered_path(&args.output, i, request.num_images))
+        .collect();
+    let mut all_outputs = image_paths.clone();
+    all_outputs.extend(args.save_latents.iter().cloned());
+    all_outputs.extend(args.grid.iter().cloned());
+    all_outputs.extend(args.timings.iter().cloned());
+    check_outputs(&all_outputs, args.overwrite)?;
+
+    let mut options = engine_options(&args, &providers, controlnets.clone())?;
+    args.session.apply(&providers, &mut options)?;
+    let load_started = Instant::now();
+    let model = ModelDir::resolve(&args.model, args.revision.as_deref())?;
+    // The UNet's input shape, for a TensorRT profile or fixed shapes, as the engine will see it.
+    let shape = if args.session.needs_unet_shape(&providers) {
+        Some(RequestShape {
+            dims: unet_shape(&model, &request, &task)?,
+            num_images: request.num_images,
+            guidance: request.uses_guidance(&model),
+        })
+    } else {
+        None
+    };
+    args.session
+        .apply_shape(&providers, shape.as_ref(), &mut options)?;
+    let mut engine = Engine::from_model(model, &options)?;
+    if !args.quiet {
+        for line in load_report(&args, &engine, load_started.elapsed().as_secs_f32()) {
+            eprintln!("{line}");
+        }
+        if args.seed.is_none() {
+            eprintln!("seed: {seed}");
         }
     }
+    let mut bar = ProgressBar::new(!args.quiet);
+    let mut timeline = Timeline::default();
+    let runs_before = engine.run_stats();
+    let generate_started = Instant::now();
+    let generated = engine.run(&request, &task, &mut |event| {
+        timeline.record(event, generate_started.elapsed().as_secs_f64());
+        bar.update(event)
+    })?;
+    let generate_s = generate_started.elapsed().as_secs_f64();
+    let load_s = generate_started.duration_since(load_started).as_secs_f64();
+    let runs = run_stats_since(&runs_before, engine.run_stats());
+    write_outputs(
+        &args,
+        (&request, &task, &controlnets),
+        &generated,
+        &image_paths,
+    )?;
     if let Some(path) = &args.timings {
         let total = load_started.elapsed().as_secs_f64();
         let mut json = timeline.to_json(load_s, generate_s, total, &runs);
         json["io_binding"] = engine.io_binding().into();
         std::fs::write(path, format!("{json:#}\n"))
             .with_context(|| format!("writing {}", path.display()))?;
-    }
-    if let Some(path) = &args.save_latents {
-        write_npy(path, &generated.latents, args.overwrite)?;
-        if !args.quiet {
-            eprintln!("wrote {}", path.display());
-        }
     }
     Ok(())
 }

@@ -376,7 +376,7 @@ pub unsafe extern "C" fn tcd_engine_options_set_cpu_arena(
     guard("tcd_engine_options_set_cpu_arena", || {
         // SAFETY: the caller's contract.
         let options = unsafe { borrow_mut(options, "options") }?;
-        options.options.provider_options.cpu_arena = enabled != 0;
+        options.options.provider_options.cpu_arena = Some(enabled != 0);
         Ok(())
     })
 }

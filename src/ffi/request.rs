@@ -4,7 +4,7 @@ use std::ffi::c_char;
 
 use super::status::{borrow_mut, free_box, guard, guard_new, opt_string, tcd_status, Failure};
 use crate::image_io::RgbImage;
-use crate::pipeline::{ControlImage, ControlPreprocess, GenerateRequest, InpaintMode, Task};
+use crate::pipeline::{ControlImage, ControlPreprocess, Field, GenerateRequest, InpaintMode, Task};
 
 /// What a request generates (the values `tcd_request_set_task` takes).
 #[repr(i32)]
@@ -214,12 +214,15 @@ pub unsafe extern "C" fn tcd_request_set_steps(
     guard("tcd_request_set_steps", || {
         // SAFETY: the caller's contract.
         let r = unsafe { borrow_mut(request, "request") }?;
-        if steps == 0 {
-            return Err(Failure::invalid(
-                "steps must be at least 1 (TCD works well with 2 to 8)",
-            ));
-        }
-        r.request.steps = steps as usize;
+        let steps = steps as usize;
+        checked(
+            Field::Steps,
+            GenerateRequest {
+                steps,
+                ..GenerateRequest::default()
+            },
+        )?;
+        r.request.steps = steps;
         Ok(())
     })
 }
@@ -235,12 +238,13 @@ pub unsafe extern "C" fn tcd_request_set_eta(request: *mut tcd_request, eta: f32
     guard("tcd_request_set_eta", || {
         // SAFETY: the caller's contract.
         let r = unsafe { borrow_mut(request, "request") }?;
-        if !(0.0..=1.0).contains(&eta) {
-            return Err(Failure::invalid(format!(
-                "eta must be between 0 and 1 (it is TCD's gamma; 0.3 is a good default), \
-                     got {eta}"
-            )));
-        }
+        checked(
+            Field::Eta,
+            GenerateRequest {
+                eta,
+                ..GenerateRequest::default()
+            },
+        )?;
         r.request.eta = eta;
         Ok(())
     })
@@ -260,11 +264,13 @@ pub unsafe extern "C" fn tcd_request_set_guidance(
     guard("tcd_request_set_guidance", || {
         // SAFETY: the caller's contract.
         let r = unsafe { borrow_mut(request, "request") }?;
-        if !guidance.is_finite() || guidance < 0.0 {
-            return Err(Failure::invalid(format!(
-                "guidance must be a finite number >= 0, got {guidance}"
-            )));
-        }
+        checked(
+            Field::Guidance,
+            GenerateRequest {
+                guidance,
+                ..GenerateRequest::default()
+            },
+        )?;
         r.request.guidance = guidance;
         Ok(())
     })
@@ -302,15 +308,15 @@ pub unsafe extern "C" fn tcd_request_set_size(
     guard("tcd_request_set_size", || {
         // SAFETY: the caller's contract.
         let r = unsafe { borrow_mut(request, "request") }?;
-        for (name, v) in [("width", width), ("height", height)] {
-            if v % 8 != 0 {
-                return Err(Failure::invalid(format!(
-                    "{name} must be a multiple of 8 (or 0 for the default), got {v}"
-                )));
-            }
-        }
-        r.request.width = (width > 0).then_some(width as usize);
-        r.request.height = (height > 0).then_some(height as usize);
+        // 0 asks for the default size.
+        let sized = GenerateRequest {
+            width: (width > 0).then_some(width as usize),
+            height: (height > 0).then_some(height as usize),
+            ..GenerateRequest::default()
+        };
+        checked(Field::Width, sized.clone())?;
+        checked(Field::Height, sized.clone())?;
+        (r.request.width, r.request.height) = (sized.width, sized.height);
         Ok(())
     })
 }
@@ -328,10 +334,15 @@ pub unsafe extern "C" fn tcd_request_set_num_images(
     guard("tcd_request_set_num_images", || {
         // SAFETY: the caller's contract.
         let r = unsafe { borrow_mut(request, "request") }?;
-        if num_images == 0 {
-            return Err(Failure::invalid("num_images must be at least 1"));
-        }
-        r.request.num_images = num_images as usize;
+        let num_images = num_images as usize;
+        checked(
+            Field::NumImages,
+            GenerateRequest {
+                num_images,
+                ..GenerateRequest::default()
+            },
+        )?;
+        r.request.num_images = num_images;
         Ok(())
     })
 }
@@ -370,12 +381,11 @@ pub unsafe extern "C" fn tcd_request_set_strength(
     guard("tcd_request_set_strength", || {
         // SAFETY: the caller's contract.
         let r = unsafe { borrow_mut(request, "request") }?;
-        if !(strength > 0.0 && strength <= 1.0) {
-            return Err(Failure::invalid(format!(
-                "strength must be in (0, 1], got {strength}: 1 repaints everything, smaller \
-                     values keep more of the input image"
-            )));
+        Task::ImageToImage {
+            image: RgbImage::new(1, 1, vec![0; 3])?,
+            strength,
         }
+        .validate()?;
         r.strength = Some(strength);
         Ok(())
     })
@@ -541,27 +551,16 @@ pub unsafe extern "C" fn tcd_request_add_control_image(
                 )))
             }
         };
-        if !scale.is_finite() {
-            return Err(Failure::invalid(format!(
-                "the conditioning scale must be a finite number, got {scale}"
-            )));
-        }
-        if !(start.is_finite() && end.is_finite() && 0.0 <= start && start < end && end <= 1.0) {
-            return Err(Failure::invalid(format!(
-                "the guidance window must satisfy 0 <= start < end <= 1, got start {start}, end {end}"
-            )));
-        }
         // SAFETY: the caller's contract.
         let image = unsafe { copy_rgba(pixels, width, height, stride) }?;
-        r.control.push((
-            ControlImage {
-                scale,
-                start,
-                end,
-                ..ControlImage::new(image)
-            },
-            kind,
-        ));
+        let control = ControlImage {
+            scale,
+            start,
+            end,
+            ..ControlImage::new(image)
+        };
+        control.validate(r.control.len())?;
+        r.control.push((control, kind));
         Ok(())
     })
 }
@@ -582,7 +581,8 @@ pub unsafe extern "C" fn tcd_request_clear_control_images(request: *mut tcd_requ
 }
 
 /// Sets the hysteresis thresholds of `TCD_CONTROL_CANNY` images, as `cv2.Canny(image, low,
-/// high)` takes them (default 100 and 200); finite, >= 0, `low <= high`.
+/// high)` takes them (default 100 and 200); finite and >= 0 (given the wrong way round they are
+/// swapped, as OpenCV does).
 ///
 /// # Safety
 ///
@@ -596,12 +596,14 @@ pub unsafe extern "C" fn tcd_request_set_canny_thresholds(
     guard("tcd_request_set_canny_thresholds", || {
         // SAFETY: the caller's contract.
         let r = unsafe { borrow_mut(request, "request") }?;
-        if !(low.is_finite() && high.is_finite() && 0.0 <= low && low <= high) {
-            return Err(Failure::invalid(format!(
-                "Canny thresholds must be finite with 0 <= low <= high, got {low} and {high}"
-            )));
-        }
+        ControlPreprocess::Canny { low, high }.validate()?;
         r.canny = (low, high);
         Ok(())
     })
+}
+
+/// The library's check of one request field, for setters that refuse a bad value when it is
+/// set: the field's message, under the setter's name (added by `guard`).
+fn checked(field: Field, request: GenerateRequest) -> Result<(), Failure> {
+    request.check(field).map_err(Failure::from)
 }

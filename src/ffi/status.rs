@@ -40,7 +40,9 @@ impl tcd_status {
     /// The code for a library error; every variant is named so that a new one needs a decision.
     pub(crate) fn of(error: &Error) -> Self {
         match error {
-            Error::InvalidInput(_) => tcd_status::TCD_ERR_INVALID_ARGUMENT,
+            Error::InvalidInput(_) | Error::InvalidField { .. } => {
+                tcd_status::TCD_ERR_INVALID_ARGUMENT
+            }
             Error::Io { .. } => tcd_status::TCD_ERR_IO,
             Error::Model { .. } => tcd_status::TCD_ERR_MODEL,
             Error::Runtime(_) => tcd_status::TCD_ERR_RUNTIME,

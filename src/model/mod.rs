@@ -224,6 +224,7 @@ struct ModelIndex {
     #[serde(rename = "_class_name")]
     class_name: Option<String>,
     force_zeros_for_empty_prompt: Option<bool>,
+    requires_aesthetics_score: Option<bool>,
 }
 
 /// A model directory on disk, checked and with its configs read.
@@ -234,6 +235,7 @@ pub struct ModelDir {
     manifest: Option<Manifest>,
     class_name: Option<String>,
     force_zeros_for_empty_prompt: bool,
+    requires_aesthetics_score: bool,
     /// The UNet's config.
     pub unet: UnetConfig,
     /// The VAE's config (from `vae_decoder/`).
@@ -256,7 +258,29 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T
     serde_json::from_str(&text).map_err(|e| Error::model(path, format!("invalid JSON: {e}")))
 }
 
+/// Finds a model: an existing directory, else a Hugging Face hub id (downloaded into the hub
+/// cache, at `revision` when given).
+pub fn resolve(model: &str, revision: Option<&str>) -> Result<PathBuf> {
+    let path = Path::new(model);
+    if path.exists() {
+        return Ok(path.to_path_buf());
+    }
+    if hub::looks_like_hub_id(model) {
+        return hub::resolve_pipeline(model, revision);
+    }
+    Err(Error::model(
+        path,
+        "no such directory (and not a Hugging Face hub id of the form owner/name)",
+    ))
+}
+
 impl ModelDir {
+    /// Finds a model ([`resolve`]) and opens it: what a front end does once, before deciding
+    /// anything that depends on the model, and then hands to [`crate::pipeline::Engine::from_model`].
+    pub fn resolve(model: &str, revision: Option<&str>) -> Result<Self> {
+        Self::open(resolve(model, revision)?)
+    }
+
     /// Opens a model directory, checking that the components text-to-image needs are present.
     pub fn open(root: impl AsRef<Path>) -> Result<Self> {
         let root = root.as_ref().to_path_buf();
@@ -340,6 +364,7 @@ impl ModelDir {
             force_zeros_for_empty_prompt: index
                 .force_zeros_for_empty_prompt
                 .unwrap_or(family.is_xl()),
+            requires_aesthetics_score: index.requires_aesthetics_score.unwrap_or(false),
             class_name: index.class_name,
             root,
             family,
@@ -369,6 +394,20 @@ impl ModelDir {
     /// The pipeline class named in `model_index.json`.
     pub fn class_name(&self) -> Option<&str> {
         self.class_name.as_deref()
+    }
+
+    /// SDXL refiners: whether the UNet is conditioned on an aesthetic score instead of the
+    /// target size (`model_index.json`'s `requires_aesthetics_score`).
+    pub fn requires_aesthetics_score(&self) -> bool {
+        self.requires_aesthetics_score
+    }
+
+    /// Whether the export's weights are float16 (the manifest's `dtype`).
+    pub fn is_float16(&self) -> bool {
+        self.manifest
+            .as_ref()
+            .and_then(|m| m.dtype.as_deref())
+            .is_some_and(|dtype| dtype == "float16")
     }
 
     /// SDXL: whether an absent negative prompt means zero embeddings (as diffusers does).

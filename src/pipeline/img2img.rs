@@ -1,47 +1,18 @@
 //! Image-to-image, step for step as diffusers' `StableDiffusionImg2ImgPipeline` and
 //! `StableDiffusionXLImg2ImgPipeline` run with `TCDScheduler`, and the helpers inpainting
-//! shares: output size, strength-shortened schedules, VAE encoding.
+//! shares: strength-shortened schedules, VAE encoding.
 
 use ndarray::{concatenate, s, ArrayD, Axis, IxDyn};
 
 use super::conditioning::Conditioning;
-use super::txt2img::{check_cancel, denoise, encode_prompts, finish, validate};
+use super::request::Field;
+use super::txt2img::{check_cancel, denoise, encode_prompts, finish};
 use super::{Engine, GenerateRequest, Generated, Progress, Stage};
 use crate::image_io::{image_to_tensor, RgbImage};
 use crate::rng::TorchGenerator;
 use crate::runtime::TensorInput;
 use crate::sampler::tcd::TcdScheduler;
 use crate::{Error, Result};
-
-/// The output `(height, width)`: the request's, else the image's rounded down to the multiple
-/// the model needs (diffusers' `get_default_height_width`), checked like text-to-image.
-pub(super) fn output_size(
-    engine: &Engine,
-    request: &GenerateRequest,
-    image: &RgbImage,
-) -> Result<(usize, usize)> {
-    let multiple = engine.model.vae.scale_factor().max(8);
-    let round = |v: u32, name: &str| -> Result<usize> {
-        let v = v as usize - v as usize % multiple;
-        if v == 0 {
-            return Err(Error::invalid(format!(
-                "the input image is {}x{}: its {name} must be at least {multiple} pixels",
-                image.width, image.height
-            )));
-        }
-        Ok(v)
-    };
-    let mut sized = request.clone();
-    sized.width = Some(match request.width {
-        Some(w) => w,
-        None => round(image.width, "width")?,
-    });
-    sized.height = Some(match request.height {
-        Some(h) => h,
-        None => round(image.height, "height")?,
-    });
-    validate(engine, &sized)
-}
 
 /// The scheduler and the timesteps that run for `strength` (the pipelines' `get_timesteps`):
 /// the last `int(steps * strength)` of the TCD schedule, with the scheduler's begin index set.
@@ -50,12 +21,6 @@ pub(super) fn strength_schedule(
     request: &GenerateRequest,
     strength: f64,
 ) -> Result<(TcdScheduler, Vec<i64>)> {
-    if !(strength > 0.0 && strength <= 1.0) {
-        return Err(Error::invalid(format!(
-            "--strength must be in (0, 1], got {strength}: 1 repaints everything, smaller values \
-             keep more of the input image"
-        )));
-    }
     let mut scheduler = TcdScheduler::new(engine.scheduler.clone())?;
     scheduler.set_timesteps(
         Some(request.steps),
@@ -68,10 +33,10 @@ pub(super) fn strength_schedule(
     // Python's int(num_inference_steps * strength): float64 product, truncated.
     let init_timestep = ((steps as f64 * strength) as usize).min(steps);
     if init_timestep < 1 {
-        return Err(Error::invalid(format!(
-            "--strength {strength} with {steps} steps leaves {init_timestep} denoising steps \
-             (steps x strength is rounded down); raise --strength or --steps so that their \
-             product is at least 1"
+        return Err(Field::Strength.invalid(format!(
+            "{strength} with {steps} steps leaves {init_timestep} denoising steps (steps x \
+             strength is rounded down); raise the strength or the steps so that their product \
+             is at least 1"
         )));
     }
     let t_start = steps - init_timestep;
@@ -193,18 +158,18 @@ pub(super) fn apply_aesthetics(
 
 /// Classifier-free guidance as the pipelines decide it.
 pub(super) fn guidance_of(engine: &Engine, request: &GenerateRequest) -> Option<f32> {
-    (request.guidance > 1.0 && engine.model.unet.time_cond_proj_dim.is_none())
+    request
+        .uses_guidance(&engine.model)
         .then_some(request.guidance)
 }
 
 pub(super) fn run(
     engine: &mut Engine,
     request: &GenerateRequest,
-    image: &RgbImage,
-    strength: f64,
+    (image, strength): (&RgbImage, f64),
+    (height, width): (usize, usize),
     progress: &mut dyn FnMut(Progress) -> bool,
 ) -> Result<Generated> {
-    let (height, width) = output_size(engine, request, image)?;
     let channels = engine.model.unet.in_channels;
     if channels != engine.model.vae.latent_channels {
         return Err(Error::model(

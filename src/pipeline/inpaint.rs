@@ -10,9 +10,9 @@
 use ndarray::{concatenate, ArrayD, Axis, IxDyn, Zip};
 
 use super::img2img::{
-    apply_aesthetics, encode_image, guidance_of, output_size, repeat_batch, strength_schedule,
-    LatentScaling,
+    apply_aesthetics, encode_image, guidance_of, repeat_batch, strength_schedule, LatentScaling,
 };
+use super::request::Field;
 use super::resident::Resident;
 use super::txt2img::{check_cancel, encode_prompts, finish, predict_noise};
 use super::{Engine, GenerateRequest, Generated, InpaintMode, Progress, Stage};
@@ -53,11 +53,10 @@ pub(super) fn run(
     request: &GenerateRequest,
     image: &RgbImage,
     mask: &RgbImage,
-    strength: f64,
-    mode: InpaintMode,
+    (strength, mode): (f64, InpaintMode),
+    (height, width): (usize, usize),
     progress: &mut dyn FnMut(Progress) -> bool,
 ) -> Result<Generated> {
-    let (height, width) = output_size(engine, request, image)?;
     let latent_channels = engine.model.vae.latent_channels;
     let unet_channels = engine.model.unet.in_channels;
     let concat = if unet_channels == 2 * latent_channels + 1 {
@@ -76,17 +75,17 @@ pub(super) fn run(
     };
     match (mode, concat) {
         (InpaintMode::Unet, false) => {
-            return Err(Error::invalid(format!(
-                "--inpaint-mode unet needs an inpainting UNet ({} input channels) but this model's \
-                 UNet takes {unet_channels}; use --inpaint-mode blend (or auto), or an inpainting \
-                 checkpoint such as diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
+            return Err(Field::InpaintMode.invalid(format!(
+                "unet needs an inpainting UNet ({} input channels) but this model's UNet takes \
+                 {unet_channels}; use blend (or auto), or an inpainting checkpoint such as \
+                 diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
                 2 * latent_channels + 1
             )))
         }
         (InpaintMode::Blend, true) => {
-            return Err(Error::invalid(
-                "--inpaint-mode blend needs a regular 4-channel UNet, but this model has a \
-                 9-channel inpainting UNet; use --inpaint-mode unet (or auto)",
+            return Err(Field::InpaintMode.invalid(
+                "blend needs a regular 4-channel UNet, but this model has a 9-channel inpainting \
+                 UNet; use unet (or auto)",
             ))
         }
         _ => {}

@@ -13,52 +13,6 @@ use crate::runtime::{Feed, TensorInput};
 use crate::sampler::tcd::TcdScheduler;
 use crate::{Error, Result};
 
-/// Checks a request against the model and returns `(height, width)`.
-pub(super) fn validate(engine: &Engine, request: &GenerateRequest) -> Result<(usize, usize)> {
-    if request.steps == 0 {
-        return Err(Error::invalid(
-            "--steps must be at least 1 (TCD works well with 2 to 8)",
-        ));
-    }
-    if !(0.0..=1.0).contains(&request.eta) {
-        return Err(Error::invalid(format!(
-            "--eta must be between 0 and 1 (it is TCD's gamma; 0.3 is a good default), got {}",
-            request.eta
-        )));
-    }
-    if !request.guidance.is_finite() || request.guidance < 0.0 {
-        return Err(Error::invalid(format!(
-            "--guidance must be a finite number >= 0, got {}",
-            request.guidance
-        )));
-    }
-    if request.num_images == 0 {
-        return Err(Error::invalid("--num-images must be at least 1"));
-    }
-    let default = engine.model.default_image_size();
-    let factor = engine.model.vae.scale_factor();
-    // ControlNet pipelines default to the (first) control image's size, rounded down to a
-    // multiple of the VAE factor.
-    let (default_w, default_h) = match request.control.first() {
-        Some(c) => (
-            c.image.width as usize / factor * factor,
-            c.image.height as usize / factor * factor,
-        ),
-        None => (default, default),
-    };
-    let height = request.height.unwrap_or(default_h);
-    let width = request.width.unwrap_or(default_w);
-    let multiple = factor.max(8);
-    for (name, v) in [("--height", height), ("--width", width)] {
-        if v == 0 || v % multiple != 0 {
-            return Err(Error::invalid(format!(
-                "{name} must be a positive multiple of {multiple}, got {v}"
-            )));
-        }
-    }
-    Ok((height, width))
-}
-
 pub(super) fn check_cancel(
     progress: &mut dyn FnMut(Progress) -> bool,
     event: Progress,
@@ -242,11 +196,11 @@ pub(super) fn decode(engine: &mut Engine, latents: &ArrayD<f32>) -> Result<Array
 pub(super) fn run(
     engine: &mut Engine,
     request: &GenerateRequest,
+    (height, width): (usize, usize),
     progress: &mut dyn FnMut(Progress) -> bool,
 ) -> Result<Generated> {
-    let (height, width) = validate(engine, request)?;
-    // diffusers: CFG only when guidance_scale > 1 and the UNet is not guidance-distilled.
-    let guidance = (request.guidance > 1.0 && engine.model.unet.time_cond_proj_dim.is_none())
+    let guidance = request
+        .uses_guidance(&engine.model)
         .then_some(request.guidance);
     let mut scheduler = TcdScheduler::new(engine.scheduler.clone())?;
     scheduler.set_timesteps(

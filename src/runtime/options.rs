@@ -365,20 +365,34 @@ pub struct CoreMlOptions {
 ///
 /// DirectML has no settings here: its sessions always run with memory patterns off and
 /// sequential execution, as the DirectML provider requires.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProviderOptions {
     /// GPU ordinal for CUDA, TensorRT and DirectML.
     pub device_id: i32,
     /// ONNX Runtime's memory arena for the CPU provider (`--cpu-arena`). Off by default: on a
     /// full-size SD1.5 job it made generation ~11% faster (fewer page faults) but raised peak
-    /// memory from 5.8 to 8.3 GiB (`benches/README.md`).
-    pub cpu_arena: bool,
+    /// memory from 5.8 to 8.3 GiB (`benches/README.md`). `None` leaves the choice to the
+    /// engine, which decides from the model and the release mode
+    /// (`pipeline::EngineOptions::one_shot`); sessions built directly treat it as off.
+    pub cpu_arena: Option<bool>,
     /// CUDA settings (also used by TensorRT for the nodes it leaves to CUDA).
     pub cuda: CudaOptions,
     /// TensorRT settings.
     pub tensorrt: TensorRtOptions,
     /// CoreML settings.
     pub coreml: CoreMlOptions,
+}
+
+impl Default for ProviderOptions {
+    fn default() -> Self {
+        ProviderOptions {
+            device_id: 0,
+            cpu_arena: Some(false),
+            cuda: CudaOptions::default(),
+            tensorrt: TensorRtOptions::default(),
+            coreml: CoreMlOptions::default(),
+        }
+    }
 }
 
 /// The optimised-model cache (`--session-cache`).

@@ -116,7 +116,7 @@ impl ExecutionProvider {
         let device_id = options.device_id;
         Ok(match self {
             ExecutionProvider::Cpu => ep::CPU::default()
-                .with_arena_allocator(options.cpu_arena)
+                .with_arena_allocator(options.cpu_arena.unwrap_or(false))
                 .build(),
             ExecutionProvider::Cuda => cuda(&options.cuda, device_id).build().error_on_failure(),
             ExecutionProvider::TensorRt => {

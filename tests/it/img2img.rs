@@ -161,7 +161,7 @@ fn strength_leaving_no_step_is_refused() {
     let err = engine
         .run(&request, &task, &mut |_| true)
         .expect_err("0.3 x 2 steps rounds down to 0");
-    assert!(err.to_string().contains("--strength"), "{err}");
+    assert!(err.to_string().starts_with("strength "), "{err}");
 }
 
 /// A 9-channel inpainting UNet cannot blend latents: asking for that is an error naming the fix.
@@ -187,5 +187,8 @@ fn blending_with_an_inpainting_unet_is_refused() {
     let err = engine
         .run(&request, &task, &mut |_| true)
         .expect_err("blend on a 9-channel UNet");
-    assert!(err.to_string().contains("--inpaint-mode unet"), "{err}");
+    assert!(
+        err.to_string().contains("inpaint_mode blend") && err.to_string().contains("use unet"),
+        "{err}"
+    );
 }

@@ -1,0 +1,443 @@
+//! Loading an engine: the decisions that depend on the model and the options (which LoRA
+//! weights replace which, whether the UNet runs in segments, whether the CPU arena is on, the
+//! sessions' settings) made once, then every graph loaded and checked against the others.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use super::conditioning::TextEncoder;
+use super::controlnet::{self, ControlNet};
+use super::lora::{self, LoraSpec};
+use super::options::EngineOptions;
+use super::{resident, Engine, Freeing, ZERO_RESIDUAL_SHAPES};
+use crate::control::DepthEstimator;
+use crate::model::ModelDir;
+use crate::runtime::{
+    self, ExecutionProvider, FixedShape, Graph, SessionOptions, TrtProfile, WeightOverride,
+};
+use crate::sampler::tcd::TcdConfig;
+use crate::tokenizer::ClipTokenizer;
+use crate::{Error, Result};
+
+/// Resolves `--model`: an existing directory, else a hub id.
+pub fn resolve_model(model: &str, revision: Option<&str>) -> Result<PathBuf> {
+    crate::model::resolve(model, revision)
+}
+
+/// How the UNet loads in low-memory mode: whole, or one segment at a time.
+#[derive(Debug, Default)]
+struct UnetPlan {
+    /// The segment files, in running order; empty to load the UNet whole.
+    segments: Vec<PathBuf>,
+    /// Why the UNet loads whole although it was exported in segments.
+    note: Option<String>,
+}
+
+/// In low-memory mode a UNet exported in segments loads one segment at a time, at every step:
+/// worth it only when the loads come from the session cache.
+fn plan_unet(
+    model: &ModelDir,
+    options: &EngineOptions,
+    denoiser_options: &SessionOptions,
+    has_weights: bool,
+) -> Result<UnetPlan> {
+    if !options.low_memory {
+        return Ok(UnetPlan::default());
+    }
+    let parts = model.segment_paths("unet")?;
+    Ok(match denoiser_options.uncached_reloads(has_weights) {
+        Some(why) if !parts.is_empty() => UnetPlan {
+            note: Some(format!(
+                "the UNet loads whole: its {} segments would load at every step and each load \
+                 would optimise them again ({why}); pass --session-cache to hold one segment at \
+                 a time",
+                parts.len()
+            )),
+            segments: Vec::new(),
+        },
+        _ => UnetPlan {
+            segments: parts,
+            note: None,
+        },
+    })
+}
+
+/// Whether the CPU arena is on when the options leave it to the engine
+/// ([`EngineOptions::one_shot`]): on for the CPU provider when each component is released
+/// after its stage (its arena then lives only through that stage; full-size SD1.5: 33 s at
+/// 4.05 GiB on, 36 s at 3.68 GiB off), except in low-memory mode with the UNet loaded whole
+/// (arenas would outlive the stage's one component) and for float16 exports, whose weights are
+/// cast to float32 every step and would stay in the arena (4.75 instead of 2.50 GiB). With the
+/// UNet in segments each segment's session, arena included, lives for one run of it.
+pub(super) fn auto_cpu_arena(
+    model: &ModelDir,
+    providers: &[ExecutionProvider],
+    options: &EngineOptions,
+    unet_segments: bool,
+) -> bool {
+    (options.release_after_use || options.low_memory)
+        && (!options.low_memory || unet_segments)
+        && providers.contains(&ExecutionProvider::Cpu)
+        && !model.is_float16()
+}
+
+/// The session options of `options`; a TensorRT profile left unset covers the model's native
+/// size at batch 1 to 2 (one image, with or without guidance).
+fn session_options(
+    model: &ModelDir,
+    providers: &[ExecutionProvider],
+    options: &EngineOptions,
+) -> Result<SessionOptions> {
+    let mut provider_options = options.provider_options.clone();
+    provider_options.device_id = options.device_id;
+    if providers.contains(&ExecutionProvider::TensorRt)
+        && provider_options.tensorrt.profile.is_none()
+    {
+        let size = model.default_image_size();
+        provider_options.tensorrt.profile = Some(TrtProfile::for_request(size, size, 1, true)?);
+    }
+    Ok(SessionOptions {
+        providers: providers.to_vec(),
+        provider_options,
+        intra_threads: options.intra_threads,
+        opt_level: options.opt_level,
+        cache: options.session_cache.clone(),
+        fixed_shape: None,
+        disable_prepacking: false,
+    })
+}
+
+/// Loads the VAE decoder and, when the model has one, the encoder.
+fn load_vaes(model: &ModelDir, options: &SessionOptions) -> Result<(Graph, Option<Graph>)> {
+    let vae_decoder = Graph::load("vae_decoder", &model.graph_path("vae_decoder"), options)?;
+    vae_decoder.require_inputs(&["latent_sample"])?;
+    let vae_encoder = if model.has_component("vae_encoder") {
+        let graph = Graph::load("vae_encoder", &model.graph_path("vae_encoder"), options)?;
+        graph.require_inputs(&["sample"])?;
+        Some(graph)
+    } else {
+        None
+    };
+    Ok((vae_decoder, vae_encoder))
+}
+
+/// The LoRAs the export recorded, then the caller's.
+fn lora_specs(model: &ModelDir, options: &EngineOptions) -> Vec<LoraSpec> {
+    let recorded = model.manifest().map(|m| {
+        m.lora.iter().map(|l| LoraSpec {
+            source: l.source.clone(),
+            weight: l.weight,
+            weight_name: l.weight_name.clone(),
+        })
+    });
+    recorded
+        .into_iter()
+        .flatten()
+        .chain(options.loras.iter().cloned())
+        .collect()
+}
+
+/// What loading decided, for the graphs to be loaded with.
+struct Plan<'a> {
+    model: &'a ModelDir,
+    options: &'a EngineOptions,
+    /// The text encoders, the VAE and the depth estimator.
+    sessions: SessionOptions,
+    /// The UNet and the ControlNets (fixed shapes apply to them only).
+    denoisers: SessionOptions,
+    unet: UnetPlan,
+}
+
+impl Plan<'_> {
+    /// Graphs that are released keep what they need to load again; in low-memory mode every
+    /// graph is checked, then released until its stage needs it.
+    fn releasable(&self, graph: &mut Graph, options: &SessionOptions) {
+        if self.options.low_memory || self.options.release_after_use {
+            graph.keep_for_reload(options);
+        }
+        if self.options.low_memory {
+            graph.release();
+        }
+    }
+
+    fn load_unet(&self, weights: Vec<WeightOverride>) -> Result<Graph> {
+        let path = self.model.graph_path("unet");
+        if self.unet.segments.is_empty() {
+            let mut graph = Graph::load_with_weights("unet", &path, &self.denoisers, weights)?;
+            self.releasable(&mut graph, &self.denoisers);
+            Ok(graph)
+        } else {
+            Graph::load_segmented("unet", &path, &self.unet.segments, &self.denoisers, weights)
+        }
+    }
+
+    /// Everything but the UNet.
+    fn load_rest(&self, mut overrides: BTreeMap<String, Vec<WeightOverride>>) -> Result<Rest> {
+        let xl = self.model.family().is_xl();
+        let names: &[(&str, &str)] = if xl {
+            &[
+                ("tokenizer", "text_encoder"),
+                ("tokenizer_2", "text_encoder_2"),
+            ]
+        } else {
+            &[("tokenizer", "text_encoder")]
+        };
+        let mut encoders = Vec::new();
+        for (tok, enc) in names {
+            let tokenizer = ClipTokenizer::from_dir(&self.model.root().join(tok))?;
+            let weights = overrides.remove(*enc).unwrap_or_default();
+            let path = self.model.graph_path(enc);
+            let mut graph = Graph::load_with_weights(enc, &path, &self.sessions, weights)?;
+            self.releasable(&mut graph, &self.sessions);
+            encoders.push(TextEncoder::new(tokenizer, graph, xl)?);
+        }
+        let (mut vae_decoder, mut vae_encoder) = load_vaes(self.model, &self.sessions)?;
+        self.releasable(&mut vae_decoder, &self.sessions);
+        if let Some(encoder) = vae_encoder.as_mut() {
+            self.releasable(encoder, &self.sessions);
+        }
+        let depth = self
+            .options
+            .depth_estimator
+            .as_deref()
+            .map(|source| controlnet::load_depth_estimator(source, None, &self.sessions))
+            .transpose()?;
+        // `--revision` names a revision of the model repository, not of the ControlNets'.
+        let mut controlnets = Vec::with_capacity(self.options.controlnets.len());
+        for source in &self.options.controlnets {
+            let mut net = ControlNet::load(source, None, &self.denoisers)?;
+            self.releasable(net.graph_mut(), &self.denoisers);
+            controlnets.push(net);
+        }
+        Ok(Rest {
+            encoders,
+            vae_decoder,
+            vae_encoder,
+            depth,
+            controlnets,
+        })
+    }
+
+    /// Loads every graph. The UNet (most of the weights) loads on its own thread while the
+    /// rest loads on this one: on two cores that cuts the start-up by a quarter. In low-memory
+    /// mode one graph at a time, so loading peaks at the largest one too.
+    fn load(&self, mut overrides: BTreeMap<String, Vec<WeightOverride>>) -> Result<(Rest, Graph)> {
+        let unet_weights = overrides.remove("unet").unwrap_or_default();
+        if self.options.low_memory {
+            let rest = self.load_rest(overrides)?;
+            return Ok((rest, self.load_unet(unet_weights)?));
+        }
+        let (rest, unet) = std::thread::scope(|scope| {
+            let unet = scope.spawn(|| self.load_unet(unet_weights));
+            let rest = self.load_rest(overrides);
+            let unet = unet
+                .join()
+                .unwrap_or_else(|_| Err(Error::Runtime("loading the UNet panicked".into())));
+            (rest, unet)
+        });
+        Ok((rest?, unet?))
+    }
+}
+
+/// The graphs besides the UNet.
+struct Rest {
+    encoders: Vec<TextEncoder>,
+    vae_decoder: Graph,
+    vae_encoder: Option<Graph>,
+    depth: Option<DepthEstimator>,
+    controlnets: Vec<ControlNet>,
+}
+
+fn scheduler_config(model: &ModelDir) -> Result<TcdConfig> {
+    serde_json::from_value(model.scheduler_config.clone()).map_err(|e| {
+        Error::model(
+            model.root().join("scheduler").join("scheduler_config.json"),
+            format!("not a usable scheduler config: {e}"),
+        )
+    })
+}
+
+impl Engine {
+    /// Loads a model directory or hub id with the given options.
+    pub fn load(model: impl AsRef<str>, options: &EngineOptions) -> Result<Self> {
+        let model = ModelDir::resolve(model.as_ref(), options.revision.as_deref())?;
+        Self::from_model(model, options)
+    }
+
+    /// Loads an opened model directory ([`ModelDir::resolve`]): for a front end that read the
+    /// model before loading (for its native size, say), so that it is read once.
+    pub fn from_model(model: ModelDir, options: &EngineOptions) -> Result<Self> {
+        let scheduler = scheduler_config(&model)?;
+        let ort_library = runtime::ensure_loaded(options.ort_lib.as_deref())?;
+        let providers = runtime::select_providers(&options.providers)?;
+        let loras = lora_specs(&model, options);
+        let (overrides, lora_report) = lora::weight_overrides(
+            &model,
+            &loras,
+            options.lora_weight_name.as_deref(),
+            options.lora_allow_unmatched,
+        )?;
+        let mut sessions = session_options(&model, &providers, options)?;
+        // Only the denoisers are fixed: they run every step and their batch is known.
+        let mut denoisers = SessionOptions {
+            fixed_shape: options.fixed_shape.map(|dims| FixedShape {
+                dims,
+                latent_factor: model.vae.scale_factor(),
+            }),
+            ..sessions.clone()
+        };
+        let unet_weights = overrides.get("unet").is_some_and(|w| !w.is_empty());
+        let unet = plan_unet(&model, options, &denoisers, unet_weights)?;
+        let arena = options.provider_options.cpu_arena.unwrap_or_else(|| {
+            auto_cpu_arena(&model, &providers, options, !unet.segments.is_empty())
+        });
+        sessions.provider_options.cpu_arena = Some(arena);
+        denoisers.provider_options.cpu_arena = Some(arena);
+        let plan = Plan {
+            model: &model,
+            options,
+            sessions,
+            denoisers,
+            unet,
+        };
+        let (rest, unet) = plan.load(overrides)?;
+        let notes = plan.unet.note.clone().into_iter().collect();
+        let sessions = plan.sessions;
+        let xl = model.family().is_xl();
+        let mut required = vec!["sample", "timestep", "encoder_hidden_states"];
+        if xl {
+            required.extend(["text_embeds", "time_ids"]);
+        }
+        unet.require_inputs(&required)?;
+        let residuals = controlnet::ResidualLayout::from_unet(&unet, &model.unet, model.root())?;
+        for net in &rest.controlnets {
+            match &residuals {
+                Some(layout) => layout.check(net, xl, &model.unet)?,
+                None => {
+                    return Err(Error::model(
+                        model.root(),
+                        "the UNet of this model takes no ControlNet residuals (an older or an \
+                         optimum export); re-export it with `python -m export convert` to use \
+                         ControlNets",
+                    ))
+                }
+            }
+        }
+        // A UNet in segments runs from host memory: its sessions come and go within a step.
+        let io_binding = options.io_binding && unet.segment_count() == 0;
+        let residual_sum = match (&residuals, io_binding) {
+            (Some(layout), true) => {
+                controlnet::ResidualSum::build(layout, &unet, &rest.controlnets, &sessions)?
+            }
+            _ => None,
+        };
+        Ok(Engine {
+            requires_aesthetics_score: model.requires_aesthetics_score(),
+            model,
+            encoders: rest.encoders,
+            unet,
+            vae_decoder: rest.vae_decoder,
+            vae_encoder: rest.vae_encoder,
+            controlnets: rest.controlnets,
+            residuals,
+            residual_sum,
+            depth: rest.depth,
+            scheduler,
+            providers,
+            ort_library,
+            lora_report,
+            io_binding,
+            notes,
+            fixed_shape: options.fixed_shape,
+            low_memory: options.low_memory,
+            release_after_use: options.release_after_use,
+            zero_residuals: resident::ShapeCache::new(ZERO_RESIDUAL_SHAPES),
+            freeing: Freeing::default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::SessionCache;
+
+    fn model(parts: &[&str]) -> ModelDir {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        ModelDir::open(
+            parts
+                .iter()
+                .fold(root.to_path_buf(), |p, part| p.join(part)),
+        )
+        .expect("the model (the fp16 one is made by `make fixtures`)")
+    }
+
+    fn fixtures() -> PathBuf {
+        std::env::var_os("TCD_ORT_FIXTURES")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests")
+                    .join("fixtures")
+                    .join("generated")
+            })
+    }
+
+    #[test]
+    fn the_one_shot_preset_turns_the_cpu_arena_on_where_it_costs_no_lasting_memory() {
+        use ExecutionProvider::{Cpu, Cuda};
+        let tiny = model(&["models", "tiny-sd15"]);
+        let fp16 = ModelDir::open(fixtures().join("fp16").join("sd15").join("onnx"))
+            .expect("the float16 export (run `make fixtures`)");
+        assert!(fp16.is_float16() && !tiny.is_float16());
+        let one_shot = EngineOptions::one_shot();
+        let keep_loaded = EngineOptions::default();
+        let low_memory = EngineOptions {
+            low_memory: true,
+            ..EngineOptions::one_shot()
+        };
+        assert!(auto_cpu_arena(&tiny, &[Cpu], &one_shot, false));
+        assert!(!auto_cpu_arena(&tiny, &[Cpu], &keep_loaded, false));
+        assert!(!auto_cpu_arena(&tiny, &[Cpu], &low_memory, false));
+        // With the UNet in segments each segment's arena lives for one run.
+        assert!(auto_cpu_arena(&tiny, &[Cpu], &low_memory, true));
+        // A float16 model's per-step casts would stay in the arena.
+        assert!(!auto_cpu_arena(&fp16, &[Cpu], &one_shot, false));
+        assert!(!auto_cpu_arena(&fp16, &[Cpu], &low_memory, true));
+        // Another provider's host fallback keeps ONNX Runtime's default.
+        assert!(!auto_cpu_arena(&tiny, &[Cuda], &one_shot, false));
+        assert_eq!(one_shot.provider_options.cpu_arena, None);
+        assert_eq!(keep_loaded.provider_options.cpu_arena, Some(false));
+    }
+
+    #[test]
+    fn low_memory_runs_the_unet_in_segments_only_from_the_session_cache() {
+        let tiny = model(&["models", "tiny-sd15"]);
+        let plan = |options: &EngineOptions, weights: bool| {
+            let sessions =
+                session_options(&tiny, &[ExecutionProvider::Cpu], options).expect("options");
+            plan_unet(&tiny, options, &sessions, weights).expect("a plan")
+        };
+        let cached = EngineOptions {
+            low_memory: true,
+            session_cache: SessionCache::Dir(PathBuf::from("/tmp/tcd-ort-unused")),
+            ..EngineOptions::one_shot()
+        };
+        assert_eq!(plan(&cached, false).segments.len(), 2);
+        let with_lora = plan(&cached, true);
+        assert!(with_lora.segments.is_empty(), "LoRAs bypass the cache");
+        assert!(with_lora.note.is_some_and(|n| n.contains("LoRA")));
+        let uncached = EngineOptions {
+            session_cache: SessionCache::Off,
+            ..cached.clone()
+        };
+        let whole = plan(&uncached, false);
+        assert!(whole.segments.is_empty());
+        assert!(whole.note.is_some_and(|n| n.contains("--session-cache")));
+        let not_low = EngineOptions {
+            low_memory: false,
+            ..cached
+        };
+        assert!(plan(&not_low, false).segments.is_empty());
+    }
+}
