@@ -1,0 +1,86 @@
+//! NumPy `.npy` files of float32 arrays (latents, test references), through `ndarray-npy`.
+
+use std::io::BufWriter;
+use std::path::Path;
+
+use ndarray::ArrayD;
+use ndarray_npy::{ReadNpyExt, WriteNpyError, WriteNpyExt};
+
+use super::create_output;
+use crate::{Error, Result};
+
+/// Writes a float32 array as a NumPy `.npy` file (format 1.0, little-endian, C order).
+pub fn write_npy(path: &Path, array: &ArrayD<f32>, overwrite: bool) -> Result<()> {
+    let file = create_output(path, overwrite)?;
+    // A standard-layout copy when needed, so the file is always in C order.
+    array
+        .as_standard_layout()
+        .write_npy(BufWriter::new(file))
+        .map_err(|e| match e {
+            WriteNpyError::Io(e) => Error::io(path, e),
+            other => Error::Image {
+                path: path.to_path_buf(),
+                message: format!("cannot write a .npy file: {other}"),
+            },
+        })
+}
+
+/// Reads a float32 `.npy` file (what `write_npy` and NumPy write).
+pub fn read_npy(path: &Path) -> Result<ArrayD<f32>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    ArrayD::<f32>::read_npy(bytes.as_slice()).map_err(|e| Error::Image {
+        path: path.to_path_buf(),
+        message: format!("not a float32 .npy file: {e}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn npy_round_trips() {
+        let dir = std::env::temp_dir().join(format!("tcd-ort-npy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("a.npy");
+        let a = ArrayD::from_shape_vec(vec![1, 2, 3], vec![0.5, -1.0, 2.0, 3.0, 4.0, 5.0])
+            .expect("shape");
+        write_npy(&path, &a, true).expect("write");
+        assert_eq!(read_npy(&path).expect("read"), a);
+        let err = write_npy(&path, &a, false).expect_err("exists");
+        assert!(err.to_string().contains("--overwrite"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn npy_files_are_numpy_format_1_in_c_order() {
+        let dir = std::env::temp_dir().join(format!("tcd-ort-npy-bytes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        for shape in [vec![3], vec![1, 2, 3]] {
+            let path = dir.join("b.npy");
+            let n = shape.iter().product::<usize>();
+            let values: Vec<f32> = (0..n).map(|i| i as f32 - 1.5).collect();
+            let a = ArrayD::from_shape_vec(shape.clone(), values.clone()).expect("shape");
+            // An array in Fortran order is written in C order too.
+            let fortran = a.t().as_standard_layout().t().to_owned();
+            assert_eq!(fortran, a);
+            write_npy(&path, &fortran, true).expect("write");
+            // Format 1.0 as `numpy.load` reads it: a dict padded with spaces to a multiple of 64
+            // bytes (`numpy.save` spells the dict with a trailing `, `; both are valid).
+            let dims = shape.iter().map(usize::to_string).collect::<Vec<_>>();
+            let dims = match dims.len() {
+                1 => format!("({},)", dims[0]),
+                _ => format!("({})", dims.join(", ")),
+            };
+            let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {dims}}}");
+            header.push_str(&" ".repeat((64 - (10 + header.len() + 1) % 64) % 64));
+            header.push('\n');
+            let mut expected = b"\x93NUMPY\x01\x00".to_vec();
+            expected.extend((header.len() as u16).to_le_bytes());
+            expected.extend(header.as_bytes());
+            expected.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+            assert_eq!(std::fs::read(&path).expect("read"), expected);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
