@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use tcd_ort::image_io::read_npy;
 use tcd_ort::pipeline::{Engine, EngineOptions, GenerateRequest};
 
-use crate::common::{read_png_rgb, repo_root, scratch_dir};
+use crate::common::{copy_dir, read_png_rgb, repo_root, scratch_dir};
 
 fn demo_model() -> PathBuf {
     repo_root().join("models").join("tiny-sd15")
@@ -232,19 +232,6 @@ fn missing_model_is_an_error() {
         &png.to_string_lossy(),
     ));
     assert_fails_with(&out, "no such directory");
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("read_dir") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.path().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy");
-        }
-    }
 }
 
 #[test]

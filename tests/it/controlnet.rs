@@ -17,7 +17,7 @@ use tcd_ort::pipeline::{
     ControlImage, ControlPreprocess, Engine, EngineOptions, GenerateRequest, Task,
 };
 
-use crate::common::{fixtures_dir, read_png_rgb, ParityReport};
+use crate::common::{check_cases, fixtures_dir, read_cases, read_png_rgb, suite_model};
 
 #[derive(Debug, Deserialize)]
 struct Net {
@@ -25,19 +25,9 @@ struct Net {
     scale: f32,
 }
 
+/// A ControlNet case's nets and control inputs, beside its request.
 #[derive(Debug, Deserialize)]
-struct Case {
-    name: String,
-    prompt: String,
-    negative_prompt: Option<String>,
-    steps: usize,
-    eta: f32,
-    guidance: f32,
-    seed: u64,
-    width: usize,
-    height: usize,
-    #[serde(default = "one")]
-    num_images: usize,
+struct Control {
     controlnets: Vec<Net>,
     control_images: Vec<String>,
     control_start: Option<Vec<f32>>,
@@ -47,20 +37,14 @@ struct Case {
     canny_high: Option<f32>,
 }
 
-fn one() -> usize {
-    1
-}
+type Case = crate::common::Case<Control>;
 
 fn root() -> PathBuf {
     fixtures_dir().join("controlnet")
 }
 
 fn model_dir(family: &str) -> PathBuf {
-    let own = root().join(family).join("onnx");
-    if own.is_dir() {
-        return own;
-    }
-    fixtures_dir().join("parity").join(family).join("onnx")
+    suite_model(&root(), family)
 }
 
 fn load_engine(family: &str, nets: &[PathBuf]) -> Engine {
@@ -77,51 +61,61 @@ fn load_engine(family: &str, nets: &[PathBuf]) -> Engine {
 }
 
 fn request(case: &Case, base: &Path) -> GenerateRequest {
-    let preprocess = match case.control_preprocess.as_deref() {
+    let c = &case.extra;
+    let preprocess = match c.control_preprocess.as_deref() {
         None | Some("none") => ControlPreprocess::None,
         Some("canny") => ControlPreprocess::Canny {
-            low: case.canny_low.unwrap_or(100.0),
-            high: case.canny_high.unwrap_or(200.0),
+            low: c.canny_low.unwrap_or(100.0),
+            high: c.canny_high.unwrap_or(200.0),
         },
         Some(other) => panic!("{}: unknown control_preprocess {other}", case.name),
     };
-    let control = case
+    let control = c
         .controlnets
         .iter()
-        .zip(&case.control_images)
+        .zip(&c.control_images)
         .enumerate()
         .map(|(k, (net, image))| ControlImage {
             image: load_image(&base.join(image)).expect("control image"),
             scale: net.scale,
-            start: case.control_start.as_ref().map_or(0.0, |s| s[k]),
-            end: case.control_end.as_ref().map_or(1.0, |e| e[k]),
+            start: c.control_start.as_ref().map_or(0.0, |s| s[k]),
+            end: c.control_end.as_ref().map_or(1.0, |e| e[k]),
             preprocess,
         })
         .collect();
     GenerateRequest {
-        prompt: case.prompt.clone(),
-        negative_prompt: case.negative_prompt.clone(),
-        steps: case.steps,
-        eta: case.eta,
-        guidance: case.guidance,
-        seed: case.seed,
-        width: Some(case.width),
-        height: Some(case.height),
-        num_images: case.num_images,
-        original_inference_steps: None,
         control,
+        ..case.request()
     }
 }
 
 fn cases(family: &str) -> Vec<Case> {
-    let path = root().join(family).join("cases.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}; generate the ControlNet fixtures with `make fixtures`",
-            path.display()
+    read_cases(&root().join(family), "ControlNet")
+}
+
+/// The reference saved its cv2.Canny edge images: ours must be the same bytes (before the
+/// resize to the output size, which the latents cover). Returns how many were compared.
+fn check_canny_edges(case: &Case, dir: &Path) -> usize {
+    let c = &case.extra;
+    if !matches!(c.control_preprocess.as_deref(), Some("canny")) {
+        return 0;
+    }
+    for (k, path) in c.control_images.iter().enumerate() {
+        let photo = load_image(&root().join(path)).expect("photo");
+        let ours = tcd_ort::control::canny(
+            &photo,
+            c.canny_low.unwrap_or(100.0),
+            c.canny_high.unwrap_or(200.0),
         )
-    });
-    serde_json::from_str(&text).expect("cases.json parses")
+        .expect("canny");
+        let reference = dir
+            .join("reference")
+            .join(format!("{}_control_{k}.png", case.name));
+        let (w, h, pixels) = read_png_rgb(&reference);
+        assert_eq!((w, h), (ours.width, ours.height), "{}", case.name);
+        assert!(pixels == ours.pixels, "{}: Canny edges differ", case.name);
+    }
+    c.control_images.len()
 }
 
 /// Runs every case of a family (one engine per set of ControlNets) and reports all failures
@@ -131,46 +125,28 @@ fn check_family(family: &str) {
     let cases = cases(family);
     assert!(!cases.is_empty());
     let mut engines: HashMap<Vec<PathBuf>, Engine> = HashMap::new();
-    let mut report = ParityReport::default();
     let mut canny_checked = 0;
-    for case in &cases {
-        let nets: Vec<PathBuf> = case.controlnets.iter().map(|n| dir.join(&n.onnx)).collect();
-        let engine = engines
-            .entry(nets.clone())
-            .or_insert_with(|| load_engine(family, &nets));
-        let request = request(case, &root());
-        let out = match engine.run(&request, &Task::TextToImage, &mut |_| true) {
-            Ok(out) => out,
-            Err(e) => {
-                report.fail(format!("{}: {e}", case.name));
-                continue;
-            }
-        };
-        report.check(&out, &dir.join("reference"), &case.name);
-        assert_eq!(out.control_images.len(), case.controlnets.len());
-        // The reference saved its cv2.Canny edge images: ours must be the same bytes (before
-        // the resize to the output size, which the latents above cover).
-        if matches!(case.control_preprocess.as_deref(), Some("canny")) {
-            for (k, path) in case.control_images.iter().enumerate() {
-                let photo = load_image(&root().join(path)).expect("photo");
-                let ours = tcd_ort::control::canny(
-                    &photo,
-                    case.canny_low.unwrap_or(100.0),
-                    case.canny_high.unwrap_or(200.0),
-                )
-                .expect("canny");
-                let reference = dir
-                    .join("reference")
-                    .join(format!("{}_control_{k}.png", case.name));
-                let (w, h, pixels) = read_png_rgb(&reference);
-                assert_eq!((w, h), (ours.width, ours.height), "{}", case.name);
-                assert!(pixels == ours.pixels, "{}: Canny edges differ", case.name);
-                canny_checked += 1;
-            }
-        }
-    }
+    check_cases(
+        &format!("{family} ControlNet"),
+        &cases,
+        &dir.join("reference"),
+        |case, _| {
+            let nets: Vec<PathBuf> = case
+                .extra
+                .controlnets
+                .iter()
+                .map(|n| dir.join(&n.onnx))
+                .collect();
+            let engine = engines
+                .entry(nets.clone())
+                .or_insert_with(|| load_engine(family, &nets));
+            let out = engine.run(&request(case, &root()), &Task::TextToImage, &mut |_| true)?;
+            assert_eq!(out.control_images.len(), case.extra.controlnets.len());
+            canny_checked += check_canny_edges(case, &dir);
+            Ok(out)
+        },
+    );
     assert!(canny_checked > 0, "no Canny case in {family}");
-    report.finish(&format!("{family} ControlNet"), cases.len());
 }
 
 #[test]
@@ -217,8 +193,8 @@ fn control_for(image: &str) -> ControlImage {
 fn first_control_image(family: &str) -> String {
     cases(family)
         .into_iter()
-        .find(|c| c.control_preprocess.is_none())
-        .and_then(|c| c.control_images.into_iter().next())
+        .find(|c| c.extra.control_preprocess.is_none())
+        .and_then(|c| c.extra.control_images.into_iter().next())
         .expect("a case with a plain control image")
 }
 

@@ -20,72 +20,32 @@
 use std::path::PathBuf;
 
 use ndarray::ArrayD;
-use serde::Deserialize;
 use tcd_ort::image_io::read_npy;
-use tcd_ort::pipeline::{Engine, EngineOptions, GenerateRequest, LoraSpec};
+use tcd_ort::pipeline::{Engine, EngineOptions, LoraSpec};
 
-use crate::common::{fixtures_dir, read_png_rgb};
+use crate::common::{fixtures_dir, max_pixel_diff, read_cases, read_png_rgb, Case};
 
 /// Largest latent difference against a reference, relative to its largest magnitude.
 const LATENT_TOL: f32 = 2e-2;
 /// Largest per-channel pixel difference against the float16 reference's image.
 const PIXEL_TOL: u8 = 2;
 
-#[derive(Debug, Deserialize)]
-struct Case {
-    name: String,
-    prompt: String,
-    negative_prompt: Option<String>,
-    steps: usize,
-    eta: f32,
-    guidance: f32,
-    seed: u64,
-    width: usize,
-    height: usize,
-}
-
 fn family_dir(family: &str) -> PathBuf {
     fixtures_dir().join("fp16").join(family)
 }
 
-fn request(case: &Case) -> GenerateRequest {
-    GenerateRequest {
-        prompt: case.prompt.clone(),
-        negative_prompt: case.negative_prompt.clone(),
-        steps: case.steps,
-        eta: case.eta,
-        guidance: case.guidance,
-        seed: case.seed,
-        width: Some(case.width),
-        height: Some(case.height),
-        num_images: 1,
-        original_inference_steps: None,
-        control: Vec::new(),
-    }
-}
-
+/// [`crate::common::relative_diff`], but NaN when `a` holds a NaN or an infinity, which the
+/// maximum would pass over.
 fn relative_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
-    assert_eq!(a.shape(), b.shape());
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
-    let diff = a
-        .iter()
-        .zip(b.iter())
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-    if diff.is_nan() || a.iter().any(|v| !v.is_finite()) {
+    let diff = crate::common::relative_diff(a, b);
+    if a.iter().any(|v| !v.is_finite()) {
         return f32::NAN;
     }
-    diff / scale
+    diff
 }
 
 fn cases(family: &str) -> Vec<Case> {
-    let path = family_dir(family).join("cases.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}; generate the fp16 fixtures with `make fixtures`",
-            path.display()
-        )
-    });
-    serde_json::from_str(&text).expect("cases.json parses")
+    read_cases(&family_dir(family), "fp16")
 }
 
 fn load(family: &str, options: &EngineOptions) -> Engine {
@@ -139,7 +99,7 @@ fn check_family(family: &str) {
     let mut failures = Vec::new();
     for case in &cases {
         let out = engine
-            .generate(&request(case), &mut |_| true)
+            .generate(&case.request(), &mut |_| true)
             .unwrap_or_else(|e| panic!("{family}/{}: {e}", case.name));
         let npy = format!("{}.npy", case.name);
         let ref16 = read_npy(&dir.join("reference").join(&npy)).expect("float16 reference");
@@ -161,12 +121,7 @@ fn check_family(family: &str) {
             read_png_rgb(&dir.join("reference").join(format!("{}.png", case.name)));
         let image = &out.images[0];
         assert_eq!((w, h), (image.width, image.height), "{}", case.name);
-        let max = pixels
-            .iter()
-            .zip(&image.pixels)
-            .map(|(a, b)| a.abs_diff(*b))
-            .max()
-            .unwrap_or(0);
+        let max = max_pixel_diff(&pixels, &image.pixels);
         worst_pixel = worst_pixel.max(max);
         if max > PIXEL_TOL {
             failures.push(format!("{}: pixels differ by {max}/255", case.name));
@@ -210,6 +165,8 @@ fn fp16_sd15_applies_loras_at_load_time() {
         seed: 1238,
         width: 64,
         height: 64,
+        num_images: 1,
+        extra: (),
     };
     let reference = read_npy(&lora_dir.join("reference").join("single_g0.0.npy"))
         .expect("LoRA reference; run `make fixtures`");
@@ -227,10 +184,10 @@ fn fp16_sd15_applies_loras_at_load_time() {
     let mut engine = load("sd15", &options);
     assert!(engine.lora_report().patched.values().sum::<usize>() > 0);
     let with = engine
-        .generate(&request(&case), &mut |_| true)
+        .generate(&case.request(), &mut |_| true)
         .expect("runs");
     let without = load("sd15", &EngineOptions::default())
-        .generate(&request(&case), &mut |_| true)
+        .generate(&case.request(), &mut |_| true)
         .expect("runs");
     let d = relative_diff(&with.latents, &reference);
     let moved = relative_diff(&without.latents, &reference);

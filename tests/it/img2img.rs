@@ -14,29 +14,20 @@ use serde::Deserialize;
 use tcd_ort::image_io::load_image;
 use tcd_ort::pipeline::{Engine, EngineOptions, GenerateRequest, InpaintMode, Task};
 
-use crate::common::{fixtures_dir, ParityReport};
+use crate::common::{check_cases, fixtures_dir, parity_model, read_cases, suite_model};
 
+/// What an image-to-image or inpainting case starts from, beside its request.
 #[derive(Debug, Deserialize)]
-struct Case {
-    name: String,
-    prompt: String,
-    negative_prompt: Option<String>,
-    steps: usize,
-    eta: f32,
-    guidance: f32,
-    seed: u64,
-    width: usize,
-    height: usize,
-    #[serde(default = "one")]
-    num_images: usize,
+struct Input {
+    /// Relative to [`root`].
     image: String,
+    /// Relative to [`root`]; inpainting when present.
     mask: Option<String>,
+    /// The pipeline's default when absent ([`default_strength`]).
     strength: Option<f64>,
 }
 
-fn one() -> usize {
-    1
-}
+type Case = crate::common::Case<Input>;
 
 fn root() -> PathBuf {
     fixtures_dir().join("img2img")
@@ -45,11 +36,7 @@ fn root() -> PathBuf {
 /// The model a family's cases run on: the family's own export when the generator wrote one,
 /// else the text-to-image parity export (the same tiny SD1.5/SDXL weights).
 fn model_dir(family: &str) -> PathBuf {
-    let own = root().join(family).join("onnx");
-    if own.is_dir() {
-        return own;
-    }
-    fixtures_dir().join("parity").join(family).join("onnx")
+    suite_model(&root(), family)
 }
 
 /// diffusers' default strength of each pipeline, for cases that leave it out.
@@ -62,57 +49,33 @@ fn default_strength(family: &str) -> f64 {
     }
 }
 
+/// The task a case asks for: its image (and mask) read from the fixtures, at its strength.
+fn task(case: &Case, family: &str) -> Task {
+    let input = &case.extra;
+    let image = load_image(&root().join(&input.image)).expect("input image");
+    let strength = input.strength.unwrap_or_else(|| default_strength(family));
+    match &input.mask {
+        Some(mask) => Task::Inpaint {
+            image,
+            mask: load_image(&root().join(mask)).expect("mask image"),
+            strength,
+            mode: InpaintMode::Auto,
+        },
+        None => Task::ImageToImage { image, strength },
+    }
+}
+
 /// Runs every case of a family and reports all failures at once.
 fn check_family(family: &str) {
     let dir = root().join(family);
-    let cases_path = dir.join("cases.json");
-    let text = std::fs::read_to_string(&cases_path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}; generate the image-to-image fixtures with `make fixtures`",
-            cases_path.display()
-        )
-    });
-    let cases: Vec<Case> = serde_json::from_str(&text).expect("cases.json parses");
+    let cases: Vec<Case> = read_cases(&dir, "image-to-image");
     assert!(!cases.is_empty());
     let model = model_dir(family);
     let mut engine = Engine::load(model.to_string_lossy(), &EngineOptions::default())
         .unwrap_or_else(|e| panic!("{}: {e}; run `make fixtures`", model.display()));
-    let mut report = ParityReport::default();
-    for case in &cases {
-        let request = GenerateRequest {
-            prompt: case.prompt.clone(),
-            negative_prompt: case.negative_prompt.clone(),
-            steps: case.steps,
-            eta: case.eta,
-            guidance: case.guidance,
-            seed: case.seed,
-            width: Some(case.width),
-            height: Some(case.height),
-            num_images: case.num_images,
-            original_inference_steps: None,
-            control: Vec::new(),
-        };
-        let image = load_image(&root().join(&case.image)).expect("input image");
-        let strength = case.strength.unwrap_or_else(|| default_strength(family));
-        let task = match &case.mask {
-            Some(mask) => Task::Inpaint {
-                image,
-                mask: load_image(&root().join(mask)).expect("mask image"),
-                strength,
-                mode: InpaintMode::Auto,
-            },
-            None => Task::ImageToImage { image, strength },
-        };
-        let out = match engine.run(&request, &task, &mut |_| true) {
-            Ok(out) => out,
-            Err(e) => {
-                report.fail(format!("{}: {e}", case.name));
-                continue;
-            }
-        };
-        report.check(&out, &dir.join("reference"), &case.name);
-    }
-    report.finish(family, cases.len());
+    check_cases(family, &cases, &dir.join("reference"), |case, _| {
+        engine.run(&case.request(), &task(case, family), &mut |_| true)
+    });
 }
 
 #[test]
@@ -143,7 +106,7 @@ fn sdxl_inpainting_matches_diffusers() {
 /// A strength that leaves no step is refused with a message that says what to change.
 #[test]
 fn strength_leaving_no_step_is_refused() {
-    let model = fixtures_dir().join("parity").join("sd15").join("onnx");
+    let model = parity_model("sd15");
     let mut engine = Engine::load(model.to_string_lossy(), &EngineOptions::default())
         .expect("the exported tiny model loads");
     let request = GenerateRequest {

@@ -6,118 +6,51 @@
 
 use std::path::{Path, PathBuf};
 
-use ndarray::ArrayD;
-use serde::Deserialize;
 use tcd_ort::image_io::read_npy;
-use tcd_ort::pipeline::{Engine, EngineOptions, GenerateRequest, LoraSpec};
+use tcd_ort::pipeline::{Engine, EngineOptions, LoraSpec};
 
-use crate::common::{fixtures_dir, ParityReport};
+use crate::common::{
+    check_cases, copy_dir, fixtures_dir, max_pixel_diff, parity_model, read_cases, relative_diff,
+    Loras,
+};
 
-#[derive(Debug, Deserialize)]
-struct LoraRef {
-    file: String,
-    weight: f32,
-}
-
-#[derive(Debug, Deserialize)]
-struct Case {
-    name: String,
-    prompt: String,
-    negative_prompt: Option<String>,
-    steps: usize,
-    eta: f32,
-    guidance: f32,
-    seed: u64,
-    width: usize,
-    height: usize,
-    loras: Vec<LoraRef>,
-    #[serde(default)]
-    fuse: bool,
-}
+type Case = crate::common::Case<Loras>;
 
 fn lora_dir(family: &str) -> PathBuf {
     fixtures_dir().join("lora").join(family)
 }
 
 fn base_model(family: &str) -> String {
-    fixtures_dir()
-        .join("parity")
-        .join(family)
-        .join("onnx")
-        .to_string_lossy()
-        .into_owned()
-}
-
-fn request(case: &Case) -> GenerateRequest {
-    GenerateRequest {
-        prompt: case.prompt.clone(),
-        negative_prompt: case.negative_prompt.clone(),
-        steps: case.steps,
-        eta: case.eta,
-        guidance: case.guidance,
-        seed: case.seed,
-        width: Some(case.width),
-        height: Some(case.height),
-        num_images: 1,
-        original_inference_steps: None,
-        control: Vec::new(),
-    }
-}
-
-fn relative_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
-    assert_eq!(a.shape(), b.shape());
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
-    a.iter()
-        .zip(b.iter())
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-        / scale
+    parity_model(family).to_string_lossy().into_owned()
 }
 
 fn cases(family: &str) -> Vec<Case> {
-    let path = lora_dir(family).join("cases.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}; generate the LoRA fixtures with `make fixtures`",
-            path.display()
-        )
-    });
-    serde_json::from_str(&text).expect("cases.json parses")
+    read_cases(&lora_dir(family), "LoRA")
 }
 
 fn check_family(family: &str) {
     let dir = lora_dir(family);
     let cases = cases(family);
     assert!(
-        cases.iter().any(|c| c.loras.len() > 1),
+        cases.iter().any(|c| c.extra.loras.len() > 1),
         "a multi-adapter case"
     );
-    let mut report = ParityReport::default();
-    for case in &cases {
-        let options = EngineOptions {
-            loras: case
-                .loras
-                .iter()
-                .map(|l| LoraSpec {
-                    source: dir.join(&l.file).to_string_lossy().into_owned(),
-                    weight: l.weight,
-                    weight_name: None,
-                })
-                .collect(),
-            ..EngineOptions::default()
-        };
-        let mut engine = Engine::load(base_model(family), &options)
-            .unwrap_or_else(|e| panic!("{family}/{}: {e}", case.name));
-        assert!(
-            engine.lora_report().patched.values().sum::<usize>() > 0,
-            "{}: nothing patched",
-            case.name
-        );
-        let out = engine
-            .generate(&request(case), &mut |_| true)
-            .unwrap_or_else(|e| panic!("{family}/{}: {e}", case.name));
-        report.check(&out, &dir.join("reference"), &case.name);
-    }
-    report.finish(&format!("{family} with LoRAs"), cases.len());
+    let model = base_model(family);
+    check_cases(
+        &format!("{family} with LoRAs"),
+        &cases,
+        &dir.join("reference"),
+        |case, _| {
+            let mut engine = Engine::load(&model, &case.extra.engine_options(&dir))
+                .unwrap_or_else(|e| panic!("{family}/{}: {e}", case.name));
+            assert!(
+                engine.lora_report().patched.values().sum::<usize>() > 0,
+                "{}: nothing patched",
+                case.name
+            );
+            engine.generate(&case.request(), &mut |_| true)
+        },
+    );
 }
 
 #[test]
@@ -136,39 +69,21 @@ fn check_fused_export(family: &str) {
     let dir = lora_dir(family);
     let case = cases(family)
         .into_iter()
-        .find(|c| c.loras.len() > 1 && !c.fuse)
+        .find(|c| c.extra.loras.len() > 1 && !c.extra.fuse)
         .expect("a multi-adapter case");
-    let loaded = EngineOptions {
-        loras: case
-            .loras
-            .iter()
-            .map(|l| LoraSpec {
-                source: dir.join(&l.file).to_string_lossy().into_owned(),
-                weight: l.weight,
-                weight_name: None,
-            })
-            .collect(),
-        ..EngineOptions::default()
-    };
-    let a = Engine::load(base_model(family), &loaded)
+    let a = Engine::load(base_model(family), &case.extra.engine_options(&dir))
         .expect("loads with LoRAs")
-        .generate(&request(&case), &mut |_| true)
+        .generate(&case.request(), &mut |_| true)
         .expect("runs");
     let fused = dir.join("fused_onnx");
     let b = Engine::load(fused.to_string_lossy(), &EngineOptions::default())
         .expect("the fused export loads")
-        .generate(&request(&case), &mut |_| true)
+        .generate(&case.request(), &mut |_| true)
         .expect("runs");
     let diff = relative_diff(&a.latents, &b.latents);
     eprintln!("{family}: export-fused vs load-time latents differ by {diff:e} of max");
     assert!(diff <= 1e-4, "{family}: {diff:e}");
-    let pixels = a.images[0]
-        .pixels
-        .iter()
-        .zip(&b.images[0].pixels)
-        .map(|(x, y)| x.abs_diff(*y))
-        .max()
-        .unwrap_or(0);
+    let pixels = max_pixel_diff(&a.images[0].pixels, &b.images[0].pixels);
     assert!(pixels <= 2, "{family}: pixels differ by {pixels}/255");
 }
 
@@ -206,19 +121,6 @@ fn bad_adapters_are_clear_errors() {
     }
 }
 
-pub(crate) fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("read_dir") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.path().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy");
-        }
-    }
-}
-
 /// An unfused export that records LoRAs in its manifest gets them applied at load time, the
 /// same as passing them explicitly.
 #[test]
@@ -226,15 +128,16 @@ fn loras_recorded_in_the_manifest_are_applied_at_load() {
     let dir = lora_dir("sd15");
     let case = cases("sd15")
         .into_iter()
-        .find(|c| c.loras.len() > 1 && !c.fuse)
+        .find(|c| c.extra.loras.len() > 1 && !c.extra.fuse)
         .expect("a multi-adapter case");
     let model = crate::common::scratch_dir("manifest-lora").join("model");
-    copy_dir(Path::new(&base_model("sd15")), &model);
+    copy_dir(&parity_model("sd15"), &model);
     let manifest_path = model.join("tcd_ort.json");
     let mut manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&manifest_path).expect("manifest"))
             .expect("json");
     manifest["lora"] = case
+        .extra
         .loras
         .iter()
         .map(|l| {
@@ -248,9 +151,9 @@ fn loras_recorded_in_the_manifest_are_applied_at_load() {
     std::fs::write(&manifest_path, manifest.to_string()).expect("write manifest");
     let mut engine =
         Engine::load(model.to_string_lossy(), &EngineOptions::default()).expect("loads");
-    assert_eq!(engine.lora_report().adapters, case.loras.len());
+    assert_eq!(engine.lora_report().adapters, case.extra.loras.len());
     let out = engine
-        .generate(&request(&case), &mut |_| true)
+        .generate(&case.request(), &mut |_| true)
         .expect("runs");
     let reference = read_npy(&dir.join("reference").join(format!("{}.npy", case.name)))
         .expect("reference latents");

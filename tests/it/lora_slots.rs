@@ -11,84 +11,31 @@
 
 use std::path::PathBuf;
 
-use serde::Deserialize;
-use tcd_ort::pipeline::{Engine, EngineOptions, GenerateRequest, Generated, LoraSpec};
+use tcd_ort::pipeline::{Engine, EngineOptions, Generated};
 
-use crate::common::{fixtures_dir, ParityReport};
+use crate::common::{
+    check_cases, copy_dir, fixtures_dir, max_abs, max_abs_diff, parity_model, read_cases, Loras,
+};
 
-#[derive(Debug, Deserialize)]
-struct LoraRef {
-    file: String,
-    weight: f32,
-}
-
-#[derive(Debug, Deserialize)]
-struct Case {
-    name: String,
-    prompt: String,
-    steps: usize,
-    eta: f32,
-    guidance: f32,
-    seed: u64,
-    width: usize,
-    height: usize,
-    loras: Vec<LoraRef>,
-}
+type Case = crate::common::Case<Loras>;
 
 fn slots_dir(family: &str) -> PathBuf {
     fixtures_dir().join("lora_slots").join(family)
 }
 
 fn cases(family: &str) -> Vec<Case> {
-    let path = slots_dir(family).join("cases.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}; generate the LoRA slot fixtures with `make fixtures`",
-            path.display()
-        )
-    });
-    serde_json::from_str(&text).expect("cases.json parses")
-}
-
-fn request(case: &Case) -> GenerateRequest {
-    GenerateRequest {
-        prompt: case.prompt.clone(),
-        negative_prompt: None,
-        steps: case.steps,
-        eta: case.eta,
-        guidance: case.guidance,
-        seed: case.seed,
-        width: Some(case.width),
-        height: Some(case.height),
-        num_images: 1,
-        original_inference_steps: None,
-        control: Vec::new(),
-    }
+    read_cases(&slots_dir(family), "LoRA slot")
 }
 
 fn options(family: &str, case: &Case) -> EngineOptions {
-    EngineOptions {
-        loras: case
-            .loras
-            .iter()
-            .map(|l| LoraSpec {
-                source: slots_dir(family)
-                    .join(&l.file)
-                    .to_string_lossy()
-                    .into_owned(),
-                weight: l.weight,
-                weight_name: None,
-            })
-            .collect(),
-        ..EngineOptions::default()
-    }
+    case.extra.engine_options(&slots_dir(family))
 }
 
 fn generate(model: &std::path::Path, options: &EngineOptions, case: &Case) -> (Engine, Generated) {
     let mut engine = Engine::load(model.to_string_lossy(), options)
         .unwrap_or_else(|e| panic!("{}/{}: {e}", model.display(), case.name));
     let out = engine
-        .generate(&request(case), &mut |_| true)
+        .generate(&case.request(), &mut |_| true)
         .unwrap_or_else(|e| panic!("{}/{}: {e}", model.display(), case.name));
     (engine, out)
 }
@@ -100,14 +47,14 @@ fn check_slots(family: &str) {
     let model = dir.join("slots_r8");
     let cases = cases(family);
     assert!(
-        cases.iter().any(|c| c.loras.len() > 1),
+        cases.iter().any(|c| c.extra.loras.len() > 1),
         "a multi-adapter case"
     );
-    let mut report = ParityReport::default();
-    for case in &cases {
+    let what = format!("{family} LoRAs in rank-8 slots");
+    check_cases(&what, &cases, &dir.join("reference"), |case, report| {
         let (engine, out) = generate(&model, &options(family, case), case);
         let lora = engine.lora_report();
-        if !case.loras.is_empty() {
+        if !case.extra.loras.is_empty() {
             let slotted = lora.slotted.get("unet").copied().unwrap_or(0);
             if slotted == 0 {
                 report.fail(format!("{}: no UNet module went into a slot", case.name));
@@ -118,7 +65,7 @@ fn check_slots(family: &str) {
                     case.name, lora
                 ));
             }
-            let style = case.loras.iter().any(|l| l.file.starts_with("style"));
+            let style = case.extra.loras.iter().any(|l| l.file.starts_with("style"));
             if style != lora.patched.contains_key("text_encoder") {
                 report.fail(format!(
                     "{}: text encoder LoRAs should be fused exactly when the style LoRA is loaded: {:?}",
@@ -126,9 +73,8 @@ fn check_slots(family: &str) {
                 ));
             }
         }
-        report.check(&out, &dir.join("reference"), &case.name);
-    }
-    report.finish(&format!("{family} LoRAs in rank-8 slots"), cases.len());
+        Ok(out)
+    });
 }
 
 #[test]
@@ -147,13 +93,13 @@ fn sdxl_loras_in_slots_match_diffusers_unfused() {
 fn check_overflow(family: &str) {
     let dir = slots_dir(family);
     let model = dir.join("slots_r4");
-    let mut report = ParityReport::default();
     let multi: Vec<Case> = cases(family)
         .into_iter()
-        .filter(|c| c.loras.len() > 1)
+        .filter(|c| c.extra.loras.len() > 1)
         .collect();
     assert!(!multi.is_empty(), "a multi-adapter case");
-    for case in &multi {
+    let what = format!("{family} LoRAs overflowing rank-4 slots");
+    check_cases(&what, &multi, &dir.join("reference"), |case, report| {
         let (engine, out) = generate(&model, &options(family, case), case);
         let lora = engine.lora_report();
         let fused_unet = lora.patched.get("unet").copied().unwrap_or(0);
@@ -169,12 +115,8 @@ fn check_overflow(family: &str) {
                 case.name
             ));
         }
-        report.check(&out, &dir.join("reference"), &case.name);
-    }
-    report.finish(
-        &format!("{family} LoRAs overflowing rank-4 slots"),
-        multi.len(),
-    );
+        Ok(out)
+    });
 }
 
 #[test]
@@ -193,21 +135,16 @@ fn empty_slots_equal_the_plain_export() {
     for family in ["sd15", "sdxl"] {
         let case = cases(family)
             .into_iter()
-            .find(|c| c.loras.is_empty())
+            .find(|c| c.extra.loras.is_empty())
             .expect("a case without LoRAs");
         let (_, slotted) = generate(
             &slots_dir(family).join("slots_r8"),
             &EngineOptions::default(),
             &case,
         );
-        let plain_dir = fixtures_dir().join("parity").join(family).join("onnx");
-        let (_, plain) = generate(&plain_dir, &EngineOptions::default(), &case);
-        let scale = plain.latents.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let diff = slotted
-            .latents
-            .iter()
-            .zip(plain.latents.iter())
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let (_, plain) = generate(&parity_model(family), &EngineOptions::default(), &case);
+        let scale = max_abs(&plain.latents);
+        let diff = max_abs_diff(&slotted.latents, &plain.latents);
         eprintln!("{family}: empty slots vs plain export: {diff:e} (max |latent| {scale})");
         assert!(diff <= 1e-6 * scale, "{family}: {diff:e} of {scale}");
         assert_eq!(slotted.images[0].pixels, plain.images[0].pixels, "{family}");
@@ -220,19 +157,14 @@ fn slots_and_fusing_agree() {
     let family = "sd15";
     let case = cases(family)
         .into_iter()
-        .find(|c| c.loras.len() > 1)
+        .find(|c| c.extra.loras.len() > 1)
         .expect("a multi-adapter case");
     let options = options(family, &case);
     let (_, slotted) = generate(&slots_dir(family).join("slots_r8"), &options, &case);
-    let plain_dir = fixtures_dir().join("parity").join(family).join("onnx");
-    let (engine, fused) = generate(&plain_dir, &options, &case);
+    let (engine, fused) = generate(&parity_model(family), &options, &case);
     assert!(engine.lora_report().slotted.is_empty());
-    let scale = fused.latents.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let diff = slotted
-        .latents
-        .iter()
-        .zip(fused.latents.iter())
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let scale = max_abs(&fused.latents);
+    let diff = max_abs_diff(&slotted.latents, &fused.latents);
     assert!(diff <= 1e-4 * scale, "{diff:e} of {scale}");
 }
 
@@ -243,10 +175,10 @@ fn a_slot_missing_from_the_graph_is_a_clear_error() {
     let family = "sd15";
     let case = cases(family)
         .into_iter()
-        .find(|c| c.loras.len() == 1)
+        .find(|c| c.extra.loras.len() == 1)
         .expect("a single-adapter case");
     let model = crate::common::scratch_dir("lora-slot-missing").join("model");
-    crate::lora_parity::copy_dir(&slots_dir(family).join("slots_r8"), &model);
+    copy_dir(&slots_dir(family).join("slots_r8"), &model);
     let path = model.join("tcd_ort.json");
     let mut manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).expect("manifest")).expect("json");

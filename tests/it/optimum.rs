@@ -11,29 +11,9 @@
 
 use std::path::PathBuf;
 
-use serde::Deserialize;
-use tcd_ort::pipeline::{Engine, EngineOptions, GenerateRequest};
+use tcd_ort::pipeline::{Engine, EngineOptions};
 
-use crate::common::{fixtures_dir, ParityReport};
-
-#[derive(Debug, Deserialize)]
-struct Case {
-    name: String,
-    prompt: String,
-    negative_prompt: Option<String>,
-    steps: usize,
-    eta: f32,
-    guidance: f32,
-    seed: u64,
-    width: usize,
-    height: usize,
-    #[serde(default = "one")]
-    num_images: usize,
-}
-
-fn one() -> usize {
-    1
-}
+use crate::common::{check_cases, fixtures_dir, read_cases, Case};
 
 /// A few parity cases that between them cover: one step without guidance at a non-square size,
 /// several steps with guidance (a batch of two through a scalar timestep), a negative prompt, two
@@ -58,14 +38,7 @@ fn check_family(family: &str) {
         "{}: no optimum export; generate the fixtures with `make fixtures`",
         optimum.display()
     );
-    let cases_path = parity.join("cases.json");
-    let text = std::fs::read_to_string(&cases_path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}; generate the parity fixtures with `make fixtures`",
-            cases_path.display()
-        )
-    });
-    let cases: Vec<Case> = serde_json::from_str(&text).expect("cases.json parses");
+    let cases: Vec<Case> = read_cases(&parity, "parity");
     let cases: Vec<Case> = cases.into_iter().filter(wanted).collect();
     assert!(cases.len() >= 5, "{family}: expected parity cases missing");
 
@@ -75,27 +48,12 @@ fn check_family(family: &str) {
         engine.model().manifest().is_none(),
         "{family}: the optimum export must be tested as-is, without a tcd_ort.json"
     );
-    let mut report = ParityReport::default();
-    for case in &cases {
-        let request = GenerateRequest {
-            prompt: case.prompt.clone(),
-            negative_prompt: case.negative_prompt.clone(),
-            steps: case.steps,
-            eta: case.eta,
-            guidance: case.guidance,
-            seed: case.seed,
-            width: Some(case.width),
-            height: Some(case.height),
-            num_images: case.num_images,
-            original_inference_steps: None,
-            control: Vec::new(),
-        };
-        let out = engine
-            .generate(&request, &mut |_| true)
-            .unwrap_or_else(|e| panic!("{family}/{}: {e}", case.name));
-        report.check(&out, &parity.join("reference"), &case.name);
-    }
-    report.finish(&format!("{family} (optimum-cli export)"), cases.len());
+    check_cases(
+        &format!("{family} (optimum-cli export)"),
+        &cases,
+        &parity.join("reference"),
+        |case, _| engine.generate(&case.request(), &mut |_| true),
+    );
 }
 
 #[test]

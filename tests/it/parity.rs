@@ -8,30 +8,10 @@
 
 use std::path::PathBuf;
 
-use serde::Deserialize;
 use tcd_ort::model::Family;
 use tcd_ort::pipeline::{Engine, EngineOptions, GenerateRequest};
 
-use crate::common::{fixtures_dir, ParityReport};
-
-#[derive(Debug, Deserialize)]
-struct Case {
-    name: String,
-    prompt: String,
-    negative_prompt: Option<String>,
-    steps: usize,
-    eta: f32,
-    guidance: f32,
-    seed: u64,
-    width: usize,
-    height: usize,
-    #[serde(default = "one")]
-    num_images: usize,
-}
-
-fn one() -> usize {
-    1
-}
+use crate::common::{check_cases, fixtures_dir, read_cases, Case};
 
 fn family_dir(family: &str) -> PathBuf {
     fixtures_dir().join("parity").join(family)
@@ -50,14 +30,7 @@ fn expected_family(family: &str) -> Family {
 /// Runs every case of a family and reports all failures at once.
 fn check_family(family: &str) {
     let dir = family_dir(family);
-    let cases_path = dir.join("cases.json");
-    let text = std::fs::read_to_string(&cases_path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}; generate the parity fixtures with `make fixtures`",
-            cases_path.display()
-        )
-    });
-    let cases: Vec<Case> = serde_json::from_str(&text).expect("cases.json parses");
+    let cases: Vec<Case> = read_cases(&dir, "parity");
     assert!(!cases.is_empty());
     let onnx = dir.join("onnx");
     let mut engine = Engine::load(onnx.to_string_lossy(), &EngineOptions::default())
@@ -67,27 +40,9 @@ fn check_family(family: &str) {
         expected_family(family),
         "tcd_ort.json family"
     );
-    let mut report = ParityReport::default();
-    for case in &cases {
-        let request = GenerateRequest {
-            prompt: case.prompt.clone(),
-            negative_prompt: case.negative_prompt.clone(),
-            steps: case.steps,
-            eta: case.eta,
-            guidance: case.guidance,
-            seed: case.seed,
-            width: Some(case.width),
-            height: Some(case.height),
-            num_images: case.num_images,
-            original_inference_steps: None,
-            control: Vec::new(),
-        };
-        let out = engine
-            .generate(&request, &mut |_| true)
-            .unwrap_or_else(|e| panic!("{family}/{}: {e}", case.name));
-        report.check(&out, &dir.join("reference"), &case.name);
-    }
-    report.finish(family, cases.len());
+    check_cases(family, &cases, &dir.join("reference"), |case, _| {
+        engine.generate(&case.request(), &mut |_| true)
+    });
 }
 
 #[test]

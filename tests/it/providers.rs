@@ -14,7 +14,7 @@ use tcd_ort::runtime::{
     declared_inputs, tensorrt::profile_shapes, CacheStatus, SessionCache, TrtProfile,
 };
 
-use crate::common::{fixtures_dir, repo_root, scratch_dir};
+use crate::common::{copy_dir, fixtures_dir, repo_root, scratch_dir};
 
 fn demo_model() -> PathBuf {
     repo_root().join("models").join("tiny-sd15")
@@ -280,19 +280,6 @@ fn generate(engine: &mut Engine) -> (Vec<u8>, Vec<u32>) {
         .expect("generates");
     let latents = out.latents.iter().map(|v| v.to_bits()).collect();
     (out.images[0].pixels.clone(), latents)
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for entry in std::fs::read_dir(from).expect("read_dir") {
-        let entry = entry.expect("entry");
-        let target = to.join(entry.file_name());
-        if entry.path().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).expect("copy");
-        }
-    }
 }
 
 fn entries(cache: &Path, component: &str) -> Vec<PathBuf> {
