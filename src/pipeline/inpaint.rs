@@ -48,6 +48,9 @@ fn nearest(mask: &ArrayD<f32>, out_h: usize, out_w: usize) -> Result<ArrayD<f32>
     Ok(out)
 }
 
+// The steps of diffusers' inpainting pipelines in their order (random draws included), which
+// parity depends on; kept in one piece to be read beside them.
+#[allow(clippy::too_many_lines)]
 pub(super) fn run(
     engine: &mut Engine,
     request: &GenerateRequest,

@@ -166,135 +166,163 @@ fn compute_overrides(
     }
     let mut overrides = BTreeMap::new();
     for (component, deltas) in by_component {
-        if !model.has_component(component) {
-            if allow_unmatched {
-                report
-                    .unmatched
-                    .extend(deltas.iter().map(|d| format!("{component}.{}", d.param)));
-                continue;
-            }
-            return Err(Error::invalid(format!(
-                "the LoRA patches {component}, which this model does not have (a LoRA for another base model?)"
-            )));
+        if let Some(replacements) =
+            component_overrides(model, component, deltas, allow_unmatched, &mut report)?
+        {
+            overrides.insert(component.to_string(), replacements);
         }
-        let graph = model.graph_path(component);
-        let table = InitializerTable::read(&graph)?;
-        // The name under which this export holds the parameter (CLIP weights sit under
-        // `text_model.` or not depending on the exporter's transformers version).
-        let located = |d: &PendingDelta<'_>| {
-            param_aliases(d.component, &d.param)
-                .into_iter()
-                .find(|n| table.get(n).is_some())
-        };
-        let (present, missing): (Vec<_>, Vec<_>) = deltas
-            .into_iter()
-            .map(|d| (located(&d), d))
-            .partition(|(name, _)| name.is_some());
-        if present.is_empty() {
-            let keeps_names = model.manifest().is_some_and(|m| m.weights_keep_names);
-            return Err(Error::model(
-                &graph,
-                if keeps_names {
-                    format!(
-                        "none of the LoRA's {} targets in {component} exist in this model (e.g. '{}'): a LoRA for another base model?",
-                        missing.len(),
-                        missing.first().map(|(_, d)| d.param.as_str()).unwrap_or_default()
-                    )
-                } else {
-                    "the model's weights do not carry their PyTorch names (a plain optimum \
-                     export, say), so a LoRA cannot be applied at load time; re-export with \
-                     `python -m export convert SOURCE DIR` (keeps names), or fuse the LoRA at \
-                     export with `--lora FILE --fuse-lora`"
-                        .to_string()
-                },
-            ));
-        }
-        if !missing.is_empty() {
-            let names: Vec<String> = missing
-                .iter()
-                .map(|(_, d)| format!("{component}.{}", d.param))
-                .collect();
-            if !allow_unmatched {
-                let shown = names.iter().take(8).cloned().collect::<Vec<_>>().join(", ");
-                return Err(Error::invalid(format!(
-                    "{} LoRA target(s) match no weight in {component}: {shown}{} (pass --lora-allow-unmatched to skip them)",
-                    names.len(),
-                    if names.len() > 8 { ", ..." } else { "" }
-                )));
-            }
-            report.unmatched.extend(names);
-        }
-        // Modules with a slot whose adapters fit it go into the slot, the rest are fused.
-        let slots = model.manifest().and_then(|m| m.lora_slots.get(component));
-        let (slotted, present): (Vec<_>, Vec<_>) = match slots {
-            None => (Vec::new(), present),
-            Some(slots) => {
-                let modules: HashSet<&str> = slots.modules.iter().map(String::as_str).collect();
-                let has_slot = |d: &PendingDelta<'_>| {
-                    d.param
-                        .strip_suffix(".weight")
-                        .is_some_and(|m| modules.contains(m))
-                };
-                let (slotted, fused): (Vec<_>, Vec<_>) = present
-                    .into_iter()
-                    .partition(|(_, d)| has_slot(d) && d.rank() <= slots.rank);
-                report.slot_overflow.extend(
-                    fused
-                        .iter()
-                        .filter(|(_, d)| has_slot(d))
-                        .map(|(_, d)| format!("{component}.{}", d.param)),
-                );
-                (slotted, fused)
-            }
-        };
-        let mut component_overrides = Vec::new();
-        if let Some(slots) = slots.filter(|_| !slotted.is_empty()) {
-            let filled = slot_overrides(&graph, &table, component, slots, slotted)?;
-            report
-                .slotted
-                .insert(component.to_string(), filled.len() / 2);
-            component_overrides.extend(filled);
-        }
-        let patched: Vec<WeightOverride> = present
-            .into_par_iter()
-            .map(|(name, d)| {
-                let init = name
-                    .as_deref()
-                    .and_then(|n| table.get(n))
-                    .ok_or_else(|| Error::Runtime(format!("weight {} vanished", d.param)))?;
-                if squeeze(&init.dims) != squeeze(&d.shape) {
-                    return Err(Error::invalid(format!(
-                        "LoRA delta for {component}.{} has shape {:?} but the model's weight is {:?}: a LoRA for another base model?",
-                        d.param, d.shape, init.dims
-                    )));
-                }
-                if !init.is_external() {
-                    return Err(Error::model(
-                        &graph,
-                        format!(
-                            "weight '{}' is embedded in the graph; ONNX Runtime ignores replacements of embedded weights, so re-export with external data (`python -m export convert`)",
-                            init.name
-                        ),
-                    ));
-                }
-                let mut values = table.read_f32(init)?;
-                // W' = W + sum of w_i * (alpha_i / r_i) * B_i A_i, as diffusers' fuse_lora.
-                d.add_to(&mut values)?;
-                Ok(WeightOverride {
-                    name: init.name.clone(),
-                    shape: init.dims.clone(),
-                    values,
-                    dtype: ElementType::from_onnx(init.data_type),
-                })
-            })
-            .collect::<Result<_>>()?;
-        if !patched.is_empty() {
-            report.patched.insert(component.to_string(), patched.len());
-        }
-        component_overrides.extend(patched);
-        overrides.insert(component.to_string(), component_overrides);
     }
     Ok((overrides, report))
+}
+
+/// The replacements for one component's deltas: into its LoRA slots where they fit, fused into
+/// the weights otherwise; `None` for a component the model lacks when unmatched targets are
+/// allowed.
+fn component_overrides(
+    model: &ModelDir,
+    component: &'static str,
+    deltas: Vec<PendingDelta<'_>>,
+    allow_unmatched: bool,
+    report: &mut LoraReport,
+) -> Result<Option<Vec<WeightOverride>>> {
+    if !model.has_component(component) {
+        if allow_unmatched {
+            report
+                .unmatched
+                .extend(deltas.iter().map(|d| format!("{component}.{}", d.param)));
+            return Ok(None);
+        }
+        return Err(Error::invalid(format!(
+            "the LoRA patches {component}, which this model does not have (a LoRA for another base model?)"
+        )));
+    }
+    let graph = model.graph_path(component);
+    let table = InitializerTable::read(&graph)?;
+    // The name under which this export holds the parameter (CLIP weights sit under
+    // `text_model.` or not depending on the exporter's transformers version).
+    let located = |d: &PendingDelta<'_>| {
+        param_aliases(d.component, &d.param)
+            .into_iter()
+            .find(|n| table.get(n).is_some())
+    };
+    let (present, missing): (Vec<_>, Vec<_>) = deltas
+        .into_iter()
+        .map(|d| (located(&d), d))
+        .partition(|(name, _)| name.is_some());
+    if present.is_empty() {
+        let keeps_names = model.manifest().is_some_and(|m| m.weights_keep_names);
+        return Err(Error::model(
+            &graph,
+            if keeps_names {
+                format!(
+                    "none of the LoRA's {} targets in {component} exist in this model (e.g. '{}'): a LoRA for another base model?",
+                    missing.len(),
+                    missing.first().map(|(_, d)| d.param.as_str()).unwrap_or_default()
+                )
+            } else {
+                "the model's weights do not carry their PyTorch names (a plain optimum \
+                 export, say), so a LoRA cannot be applied at load time; re-export with \
+                 `python -m export convert SOURCE DIR` (keeps names), or fuse the LoRA at \
+                 export with `--lora FILE --fuse-lora`"
+                    .to_string()
+            },
+        ));
+    }
+    if !missing.is_empty() {
+        let names: Vec<String> = missing
+            .iter()
+            .map(|(_, d)| format!("{component}.{}", d.param))
+            .collect();
+        if !allow_unmatched {
+            let shown = names.iter().take(8).cloned().collect::<Vec<_>>().join(", ");
+            return Err(Error::invalid(format!(
+                "{} LoRA target(s) match no weight in {component}: {shown}{} (pass --lora-allow-unmatched to skip them)",
+                names.len(),
+                if names.len() > 8 { ", ..." } else { "" }
+            )));
+        }
+        report.unmatched.extend(names);
+    }
+    // Modules with a slot whose adapters fit it go into the slot, the rest are fused.
+    let slots = model.manifest().and_then(|m| m.lora_slots.get(component));
+    let (slotted, present): (Vec<_>, Vec<_>) = match slots {
+        None => (Vec::new(), present),
+        Some(slots) => {
+            let modules: HashSet<&str> = slots.modules.iter().map(String::as_str).collect();
+            let has_slot = |d: &PendingDelta<'_>| {
+                d.param
+                    .strip_suffix(".weight")
+                    .is_some_and(|m| modules.contains(m))
+            };
+            let (slotted, fused): (Vec<_>, Vec<_>) = present
+                .into_iter()
+                .partition(|(_, d)| has_slot(d) && d.rank() <= slots.rank);
+            report.slot_overflow.extend(
+                fused
+                    .iter()
+                    .filter(|(_, d)| has_slot(d))
+                    .map(|(_, d)| format!("{component}.{}", d.param)),
+            );
+            (slotted, fused)
+        }
+    };
+    let mut component_overrides = Vec::new();
+    if let Some(slots) = slots.filter(|_| !slotted.is_empty()) {
+        let filled = slot_overrides(&graph, &table, component, slots, slotted)?;
+        report
+            .slotted
+            .insert(component.to_string(), filled.len() / 2);
+        component_overrides.extend(filled);
+    }
+    let patched = fuse(&graph, &table, component, present)?;
+    if !patched.is_empty() {
+        report.patched.insert(component.to_string(), patched.len());
+    }
+    component_overrides.extend(patched);
+    Ok(Some(component_overrides))
+}
+
+/// The weights of one component with their deltas added (diffusers' `fuse_lora`), computed in
+/// parallel; `present` pairs each delta with the name its weight has in the graph.
+fn fuse(
+    graph: &Path,
+    table: &InitializerTable,
+    component: &str,
+    present: Vec<(Option<String>, PendingDelta<'_>)>,
+) -> Result<Vec<WeightOverride>> {
+    present
+        .into_par_iter()
+        .map(|(name, d)| {
+            let init = name
+                .as_deref()
+                .and_then(|n| table.get(n))
+                .ok_or_else(|| Error::Runtime(format!("weight {} vanished", d.param)))?;
+            if squeeze(&init.dims) != squeeze(&d.shape) {
+                return Err(Error::invalid(format!(
+                    "LoRA delta for {component}.{} has shape {:?} but the model's weight is {:?}: a LoRA for another base model?",
+                    d.param, d.shape, init.dims
+                )));
+            }
+            if !init.is_external() {
+                return Err(Error::model(
+                    graph,
+                    format!(
+                        "weight '{}' is embedded in the graph; ONNX Runtime ignores replacements of embedded weights, so re-export with external data (`python -m export convert`)",
+                        init.name
+                    ),
+                ));
+            }
+            let mut values = table.read_f32(init)?;
+            // W' = W + sum of w_i * (alpha_i / r_i) * B_i A_i, as diffusers' fuse_lora.
+            d.add_to(&mut values)?;
+            Ok(WeightOverride {
+                name: init.name.clone(),
+                shape: init.dims.clone(),
+                values,
+                dtype: ElementType::from_onnx(init.data_type),
+            })
+        })
+        .collect()
 }
 
 /// Fills the slots of `deltas` (every one has a slot its ranks fit): two replacements per

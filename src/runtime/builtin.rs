@@ -87,6 +87,8 @@ fn providers_for_builtin(options: &SessionOptions) -> Vec<ExecutionProvider> {
 /// It runs on `options`' providers (TensorRT as CUDA), unoptimised: there is nothing to fuse,
 /// and keeping the product and the sum apart keeps float32 results bit-identical to the same
 /// arithmetic on the host.
+// One ONNX graph written out node by node; its parts mean little apart.
+#[allow(clippy::too_many_lines)]
 pub fn scaled_sum(
     name: &str,
     count: usize,

@@ -329,6 +329,9 @@ impl TcdScheduler {
     /// schedule of `original_inference_steps`, default the config's) or `timesteps` (a custom,
     /// strictly descending list). `strength` in `(0, 1]` shortens the schedule for img2img and
     /// inpainting as diffusers' pipelines do; use `1.0` for text-to-image.
+    // It follows diffusers' `TCDScheduler.set_timesteps` branch for branch so the two can be
+    // read side by side; split, that correspondence would be lost.
+    #[allow(clippy::too_many_lines)]
     pub fn set_timesteps(
         &mut self,
         num_inference_steps: Option<usize>,

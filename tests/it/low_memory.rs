@@ -385,6 +385,8 @@ fn low_memory_loads_the_unet_whole_when_segments_would_not_come_from_the_cache()
 /// A graph loaded in segments computes what the whole graph computes, with replaced weights
 /// routed to the segments that read them; a weight no segment has is refused by name.
 #[test]
+// One scenario, step by step: the whole graph, then its segments, then replaced weights.
+#[allow(clippy::too_many_lines)]
 fn a_graph_in_segments_runs_like_the_whole_graph_with_replaced_weights() {
     tcd_ort::runtime::ensure_loaded(None).expect("ONNX Runtime loads");
     let root = std::path::PathBuf::from(committed_model("tiny-sd15")).join("unet");
