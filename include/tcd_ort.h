@@ -88,6 +88,11 @@ enum tcd_status
    * the call are still valid to free, but an engine should not be used further.
    */
   TCD_ERR_PANIC = 9,
+  /**
+   * An invariant of the engine failed (a defect of tcd-ort or of the model's graphs, not of
+   * the request): please report it with the message.
+   */
+  TCD_ERR_INTERNAL = 10,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -313,6 +318,19 @@ tcd_status tcd_result_image(const struct tcd_result *result,
  * from `tcd_result_image` is used afterwards.
  */
 void tcd_result_free(struct tcd_result *result);
+
+/**
+ * Writes what the generation warned about, one warning per line (e.g. a prompt truncated to
+ * CLIP's 77 tokens, as diffusers warns); empty when there was nothing. The library writes
+ * nothing to stderr: a host shows or logs these as it likes. Buffer handling as
+ * `tcd_last_error_message`: returns the full length (call again with return value + 1 bytes
+ * when it is `>= len`); 0 when `result` is NULL.
+ *
+ * # Safety
+ *
+ * `result` is NULL or a live result; `buf` is NULL or points to at least `len` writable bytes.
+ */
+size_t tcd_result_warnings(const struct tcd_result *result, char *buf, size_t len);
 
 /**
  * Writes which execution providers run each graph of `engine`, one graph per line:

@@ -55,6 +55,17 @@ pub enum Error {
     /// The progress callback asked to stop.
     #[error("generation cancelled")]
     Cancelled,
+    /// An invariant of the engine failed (arrays it built do not fit together, a graph returned
+    /// no output): a defect of tcd-ort or of the model's graphs, not of the request. The
+    /// underlying error, when there is one, is kept as the source.
+    #[error("internal error: {context}{}", source.as_ref().map(|s| format!(": {s}")).unwrap_or_default())]
+    Internal {
+        /// What the engine was doing.
+        context: String,
+        /// What failed underneath (an ndarray shape error, say).
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
 }
 
 impl Error {
@@ -71,6 +82,25 @@ impl Error {
         }
     }
 
+    /// An [`Error::Internal`] with its cause.
+    pub fn internal(
+        context: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::Internal {
+            context: context.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+
+    /// An [`Error::Internal`] with no underlying error: an invariant that did not hold.
+    pub fn invariant(context: impl Into<String>) -> Self {
+        Error::Internal {
+            context: context.into(),
+            source: None,
+        }
+    }
+
     /// Shorthand for [`Error::Model`].
     pub fn model(dir: impl Into<PathBuf>, message: impl Into<String>) -> Self {
         Error::Model {
@@ -82,3 +112,27 @@ impl Error {
 
 /// The library's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn internal_errors_keep_their_cause() {
+        let shape = ndarray::Array2::<f32>::zeros((2, 3));
+        let cause = shape
+            .into_shape_with_order((4, 4))
+            .expect_err("6 elements do not make 16");
+        let e = Error::internal("batching latents", cause);
+        assert!(
+            e.to_string()
+                .starts_with("internal error: batching latents: "),
+            "{e}"
+        );
+        assert!(e.source().is_some());
+        let e = Error::invariant("unet returned nothing");
+        assert_eq!(e.to_string(), "internal error: unet returned nothing");
+        assert!(e.source().is_none());
+    }
+}

@@ -492,6 +492,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         timeline.record(event, generate_started.elapsed().as_secs_f64());
         bar.update(event)
     })?;
+    for warning in &generated.warnings {
+        eprintln!("warning: {warning}");
+    }
     let generate_s = generate_started.elapsed().as_secs_f64();
     let load_s = generate_started.duration_since(load_started).as_secs_f64();
     let runs = run_stats_since(&runs_before, engine.run_stats());

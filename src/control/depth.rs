@@ -248,7 +248,7 @@ impl DptPreprocessor {
             }
         }
         ArrayD::from_shape_vec(IxDyn(&[1, 3, h, w]), values)
-            .map_err(|e| Error::Runtime(format!("pixel values: {e}")))
+            .map_err(|e| Error::internal("pixel values", e))
     }
 }
 
@@ -373,7 +373,7 @@ impl DepthEstimator {
         )?;
         let depth = out
             .pop()
-            .ok_or_else(|| Error::Runtime("the depth graph returned nothing".into()))?;
+            .ok_or_else(|| Error::invariant("the depth graph returned nothing"))?;
         if depth.ndim() != 3 || depth.shape()[0] != shape[0] {
             return Err(Error::model(
                 &self.dir,

@@ -25,6 +25,7 @@ pub struct tcd_engine {
 /// no thread reads it.
 pub struct tcd_result {
     images: Vec<RgbImage>,
+    warnings: String,
 }
 
 /// Called after every denoising step with `step` (1-based) of `total` steps and the
@@ -123,6 +124,7 @@ pub unsafe extern "C" fn tcd_engine_generate(
         let generated = engine.engine.run(&request, &task, &mut on_progress)?;
         let result = tcd_result {
             images: generated.images,
+            warnings: generated.warnings.join("\n"),
         };
         // SAFETY: as above.
         unsafe { *out_result = Box::into_raw(Box::new(result)) };
@@ -200,6 +202,31 @@ pub unsafe extern "C" fn tcd_result_image(
 pub unsafe extern "C" fn tcd_result_free(result: *mut tcd_result) {
     // SAFETY: the caller's contract.
     unsafe { free_box(result) }
+}
+
+/// Writes what the generation warned about, one warning per line (e.g. a prompt truncated to
+/// CLIP's 77 tokens, as diffusers warns); empty when there was nothing. The library writes
+/// nothing to stderr: a host shows or logs these as it likes. Buffer handling as
+/// `tcd_last_error_message`: returns the full length (call again with return value + 1 bytes
+/// when it is `>= len`); 0 when `result` is NULL.
+///
+/// # Safety
+///
+/// `result` is NULL or a live result; `buf` is NULL or points to at least `len` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_result_warnings(
+    result: *const tcd_result,
+    buf: *mut c_char,
+    len: usize,
+) -> usize {
+    guard_value(0, || {
+        // SAFETY: the caller's contract.
+        let Some(result) = (unsafe { result.as_ref() }) else {
+            return 0;
+        };
+        // SAFETY: the caller's contract.
+        unsafe { super::status::copy_out(&result.warnings, buf, len) }
+    })
 }
 
 // The thread-safety the header promises: engines and results move between threads, results

@@ -34,6 +34,9 @@ pub enum tcd_status {
     /// The library panicked (a bug: please report it with the message). The handles passed to
     /// the call are still valid to free, but an engine should not be used further.
     TCD_ERR_PANIC = 9,
+    /// An invariant of the engine failed (a defect of tcd-ort or of the model's graphs, not of
+    /// the request): please report it with the message.
+    TCD_ERR_INTERNAL = 10,
 }
 
 impl tcd_status {
@@ -49,6 +52,7 @@ impl tcd_status {
             Error::Tokenizer(_) => tcd_status::TCD_ERR_TOKENIZER,
             Error::Image { .. } => tcd_status::TCD_ERR_IMAGE,
             Error::Cancelled => tcd_status::TCD_ERR_CANCELLED,
+            Error::Internal { .. } => tcd_status::TCD_ERR_INTERNAL,
         }
     }
 
@@ -64,6 +68,7 @@ impl tcd_status {
             tcd_status::TCD_ERR_IMAGE => c"TCD_ERR_IMAGE",
             tcd_status::TCD_ERR_CANCELLED => c"TCD_ERR_CANCELLED",
             tcd_status::TCD_ERR_PANIC => c"TCD_ERR_PANIC",
+            tcd_status::TCD_ERR_INTERNAL => c"TCD_ERR_INTERNAL",
         }
     }
 }
@@ -263,7 +268,7 @@ pub(crate) unsafe fn copy_out(text: &str, buf: *mut c_char, len: usize) -> usize
 /// `"TCD_ERR_UNKNOWN"` for a value that is not a status. Never NULL; do not free it.
 #[no_mangle]
 pub extern "C" fn tcd_status_name(status: i32) -> *const c_char {
-    const ALL: [tcd_status; 10] = [
+    const ALL: [tcd_status; 11] = [
         tcd_status::TCD_OK,
         tcd_status::TCD_ERR_INVALID_ARGUMENT,
         tcd_status::TCD_ERR_NULL_POINTER,
@@ -274,6 +279,7 @@ pub extern "C" fn tcd_status_name(status: i32) -> *const c_char {
         tcd_status::TCD_ERR_IMAGE,
         tcd_status::TCD_ERR_CANCELLED,
         tcd_status::TCD_ERR_PANIC,
+        tcd_status::TCD_ERR_INTERNAL,
     ];
     ALL.iter()
         .find(|s| **s as i32 == status)

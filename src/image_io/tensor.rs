@@ -58,7 +58,7 @@ pub fn mask_to_tensor(mask: &RgbImage, width: u32, height: u32) -> Result<ArrayD
         .map(|&v| if f32::from(v) / 255.0 < 0.5 { 0.0 } else { 1.0 })
         .collect();
     ArrayD::from_shape_vec(vec![1, 1, height as usize, width as usize], values)
-        .map_err(|e| Error::Runtime(format!("mask tensor: {e}")))
+        .map_err(|e| Error::internal("mask tensor", e))
 }
 
 /// The binarised mask as an image (white = repainted), for grids.

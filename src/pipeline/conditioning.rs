@@ -82,7 +82,7 @@ impl TextEncoder {
         let pooled = if pooled { out.pop() } else { None };
         let hidden = out
             .pop()
-            .ok_or_else(|| Error::Runtime("text encoder returned nothing".into()))?;
+            .ok_or_else(|| Error::invariant("text encoder returned nothing"))?;
         Ok((hidden, pooled))
     }
 }
@@ -100,12 +100,12 @@ pub struct Conditioning {
 
 fn repeat_rows(a: &ArrayD<f32>, times: usize) -> Result<ArrayD<f32>> {
     let views: Vec<_> = (0..times).map(|_| a.view()).collect();
-    concatenate(Axis(0), &views).map_err(|e| Error::Runtime(format!("batching embeddings: {e}")))
+    concatenate(Axis(0), &views).map_err(|e| Error::internal("batching embeddings", e))
 }
 
 fn cat(parts: &[ArrayD<f32>], axis: usize) -> Result<ArrayD<f32>> {
     let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
-    concatenate(Axis(axis), &views).map_err(|e| Error::Runtime(format!("joining embeddings: {e}")))
+    concatenate(Axis(axis), &views).map_err(|e| Error::internal("joining embeddings", e))
 }
 
 /// Prompts for one generation.
@@ -175,7 +175,7 @@ pub fn encode_sdxl(
             width as f32,
         ],
     )
-    .map_err(|e| Error::Runtime(format!("time ids: {e}")))?
+    .map_err(|e| Error::internal("time ids", e))?
     .into_dyn();
     let (hidden_states, pooled, rows) = if spec.guidance {
         let (uncond, uncond_pooled) =

@@ -77,7 +77,7 @@ pub(super) fn encode_image(
     )?;
     let params = out
         .pop()
-        .ok_or_else(|| Error::Runtime("vae_encoder returned nothing".into()))?;
+        .ok_or_else(|| Error::invariant("vae_encoder returned nothing"))?;
     if params.ndim() != 4 || params.shape()[1] != 2 * channels {
         return Err(Error::model(
             engine.model.root(),
@@ -120,7 +120,7 @@ pub(super) fn encode_image(
 /// Repeats a batch-1 tensor `n` times along axis 0 (`tensor.repeat(n, 1, 1, 1)`).
 pub(super) fn repeat_batch(a: &ArrayD<f32>, n: usize) -> Result<ArrayD<f32>> {
     let views: Vec<_> = (0..n).map(|_| a.view()).collect();
-    concatenate(Axis(0), &views).map_err(|e| Error::Runtime(format!("batching: {e}")))
+    concatenate(Axis(0), &views).map_err(|e| Error::internal("batching", e))
 }
 
 /// Replaces SDXL time ids with the refiner form `(original size, crop, aesthetic score)` when
@@ -151,7 +151,7 @@ pub(super) fn apply_aesthetics(
     let rows = values.len() / 5;
     cond.time_ids = Some(
         ArrayD::from_shape_vec(IxDyn(&[rows, 5]), values)
-            .map_err(|e| Error::Runtime(format!("time ids: {e}")))?,
+            .map_err(|e| Error::internal("time ids", e))?,
     );
     Ok(())
 }

@@ -116,7 +116,7 @@ pub(super) fn run(
         .and(
             mask_full
                 .broadcast(init_image.raw_dim())
-                .ok_or_else(|| Error::Runtime("mask does not broadcast over the image".into()))?,
+                .ok_or_else(|| Error::invariant("mask does not broadcast over the image"))?,
         )
         .for_each(|p, &m| *p *= if m < 0.5 { 1.0 } else { 0.0 });
 
@@ -146,7 +146,7 @@ pub(super) fn run(
     let extra = if concat {
         Some(
             concatenate(Axis(1), &[mask_latent.view(), masked_latents.view()])
-                .map_err(|e| Error::Runtime(format!("joining mask and image latents: {e}")))?,
+                .map_err(|e| Error::internal("joining mask and image latents", e))?,
         )
     } else {
         None
@@ -161,7 +161,7 @@ pub(super) fn run(
         let noise_pred = match &extra {
             Some(extra) => {
                 let input = concatenate(Axis(1), &[latents.view(), extra.view()])
-                    .map_err(|e| Error::Runtime(format!("building the UNet input: {e}")))?;
+                    .map_err(|e| Error::internal("building the UNet input", e))?;
                 predict_noise(engine, &input, t, &cond, guidance, None, resident)?
             }
             None => predict_noise(engine, &latents, t, &cond, guidance, None, resident)?,
@@ -176,9 +176,11 @@ pub(super) fn run(
             };
             Zip::from(&mut latents)
                 .and(&proper)
-                .and(&mask_latent.broadcast(proper.raw_dim()).ok_or_else(|| {
-                    Error::Runtime("mask does not broadcast over the latents".into())
-                })?)
+                .and(
+                    &mask_latent.broadcast(proper.raw_dim()).ok_or_else(|| {
+                        Error::invariant("mask does not broadcast over the latents")
+                    })?,
+                )
                 .for_each(|l, &p, &m| *l = (1.0 - m) * p + m * *l);
         }
         check_cancel(

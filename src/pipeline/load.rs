@@ -232,7 +232,7 @@ impl Plan<'_> {
             let rest = self.load_rest(overrides);
             let unet = unet
                 .join()
-                .unwrap_or_else(|_| Err(Error::Runtime("loading the UNet panicked".into())));
+                .unwrap_or_else(|_| Err(Error::invariant("loading the UNet panicked")));
             (rest, unet)
         });
         Ok((rest?, unet?))
@@ -269,7 +269,7 @@ impl Engine {
     pub fn from_model(model: ModelDir, options: &EngineOptions) -> Result<Self> {
         let scheduler = scheduler_config(&model)?;
         let ort_library = runtime::ensure_loaded(options.ort_lib.as_deref())?;
-        let providers = runtime::select_providers(&options.providers)?;
+        let (providers, dropped_providers) = runtime::select_providers(&options.providers)?;
         let loras = lora_specs(&model, options);
         let (overrides, lora_report) = lora::weight_overrides(
             &model,
@@ -301,7 +301,10 @@ impl Engine {
             unet,
         };
         let (rest, unet) = plan.load(overrides)?;
-        let notes = plan.unet.note.clone().into_iter().collect();
+        let notes = dropped_providers
+            .into_iter()
+            .chain(plan.unet.note.clone())
+            .collect();
         let sessions = plan.sessions;
         let xl = model.family().is_xl();
         let mut required = vec!["sample", "timestep", "encoder_hidden_states"];

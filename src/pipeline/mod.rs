@@ -85,6 +85,9 @@ pub struct Generated {
     /// The control images the ControlNets saw, after preprocessing (Canny edges, depth maps),
     /// at the output size; empty without ControlNet.
     pub control_images: Vec<RgbImage>,
+    /// What the caller should hear about this generation (a prompt truncated to CLIP's 77
+    /// tokens, as diffusers warns); the library itself writes nothing to stderr.
+    pub warnings: Vec<String>,
 }
 
 /// A loaded pipeline: tokenizers, sessions and configs, created once.
@@ -361,7 +364,8 @@ impl Engine {
             ));
         }
         let size = request::output_size(&self.model, request, task)?;
-        match task {
+        let warnings = self.prompt_warnings(request)?;
+        let mut generated = match task {
             Task::TextToImage => txt2img::run(self, request, size, progress),
             Task::ImageToImage { image, strength } => {
                 img2img::run(self, request, (image, *strength), size, progress)
@@ -380,6 +384,22 @@ impl Engine {
                 size,
                 progress,
             ),
+        }?;
+        generated.warnings.extend(warnings);
+        Ok(generated)
+    }
+
+    /// diffusers' truncation warning, when the prompt runs past what a text encoder reads.
+    fn prompt_warnings(&self, request: &GenerateRequest) -> Result<Vec<String>> {
+        for encoder in &self.encoders {
+            if let Some(dropped) = encoder.tokenizer.truncated_text(&request.prompt)? {
+                return Ok(vec![format!(
+                    "the following part of your input was truncated because CLIP can only \
+                     handle sequences up to {} tokens: {dropped}",
+                    encoder.tokenizer.max_length()
+                )]);
+            }
         }
+        Ok(Vec::new())
     }
 }

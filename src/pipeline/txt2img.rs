@@ -32,15 +32,6 @@ pub(super) fn encode_prompts(
     width: usize,
 ) -> Result<Conditioning> {
     engine.stage(Stage::Prompt)?;
-    for encoder in &engine.encoders {
-        if let Some(dropped) = encoder.tokenizer.truncated_text(&request.prompt)? {
-            eprintln!(
-                "warning: the following part of your input was truncated because CLIP can only handle sequences up to {} tokens: {dropped}",
-                encoder.tokenizer.max_length()
-            );
-            break;
-        }
-    }
     let spec = PromptSpec {
         prompt: &request.prompt,
         negative_prompt: request.negative_prompt.as_deref(),
@@ -51,7 +42,7 @@ pub(super) fn encode_prompts(
     match engine.encoders.as_mut_slice() {
         [only] => encode_sd(only, &spec),
         [first, second] => encode_sdxl([first, second], &spec, force_zeros, height, width),
-        _ => Err(Error::Runtime("unexpected number of text encoders".into())),
+        _ => Err(Error::invariant("unexpected number of text encoders")),
     }
 }
 
@@ -70,11 +61,11 @@ pub(super) fn predict_noise(
 ) -> Result<ArrayD<f32>> {
     let model_input = match guidance {
         Some(_) => concatenate(Axis(0), &[latents.view(), latents.view()])
-            .map_err(|e| Error::Runtime(format!("batching latents: {e}")))?,
+            .map_err(|e| Error::internal("batching latents", e))?,
         None => latents.clone(),
     };
     let &[batch, _, h, w] = model_input.shape() else {
-        return Err(Error::Runtime("latents must have 4 dimensions".into()));
+        return Err(Error::invariant("latents must have 4 dimensions"));
     };
     if let Some(fixed) = engine.fixed_shape {
         let factor = engine.model.vae.scale_factor();
@@ -156,7 +147,7 @@ pub(super) fn predict_noise(
     )?;
     let noise = out
         .pop()
-        .ok_or_else(|| Error::Runtime("unet returned nothing".into()))?;
+        .ok_or_else(|| Error::invariant("unet returned nothing"))?;
     match guidance {
         Some(scale) => {
             let half = batch / 2;
@@ -190,7 +181,7 @@ pub(super) fn decode(engine: &mut Engine, latents: &ArrayD<f32>) -> Result<Array
         &["sample"],
     )?;
     out.pop()
-        .ok_or_else(|| Error::Runtime("vae_decoder returned nothing".into()))
+        .ok_or_else(|| Error::invariant("vae_decoder returned nothing"))
 }
 
 pub(super) fn run(
@@ -329,5 +320,6 @@ pub(super) fn finish(
         latents,
         timesteps,
         control_images: Vec::new(),
+        warnings: Vec::new(),
     })
 }

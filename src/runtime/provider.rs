@@ -235,8 +235,24 @@ pub fn parse_provider_list(s: &str) -> Result<Vec<ExecutionProvider>> {
 ///
 /// Providers the loaded build lacks are dropped only when a later entry remains (the user asked
 /// for a fallback); a single provider that is missing is an error naming the package to install.
-pub fn select_providers(wanted: &[ExecutionProvider]) -> Result<Vec<ExecutionProvider>> {
-    select_with(wanted, |ep| ep.is_compiled_in())
+/// Returns the providers and, for each one dropped, a sentence saying so (for the caller to
+/// pass on: the library writes nothing to stderr).
+pub fn select_providers(
+    wanted: &[ExecutionProvider],
+) -> Result<(Vec<ExecutionProvider>, Vec<String>)> {
+    let chosen = select_with(wanted, |ep| ep.is_compiled_in())?;
+    let dropped = wanted
+        .iter()
+        .filter(|ep| !chosen.contains(ep))
+        .map(|ep| {
+            format!(
+                "execution provider '{ep}' is not in the loaded ONNX Runtime build (it needs {}); \
+                 falling back as requested",
+                ep.package_hint()
+            )
+        })
+        .collect();
+    Ok((chosen, dropped))
 }
 
 fn select_with(
@@ -267,12 +283,6 @@ fn select_with(
              package and point --ort-lib at its libonnxruntime, or choose --ep cpu",
             names.join(", ")
         )));
-    }
-    for ep in &missing {
-        eprintln!(
-            "warning: execution provider '{ep}' is not in the loaded ONNX Runtime build (it needs {}); falling back as requested",
-            ep.package_hint()
-        );
     }
     Ok(chosen)
 }

@@ -612,3 +612,25 @@ fn controlnet_run_matches_the_library() {
     let (gw, gh, _) = read_png_rgb(&grid);
     assert_eq!((gw, gh), (128, 64), "control image and result side by side");
 }
+
+/// The library's warnings reach the command line's stderr, even with --quiet.
+#[test]
+fn a_truncated_prompt_is_warned_about() {
+    let dir = scratch_dir("cli-truncated");
+    let png = dir.join("out.png");
+    let (model_s, png_s) = (
+        demo_model().to_string_lossy().into_owned(),
+        png.to_string_lossy().into_owned(),
+    );
+    let long = "a very long prompt about a cat ".repeat(20);
+    let mut args = base_args(&model_s, &png_s);
+    args[4] = &long;
+    args.extend(["--steps", "1"]);
+    let out = tcd(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("warning: the following part of your input was truncated"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -741,6 +741,10 @@ fn status_names_and_version() {
         "TCD_ERR_CANCELLED"
     );
     assert_eq!(name(tcd_status::TCD_ERR_PANIC as i32), "TCD_ERR_PANIC");
+    assert_eq!(
+        name(tcd_status::TCD_ERR_INTERNAL as i32),
+        "TCD_ERR_INTERNAL"
+    );
     assert_eq!(name(-3), "TCD_ERR_UNKNOWN");
     // SAFETY: as above.
     let version = unsafe { CStr::from_ptr(tcd_version()) };
@@ -891,4 +895,46 @@ fn fixed_shape_options_check_their_sizes() {
         }
         tcd_engine_options_free(options);
     }
+}
+
+/// A prompt past CLIP's 77 tokens comes back as a warning on the result (the library writes
+/// nothing to stderr); a short one gives none.
+#[test]
+fn a_truncated_prompt_is_a_warning_on_the_result() {
+    let engine = demo_engine();
+    let warnings = |prompt: &str| -> String {
+        let request = tcd_request_new();
+        let prompt = cstr(prompt);
+        let mut result = null_mut();
+        // SAFETY: live handles, NUL-terminated strings, buffers of the sizes given.
+        unsafe {
+            check(
+                tcd_request_set_prompt(request, prompt.as_ptr()),
+                tcd_status::TCD_OK,
+            );
+            check(tcd_request_set_steps(request, 1), tcd_status::TCD_OK);
+            check(
+                tcd_engine_generate(engine, request, None, null_mut(), &mut result),
+                tcd_status::TCD_OK,
+            );
+            let len = tcd_result_warnings(result, null_mut(), 0);
+            let mut buf = vec![0u8; len + 1];
+            assert_eq!(
+                tcd_result_warnings(result, buf.as_mut_ptr().cast(), buf.len()),
+                len
+            );
+            tcd_result_free(result);
+            tcd_request_free(request);
+            CStr::from_bytes_until_nul(&buf)
+                .expect("NUL-terminated")
+                .to_string_lossy()
+                .into_owned()
+        }
+    };
+    assert_eq!(warnings("a cat"), "");
+    let long = "a very long prompt about a cat ".repeat(20);
+    let text = warnings(&long);
+    assert!(text.contains("truncated because CLIP"), "{text}");
+    // SAFETY: the engine is live and freed once.
+    unsafe { tcd_engine_free(engine) };
 }

@@ -105,7 +105,7 @@ pub(in crate::pipeline) fn prepare(
         let views: Vec<_> = (0..copies).map(|_| one.view()).collect();
         images.push(
             concatenate(Axis(0), &views)
-                .map_err(|e| Error::Runtime(format!("batching control images: {e}")))?,
+                .map_err(|e| Error::internal("batching control images", e))?,
         );
     }
     Ok(Some(ControlState {

@@ -163,7 +163,7 @@ pub(super) fn sum_placed(
                         .zip(previous.iter().map(Feed::Placed)),
                 );
                 summer.add.as_mut().ok_or_else(|| {
-                    Error::Runtime("a second ControlNet acted but no sum graph was built".into())
+                    Error::invariant("a second ControlNet acted but no sum graph was built")
                 })?
             }
         };

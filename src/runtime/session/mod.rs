@@ -212,5 +212,5 @@ impl Graph {
 /// Builds an `ArrayD` from a shape and data, as graphs expect.
 pub fn array(shape: &[usize], data: Vec<f32>) -> Result<ArrayD<f32>> {
     ArrayD::from_shape_vec(IxDyn(shape), data)
-        .map_err(|e| Error::Runtime(format!("tensor of shape {shape:?}: {e}")))
+        .map_err(|e| Error::internal(format!("tensor of shape {shape:?}"), e))
 }
