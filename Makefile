@@ -40,7 +40,7 @@ ci-py-test: py-test
 # other run with the ControlNet: 0 errors, nothing lost, in every run (tests/ffi_valgrind.sh;
 # `tests/ffi_valgrind.sh 20` for the long check). FFI_PROFILE=release uses a release build.
 FFI_PROFILE ?= debug
-FFI_VALGRIND_RUNS ?= 4
+FFI_VALGRIND_RUNS ?= 3
 FFI_DIR := target/ffi
 FFI_CXX := g++ -std=c++17 -Wall -Wextra -Werror -O1
 
