@@ -34,6 +34,7 @@
 mod delta;
 mod file;
 pub mod keys;
+mod kohya;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

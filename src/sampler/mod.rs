@@ -1,3 +1,5 @@
 //! Samplers.
 
+pub mod config;
 pub mod tcd;
+mod torch_math;
