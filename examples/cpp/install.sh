@@ -20,8 +20,8 @@ subst() { sed -e "s|@PREFIX@|$prefix|g" -e "s|@VERSION@|$version|g" "$1" > "$2";
 install -d "$prefix/include" "$prefix/lib/pkgconfig" "$prefix/lib/cmake/tcd-ort"
 install -m 644 "$root/include/tcd_ort.h" "$prefix/include/tcd_ort.h"
 install -m 755 "$root/target/$profile/libtcd_ort.so" "$prefix/lib/libtcd_ort.so"
-subst "$root/tcd-ort.pc.in" "$prefix/lib/pkgconfig/tcd-ort.pc"
-subst "$root/cmake/tcd-ortConfig.cmake.in" "$prefix/lib/cmake/tcd-ort/tcd-ortConfig.cmake"
-subst "$root/cmake/tcd-ortConfigVersion.cmake.in" \
+subst "$root/examples/cpp/packaging/tcd-ort.pc.in" "$prefix/lib/pkgconfig/tcd-ort.pc"
+subst "$root/examples/cpp/packaging/tcd-ortConfig.cmake.in" "$prefix/lib/cmake/tcd-ort/tcd-ortConfig.cmake"
+subst "$root/examples/cpp/packaging/tcd-ortConfigVersion.cmake.in" \
   "$prefix/lib/cmake/tcd-ort/tcd-ortConfigVersion.cmake"
 echo "installed tcd-ort $version into $prefix"

@@ -1,6 +1,6 @@
 //! The C ABI: opaque handles around [`crate::pipeline`], in the style of rustls-ffi.
 //!
-//! `include/tcd_ort.h` is generated from this module by cbindgen (`cbindgen.toml`) and
+//! `include/tcd_ort.h` is generated from this module by cbindgen (`include/cbindgen.toml`) and
 //! committed; the `ffi` integration test fails when it drifts from the code
 //! (`TCD_ORT_UPDATE_HEADER=1 cargo test --test it ffi::header` rewrites it).
 //!

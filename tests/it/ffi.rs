@@ -19,7 +19,8 @@ fn header_path() -> PathBuf {
 
 fn generated_header() -> String {
     let root = repo_root();
-    let config = cbindgen::Config::from_file(root.join("cbindgen.toml")).expect("cbindgen.toml");
+    let config = cbindgen::Config::from_file(root.join("include").join("cbindgen.toml"))
+        .expect("cbindgen.toml");
     let bindings = cbindgen::Builder::new()
         .with_config(config)
         .with_src(root.join("src").join("ffi").join("mod.rs"))
