@@ -31,9 +31,9 @@ pub struct SessionArgs {
     /// component is released after its stage (full-size SD1.5: 33 s at 4.05 GiB on, 36 s at
     /// 3.68 GiB off); off with --keep-loaded, where the arenas would add up, with --low-memory
     /// unless the UNet runs in segments (each segment's arena then lives for one run of it),
-    /// and for float16 exports, whose weights are cast to float32 every
-    /// step and would stay in the arena (4.75 instead of 2.50 GiB; a hub id's dtype is not
-    /// known before it loads: pass --cpu-arena off for a float16 repository).
+    /// and for float16 exports (hub ids included), whose weights are cast to float32 every
+    /// step and would stay in the arena (4.75 instead of 2.50 GiB). The engine decides this
+    /// default with the model open (`EngineOptions::one_shot`).
     #[arg(
         long,
         value_name = "on|off",
