@@ -21,6 +21,28 @@ pub enum Error {
         /// What is wrong with its value, to follow its name.
         message: String,
     },
+    /// A request asks for more than the engine's limits allow (image size, images per request;
+    /// [`crate::pipeline::Limits`]): the message follows the field's name.
+    #[error("{field} {message}")]
+    OverLimit {
+        /// The field, as the library names it.
+        field: crate::pipeline::Field,
+        /// How far past which limit it is, to follow its name.
+        message: String,
+    },
+    /// Numbers stopped being numbers: a component produced NaN or infinite values (weights or
+    /// a LoRA that overflow, a broken scheduler configuration). Never turned into an image.
+    #[error("{what} has {count} NaN or infinite values (of {total}): {hint}")]
+    NonFinite {
+        /// Which component, at which step (`the UNet's output at step 2 of 4`).
+        what: String,
+        /// How many values are not finite.
+        count: usize,
+        /// How many values there are.
+        total: usize,
+        /// What usually causes it there.
+        hint: String,
+    },
     /// Reading or writing a file failed.
     #[error("{}: {source}", path.display())]
     Io {

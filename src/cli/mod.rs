@@ -47,13 +47,41 @@ pub fn main() -> ExitCode {
                 Some(tcd_ort::Error::InvalidField { field, message }) => {
                     format!("{} {message}", flag(*field))
                 }
-                _ => format!("{e:#}"),
+                Some(tcd_ort::Error::OverLimit { field, message }) => {
+                    let most = tcd_ort::pipeline::Limits::LARGE;
+                    format!(
+                        "{} {message} (--allow-large lifts the limits to {} per side, {} \
+                         megapixels and {} images)",
+                        flag(*field),
+                        most.max_side,
+                        most.max_pixels >> 20,
+                        most.max_images
+                    )
+                }
+                _ => chain_text(&e),
             }
             .replace('\n', " ");
             eprintln!("error: {message}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, each cause once: a library error's message already
+/// ends with its source's (`path: Is a directory`), which `{:#}` would repeat.
+fn chain_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
 }
 
 /// The flag that sets a request field the library names.
@@ -69,6 +97,7 @@ fn flag(field: Field) -> &'static str {
         Field::Strength => "--strength",
         Field::Image => "--image",
         Field::InpaintMode => "--inpaint-mode",
+        Field::ControlImage => "--control-image",
         Field::ControlScale => "--controlnet's SCALE",
         Field::ControlStart => "--control-start",
         Field::ControlEnd => "--control-end",

@@ -187,9 +187,16 @@ pub fn parameters_text(
     model: &str,
     controlnets: &[String],
 ) -> String {
-    let mut text = request.prompt.clone();
+    // A1111's format is line-based: a newline (or any control character) in a prompt would
+    // end it early for every reader of the chunk.
+    let one_line = |s: &str| -> String {
+        s.chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect()
+    };
+    let mut text = one_line(&request.prompt);
     if let Some(neg) = &request.negative_prompt {
-        text.push_str(&format!("\nNegative prompt: {neg}"));
+        text.push_str(&format!("\nNegative prompt: {}", one_line(neg)));
     }
     text.push_str(&format!(
         "\nSteps: {}, Sampler: TCD, Eta: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",

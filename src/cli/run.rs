@@ -12,8 +12,8 @@ use tcd_ort::image_io::{
 use tcd_ort::lora::{parse_lora_arg, parse_weighted_source};
 use tcd_ort::model::ModelDir;
 use tcd_ort::pipeline::{
-    unet_shape, ControlImage, ControlPreprocess, Engine, EngineOptions, GenerateRequest, Generated,
-    InpaintMode, LoraSpec, Task,
+    output_size, unet_shape, ControlImage, ControlPreprocess, Engine, EngineOptions,
+    GenerateRequest, Generated, InpaintMode, Limits, LoraSpec, Task,
 };
 use tcd_ort::runtime::{parse_provider_list, ExecutionProvider};
 
@@ -81,6 +81,10 @@ pub struct RunArgs {
     /// Images to generate for the prompt; several are written as NAME-1.png, NAME-2.png, ...
     #[arg(long, default_value_t = 1)]
     num_images: usize,
+    /// Lift the size limits (2048 per side, 2048x2048 pixels, 16 images per run) to 16384 per
+    /// side, 8192x8192 pixels and 256 images, for machines with the memory for it.
+    #[arg(long)]
+    allow_large: bool,
     /// TCD's original_inference_steps (length of the distillation schedule); default from the
     /// scheduler config (50).
     #[arg(long)]
@@ -194,6 +198,11 @@ fn random_seed() -> u64 {
     (nanos as u64 ^ u64::from(std::process::id()).rotate_left(32)) & 0x7fff_ffff_ffff_ffff
 }
 
+/// Reads the image an option names; errors say which option.
+fn read_image(flag: &str, path: &Path) -> Result<tcd_ort::image_io::RgbImage> {
+    load_image(path).with_context(|| flag.to_string())
+}
+
 /// One value for every ControlNet, or one each.
 fn per_controlnet<T: Copy>(flag: &str, values: &[T], default: T, count: usize) -> Result<Vec<T>> {
     match values.len() {
@@ -240,7 +249,10 @@ fn control_args(args: &RunArgs) -> Result<(Vec<String>, Vec<ControlImage>)> {
     let mut control = Vec::with_capacity(count);
     for (i, spec) in args.controlnets.iter().enumerate() {
         let (source, scale) = parse_weighted_source("--controlnet", "SCALE", spec)?;
-        let image = load_image(&args.control_images[i])?;
+        let image = read_image(
+            &format!("--control-image {}", i + 1),
+            &args.control_images[i],
+        )?;
         control.push(ControlImage {
             image,
             scale,
@@ -306,12 +318,12 @@ fn build_request(args: &RunArgs, seed: u64) -> Result<(GenerateRequest, Task, Ve
     let task = match (&args.image, &args.mask) {
         (None, _) => Task::TextToImage,
         (Some(image), None) => Task::ImageToImage {
-            image: load_image(image)?,
+            image: read_image("--image", image)?,
             strength: args.strength.unwrap_or(0.8),
         },
         (Some(image), Some(mask)) => Task::Inpaint {
-            image: load_image(image)?,
-            mask: load_image(mask)?,
+            image: read_image("--image", image)?,
+            mask: read_image("--mask", mask)?,
             strength: args.strength.unwrap_or(1.0),
             mode: args.inpaint_mode.into(),
         },
@@ -367,6 +379,11 @@ fn engine_options(
         lora_allow_unmatched: args.lora_allow_unmatched,
         controlnets,
         depth_estimator: args.depth_model.clone(),
+        limits: if args.allow_large {
+            Limits::LARGE
+        } else {
+            Limits::DEFAULT
+        },
         ..EngineOptions::one_shot()
     })
 }
@@ -450,6 +467,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     let seed = args.seed.unwrap_or_else(random_seed);
     // Cheap checks first, so a bad request fails before minutes of model loading.
     let (request, task, controlnets) = build_request(&args, seed)?;
+    let mut options = engine_options(&args, &providers, controlnets.clone())?;
+    options.validate()?;
     let image_paths: Vec<PathBuf> = (0..request.num_images)
         .map(|i| numbered_path(&args.output, i, request.num_images))
         .collect();
@@ -459,14 +478,14 @@ pub fn run(args: RunArgs) -> Result<()> {
     all_outputs.extend(args.timings.iter().cloned());
     check_outputs(&all_outputs, args.overwrite)?;
 
-    let mut options = engine_options(&args, &providers, controlnets.clone())?;
     args.session.apply(&providers, &mut options)?;
     let load_started = Instant::now();
     let model = ModelDir::resolve(&args.model, args.revision.as_deref())?;
+    output_size(&model, &request, &task, &options.limits)?;
     // The UNet's input shape, for a TensorRT profile or fixed shapes, as the engine will see it.
     let shape = if args.session.needs_unet_shape(&providers) {
         Some(RequestShape {
-            dims: unet_shape(&model, &request, &task)?,
+            dims: unet_shape(&model, &request, &task, &options.limits)?,
             num_images: request.num_images,
             guidance: request.uses_guidance(&model),
         })

@@ -43,11 +43,11 @@ impl tcd_status {
     /// The code for a library error; every variant is named so that a new one needs a decision.
     pub(crate) fn of(error: &Error) -> Self {
         match error {
-            Error::InvalidInput(_) | Error::InvalidField { .. } => {
+            Error::InvalidInput(_) | Error::InvalidField { .. } | Error::OverLimit { .. } => {
                 tcd_status::TCD_ERR_INVALID_ARGUMENT
             }
             Error::Io { .. } => tcd_status::TCD_ERR_IO,
-            Error::Model { .. } => tcd_status::TCD_ERR_MODEL,
+            Error::Model { .. } | Error::NonFinite { .. } => tcd_status::TCD_ERR_MODEL,
             Error::Runtime(_) => tcd_status::TCD_ERR_RUNTIME,
             Error::Tokenizer(_) => tcd_status::TCD_ERR_TOKENIZER,
             Error::Image { .. } => tcd_status::TCD_ERR_IMAGE,

@@ -7,16 +7,49 @@ use std::path::Path;
 use super::RgbImage;
 use crate::{Error, Result};
 
+/// The largest input image side decoded: a few hundred kilobytes of PNG can claim to be
+/// gigapixels, and the decoder would allocate them before reading a pixel.
+pub const MAX_INPUT_SIDE: u32 = 16384;
+
+/// The most memory one decode may take (a 16384x8192 RGBA image).
+const MAX_INPUT_BYTES: u64 = 512 << 20;
+
 /// Reads a PNG or JPEG into RGB (alpha dropped, grayscale replicated: PIL's `convert("RGB")`).
+/// Images past [`MAX_INPUT_SIDE`] on a side, or needing more than 512 MiB to decode, are
+/// refused from their header, before anything is allocated.
 pub fn load_image(path: &Path) -> Result<RgbImage> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let decoded = image::load_from_memory(&bytes).map_err(|e| Error::Image {
+    let image_error = |message: String| Error::Image {
         path: path.to_path_buf(),
-        message: format!("cannot decode (PNG and JPEG are supported): {e}"),
+        message,
+    };
+    if path.is_dir() {
+        return Err(image_error(
+            "is a directory; expected a PNG or JPEG file".into(),
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode_image(&bytes).map_err(image_error)
+}
+
+/// Decodes PNG or JPEG bytes into RGB within the input limits; the error is the message.
+pub fn decode_image(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| format!("cannot read: {e}"))?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_INPUT_SIDE);
+    limits.max_image_height = Some(MAX_INPUT_SIDE);
+    limits.max_alloc = Some(MAX_INPUT_BYTES);
+    reader.limits(limits);
+    let decoded = reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(_) => format!(
+            "too large to decode (at most {MAX_INPUT_SIDE} pixels per side and 512 MiB): {e}"
+        ),
+        e => format!("cannot decode (PNG and JPEG are supported): {e}"),
     })?;
     let rgb = decoded.to_rgb8();
     let (width, height) = rgb.dimensions();
-    RgbImage::new(width, height, rgb.into_raw())
+    RgbImage::new(width, height, rgb.into_raw()).map_err(|e| e.to_string())
 }
 
 /// Opens `path` for writing, refusing to replace an existing file unless `overwrite`.

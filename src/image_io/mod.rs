@@ -12,7 +12,7 @@ mod npy;
 mod resize;
 mod tensor;
 
-pub use file::{create_output, load_image, numbered_path, write_png};
+pub use file::{create_output, decode_image, load_image, numbered_path, write_png, MAX_INPUT_SIDE};
 pub use image::{image_grid, to_grayscale, RgbImage};
 pub use npy::{read_npy, write_npy};
 pub use resize::{resize, resize_lanczos, ResampleFilter};

@@ -458,6 +458,18 @@ pub fn parse_weighted_source(flag: &str, what: &str, s: &str) -> Result<(String,
             .chars()
             .all(|c| c.is_ascii_digit() || matches!(c, '.' | '-' | '+' | 'e' | 'E'))
             && tail.chars().any(|c| c.is_ascii_digit());
+        // `nan`, `inf` or a word after the colon of a path that does not exist is a weight
+        // mistyped, not part of a file name.
+        let a_word =
+            !tail.contains(['/', '\\']) && !head.is_empty() && !std::path::Path::new(s).exists();
+        if !looks_numeric && a_word {
+            return Err(Error::invalid(match tail.parse::<f32>() {
+                Ok(_) => format!("{flag} {s}: {word} must be a finite number, got {tail}"),
+                Err(_) => {
+                    format!("{flag} {s}: {word} {tail} is not a number (and no file is named {s})")
+                }
+            }));
+        }
         if looks_numeric {
             let w: f32 = tail.parse().map_err(|_| {
                 Error::invalid(format!("{flag} {s}: {word} {tail} is not a number"))

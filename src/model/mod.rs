@@ -67,6 +67,91 @@ pub struct Manifest {
     pub components: BTreeMap<String, ManifestComponent>,
 }
 
+/// The newest `tcd_ort.json` format this engine reads.
+pub const MANIFEST_FORMAT_VERSION: u32 = 1;
+
+/// The dtype names a manifest may give, as the exporter writes them.
+const MANIFEST_DTYPES: [&str; 4] = ["float32", "float16", "int32", "int64"];
+
+impl Manifest {
+    /// Checks what can be checked without the graphs: a format this engine reads and dtype
+    /// names it knows. The error is the message.
+    fn check(&self) -> std::result::Result<(), String> {
+        if self.format_version > MANIFEST_FORMAT_VERSION {
+            return Err(format!(
+                "format_version {} is newer than the {MANIFEST_FORMAT_VERSION} this tcd-ort \
+                 reads: upgrade tcd-ort, or export the model again with this version's exporter",
+                self.format_version
+            ));
+        }
+        let weight_dtype = |where_: &str, dtype: &Option<String>| match dtype.as_deref() {
+            None | Some("float32" | "float16") => Ok(()),
+            Some(other) => Err(format!(
+                "{where_} is {other:?}; expected \"float32\" or \"float16\""
+            )),
+        };
+        weight_dtype("dtype", &self.dtype)?;
+        for (name, component) in &self.components {
+            weight_dtype(
+                &format!("components.{name}.weights_dtype"),
+                &component.weights_dtype,
+            )?;
+            let tensors = component.inputs.iter().chain(&component.outputs);
+            for (tensor, spec) in tensors {
+                if !MANIFEST_DTYPES.contains(&spec.dtype.as_str()) {
+                    return Err(format!(
+                        "components.{name}: {tensor} has dtype {:?}; expected one of {}",
+                        spec.dtype,
+                        MANIFEST_DTYPES.join(", ")
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a loaded graph's inputs and outputs (name, dtype name, shape with -1 for dynamic
+    /// dimensions) against what the manifest says of `component`: a manifest that contradicts
+    /// its graphs was edited or belongs to another export. The error is the message.
+    pub fn check_graph<'a>(
+        &self,
+        component: &str,
+        io: impl IntoIterator<Item = (&'a str, &'a str, &'a [i64])>,
+    ) -> std::result::Result<(), String> {
+        let Some(described) = self.components.get(component) else {
+            return Ok(());
+        };
+        let io: Vec<_> = io.into_iter().collect();
+        let tensors = described.inputs.iter().chain(&described.outputs);
+        for (name, spec) in tensors {
+            let Some(&(_, dtype, shape)) = io.iter().find(|(n, _, _)| n == name) else {
+                return Err(format!(
+                    "components.{component} lists {name}, which the graph does not have"
+                ));
+            };
+            if dtype != spec.dtype {
+                return Err(format!(
+                    "components.{component}: {name} is {} in the manifest but {dtype} in the graph",
+                    spec.dtype
+                ));
+            }
+            let fixed_differs =
+                spec.shape.len() != shape.len()
+                    || spec.shape.iter().zip(shape).any(|(want, &got)| {
+                        want.as_i64().is_some_and(|want| got >= 0 && want != got)
+                    });
+            if fixed_differs {
+                return Err(format!(
+                    "components.{component}: {name} has shape {} in the manifest but {shape:?} in \
+                     the graph",
+                    serde_json::Value::from(spec.shape.clone())
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The LoRA slots of one component: peft LoRA layers exported with A = B = 0, whose
 /// initializers the engine replaces to apply LoRAs unfused (`y = W x + B (A x)`).
 ///
@@ -294,7 +379,11 @@ impl ModelDir {
         let index: ModelIndex = read_json(&root.join("model_index.json"))?;
         let manifest_path = root.join("tcd_ort.json");
         let manifest: Option<Manifest> = if manifest_path.is_file() {
-            Some(read_json(&manifest_path)?)
+            let manifest: Manifest = read_json(&manifest_path)?;
+            manifest
+                .check()
+                .map_err(|message| Error::model(&manifest_path, message))?;
+            Some(manifest)
         } else {
             None
         };

@@ -2,6 +2,7 @@
 //! `StableDiffusionXLImg2ImgPipeline` run with `TCDScheduler`, and the helpers inpainting
 //! shares: strength-shortened schedules, VAE encoding.
 
+use super::finite::{ensure_finite, Source};
 use ndarray::{concatenate, s, ArrayD, Axis, IxDyn};
 
 use super::conditioning::Conditioning;
@@ -78,6 +79,9 @@ pub(super) fn encode_image(
     let params = out
         .pop()
         .ok_or_else(|| Error::invariant("vae_encoder returned nothing"))?;
+    ensure_finite(&params, Source::VaeEncoder, || {
+        "the VAE encoder's output".to_string()
+    })?;
     if params.ndim() != 4 || params.shape()[1] != 2 * channels {
         return Err(Error::model(
             engine.model.root(),

@@ -9,6 +9,7 @@
 
 use ndarray::{concatenate, ArrayD, Axis, IxDyn, Zip};
 
+use super::finite::ensure_step_finite;
 use super::img2img::{
     apply_aesthetics, encode_image, guidance_of, repeat_batch, strength_schedule, LatentScaling,
 };
@@ -169,6 +170,7 @@ pub(super) fn run(
         latents = scheduler
             .step(&noise_pred, t, &latents, request.eta, &mut generator)?
             .prev_sample;
+        ensure_step_finite(&noise_pred, &latents, i + 1, total)?;
         if let (None, Some(image_latents)) = (&extra, &image_latents) {
             let proper = match timesteps.get(i + 1) {
                 Some(&next) => scheduler.add_noise(image_latents, &noise, &[next])?,

@@ -15,7 +15,7 @@ use crate::model::ModelDir;
 use crate::runtime::{
     self, ExecutionProvider, FixedShape, Graph, SessionOptions, TrtProfile, WeightOverride,
 };
-use crate::sampler::tcd::TcdConfig;
+use crate::sampler::tcd::{TcdConfig, TcdScheduler};
 use crate::tokenizer::ClipTokenizer;
 use crate::{Error, Result};
 
@@ -248,13 +248,27 @@ struct Rest {
     controlnets: Vec<ControlNet>,
 }
 
-fn scheduler_config(model: &ModelDir) -> Result<TcdConfig> {
-    serde_json::from_value(model.scheduler_config.clone()).map_err(|e| {
-        Error::model(
-            model.root().join("scheduler").join("scheduler_config.json"),
-            format!("not a usable scheduler config: {e}"),
+/// Checks a loaded graph against what the manifest says of it.
+fn check_manifest(model: &ModelDir, graph: &Graph) -> Result<()> {
+    let Some(manifest) = model.manifest() else {
+        return Ok(());
+    };
+    let io = graph.inputs().iter().chain(graph.outputs());
+    manifest
+        .check_graph(
+            graph.name(),
+            io.map(|s| (s.name.as_str(), s.dtype.onnx_name(), s.shape.as_slice())),
         )
-    })
+        .map_err(|message| Error::model(model.root().join("tcd_ort.json"), message))
+}
+
+/// The scheduler's config, checked by building the noise schedule once at load.
+fn scheduler_config(model: &ModelDir) -> Result<TcdConfig> {
+    let path = model.root().join("scheduler").join("scheduler_config.json");
+    let config: TcdConfig = serde_json::from_value(model.scheduler_config.clone())
+        .map_err(|e| Error::model(&path, format!("not a usable scheduler config: {e}")))?;
+    TcdScheduler::new(config.clone()).map_err(|e| Error::model(&path, e.to_string()))?;
+    Ok(config)
 }
 
 impl Engine {
@@ -267,6 +281,7 @@ impl Engine {
     /// Loads an opened model directory ([`ModelDir::resolve`]): for a front end that read the
     /// model before loading (for its native size, say), so that it is read once.
     pub fn from_model(model: ModelDir, options: &EngineOptions) -> Result<Self> {
+        options.validate()?;
         let scheduler = scheduler_config(&model)?;
         let ort_library = runtime::ensure_loaded(options.ort_lib.as_deref())?;
         let (providers, dropped_providers) = runtime::select_providers(&options.providers)?;
@@ -312,6 +327,13 @@ impl Engine {
             required.extend(["text_embeds", "time_ids"]);
         }
         unet.require_inputs(&required)?;
+        let graphs = rest.encoders.iter().map(|e| &e.graph);
+        let graphs = graphs
+            .chain([&unet, &rest.vae_decoder])
+            .chain(&rest.vae_encoder);
+        for graph in graphs {
+            check_manifest(&model, graph)?;
+        }
         let residuals = controlnet::ResidualLayout::from_unet(&unet, &model.unet, model.root())?;
         for net in &rest.controlnets {
             match &residuals {
@@ -352,6 +374,7 @@ impl Engine {
             io_binding,
             notes,
             fixed_shape: options.fixed_shape,
+            limits: options.limits,
             low_memory: options.low_memory,
             release_after_use: options.release_after_use,
             zero_residuals: resident::ShapeCache::new(ZERO_RESIDUAL_SHAPES),

@@ -22,6 +22,7 @@
 
 pub mod conditioning;
 mod controlnet;
+mod finite;
 mod img2img;
 mod inpaint;
 mod load;
@@ -34,9 +35,10 @@ mod txt2img;
 pub use controlnet::{ControlImage, ControlNet, ControlPreprocess};
 pub use load::resolve_model;
 pub use lora::{apply_loras, LoraReport, LoraSpec};
-pub use options::{EngineOptions, SessionReport};
+pub use options::{EngineOptions, SessionReport, MAX_THREADS};
 pub use request::{
-    output_size, unet_shape, Field, GenerateRequest, InpaintMode, Task, SIZE_MULTIPLE,
+    output_size, unet_shape, Field, GenerateRequest, InpaintMode, Limits, Task, MAX_CONTROL_SCALE,
+    MAX_GUIDANCE, SIZE_MULTIPLE,
 };
 
 use std::path::{Path, PathBuf};
@@ -110,6 +112,7 @@ pub struct Engine {
     /// What loading chose that the caller should hear about.
     notes: Vec<String>,
     fixed_shape: Option<ShapeDims>,
+    limits: Limits,
     low_memory: bool,
     release_after_use: bool,
     /// Sums the ControlNets' residuals where the UNet reads them (with IoBinding).
@@ -118,6 +121,21 @@ pub struct Engine {
     zero_residuals: resident::ShapeCache<Vec<runtime::PlacedTensor>>,
     /// Sessions released after use, being freed beside the next stage.
     freeing: Freeing,
+}
+
+/// The start of `text` for a one-line message: quoted, control characters as spaces, cut at
+/// `max` characters with the rest counted.
+fn excerpt(text: &str, max: usize) -> String {
+    let clean: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let count = clean.chars().count();
+    if count <= max {
+        return format!("\"{clean}\"");
+    }
+    let head: String = clean.chars().take(max).collect();
+    format!("\"{head}...\" ({} more characters)", count - max)
 }
 
 /// Frees released sessions on a thread of their own (release-after-use): dropping the UNet's
@@ -363,7 +381,7 @@ impl Engine {
                 "ControlNet runs with text-to-image only; drop --image/--mask or the control images",
             ));
         }
-        let size = request::output_size(&self.model, request, task)?;
+        let size = request::output_size(&self.model, request, task, &self.limits)?;
         let warnings = self.prompt_warnings(request)?;
         let mut generated = match task {
             Task::TextToImage => txt2img::run(self, request, size, progress),
@@ -389,17 +407,28 @@ impl Engine {
         Ok(generated)
     }
 
-    /// diffusers' truncation warning, when the prompt runs past what a text encoder reads.
+    /// diffusers' truncation warning, for the prompt and the negative prompt, when one runs
+    /// past what a text encoder reads: the start of the dropped part, on one line.
     fn prompt_warnings(&self, request: &GenerateRequest) -> Result<Vec<String>> {
-        for encoder in &self.encoders {
-            if let Some(dropped) = encoder.tokenizer.truncated_text(&request.prompt)? {
-                return Ok(vec![format!(
-                    "the following part of your input was truncated because CLIP can only \
-                     handle sequences up to {} tokens: {dropped}",
-                    encoder.tokenizer.max_length()
-                )]);
+        let mut warnings = Vec::new();
+        let prompts = [
+            ("prompt", Some(&request.prompt)),
+            ("negative prompt", request.negative_prompt.as_ref()),
+        ];
+        for (which, text) in prompts {
+            let Some(text) = text else { continue };
+            for encoder in &self.encoders {
+                if let Some(dropped) = encoder.tokenizer.truncated_text(text)? {
+                    warnings.push(format!(
+                        "the {which} was truncated because CLIP can only handle sequences up \
+                         to {} tokens; dropped: {}",
+                        encoder.tokenizer.max_length(),
+                        excerpt(&dropped, 60)
+                    ));
+                    break;
+                }
             }
         }
-        Ok(Vec::new())
+        Ok(warnings)
     }
 }

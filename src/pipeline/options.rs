@@ -3,11 +3,12 @@
 
 use std::path::PathBuf;
 
-use super::LoraSpec;
+use super::{Limits, LoraSpec};
 use crate::runtime::{
     CacheStatus, ExecutionProvider, OptLevel, ProviderAssignment, ProviderOptions, SessionCache,
     ShapeDims,
 };
+use crate::{Error, Result};
 
 /// How an engine is loaded.
 #[derive(Debug, Clone)]
@@ -18,7 +19,7 @@ pub struct EngineOptions {
     pub providers: Vec<ExecutionProvider>,
     /// GPU ordinal.
     pub device_id: i32,
-    /// Threads per operator; `None` uses every core.
+    /// Threads per operator; `None` uses every core. At most [`MAX_THREADS`].
     pub intra_threads: Option<usize>,
     /// Hub revision when the model is a hub id.
     pub revision: Option<String>,
@@ -76,7 +77,13 @@ pub struct EngineOptions {
     /// loaded weights at start-up rather than all weights plus the VAE decoder's activations.
     /// Off by default; implied by [`EngineOptions::low_memory`].
     pub release_after_use: bool,
+    /// How much one request may ask for (output size, images per request).
+    pub limits: Limits,
 }
+
+/// The most threads per operator an engine accepts: past the cores a machine has, ONNX
+/// Runtime's threads only wait on each other, and each one costs a stack.
+pub const MAX_THREADS: usize = 256;
 
 /// How one loaded graph runs: the providers ONNX Runtime assigned its nodes to and what the
 /// session cache did.
@@ -100,6 +107,35 @@ pub struct SessionReport {
 }
 
 impl EngineOptions {
+    /// Checks the options that need no model: what [`super::Engine::from_model`] checks first,
+    /// and what a front end can check before it reads anything.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(n) = self.intra_threads.filter(|&n| n > MAX_THREADS) {
+            return Err(Error::invalid(format!(
+                "threads must be at most {MAX_THREADS}, got {n} (more threads than cores only \
+                 slow ONNX Runtime down; leave it unset to use every core)"
+            )));
+        }
+        let l = &self.limits;
+        let ceiling = &Limits::LARGE;
+        if l.max_side > ceiling.max_side
+            || l.max_pixels > ceiling.max_pixels
+            || l.max_images > ceiling.max_images
+        {
+            return Err(Error::invalid(format!(
+                "limits past the ceiling: at most {} per side, {} pixels and {} images per \
+                 request (Limits::LARGE), got {}, {} and {}",
+                ceiling.max_side,
+                ceiling.max_pixels,
+                ceiling.max_images,
+                l.max_side,
+                l.max_pixels,
+                l.max_images
+            )));
+        }
+        Ok(())
+    }
+
     /// The preset for a process that loads a model, generates once and exits (the command
     /// line's `run`): each component is released once a generation is past its stage, and the
     /// engine turns ONNX Runtime's CPU arena on where that costs no lasting memory (see
@@ -138,6 +174,7 @@ impl Default for EngineOptions {
             fixed_shape: None,
             low_memory: false,
             release_after_use: false,
+            limits: Limits::DEFAULT,
         }
     }
 }

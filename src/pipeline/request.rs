@@ -132,6 +132,8 @@ pub enum Field {
     Image,
     /// The mode of [`Task::Inpaint`].
     InpaintMode,
+    /// [`ControlImage::image`].
+    ControlImage,
     /// [`ControlImage::scale`].
     ControlScale,
     /// [`ControlImage::start`].
@@ -156,6 +158,7 @@ impl Field {
             Field::Strength => "strength",
             Field::Image => "image",
             Field::InpaintMode => "inpaint_mode",
+            Field::ControlImage => "control_image",
             Field::ControlScale => "control_scale",
             Field::ControlStart => "control_start",
             Field::ControlEnd => "control_end",
@@ -181,6 +184,85 @@ impl std::fmt::Display for Field {
 /// The smallest multiple every output side must be, whatever the model (diffusers' pipelines
 /// check 8; a model whose VAE downsamples more needs a multiple of its factor).
 pub const SIZE_MULTIPLE: usize = 8;
+
+/// The largest classifier-free guidance scale accepted: images burn out well before it (TCD
+/// needs none; SD1.5 without TCD uses 7.5), and larger values only overflow.
+pub const MAX_GUIDANCE: f32 = 100.0;
+
+/// The largest ControlNet conditioning scale accepted (diffusers' default is 1; past a few
+/// the residuals swamp the UNet's own features).
+pub const MAX_CONTROL_SCALE: f32 = 10.0;
+
+/// How much one request may ask for, checked before anything is allocated. A host lowers or
+/// raises them for its engine ([`super::EngineOptions::limits`]); [`Limits::LARGE`] is as far
+/// as they go: beyond it the noise and image buffers alone run into gigabytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The longest side of an output image, in pixels.
+    pub max_side: usize,
+    /// Pixels in one output image (width x height).
+    pub max_pixels: usize,
+    /// Images per request.
+    pub max_images: usize,
+}
+
+impl Limits {
+    /// The default: sides up to 2048 and 2048x2048 pixels (four times SDXL's native
+    /// 1024x1024), 16 images per request.
+    pub const DEFAULT: Limits = Limits {
+        max_side: 2048,
+        max_pixels: 2048 * 2048,
+        max_images: 16,
+    };
+
+    /// For users who really want more (4096x4096 and up), and the ceiling of every limit:
+    /// sides up to 16384, 8192x8192 pixels, 256 images per request.
+    pub const LARGE: Limits = Limits {
+        max_side: 16384,
+        max_pixels: 8192 * 8192,
+        max_images: 256,
+    };
+
+    /// Checks an output size `(height, width)` and the request's image count against the
+    /// limits: a refusal is an [`Error::OverLimit`] naming the field.
+    pub fn check(&self, (height, width): (usize, usize), num_images: usize) -> Result<()> {
+        let over = |field, message: String| Err(Error::OverLimit { field, message });
+        for (field, side) in [(Field::Width, width), (Field::Height, height)] {
+            if side > self.max_side {
+                return over(
+                    field,
+                    format!("is {side} pixels, past the limit of {}", self.max_side),
+                );
+            }
+        }
+        if width * height > self.max_pixels {
+            return over(
+                Field::Width,
+                format!(
+                    "x height is {width}x{height} = {} pixels, past the limit of {}",
+                    width * height,
+                    self.max_pixels
+                ),
+            );
+        }
+        if num_images > self.max_images {
+            return over(
+                Field::NumImages,
+                format!(
+                    "is {num_images}, past the limit of {} per request",
+                    self.max_images
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::DEFAULT
+    }
+}
 
 impl GenerateRequest {
     /// Checks every field on its own, without a model: what [`super::Engine::run`] checks
@@ -214,14 +296,22 @@ impl GenerateRequest {
                 "must be between 0 and 1 (it is TCD's gamma; 0.3 is a good default), got {}",
                 self.eta
             ))),
-            Field::Guidance if !self.guidance.is_finite() || self.guidance < 0.0 => Err(field
+            Field::Guidance if !(0.0..=MAX_GUIDANCE).contains(&self.guidance) => Err(field
                 .invalid(format!(
-                    "must be a finite number >= 0, got {}",
+                    "must be a number from 0 to {MAX_GUIDANCE}, got {} (TCD needs none: values \
+                     <= 1 run no unconditional pass)",
                     self.guidance
                 ))),
             Field::Width => check_side(field, self.width, SIZE_MULTIPLE),
             Field::Height => check_side(field, self.height, SIZE_MULTIPLE),
             Field::NumImages if self.num_images == 0 => Err(field.invalid("must be at least 1")),
+            Field::NumImages if self.num_images > Limits::LARGE.max_images => {
+                Err(field.invalid(format!(
+                    "must be at most {}, got {}",
+                    Limits::LARGE.max_images,
+                    self.num_images
+                )))
+            }
             Field::OriginalInferenceSteps if self.original_inference_steps == Some(0) => {
                 Err(field.invalid("must be at least 1 (the released TCD models use 50)"))
             }
@@ -241,6 +331,10 @@ fn check_side(field: Field, value: Option<usize>, multiple: usize) -> Result<()>
         Some(v) if v == 0 || v % multiple != 0 => Err(field.invalid(format!(
             "must be a positive multiple of {multiple}, got {v}"
         ))),
+        Some(v) if v > Limits::LARGE.max_side => Err(field.invalid(format!(
+            "must be at most {} pixels, got {v}",
+            Limits::LARGE.max_side
+        ))),
         _ => Ok(()),
     }
 }
@@ -251,9 +345,10 @@ impl ControlImage {
     /// which ControlNet the image is for in messages.
     pub fn validate(&self, k: usize) -> Result<()> {
         let which = format!("of ControlNet {}", k + 1);
-        if !self.scale.is_finite() {
+        if !(0.0..=MAX_CONTROL_SCALE).contains(&self.scale) {
             return Err(Field::ControlScale.invalid(format!(
-                "{which} must be a finite number, got {}",
+                "{which} must be a number from 0 to {MAX_CONTROL_SCALE}, got {} (1 is full \
+                 strength; 0.5 generalises well with TCD)",
                 self.scale
             )));
         }
@@ -332,58 +427,68 @@ impl Task {
 /// The output size `(height, width)` a request gets on `model`: the request's own when given;
 /// else the input image's (image-to-image, inpainting) or the first control image's, rounded
 /// down to the model's multiple (diffusers' `get_default_height_width`); else the model's
-/// native size. Refuses sizes that are not a multiple of the model's VAE factor.
+/// native size. Refuses sizes that are not a multiple of the model's VAE factor and sizes or
+/// image counts past `limits`.
 pub fn output_size(
     model: &ModelDir,
     request: &GenerateRequest,
     task: &Task,
+    limits: &Limits,
 ) -> Result<(usize, usize)> {
     let factor = model.vae.scale_factor();
     let multiple = factor.max(SIZE_MULTIPLE);
     let native = model.default_image_size();
+    // ControlNet pipelines default to the control image's size, rounded down like an input
+    // image's.
     let from_image = match (task.image(), request.control.first()) {
-        (Some(image), _) => {
-            let round = |v: u32, field: Field| -> Result<usize> {
-                let v = v as usize - v as usize % multiple;
-                if v == 0 {
-                    return Err(Field::Image.invalid(format!(
-                        "is {}x{}: its {field} must be at least {multiple} pixels",
-                        image.width, image.height
-                    )));
-                }
-                Ok(v)
-            };
-            let w = match request.width {
-                Some(w) => w,
-                None => round(image.width, Field::Width)?,
-            };
-            let h = match request.height {
-                Some(h) => h,
-                None => round(image.height, Field::Height)?,
-            };
-            Some((w, h))
-        }
-        // ControlNet pipelines default to the control image's size, rounded down to a
-        // multiple of the VAE factor.
-        (None, Some(c)) => Some((
-            c.image.width as usize / factor * factor,
-            c.image.height as usize / factor * factor,
-        )),
+        (Some(image), _) => Some((Field::Image, image, "")),
+        (None, Some(c)) => Some((Field::ControlImage, &c.image, " of ControlNet 1")),
         (None, None) => None,
     };
-    let (default_w, default_h) = from_image.unwrap_or((native, native));
-    let width = request.width.unwrap_or(default_w);
-    let height = request.height.unwrap_or(default_h);
+    let round = |(field, image, which): (Field, &RgbImage, &str),
+                 side: u32,
+                 given: Option<usize>,
+                 flag: Field|
+     -> Result<usize> {
+        if let Some(v) = given {
+            return Ok(v);
+        }
+        let v = side as usize - side as usize % multiple;
+        if v == 0 {
+            return Err(field.invalid(format!(
+                "{which} is {}x{}, and the output's {flag} follows it: it must be at least \
+                 {multiple} pixels (or give the {flag})",
+                image.width, image.height
+            )));
+        }
+        Ok(v)
+    };
+    let (width, height) = match from_image {
+        Some(source) => (
+            round(source, source.1.width, request.width, Field::Width)?,
+            round(source, source.1.height, request.height, Field::Height)?,
+        ),
+        None => (
+            request.width.unwrap_or(native),
+            request.height.unwrap_or(native),
+        ),
+    };
     check_side(Field::Height, Some(height), multiple)?;
     check_side(Field::Width, Some(width), multiple)?;
+    limits.check((height, width), request.num_images)?;
     Ok((height, width))
 }
 
 /// The UNet's input shape a request makes on `model`: the output size and the batch (images
 /// per prompt, doubled by classifier-free guidance). What an engine built for fixed shapes
 /// ([`super::EngineOptions::fixed_shape`]) or a TensorRT profile must cover.
-pub fn unet_shape(model: &ModelDir, request: &GenerateRequest, task: &Task) -> Result<ShapeDims> {
-    let (height, width) = output_size(model, request, task)?;
+pub fn unet_shape(
+    model: &ModelDir,
+    request: &GenerateRequest,
+    task: &Task,
+    limits: &Limits,
+) -> Result<ShapeDims> {
+    let (height, width) = output_size(model, request, task, limits)?;
     let doubled = if request.uses_guidance(model) { 2 } else { 1 };
     Ok(ShapeDims {
         width,
@@ -487,7 +592,7 @@ mod tests {
         let native = model.default_image_size();
         let request = GenerateRequest::default();
         assert_eq!(
-            output_size(&model, &request, &Task::TextToImage).expect("size"),
+            output_size(&model, &request, &Task::TextToImage, &Limits::DEFAULT).expect("size"),
             (native, native)
         );
         let tall = GenerateRequest {
@@ -497,7 +602,7 @@ mod tests {
             ..request.clone()
         };
         // The other side keeps the model's size, as diffusers' pipelines do.
-        let dims = unet_shape(&model, &tall, &Task::TextToImage).expect("shape");
+        let dims = unet_shape(&model, &tall, &Task::TextToImage, &Limits::DEFAULT).expect("shape");
         assert_eq!((dims.width, dims.height, dims.batch), (native, 96, 4));
         // An input image gives its size, rounded down to the model's multiple.
         let image = RgbImage::new(70, 41, vec![0; 70 * 41 * 3]).expect("image");
@@ -506,7 +611,7 @@ mod tests {
             strength: 0.5,
         };
         assert_eq!(
-            output_size(&model, &request, &task).expect("size"),
+            output_size(&model, &request, &task, &Limits::DEFAULT).expect("size"),
             (40, 64)
         );
     }

@@ -5,6 +5,7 @@ use ndarray::{concatenate, s, ArrayD, Axis, IxDyn};
 
 use super::conditioning::{encode_sd, encode_sdxl, Conditioning, PromptSpec};
 use super::controlnet::{self, ControlState, Residuals};
+use super::finite::{ensure_finite, ensure_step_finite, Source};
 use super::resident::{self, PlacedInputs, Resident};
 use super::{Engine, GenerateRequest, Generated, Progress, Stage};
 use crate::image_io::vae_output_to_images;
@@ -39,11 +40,17 @@ pub(super) fn encode_prompts(
         guidance,
     };
     let force_zeros = engine.model.force_zeros_for_empty_prompt();
-    match engine.encoders.as_mut_slice() {
+    let cond = match engine.encoders.as_mut_slice() {
         [only] => encode_sd(only, &spec),
         [first, second] => encode_sdxl([first, second], &spec, force_zeros, height, width),
         _ => Err(Error::invariant("unexpected number of text encoders")),
+    }?;
+    for tensor in std::iter::once(&cond.hidden_states).chain(&cond.pooled) {
+        ensure_finite(tensor, Source::TextEncoder, || {
+            "the text encoders' output".to_string()
+        })?;
     }
+    Ok(cond)
 }
 
 /// One UNet evaluation with classifier-free guidance folded in, as the pipelines do it.
@@ -180,8 +187,13 @@ pub(super) fn decode(engine: &mut Engine, latents: &ArrayD<f32>) -> Result<Array
         vec![("latent_sample", TensorInput::F32(scaled))],
         &["sample"],
     )?;
-    out.pop()
-        .ok_or_else(|| Error::invariant("vae_decoder returned nothing"))
+    let decoded = out
+        .pop()
+        .ok_or_else(|| Error::invariant("vae_decoder returned nothing"))?;
+    ensure_finite(&decoded, Source::VaeDecoder, || {
+        "the VAE decoder's output".to_string()
+    })?;
+    Ok(decoded)
 }
 
 pub(super) fn run(
@@ -293,6 +305,7 @@ pub(super) fn denoise(
         latents = scheduler
             .step(&noise_pred, t, &latents, eta, generator)?
             .prev_sample;
+        ensure_step_finite(&noise_pred, &latents, i + 1, total)?;
         check_cancel(
             progress,
             Progress::Step {

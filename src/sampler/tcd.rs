@@ -82,6 +82,20 @@ impl TcdScheduler {
                 BetaSchedule::SquaredcosCapV2 => betas_for_alpha_bar_cosine(n, 0.999),
             },
         };
+        // Outside (0, 1) the alphas' products turn negative and their square roots NaN: every
+        // image would come out black, so refuse the config instead.
+        if let Some((t, b)) = betas
+            .iter()
+            .enumerate()
+            .find(|(_, b)| !(b.is_finite() && **b >= 0.0 && **b < 1.0))
+        {
+            return Err(Error::invalid(format!(
+                "scheduler config: every beta must be in [0, 1), but beta_start {} and \
+                 beta_end {} ({:?}) give {b} at training timestep {t} (Stable Diffusion's \
+                 configs use 0.00085 and 0.012, scaled_linear)",
+                config.beta_start, config.beta_end, config.beta_schedule
+            )));
+        }
         if config.rescale_betas_zero_snr {
             betas = rescale_zero_terminal_snr(&betas);
         }

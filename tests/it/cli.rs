@@ -497,6 +497,10 @@ fn controlnet_flags_are_checked_before_loading() {
     );
     bad_image_request(
         &["--controlnet", "some/dir:x1", "--control-image", "IMAGE"],
+        "scale x1 is not a number (and no file is named some/dir:x1)",
+    );
+    bad_image_request(
+        &["--controlnet", "some/dir", "--control-image", "IMAGE"],
         "no such ControlNet",
     );
     bad_image_request(
@@ -629,7 +633,10 @@ fn a_truncated_prompt_is_warned_about() {
     let out = tcd(&args);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("warning: the following part of your input was truncated"),
+        stderr(&out).contains(
+            "warning: the prompt was truncated because CLIP can only handle sequences up to 77 \
+             tokens; dropped: \""
+        ),
         "{}",
         stderr(&out)
     );

@@ -453,4 +453,19 @@ fn lora_arguments_split_only_a_trailing_weight() {
     assert!(parse_lora_arg("x.safetensors:").is_err());
     assert!(parse_lora_arg(":0.5").is_err());
     assert!(parse_lora_arg("x:1.2.3").is_err());
+    // #19: a mistyped weight is named as one, not reported as a missing file.
+    let message = |s: &str| parse_lora_arg(s).expect_err(s).to_string();
+    assert_eq!(
+        message("x.safetensors:nan"),
+        "--lora x.safetensors:nan: weight must be a finite number, got nan"
+    );
+    assert_eq!(
+        message("x.safetensors:inf"),
+        "--lora x.safetensors:inf: weight must be a finite number, got inf"
+    );
+    assert_eq!(
+        message("x.safetensors:abc"),
+        "--lora x.safetensors:abc: weight abc is not a number (and no file is named \
+         x.safetensors:abc)"
+    );
 }

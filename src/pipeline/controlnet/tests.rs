@@ -54,7 +54,8 @@ fn bad_control_requests_are_refused() {
         (with_window(0.5, 0.5, 1.0), "smaller than"),
         (with_window(-0.1, 1.0, 1.0), ">= 0"),
         (with_window(0.0, 1.5, 1.0), "<= 1"),
-        (with_window(0.0, 1.0, f32::NAN), "finite"),
+        (with_window(0.0, 1.0, f32::NAN), "from 0 to 10"),
+        (with_window(0.0, 1.0, -1e30), "from 0 to 10"),
     ] {
         let msg = validate(1, &[bad]).expect_err("refused").to_string();
         assert!(msg.contains(needle), "{msg}");

@@ -32,6 +32,17 @@ impl ElementType {
         }
     }
 
+    /// The name ONNX and the exporter's manifest give the type (`float32`, `int64`).
+    pub fn onnx_name(self) -> &'static str {
+        match self {
+            ElementType::F32 => "float32",
+            ElementType::F16 => "float16",
+            ElementType::I32 => "int32",
+            ElementType::I64 => "int64",
+            ElementType::Other => "another type",
+        }
+    }
+
     pub(in crate::runtime) fn from_ort(ty: TensorElementType) -> Self {
         match ty {
             TensorElementType::Float32 => ElementType::F32,
