@@ -423,13 +423,29 @@ tcd_status tcd_engine_options_set_device_id(struct tcd_engine_options *options, 
 tcd_status tcd_engine_options_set_ort_library(struct tcd_engine_options *options, const char *path);
 
 /**
- * Sets the threads ONNX Runtime uses per operator; 0 (the default) uses every core.
+ * Sets the threads ONNX Runtime uses per operator; 0 (the default) uses every core. At most
+ * 256.
  *
  * # Safety
  *
  * `options` is NULL or a live handle not used by another thread during the call.
  */
 tcd_status tcd_engine_options_set_threads(struct tcd_engine_options *options, uint32_t threads);
+
+/**
+ * Sets how much one request may ask for: the longest output side in pixels, the pixels of one
+ * output image and the images per request (defaults 2048, 2048 x 2048 and 16); 0 keeps a
+ * limit's default. At most 16384, 8192 x 8192 and 256. A request past them fails with
+ * `TCD_ERR_INVALID_ARGUMENT` before anything is allocated.
+ *
+ * # Safety
+ *
+ * `options` is NULL or a live handle not used by another thread during the call.
+ */
+tcd_status tcd_engine_options_set_limits(struct tcd_engine_options *options,
+                                         uint32_t max_side,
+                                         uint64_t max_pixels,
+                                         uint32_t max_images);
 
 /**
  * Adds a LoRA applied at load time: a `.safetensors` file, a directory or a hub id, with its

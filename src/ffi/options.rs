@@ -4,7 +4,7 @@ use std::ffi::c_char;
 use std::path::PathBuf;
 
 use super::status::{borrow_mut, free_box, guard, guard_new, opt_string, string, tcd_status};
-use crate::pipeline::{EngineOptions, LoraSpec};
+use crate::pipeline::{EngineOptions, Limits, LoraSpec};
 use crate::runtime::{parse_provider_list, SessionCache, ShapeDims};
 
 /// Engine options: the model and how to run it. Created by `tcd_engine_options_new`, freed by
@@ -155,7 +155,8 @@ pub unsafe extern "C" fn tcd_engine_options_set_ort_library(
     })
 }
 
-/// Sets the threads ONNX Runtime uses per operator; 0 (the default) uses every core.
+/// Sets the threads ONNX Runtime uses per operator; 0 (the default) uses every core. At most
+/// 256.
 ///
 /// # Safety
 ///
@@ -168,7 +169,45 @@ pub unsafe extern "C" fn tcd_engine_options_set_threads(
     guard("tcd_engine_options_set_threads", || {
         // SAFETY: the caller's contract.
         let options = unsafe { borrow_mut(options, "options") }?;
-        options.options.intra_threads = (threads > 0).then_some(threads as usize);
+        let mut changed = options.options.clone();
+        changed.intra_threads = (threads > 0).then_some(threads as usize);
+        changed.validate()?;
+        options.options = changed;
+        Ok(())
+    })
+}
+
+/// Sets how much one request may ask for: the longest output side in pixels, the pixels of one
+/// output image and the images per request (defaults 2048, 2048 x 2048 and 16); 0 keeps a
+/// limit's default. At most 16384, 8192 x 8192 and 256. A request past them fails with
+/// `TCD_ERR_INVALID_ARGUMENT` before anything is allocated.
+///
+/// # Safety
+///
+/// `options` is NULL or a live handle not used by another thread during the call.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_engine_options_set_limits(
+    options: *mut tcd_engine_options,
+    max_side: u32,
+    max_pixels: u64,
+    max_images: u32,
+) -> tcd_status {
+    guard("tcd_engine_options_set_limits", || {
+        // SAFETY: the caller's contract.
+        let options = unsafe { borrow_mut(options, "options") }?;
+        let default = Limits::DEFAULT;
+        let or_default = |v: usize, d: usize| if v == 0 { d } else { v };
+        let mut changed = options.options.clone();
+        changed.limits = Limits {
+            max_side: or_default(max_side as usize, default.max_side),
+            max_pixels: or_default(
+                usize::try_from(max_pixels).unwrap_or(usize::MAX),
+                default.max_pixels,
+            ),
+            max_images: or_default(max_images as usize, default.max_images),
+        };
+        changed.validate()?;
+        options.options = changed;
         Ok(())
     })
 }
@@ -192,16 +231,14 @@ pub unsafe extern "C" fn tcd_engine_options_add_lora(
         let options = unsafe { borrow_mut(options, "options") }?;
         // SAFETY: the caller's contract.
         let source = unsafe { string(source, "source") }?;
-        if !weight.is_finite() {
-            return Err(super::status::Failure::invalid(format!(
-                "the weight of LoRA {source} must be a finite number, got {weight}"
-            )));
-        }
-        options.options.loras.push(LoraSpec {
+        let mut changed = options.options.clone();
+        changed.loras.push(LoraSpec {
             source,
             weight,
             weight_name: None,
         });
+        changed.validate()?;
+        options.options = changed;
         Ok(())
     })
 }

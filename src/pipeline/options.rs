@@ -116,6 +116,12 @@ impl EngineOptions {
                  slow ONNX Runtime down; leave it unset to use every core)"
             )));
         }
+        if let Some(lora) = self.loras.iter().find(|l| !l.weight.is_finite()) {
+            return Err(Error::invalid(format!(
+                "LoRA {}: weight must be a finite number, got {}",
+                lora.source, lora.weight
+            )));
+        }
         let l = &self.limits;
         let ceiling = &Limits::LARGE;
         if l.max_side > ceiling.max_side

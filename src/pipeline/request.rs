@@ -442,7 +442,7 @@ pub fn output_size(
     // image's.
     let from_image = match (task.image(), request.control.first()) {
         (Some(image), _) => Some((Field::Image, image, "")),
-        (None, Some(c)) => Some((Field::ControlImage, &c.image, " of ControlNet 1")),
+        (None, Some(c)) => Some((Field::ControlImage, &c.image, "of ControlNet 1 ")),
         (None, None) => None,
     };
     let round = |(field, image, which): (Field, &RgbImage, &str),
@@ -456,7 +456,7 @@ pub fn output_size(
         let v = side as usize - side as usize % multiple;
         if v == 0 {
             return Err(field.invalid(format!(
-                "{which} is {}x{}, and the output's {flag} follows it: it must be at least \
+                "{which}is {}x{}, and the output's {flag} follows it: it must be at least \
                  {multiple} pixels (or give the {flag})",
                 image.width, image.height
             )));

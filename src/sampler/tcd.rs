@@ -91,9 +91,9 @@ impl TcdScheduler {
         {
             return Err(Error::invalid(format!(
                 "scheduler config: every beta must be in [0, 1), but beta_start {} and \
-                 beta_end {} ({:?}) give {b} at training timestep {t} (Stable Diffusion's \
-                 configs use 0.00085 and 0.012, scaled_linear)",
-                config.beta_start, config.beta_end, config.beta_schedule
+                 beta_end {} give {b} at training timestep {t} (Stable Diffusion's configs use \
+                 0.00085 and 0.012, scaled_linear)",
+                config.beta_start, config.beta_end
             )));
         }
         if config.rescale_betas_zero_snr {

@@ -500,7 +500,7 @@ fn controlnet_flags_are_checked_before_loading() {
         "scale x1 is not a number (and no file is named some/dir:x1)",
     );
     bad_image_request(
-        &["--controlnet", "some/dir", "--control-image", "IMAGE"],
+        &["--controlnet", "./no/such/dir", "--control-image", "IMAGE"],
         "no such ControlNet",
     );
     bad_image_request(

@@ -297,12 +297,18 @@ pub fn copy_dir(from: &Path, to: &Path) {
 /// A small LoRA for the demo model in diffusers' peft format: one attention projection of the
 /// first attention block (64 channels), rank 2, with values large enough to move the image.
 pub fn tiny_lora_bytes() -> Vec<u8> {
+    tiny_lora_bytes_scaled(1.0)
+}
+
+/// [`tiny_lora_bytes`] with every value multiplied by `scale` (1e20 overflows float32 once
+/// fused: finite values, infinite weights).
+pub fn tiny_lora_bytes_scaled(scale: f32) -> Vec<u8> {
     let module = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q";
     let a: Vec<f32> = (0..2 * 64)
-        .map(|i| ((i as f32) * 0.37).sin() * 0.8)
+        .map(|i| ((i as f32) * 0.37).sin() * 0.8 * scale)
         .collect();
     let b: Vec<f32> = (0..64 * 2)
-        .map(|i| ((i as f32) * 0.53).cos() * 0.8)
+        .map(|i| ((i as f32) * 0.53).cos() * 0.8 * scale)
         .collect();
     let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let (a_bytes, b_bytes) = (bytes(&a), bytes(&b));
