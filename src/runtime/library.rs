@@ -188,6 +188,7 @@ pub fn ensure_loaded(explicit: Option<&Path>) -> Result<PathBuf> {
         return Ok(path.clone());
     }
     let path = find_library(explicit)?;
+    check_library_file(&path)?;
     keep_telemetry_client_out();
     let env = ort::init_from(&path)
         .map_err(|e| {
@@ -198,10 +199,78 @@ pub fn ensure_loaded(explicit: Option<&Path>) -> Result<PathBuf> {
         })?
         .with_name("tcd-ort")
         .with_telemetry(false)
+        // The library writes nothing to stderr: every ONNX Runtime failure it acts on comes back
+        // as a status, which becomes the error's message; its log (coloured lines repeating
+        // that message, or warnings about the graph) would go straight to the host's stderr.
+        .with_logger(std::sync::Arc::new(|_, _, _, _, _| {}))
         .build()
         .map_err(|e| Error::Runtime(format!("could not create the environment: {e}")))?;
+    env.set_log_level(ort::logging::LogLevel::Fatal);
     *loaded = Some((path.clone(), env));
     Ok(path)
+}
+
+/// Refuses a library file that is cut short before the dynamic loader maps it: the loader maps
+/// each segment the ELF headers declare, and touching a page past the end of the file kills
+/// the process with SIGBUS, long after any error could be returned. Checks that the headers
+/// are there and every loadable segment and the section table lie inside the file. Files that
+/// are not ELF (macOS, Windows) are left to the loader.
+fn check_library_file(path: &Path) -> Result<()> {
+    let damaged = |why: String| {
+        Error::Runtime(format!(
+            "{} is truncated or damaged ({why}); {INSTALL_HINT}",
+            path.display()
+        ))
+    };
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    match elf_extent(&bytes) {
+        Ok(Some(needed)) if needed > bytes.len() as u64 => Err(damaged(format!(
+            "{} bytes, but its ELF headers describe {needed}",
+            bytes.len()
+        ))),
+        Ok(_) => Ok(()),
+        Err(why) => Err(damaged(why.to_string())),
+    }
+}
+
+/// How many bytes a 64-bit little-endian ELF file's headers say it spans (the furthest end of
+/// a loadable segment or of the section header table), or `None` for a file that is not one.
+fn elf_extent(bytes: &[u8]) -> std::result::Result<Option<u64>, &'static str> {
+    if !bytes.starts_with(b"\x7fELF") {
+        return Ok(None);
+    }
+    // e_ident: class 2 = 64-bit, data 1 = little-endian; the only ELF ONNX Runtime ships.
+    if bytes.get(4..6) != Some(&[2, 1]) {
+        return Ok(None);
+    }
+    let u16_at = |at: usize| -> std::result::Result<u64, &'static str> {
+        let b = bytes.get(at..at + 2).ok_or("its ELF header is cut short")?;
+        Ok(u64::from(u16::from_le_bytes([b[0], b[1]])))
+    };
+    let u64_at = |at: usize| -> std::result::Result<u64, &'static str> {
+        let b = bytes
+            .get(at..at + 8)
+            .ok_or("its ELF headers are cut short")?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    };
+    let (phoff, shoff) = (u64_at(0x20)?, u64_at(0x28)?);
+    let (phentsize, phnum) = (u16_at(0x36)?, u16_at(0x38)?);
+    let (shentsize, shnum) = (u16_at(0x3a)?, u16_at(0x3c)?);
+    let mut extent = shoff.saturating_add(shentsize * shnum);
+    for k in 0..phnum {
+        let at = phoff.saturating_add(k * phentsize);
+        let at = usize::try_from(at).map_err(|_| "its program headers lie past its end")?;
+        // p_type 1 = PT_LOAD; p_offset at +8, p_filesz at +32.
+        let kind = bytes
+            .get(at..at + 4)
+            .ok_or("its program headers lie past its end")?;
+        if kind == [1, 0, 0, 0] {
+            extent = extent.max(u64_at(at + 8)?.saturating_add(u64_at(at + 32)?));
+        }
+    }
+    Ok(Some(extent))
 }
 
 /// Sets `ORT_DISABLE_TELEMETRY=1` unless the process environment already sets it.
@@ -251,6 +320,25 @@ pub(crate) fn environment() -> Result<ort::environment::Environment> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_truncated_library_is_refused_before_loading() {
+        // #19: the dynamic loader would map its missing pages and die of SIGBUS.
+        let path = find_library(None).expect("ONNX Runtime installed (make setup-ort)");
+        let bytes = std::fs::read(&path).expect("the library");
+        assert!(elf_extent(&bytes)
+            .expect("parses")
+            .is_some_and(|n| n <= bytes.len() as u64));
+        let dir = std::env::temp_dir().join(format!("tcd-ort-truncated-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        for cut in [100, 100_000, bytes.len() / 2] {
+            let short = dir.join("libonnxruntime.so");
+            std::fs::write(&short, &bytes[..cut]).expect("write");
+            let e = check_library_file(&short).expect_err("refused").to_string();
+            assert!(e.contains("is truncated or damaged"), "{cut}: {e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn recognises_library_names() {

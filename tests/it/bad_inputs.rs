@@ -67,6 +67,13 @@ impl Inputs {
             tiny_lora_bytes_scaled(1e20),
         )
         .expect("LoRA");
+        let ort = std::fs::read_dir(repo_root().join(".ort").join("lib"))
+            .expect(".ort/lib (make setup-ort)")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.to_string_lossy().contains("libonnxruntime.so"))
+            .expect("the library in .ort/lib");
+        let bytes = std::fs::read(ort).expect("the library");
+        std::fs::write(dir.join("libonnxruntime.so"), &bytes[..100_000]).expect("cut short");
         let demo = repo_root().join("models").join("tiny-sd15");
         let model = |name: &str, edit: &dyn Fn(&Path)| {
             let to = dir.join(name);
@@ -78,6 +85,11 @@ impl Inputs {
                 j["beta_start"] = 10.0.into();
                 j["beta_end"] = (-5.0).into();
             })
+        });
+        model("truncated-data", &|m| {
+            let data = m.join("unet").join("model.onnx_data");
+            let bytes = std::fs::read(&data).expect("weights");
+            std::fs::write(&data, &bytes[..1000]).expect("cut short");
         });
         model("manifest-v99", &|m| {
             edit_json(&m.join("tcd_ort.json"), &|j| {
@@ -101,10 +113,12 @@ impl Inputs {
     fn expand(&self, text: &str) -> String {
         [
             ("{dir}", "a-directory"),
+            ("{truncated_ort}", "libonnxruntime.so"),
             ("{tiny_png}", "tiny.png"),
             ("{huge_png}", "huge.png"),
             ("{overflow_lora}", "overflow.safetensors"),
             ("{bad_betas}", "bad-betas"),
+            ("{truncated_data}", "truncated-data"),
             ("{manifest_v99}", "manifest-v99"),
             ("{manifest_dtype}", "manifest-dtype"),
             ("{manifest_shape}", "manifest-shape"),
