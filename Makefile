@@ -31,8 +31,6 @@ ci-build: lint
 ci-rust-test: fixtures ci-build
 	cargo test
 
-ci-py-test: py-test
-
 # The C ABI end to end: builds the cdylib, compiles examples/cpp/main.cpp with g++ against
 # include/ and it (rpath to target/<profile>), runs it on the tiny model, installs it into a
 # scratch prefix and links the example through pkg-config, then runs it under valgrind with the
@@ -40,7 +38,7 @@ ci-py-test: py-test
 # other run with the ControlNet: 0 errors, nothing lost, in every run (tests/ffi_valgrind.sh;
 # `tests/ffi_valgrind.sh 20` for the long check). FFI_PROFILE=release uses a release build.
 FFI_PROFILE ?= debug
-FFI_VALGRIND_RUNS ?= 3
+FFI_VALGRIND_RUNS ?= 2
 FFI_DIR := target/ffi
 FFI_CXX := g++ -std=c++17 -Wall -Wextra -Werror -O1
 
@@ -121,6 +119,11 @@ rust-test: setup-ort
 
 py-test: venv
 	$(VPY) -m pytest -q export/tests
+
+# In `make test` the session fixtures reuse the parity fixtures' exports (same pipelines, same
+# exporter, this checkout) instead of exporting them again.
+ci-py-test: venv fixture-parity
+	TCD_ORT_REUSE_EXPORTS=$(CURDIR)/$(FIXTURES)/parity $(VPY) -m pytest -q export/tests
 
 clean-fixtures:
 	rm -rf $(FIXTURES)

@@ -142,6 +142,22 @@ def _dynamic_shapes(wrapper: torch.nn.Module, inputs: Sequence[Io]) -> dict[str,
     return out
 
 
+def _capture(wrapper: torch.nn.Module, args: tuple[Any, ...], dynamic_shapes: Any) -> Any:
+    """The module as `torch.export` captures it (non-strict), or the module itself for
+    `torch.onnx.export` to capture when that fails.
+
+    `torch.onnx.export` tries non-strict capture with size-oblivious shapes first, and for
+    diffusers' UNets that fails on the upsampling blocks' shape checks after tracing most of
+    the model; its strict (dynamo) fallback then traces it all again, slower. Plain non-strict
+    capture takes those checks as guards on the example sizes, which the exported dynamic axes
+    keep covering (every size is a multiple of the UNet's overall downsampling factor).
+    """
+    try:
+        return torch.export.export(wrapper, args, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception:  # noqa: BLE001 - any capture failure falls back to the exporter's own
+        return wrapper
+
+
 def export_component(
     wrapper: torch.nn.Module,
     args: tuple[Any, ...],
@@ -165,7 +181,7 @@ def export_component(
     dynamic_shapes = _dynamic_shapes(wrapper, inputs)
     with torch.no_grad(), fused_attention(wrapper, attention):
         program = torch.onnx.export(
-            wrapper,
+            _capture(wrapper, args, dynamic_shapes),
             args,
             dynamo=True,
             optimize=False,

@@ -19,7 +19,7 @@ tiny` if missing. Everything under OUT_DIR/<family> is rewritten. Layout:
                                           (SDXL), UNet attention/ff/proj/resnet layers and the
                                           text encoders, rank 4, per-component alphas
     OUT_DIR/<family>/slots_r8/            `convert --lora-slots 8`: both LoRAs fit (4 + 4)
-    OUT_DIR/<family>/slots_r4/            `convert --lora-slots 4`: modules both LoRAs touch
+    OUT_DIR/sd15/slots_r4/                `convert --lora-slots 4`: modules both LoRAs touch
                                           overflow and the engine fuses them
     OUT_DIR/<family>/cases.json           TCD requests with "loras" (unfused)
     OUT_DIR/<family>/reference/<case>.png/.npy   `python -m export reference` outputs
@@ -48,7 +48,9 @@ import make_lora  # noqa: E402
 FAMILIES = ("sd15", "sdxl")
 RANK = make_lora.RANK
 TCD_ALPHA = 2.0
-SLOT_RANKS = (8, 4)
+# The overflow (rank-4) export only for SD1.5: which modules overflow and get fused is decided
+# per module, the same for every family; SDXL's slots and key formats are covered at rank 8.
+SLOT_RANKS = {"sd15": (8, 4), "sdxl": (8,)}
 WEIGHTS = (1.0, 0.7)
 PROMPT = make_lora.PROMPT
 
@@ -148,7 +150,7 @@ def make_family(family, out):
         "exports": {},
     }
     del pipe
-    for rank in SLOT_RANKS:
+    for rank in SLOT_RANKS[family]:
         name = f"slots_r{rank}"
         secs = make_lora.run(["convert", str(src), str(fam_dir / name), "--lora-slots", str(rank)])
         manifest = json.loads((fam_dir / name / "tcd_ort.json").read_text())
