@@ -1,15 +1,18 @@
 //! Output files (issue 19): written whole or not at all, through temporaries that never
-//! outlive a failure; a symbolic link in an output's place replaced, never written through.
+//! outlive a failure; a symbolic link in an output's place replaced, never written through;
+//! every output checked before the model loads; and a run stopped by SIGINT or SIGTERM leaving
+//! no file behind.
 
-use std::io::Write;
-use std::path::Path;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 
 use tcd_ort::image_io::{
     check_output_path, commit_all, stage_bytes, write_atomic, write_png, RgbImage,
 };
 use tcd_ort::Error;
 
-use crate::common::{read_png_rgb, scratch_dir};
+use crate::common::{read_png_rgb, repo_root, scratch_dir};
 
 /// The names in `dir`, sorted.
 fn listing(dir: &Path) -> Vec<String> {
@@ -124,4 +127,194 @@ fn unwritable_outputs_are_found_by_the_check() {
         let err = check_output_path(Path::new("/proc/tcd-ort-out.png"), true).expect_err("proc");
         assert!(err.to_string().contains("cannot create a file"), "{err}");
     }
+}
+
+// --- The command line. ----------------------------------------------------------------------
+
+fn demo_model() -> String {
+    repo_root()
+        .join("models")
+        .join("tiny-sd15")
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn tcd(args: &[String]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tcd-ort"))
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+        .expect("the binary starts")
+}
+
+/// `run` on the demo model, with progress on stderr (no `-q`).
+fn run_args(output: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["run", "--model", &demo_model(), "--prompt", "a cat"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(["--seed".into(), "0".into(), "--output".into()]);
+    args.push(output.to_string_lossy().into_owned());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn text(out: &[u8]) -> String {
+    String::from_utf8_lossy(out).into_owned()
+}
+
+#[test]
+fn outputs_that_cannot_be_written_are_refused_before_loading() {
+    let dir = scratch_dir("cli-unwritable");
+    let png = dir.join("out.png");
+    std::fs::create_dir(dir.join("folder.png")).expect("mkdir");
+    std::fs::write(dir.join("old.json"), b"{}").expect("write");
+    let s = |p: PathBuf| p.to_string_lossy().into_owned();
+    let mut cases = vec![
+        (dir.join("folder.png"), vec![], "--output"),
+        (
+            png.clone(),
+            vec!["--save-latents", "/nonexistent-dir/l.npy"],
+            "--save-latents",
+        ),
+        (png.clone(), vec!["--timings", "TIMINGS"], "--timings"),
+    ];
+    #[cfg(target_os = "linux")]
+    cases.push((
+        png.clone(),
+        vec!["--save-latents", "/proc/l.npy"],
+        "--save-latents",
+    ));
+    let timings = s(dir.join("old.json"));
+    for (output, extra, flag) in cases {
+        let extra: Vec<&str> = extra
+            .iter()
+            .map(|a| if *a == "TIMINGS" { timings.as_str() } else { a })
+            .collect();
+        let out = tcd(&run_args(&output, &extra));
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "{flag}: {err}");
+        assert!(err.contains(&format!("error: {flag}")), "{flag}: {err}");
+        assert!(!err.contains("loaded"), "refused before loading: {err}");
+    }
+    assert_eq!(listing(&dir), ["folder.png", "old.json"]);
+    assert_eq!(std::fs::read(dir.join("old.json")).expect("read"), b"{}");
+}
+
+#[cfg(unix)]
+#[test]
+fn overwrite_on_the_command_line_replaces_a_symlink_not_its_target() {
+    let dir = scratch_dir("cli-symlink");
+    let outside = scratch_dir("cli-symlink-target");
+    let target = outside.join("precious.png");
+    std::fs::write(&target, b"precious").expect("write");
+    let link = dir.join("out.png");
+    std::os::unix::fs::symlink(&target, &link).expect("symlink");
+    let out = tcd(&run_args(&link, &["--steps", "1", "-q", "--overwrite"]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read(&target).expect("read"), b"precious");
+    assert!(std::fs::symlink_metadata(&link)
+        .expect("meta")
+        .file_type()
+        .is_file());
+    assert!(read_png_rgb(&link).0 > 0);
+}
+
+/// Starts a long run (4 images, 50 steps), waits for its first step on stderr, calls `act`
+/// with the process id, and returns the exit status and all of stderr.
+#[cfg(unix)]
+fn during_generation(
+    output: &Path,
+    extra: &[&str],
+    act: impl FnOnce(u32),
+) -> (std::process::ExitStatus, String) {
+    let mut args = run_args(output, &["--steps", "50", "--num-images", "4"]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tcd-ort"))
+        .args(&args)
+        .current_dir(repo_root())
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("the binary starts");
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut seen = String::new();
+    let mut act = Some(act);
+    let mut line = String::new();
+    while stderr.read_line(&mut line).expect("read stderr") > 0 {
+        if line.starts_with("1/50 steps") {
+            if let Some(act) = act.take() {
+                act(child.id());
+            }
+        }
+        seen.push_str(&line);
+        line.clear();
+    }
+    let status = child.wait().expect("wait");
+    assert!(
+        act.is_none(),
+        "the run never reached its first step: {seen}"
+    );
+    (status, seen)
+}
+
+#[cfg(unix)]
+fn send(signal: &str, pid: u32) {
+    let status = Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .expect("kill starts");
+    assert!(status.success());
+}
+
+#[cfg(unix)]
+#[test]
+fn a_signal_during_generation_stops_it_and_leaves_no_file() {
+    use std::os::unix::process::ExitStatusExt;
+    for (signal, code, name) in [("INT", 130, "SIGINT"), ("TERM", 143, "SIGTERM")] {
+        let dir = scratch_dir(&format!("cli-signal-{signal}"));
+        let png = dir.join("out.png");
+        let latents = dir.join("latents.npy");
+        let extra = ["--save-latents", latents.to_str().expect("utf-8")];
+        let (status, err) = during_generation(&png, &extra, |pid| send(signal, pid));
+        assert_eq!(status.code(), Some(code), "{name}: {status:?} {err}");
+        assert_eq!(status.signal(), None, "exits on its own: {err}");
+        assert!(err.contains(&format!("interrupted by {name}")), "{err}");
+        assert!(!err.contains("50/50 steps"), "stopped between steps: {err}");
+        assert!(listing(&dir).is_empty(), "{name}: {:?}", listing(&dir));
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn a_second_sigint_exits_at_once_and_leaves_no_file() {
+    let dir = scratch_dir("cli-signal-twice");
+    let png = dir.join("out.png");
+    let (status, err) = during_generation(&png, &[], |pid| {
+        send("INT", pid);
+        // Two signals at once would merge into one.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        send("INT", pid);
+    });
+    // The engine may have reached the end of its step between the two: either way, 130.
+    assert_eq!(status.code(), Some(130), "{status:?} {err}");
+    assert!(err.contains("interrupted"), "{err}");
+    assert!(listing(&dir).is_empty(), "{:?}", listing(&dir));
+}
+
+#[cfg(unix)]
+#[test]
+fn a_failing_save_latents_leaves_no_png() {
+    let dir = scratch_dir("cli-latents-fail");
+    let elsewhere = scratch_dir("cli-latents-fail-npy");
+    let png = dir.join("out.png");
+    let latents = elsewhere.join("latents.npy");
+    let extra = ["--save-latents", latents.to_str().expect("utf-8")];
+    // The directory passes the check, then goes away while the images are generated.
+    let (status, err) = during_generation(&png, &extra, |_| {
+        std::fs::remove_dir_all(&elsewhere).expect("remove the latents' directory");
+    });
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("--save-latents"), "{err}");
+    assert!(listing(&dir).is_empty(), "{:?}", listing(&dir));
 }
