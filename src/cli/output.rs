@@ -6,9 +6,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
-use tcd_ort::image_io::check_output_path;
+use tcd_ort::image_io::{check_output_path, commit_all, PendingFile};
 use tcd_ort::pipeline::{GenerateRequest, Progress, Task};
 use tcd_ort::runtime::RunStats;
+
+use super::interrupt;
 
 /// Seconds since the generation started at each progress event, for `--timings`.
 #[derive(Debug, Default)]
@@ -109,6 +111,22 @@ pub fn check_outputs(outputs: &[(&str, PathBuf)], overwrite: bool) -> Result<()>
             );
         }
         check_output_path(path, overwrite).map_err(|e| anyhow!("{flag}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Moves the run's staged outputs into place together, unless a signal asked to stop while
+/// they were written: then they go with their temporaries and nothing reaches its place.
+pub fn commit_outputs(staged: Vec<PendingFile>, quiet: bool) -> Result<()> {
+    if let Some(stopped) = interrupt::stopped() {
+        return Err(stopped.into());
+    }
+    let written: Vec<PathBuf> = staged.iter().map(|f| f.destination().to_owned()).collect();
+    commit_all(staged)?;
+    if !quiet {
+        for path in written {
+            eprintln!("wrote {}", path.display());
+        }
     }
     Ok(())
 }

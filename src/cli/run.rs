@@ -7,8 +7,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use tcd_ort::image_io::{
-    commit_all, image_grid, load_image, mask_preview, numbered_path, resize_lanczos, stage_bytes,
-    stage_npy, stage_png, PendingFile,
+    image_grid, load_image, mask_preview, numbered_path, resize_lanczos, stage_bytes, stage_npy,
+    stage_png, PendingFile,
 };
 use tcd_ort::lora::{parse_lora_arg, parse_weighted_source};
 use tcd_ort::model::ModelDir;
@@ -19,7 +19,9 @@ use tcd_ort::pipeline::{
 use tcd_ort::runtime::{parse_provider_list, ExecutionProvider};
 
 use super::interrupt::{self, Phase};
-use super::output::{check_outputs, parameters_text, run_stats_since, ProgressBar, Timeline};
+use super::output::{
+    check_outputs, commit_outputs, parameters_text, run_stats_since, ProgressBar, Timeline,
+};
 use super::report::{lora_summary, session_summary};
 use super::session_args::{RequestShape, SessionArgs};
 
@@ -531,16 +533,5 @@ pub fn run(args: RunArgs) -> Result<()> {
                 .with_context(|| format!("writing --timings {}", path.display()))?,
         );
     }
-    // A signal while writing: the temporaries go with `staged`, nothing reaches its place.
-    if let Some(stopped) = interrupt::stopped() {
-        return Err(stopped.into());
-    }
-    let written: Vec<PathBuf> = staged.iter().map(|f| f.destination().to_owned()).collect();
-    commit_all(staged)?;
-    if !args.quiet {
-        for path in written {
-            eprintln!("wrote {}", path.display());
-        }
-    }
-    Ok(())
+    commit_outputs(staged, args.quiet)
 }
