@@ -318,3 +318,64 @@ fn a_failing_save_latents_leaves_no_png() {
     assert!(err.contains("--save-latents"), "{err}");
     assert!(listing(&dir).is_empty(), "{:?}", listing(&dir));
 }
+
+// --- The C ABI. -----------------------------------------------------------------------------
+
+/// `tcd_result_write_png` goes through the same writer: the image the result holds, no
+/// replacement without `overwrite`, a symlink replaced rather than written through, and a
+/// missing directory an I/O error that leaves nothing behind.
+#[cfg(unix)]
+#[test]
+fn the_c_abi_writes_pngs_atomically() {
+    use std::ffi::CString;
+    use std::ptr::null_mut;
+    use tcd_ort::ffi::*;
+
+    let dir = scratch_dir("ffi-write-png");
+    let outside = scratch_dir("ffi-write-png-target");
+    let target = outside.join("precious.png");
+    std::fs::write(&target, b"precious").expect("write");
+    let link = dir.join("out.png");
+    std::os::unix::fs::symlink(&target, &link).expect("symlink");
+    let c = |p: &Path| CString::new(p.to_str().expect("utf-8")).expect("no NUL");
+    let (link_c, missing_c) = (c(&link), c(&dir.join("no-such-dir").join("x.png")));
+    let model = CString::new(demo_model()).expect("no NUL");
+    // SAFETY: live handles and NUL-terminated strings throughout; each handle freed once.
+    unsafe {
+        let options = tcd_engine_options_new();
+        assert_eq!(
+            tcd_engine_options_set_model(options, model.as_ptr()),
+            tcd_status::TCD_OK
+        );
+        let mut engine = null_mut();
+        assert_eq!(tcd_engine_new(options, &mut engine), tcd_status::TCD_OK);
+        tcd_engine_options_free(options);
+        let request = tcd_request_new();
+        tcd_request_set_prompt(request, c"a cat".as_ptr());
+        tcd_request_set_steps(request, 1);
+        let mut result = null_mut();
+        let status = tcd_engine_generate(engine, request, None, null_mut(), &mut result);
+        assert_eq!(status, tcd_status::TCD_OK);
+
+        let write = |path: &CString, index, overwrite| {
+            tcd_result_write_png(result, index, path.as_ptr(), overwrite)
+        };
+        assert_eq!(write(&link_c, 0, 0), tcd_status::TCD_ERR_INVALID_ARGUMENT);
+        assert_eq!(write(&link_c, 1, 1), tcd_status::TCD_ERR_INVALID_ARGUMENT);
+        assert_eq!(write(&missing_c, 0, 1), tcd_status::TCD_ERR_IO);
+        assert_eq!(write(&link_c, 0, 1), tcd_status::TCD_OK);
+        let (mut w, mut h, mut stride, mut pixels) = (0, 0, 0, std::ptr::null());
+        tcd_result_image(result, 0, &mut w, &mut h, &mut stride, &mut pixels);
+        let expected = std::slice::from_raw_parts(pixels, stride * h as usize).to_vec();
+        tcd_result_free(result);
+        tcd_request_free(request);
+        tcd_engine_free(engine);
+        assert_eq!(read_png_rgb(&link), (w, h, expected));
+    }
+    assert_eq!(std::fs::read(&target).expect("read"), b"precious");
+    assert!(std::fs::symlink_metadata(&link)
+        .expect("meta")
+        .file_type()
+        .is_file());
+    assert_eq!(listing(&dir), ["out.png"]);
+}
