@@ -10,7 +10,7 @@ VENV_OPTIMUM := .venv-optimum
 ORT_VERSION := 1.31.1
 FIXTURES := tests/fixtures/generated
 
-.PHONY: demo test ffi setup setup-ort venv venv-optimum fixtures lint rust-test py-test clean-fixtures
+.PHONY: demo test ffi soak setup setup-ort venv venv-optimum fixtures lint rust-test py-test clean-fixtures
 
 demo: setup-ort
 	cargo run --release -- run --model models/tiny-sd15 \
@@ -55,6 +55,10 @@ ffi: setup-ort
 		-Wl,-rpath,$(CURDIR)/$(FFI_DIR)/prefix/lib -o $(FFI_DIR)/tcd_example_pkgconfig
 	$(FFI_DIR)/tcd_example_pkgconfig --steps 1 --output $(FFI_DIR)/example-pkgconfig.png > /dev/null
 	tests/ffi_valgrind.sh $(FFI_VALGRIND_RUNS) 2
+
+# The C ABI over a long life: 200 generations on one engine, RSS every 10 (tests/soak.sh).
+soak: setup-ort
+	tests/soak.sh
 
 setup: setup-ort venv
 

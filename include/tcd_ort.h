@@ -310,6 +310,24 @@ tcd_status tcd_result_image(const struct tcd_result *result,
                             const uint8_t **out_pixels);
 
 /**
+ * Writes image `index` of a result to `path` as a PNG, atomically: the file is written to a
+ * temporary beside `path` (`.NAME.tmp-PID-N`), synced, and renamed into place, so `path`
+ * holds either the whole new image or what it held before (a failed write leaves no
+ * temporary). An existing `path` is refused (`TCD_ERR_INVALID_ARGUMENT`) unless `overwrite`
+ * is nonzero; a symbolic link at `path` is then replaced by the file, its target left alone.
+ * Errors: `TCD_ERR_IO` when the directory does not exist or takes no new file, or `path` is
+ * a directory.
+ *
+ * # Safety
+ *
+ * `result` is NULL or a live result; `path` is NULL or a NUL-terminated string.
+ */
+tcd_status tcd_result_write_png(const struct tcd_result *result,
+                                size_t index,
+                                const char *path,
+                                int overwrite);
+
+/**
  * Frees a result and its pixels; NULL is a no-op.
  *
  * # Safety

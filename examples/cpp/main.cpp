@@ -9,12 +9,10 @@
 
 #include "tcd_ort.h"
 
-#include <array>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <fstream>
 #include <memory>
 #include <string>
 #include <vector>
@@ -54,77 +52,6 @@ bool expect(tcd_status got, tcd_status want, const char* what) {
                  tcd_status_name(want), last_error().c_str());
     ++failures;
     return false;
-}
-
-// --- A minimal PNG writer: stored (uncompressed) deflate blocks, CRC-32 and Adler-32. -------
-
-uint32_t crc32(const uint8_t* data, size_t len, uint32_t crc = 0) {
-    static const std::array<uint32_t, 256> table = [] {
-        std::array<uint32_t, 256> t{};
-        for (uint32_t n = 0; n < 256; ++n) {
-            uint32_t c = n;
-            for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-            t[n] = c;
-        }
-        return t;
-    }();
-    crc = ~crc;
-    for (size_t i = 0; i < len; ++i) crc = table[(crc ^ data[i]) & 0xFF] ^ (crc >> 8);
-    return ~crc;
-}
-
-void put_be32(std::vector<uint8_t>& out, uint32_t v) {
-    for (int shift = 24; shift >= 0; shift -= 8) out.push_back(static_cast<uint8_t>(v >> shift));
-}
-
-void put_chunk(std::vector<uint8_t>& png, const char type[4], const std::vector<uint8_t>& data) {
-    put_be32(png, static_cast<uint32_t>(data.size()));
-    std::vector<uint8_t> body(type, type + 4);
-    body.insert(body.end(), data.begin(), data.end());
-    png.insert(png.end(), body.begin(), body.end());
-    put_be32(png, crc32(body.data(), body.size()));
-}
-
-// Writes tightly or loosely packed RGB8 rows as an 8-bit truecolor PNG.
-bool write_png(const std::string& path, uint32_t width, uint32_t height, size_t stride,
-               const uint8_t* rgb) {
-    std::vector<uint8_t> raw;  // each row: filter type 0 (None), then the pixels
-    raw.reserve((size_t(width) * 3 + 1) * height);
-    for (uint32_t y = 0; y < height; ++y) {
-        raw.push_back(0);
-        raw.insert(raw.end(), rgb + y * stride, rgb + y * stride + size_t(width) * 3);
-    }
-    std::vector<uint8_t> z = {0x78, 0x01};  // zlib header: deflate, 32K window, no dictionary
-    size_t pos = 0;
-    do {
-        size_t n = std::min<size_t>(65535, raw.size() - pos);
-        bool last = pos + n == raw.size();
-        z.push_back(last ? 1 : 0);  // BFINAL, BTYPE = 00 (stored)
-        z.push_back(uint8_t(n & 0xFF));
-        z.push_back(uint8_t(n >> 8));
-        z.push_back(uint8_t(~n & 0xFF));
-        z.push_back(uint8_t((~n >> 8) & 0xFF));
-        z.insert(z.end(), raw.begin() + pos, raw.begin() + pos + n);
-        pos += n;
-    } while (pos < raw.size());
-    uint32_t a = 1, b = 0;  // Adler-32 of the uncompressed data
-    for (uint8_t byte : raw) {
-        a = (a + byte) % 65521;
-        b = (b + a) % 65521;
-    }
-    put_be32(z, (b << 16) | a);
-
-    std::vector<uint8_t> png = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1A, '\n'};
-    std::vector<uint8_t> ihdr;
-    put_be32(ihdr, width);
-    put_be32(ihdr, height);
-    ihdr.insert(ihdr.end(), {8, 2, 0, 0, 0});  // 8 bits, truecolor, deflate, filter 0, no interlace
-    put_chunk(png, "IHDR", ihdr);
-    put_chunk(png, "IDAT", z);
-    put_chunk(png, "IEND", {});
-    std::ofstream file(path, std::ios::binary);
-    file.write(reinterpret_cast<const char*>(png.data()), std::streamsize(png.size()));
-    return bool(file);
 }
 
 // --- A control image: white circles on black, the kind of edge map a Canny ControlNet reads. ---
@@ -243,8 +170,8 @@ int main(int argc, char** argv) {
                 "read image 0")) {
         return 1;
     }
-    if (!write_png(output, width, height, stride, pixels)) {
-        std::fprintf(stderr, "FAILED: cannot write %s\n", output.c_str());
+    // Written atomically by the library: the whole PNG or, on failure, the file as it was.
+    if (!expect(tcd_result_write_png(result.get(), 0, output.c_str(), 1), TCD_OK, "write the PNG")) {
         return 1;
     }
     std::printf("wrote %s (%ux%u)\n", output.c_str(), width, height);
@@ -278,7 +205,8 @@ int main(int argc, char** argv) {
         const uint8_t* cpixels = nullptr;
         if (!expect(tcd_result_image(controlled.get(), 0, &cw, &ch, &cstride, &cpixels), TCD_OK,
                     "read the controlled image") ||
-            !write_png(control_output, cw, ch, cstride, cpixels)) {
+            !expect(tcd_result_write_png(controlled.get(), 0, control_output.c_str(), 1), TCD_OK,
+                    "write the controlled PNG")) {
             return 1;
         }
         std::printf("wrote %s (%ux%u)\n", control_output.c_str(), cw, ch);

@@ -1,6 +1,7 @@
 //! Command-line interface: parses arguments with clap and translates them to the library API.
 //! Errors are printed on one line and end the process with a non-zero status.
 
+mod interrupt;
 mod memory;
 mod output;
 mod report;
@@ -43,6 +44,10 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            if let Some(stopped) = e.downcast_ref::<interrupt::Interrupted>() {
+                eprintln!("error: {stopped}");
+                return ExitCode::from(stopped.exit_code());
+            }
             let message = match e.downcast_ref::<tcd_ort::Error>() {
                 Some(tcd_ort::Error::InvalidField { field, message }) => {
                     format!("{} {message}", flag(*field))

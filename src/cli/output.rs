@@ -1,13 +1,16 @@
 //! What `tcd-ort run` shows and writes: the progress bar, the `--timings` JSON, the PNG's
-//! `parameters` text, and the checks that keep it from overwriting files.
+//! `parameters` text, and the checks that every output can be written before any work starts.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
+use tcd_ort::image_io::{check_output_path, commit_all, PendingFile};
 use tcd_ort::pipeline::{GenerateRequest, Progress, Task};
 use tcd_ort::runtime::RunStats;
+
+use super::interrupt;
 
 /// Seconds since the generation started at each progress event, for `--timings`.
 #[derive(Debug, Default)]
@@ -96,23 +99,33 @@ pub fn run_stats_since(
         .collect()
 }
 
-/// Refuses to start when an output would be overwritten, before any work is done.
-pub fn check_outputs(paths: &[PathBuf], overwrite: bool) -> Result<()> {
-    for path in paths {
-        if path.exists() && !overwrite {
+/// Refuses to start when an output cannot be written, before the model is loaded: each
+/// `(flag, path)` must be a file of its own, not a directory, absent unless `overwrite`, in a
+/// directory that exists and takes a new file. Messages name the flag.
+pub fn check_outputs(outputs: &[(&str, PathBuf)], overwrite: bool) -> Result<()> {
+    for (i, (flag, path)) in outputs.iter().enumerate() {
+        if let Some((other, _)) = outputs[..i].iter().find(|(_, p)| p == path) {
             bail!(
-                "{} already exists; pass --overwrite to replace it",
+                "{flag} {} is also the path of {other}: give each output a file of its own",
                 path.display()
             );
         }
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            if !parent.is_dir() {
-                bail!(
-                    "cannot write {}: the directory {} does not exist",
-                    path.display(),
-                    parent.display()
-                );
-            }
+        check_output_path(path, overwrite).map_err(|e| anyhow!("{flag}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Moves the run's staged outputs into place together, unless a signal asked to stop while
+/// they were written: then they go with their temporaries and nothing reaches its place.
+pub fn commit_outputs(staged: Vec<PendingFile>, quiet: bool) -> Result<()> {
+    if let Some(stopped) = interrupt::stopped() {
+        return Err(stopped.into());
+    }
+    let written: Vec<PathBuf> = staged.iter().map(|f| f.destination().to_owned()).collect();
+    commit_all(staged)?;
+    if !quiet {
+        for path in written {
+            eprintln!("wrote {}", path.display());
         }
     }
     Ok(())

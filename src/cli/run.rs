@@ -7,7 +7,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use tcd_ort::image_io::{
-    image_grid, load_image, mask_preview, numbered_path, resize_lanczos, write_npy, write_png,
+    image_grid, load_image, mask_preview, numbered_path, resize_lanczos, stage_bytes, stage_npy,
+    stage_png, PendingFile,
 };
 use tcd_ort::lora::{parse_lora_arg, parse_weighted_source};
 use tcd_ort::model::ModelDir;
@@ -17,7 +18,10 @@ use tcd_ort::pipeline::{
 };
 use tcd_ort::runtime::{parse_provider_list, ExecutionProvider};
 
-use super::output::{check_outputs, parameters_text, run_stats_since, ProgressBar, Timeline};
+use super::interrupt::{self, Phase};
+use super::output::{
+    check_outputs, commit_outputs, parameters_text, run_stats_since, ProgressBar, Timeline,
+};
 use super::report::{lora_summary, session_summary};
 use super::session_args::{RequestShape, SessionArgs};
 
@@ -171,7 +175,8 @@ pub struct RunArgs {
     /// Output PNG path.
     #[arg(long, short)]
     output: PathBuf,
-    /// Replace existing output files.
+    /// Replace existing output files. A symbolic link in an output's place is replaced by the
+    /// new file; the file it points to is left as it was.
     #[arg(long)]
     overwrite: bool,
     /// Also write the final latents (before VAE decoding) as a NumPy .npy file.
@@ -403,22 +408,19 @@ fn load_report(args: &RunArgs, engine: &Engine, seconds: f32) -> Vec<String> {
     lines
 }
 
-/// Writes the images, the grid, the timings and the latents.
-fn write_outputs(
+/// Writes the images, the grid and the latents to temporaries beside their destinations, to be
+/// committed together once every output of the run is written.
+fn stage_outputs(
     args: &RunArgs,
     (request, task, controlnets): (&GenerateRequest, &Task, &[String]),
     generated: &Generated,
     image_paths: &[PathBuf],
-) -> Result<()> {
+) -> Result<Vec<PendingFile>> {
     let model_name = Path::new(&args.model)
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| args.model.clone());
-    let say = |path: &Path| {
-        if !args.quiet {
-            eprintln!("wrote {}", path.display());
-        }
-    };
+    let mut staged = Vec::new();
     for (image, path) in generated.images.iter().zip(image_paths) {
         let parameters = parameters_text(
             request,
@@ -431,9 +433,10 @@ fn write_outputs(
             ("parameters", parameters),
             ("Software", format!("tcd-ort {}", env!("CARGO_PKG_VERSION"))),
         ];
-        write_png(path, image, &text, args.overwrite)
-            .with_context(|| format!("writing {}", path.display()))?;
-        say(path);
+        staged.push(
+            stage_png(path, image, &text, args.overwrite)
+                .with_context(|| format!("writing --output {}", path.display()))?,
+        );
     }
     if let (Some(path), Some(first)) = (&args.grid, generated.images.first()) {
         let (w, h) = (first.width, first.height);
@@ -449,19 +452,23 @@ fn write_outputs(
         cells.extend(generated.control_images.iter().cloned());
         cells.extend(generated.images.iter().cloned());
         let grid = image_grid(&cells.iter().collect::<Vec<_>>())?;
-        write_png(path, &grid, &[], args.overwrite)
-            .with_context(|| format!("writing {}", path.display()))?;
-        say(path);
+        staged.push(
+            stage_png(path, &grid, &[], args.overwrite)
+                .with_context(|| format!("writing --grid {}", path.display()))?,
+        );
     }
     if let Some(path) = &args.save_latents {
-        write_npy(path, &generated.latents, args.overwrite)?;
-        say(path);
+        staged.push(
+            stage_npy(path, &generated.latents, args.overwrite)
+                .with_context(|| format!("writing --save-latents {}", path.display()))?,
+        );
     }
-    Ok(())
+    Ok(staged)
 }
 
 /// Runs `tcd-ort run`.
 pub fn run(args: RunArgs) -> Result<()> {
+    interrupt::install()?;
     let providers: Vec<ExecutionProvider> = parse_provider_list(&args.ep)?;
     check_flags(&args)?;
     let seed = args.seed.unwrap_or_else(random_seed);
@@ -472,10 +479,17 @@ pub fn run(args: RunArgs) -> Result<()> {
     let image_paths: Vec<PathBuf> = (0..request.num_images)
         .map(|i| numbered_path(&args.output, i, request.num_images))
         .collect();
-    let mut all_outputs = image_paths.clone();
-    all_outputs.extend(args.save_latents.iter().cloned());
-    all_outputs.extend(args.grid.iter().cloned());
-    all_outputs.extend(args.timings.iter().cloned());
+    let mut all_outputs: Vec<(&str, PathBuf)> = image_paths
+        .iter()
+        .map(|p| ("--output", p.clone()))
+        .collect();
+    all_outputs.extend(
+        args.save_latents
+            .iter()
+            .map(|p| ("--save-latents", p.clone())),
+    );
+    all_outputs.extend(args.grid.iter().map(|p| ("--grid", p.clone())));
+    all_outputs.extend(args.timings.iter().map(|p| ("--timings", p.clone())));
     check_outputs(&all_outputs, args.overwrite)?;
 
     args.session.apply(&providers, &mut options)?;
@@ -507,17 +521,23 @@ pub fn run(args: RunArgs) -> Result<()> {
     let mut timeline = Timeline::default();
     let runs_before = engine.run_stats();
     let generate_started = Instant::now();
+    interrupt::enter(Phase::Generating);
     let generated = engine.run(&request, &task, &mut |event| {
         timeline.record(event, generate_started.elapsed().as_secs_f64());
-        bar.update(event)
-    })?;
+        bar.update(event) && !interrupt::requested()
+    });
+    interrupt::enter(Phase::Writing);
+    let generated = match (generated, interrupt::stopped()) {
+        (Err(tcd_ort::Error::Cancelled), Some(stopped)) => return Err(stopped.into()),
+        (generated, _) => generated?,
+    };
     for warning in &generated.warnings {
         eprintln!("warning: {warning}");
     }
     let generate_s = generate_started.elapsed().as_secs_f64();
     let load_s = generate_started.duration_since(load_started).as_secs_f64();
     let runs = run_stats_since(&runs_before, engine.run_stats());
-    write_outputs(
+    let mut staged = stage_outputs(
         &args,
         (&request, &task, &controlnets),
         &generated,
@@ -527,8 +547,10 @@ pub fn run(args: RunArgs) -> Result<()> {
         let total = load_started.elapsed().as_secs_f64();
         let mut json = timeline.to_json(load_s, generate_s, total, &runs);
         json["io_binding"] = engine.io_binding().into();
-        std::fs::write(path, format!("{json:#}\n"))
-            .with_context(|| format!("writing {}", path.display()))?;
+        staged.push(
+            stage_bytes(path, args.overwrite, format!("{json:#}\n").as_bytes())
+                .with_context(|| format!("writing --timings {}", path.display()))?,
+        );
     }
-    Ok(())
+    commit_outputs(staged, args.quiet)
 }

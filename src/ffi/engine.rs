@@ -1,11 +1,14 @@
 //! `tcd_engine` and `tcd_result`: loading a model and generating images.
 
 use std::ffi::{c_char, c_int, c_void};
+use std::path::Path;
 
 use super::options::tcd_engine_options;
 use super::request::tcd_request;
-use super::status::{borrow, borrow_mut, free_box, guard, guard_value, tcd_status, Failure};
-use crate::image_io::RgbImage;
+use super::status::{
+    borrow, borrow_mut, free_box, guard, guard_value, string, tcd_status, Failure,
+};
+use crate::image_io::{write_png, RgbImage};
 use crate::pipeline::{Engine, Progress};
 
 /// A loaded model: one ONNX Runtime session per component. Created by `tcd_engine_new`, freed
@@ -188,6 +191,41 @@ pub unsafe extern "C" fn tcd_result_image(
             *out_stride = image.width as usize * 3;
             *out_pixels = image.pixels.as_ptr();
         }
+        Ok(())
+    })
+}
+
+/// Writes image `index` of a result to `path` as a PNG, atomically: the file is written to a
+/// temporary beside `path` (`.NAME.tmp-PID-N`), synced, and renamed into place, so `path`
+/// holds either the whole new image or what it held before (a failed write leaves no
+/// temporary). An existing `path` is refused (`TCD_ERR_INVALID_ARGUMENT`) unless `overwrite`
+/// is nonzero; a symbolic link at `path` is then replaced by the file, its target left alone.
+/// Errors: `TCD_ERR_IO` when the directory does not exist or takes no new file, or `path` is
+/// a directory.
+///
+/// # Safety
+///
+/// `result` is NULL or a live result; `path` is NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_result_write_png(
+    result: *const tcd_result,
+    index: usize,
+    path: *const c_char,
+    overwrite: c_int,
+) -> tcd_status {
+    guard("tcd_result_write_png", || {
+        // SAFETY: the caller's contract.
+        let result = unsafe { borrow(result, "result") }?;
+        // SAFETY: the caller's contract.
+        let path = unsafe { string(path, "path") }?;
+        let image = result.images.get(index).ok_or_else(|| {
+            Failure::invalid(format!(
+                "image index {index} is out of range: the result has {} image(s)",
+                result.images.len()
+            ))
+        })?;
+        let text = [("Software", format!("tcd-ort {}", env!("CARGO_PKG_VERSION")))];
+        write_png(Path::new(&path), image, &text, overwrite != 0)?;
         Ok(())
     })
 }

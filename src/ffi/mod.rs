@@ -27,7 +27,7 @@ mod status;
 pub use engine::{
     tcd_engine, tcd_engine_free, tcd_engine_generate, tcd_engine_new, tcd_engine_session_summary,
     tcd_progress_callback, tcd_result, tcd_result_count, tcd_result_free, tcd_result_image,
-    tcd_result_warnings,
+    tcd_result_warnings, tcd_result_write_png,
 };
 pub use options::{
     tcd_engine_options, tcd_engine_options_add_controlnet, tcd_engine_options_add_lora,

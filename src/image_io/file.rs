@@ -1,10 +1,8 @@
 //! Image files: PNG and JPEG in, PNG with generation parameters out, and output paths.
 
-use std::fs::{File, OpenOptions};
-use std::io::BufWriter;
 use std::path::Path;
 
-use super::RgbImage;
+use super::{PendingFile, RgbImage};
 use crate::{Error, Result};
 
 /// The largest input image side decoded: a few hundred kilobytes of PNG can claim to be
@@ -52,67 +50,51 @@ pub fn decode_image(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
     RgbImage::new(width, height, rgb.into_raw()).map_err(|e| e.to_string())
 }
 
-/// Opens `path` for writing, refusing to replace an existing file unless `overwrite`.
-pub fn create_output(path: &Path, overwrite: bool) -> Result<File> {
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if !parent.is_dir() {
-            return Err(Error::io(
-                path,
-                std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    format!("the directory {} does not exist", parent.display()),
-                ),
-            ));
-        }
-    }
-    let mut options = OpenOptions::new();
-    options.write(true);
-    if overwrite {
-        options.create(true).truncate(true);
-    } else {
-        options.create_new(true);
-    }
-    options.open(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AlreadyExists {
-            Error::invalid(format!(
-                "{} already exists; pass --overwrite to replace it",
-                path.display()
-            ))
-        } else {
-            Error::io(path, e)
-        }
-    })
-}
-
-/// Writes `image` as a PNG with `text` entries (keyword, value) in tEXt/iTXt chunks.
+/// Writes `image` as a PNG with `text` entries (keyword, value) in tEXt/iTXt chunks, atomically
+/// (see [`PendingFile`]).
 pub fn write_png(
     path: &Path,
     image: &RgbImage,
     text: &[(&str, String)],
     overwrite: bool,
 ) -> Result<()> {
-    let file = create_output(path, overwrite)?;
-    let fail = |e: png::EncodingError| Error::Image {
-        path: path.to_path_buf(),
-        message: e.to_string(),
+    stage_png(path, image, text, overwrite)?.commit()
+}
+
+/// Encodes `image` as [`write_png`] does into a temporary beside `path`, to be committed with
+/// the other outputs of the same run.
+pub fn stage_png(
+    path: &Path,
+    image: &RgbImage,
+    text: &[(&str, String)],
+    overwrite: bool,
+) -> Result<PendingFile> {
+    let fail = |e: png::EncodingError| match e {
+        png::EncodingError::IoError(e) => Error::io(path, e),
+        other => Error::Image {
+            path: path.to_path_buf(),
+            message: other.to_string(),
+        },
     };
-    let mut encoder = png::Encoder::new(BufWriter::new(file), image.width, image.height);
-    encoder.set_color(png::ColorType::Rgb);
-    encoder.set_depth(png::BitDepth::Eight);
-    for (key, value) in text {
-        if value.is_ascii() {
-            encoder
-                .add_text_chunk(key.to_string(), value.clone())
-                .map_err(fail)?;
-        } else {
-            encoder
-                .add_itxt_chunk(key.to_string(), value.clone())
-                .map_err(fail)?;
+    PendingFile::write(path, overwrite, |file| {
+        let mut encoder = png::Encoder::new(file, image.width, image.height);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        for (key, value) in text {
+            if value.is_ascii() {
+                encoder
+                    .add_text_chunk(key.to_string(), value.clone())
+                    .map_err(fail)?;
+            } else {
+                encoder
+                    .add_itxt_chunk(key.to_string(), value.clone())
+                    .map_err(fail)?;
+            }
         }
-    }
-    let mut writer = encoder.write_header().map_err(fail)?;
-    writer.write_image_data(&image.pixels).map_err(fail)?;
-    writer.finish().map_err(fail)
+        let mut writer = encoder.write_header().map_err(fail)?;
+        writer.write_image_data(&image.pixels).map_err(fail)?;
+        writer.finish().map_err(fail)
+    })
 }
 
 /// The output path of image `index` of `count`: `out.png` for one, `out-1.png`... for several.

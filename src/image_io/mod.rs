@@ -4,17 +4,20 @@
 //!
 //! `image` holds [`RgbImage`] and pixel-level conversions, `resize` Pillow's resampling filters
 //! (bit-exact), `tensor` the conversions between images and the tensors the graphs take and
-//! return, `file` reading images and writing PNGs, and `npy` NumPy files (latents).
+//! return, `file` reading images and writing PNGs, `npy` NumPy files (latents), and `atomic`
+//! the way every output file is written: whole or not at all.
 
+mod atomic;
 mod file;
 mod image;
 mod npy;
 mod resize;
 mod tensor;
 
-pub use file::{create_output, decode_image, load_image, numbered_path, write_png, MAX_INPUT_SIDE};
+pub use atomic::{check_output_path, commit_all, stage_bytes, write_atomic, PendingFile};
+pub use file::{decode_image, load_image, numbered_path, stage_png, write_png, MAX_INPUT_SIDE};
 pub use image::{image_grid, to_grayscale, RgbImage};
-pub use npy::{read_npy, write_npy};
+pub use npy::{read_npy, stage_npy, write_npy};
 pub use resize::{resize, resize_lanczos, ResampleFilter};
 pub use tensor::{
     image_to_tensor, image_to_unit_tensor, mask_preview, mask_to_tensor, vae_output_to_images,

@@ -1,28 +1,35 @@
 //! NumPy `.npy` files of float32 arrays (latents, test references), through `ndarray-npy`.
 
-use std::io::BufWriter;
 use std::path::Path;
 
 use ndarray::ArrayD;
 use ndarray_npy::{ReadNpyExt, WriteNpyError, WriteNpyExt};
 
-use super::create_output;
+use super::PendingFile;
 use crate::{Error, Result};
 
-/// Writes a float32 array as a NumPy `.npy` file (format 1.0, little-endian, C order).
+/// Writes a float32 array as a NumPy `.npy` file (format 1.0, little-endian, C order),
+/// atomically (see [`PendingFile`]).
 pub fn write_npy(path: &Path, array: &ArrayD<f32>, overwrite: bool) -> Result<()> {
-    let file = create_output(path, overwrite)?;
-    // A standard-layout copy when needed, so the file is always in C order.
-    array
-        .as_standard_layout()
-        .write_npy(BufWriter::new(file))
-        .map_err(|e| match e {
-            WriteNpyError::Io(e) => Error::io(path, e),
-            other => Error::Image {
-                path: path.to_path_buf(),
-                message: format!("cannot write a .npy file: {other}"),
-            },
-        })
+    stage_npy(path, array, overwrite)?.commit()
+}
+
+/// Writes `array` as [`write_npy`] does into a temporary beside `path`, to be committed with
+/// the other outputs of the same run.
+pub fn stage_npy(path: &Path, array: &ArrayD<f32>, overwrite: bool) -> Result<PendingFile> {
+    PendingFile::write(path, overwrite, |file| {
+        // A standard-layout copy when needed, so the file is always in C order.
+        array
+            .as_standard_layout()
+            .write_npy(file)
+            .map_err(|e| match e {
+                WriteNpyError::Io(e) => Error::io(path, e),
+                other => Error::Image {
+                    path: path.to_path_buf(),
+                    message: format!("cannot write a .npy file: {other}"),
+                },
+            })
+    })
 }
 
 /// Reads a float32 `.npy` file (what `write_npy` and NumPy write).

@@ -18,6 +18,7 @@ mod lora_parity;
 mod lora_slots;
 mod low_memory;
 mod optimum;
+mod outputs;
 mod parity;
 mod providers;
 mod rng;
