@@ -79,3 +79,22 @@ def sd21v(tmp_path_factory) -> Exported:
 @pytest.fixture(scope="session", params=["sd15", "sdxl", "sd21v"])
 def exported(request) -> Exported:
     return request.getfixturevalue(request.param)
+
+
+@pytest.fixture
+def cli_in_process(capsys):
+    """Runs `python -m export ARGS` in this process (each subprocess would import torch again):
+    returns the exit status and what went to stderr. An uncaught exception fails the test, as a
+    traceback would."""
+
+    def run(*args) -> tuple[int, str]:
+        from export.cli import main
+
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        return code, capsys.readouterr().err
+
+    return run

@@ -158,16 +158,23 @@ def _cli(*args):
         (["reference", "--model", "/nonexistent/pipeline", "--prompt", "x"], "error"),
     ],
 )
-def test_bad_inputs(tmp_path, args, needle):
+def test_bad_inputs(tmp_path, args, needle, cli_in_process):
     args = [a.replace("{tmp}", str(tmp_path)).replace("OUT", str(tmp_path / "out")) for a in args]
-    r = _cli(*args)
-    assert r.returncode != 0
-    assert needle in r.stderr
+    code, stderr = cli_in_process(*args)
+    assert code != 0
+    assert needle in stderr
+
+
+def test_a_bad_input_exits_2_without_a_traceback(tmp_path):
+    # One real process: the exit status and stderr as a shell sees them.
+    r = _cli("convert", "/nonexistent/pipeline", str(tmp_path / "out"))
+    assert r.returncode == 2
+    assert "no such file or directory" in r.stderr
     assert "Traceback" not in r.stderr
 
 
-def test_refuses_to_overwrite(sd15, tmp_path):
+def test_refuses_to_overwrite(sd15, tmp_path, cli_in_process):
     (tmp_path / "keep.txt").write_text("x")
-    r = _cli("convert", str(sd15.src), str(tmp_path))
-    assert r.returncode == 2 and "--overwrite" in r.stderr
+    code, stderr = cli_in_process("convert", str(sd15.src), str(tmp_path))
+    assert code == 2 and "--overwrite" in stderr
     assert (tmp_path / "keep.txt").exists()
