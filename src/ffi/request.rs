@@ -448,9 +448,11 @@ unsafe fn copy_rgba(
             "the stride ({stride} bytes) is smaller than a row of {width} RGBA pixels ({row} bytes)"
         )));
     }
+    // A slice may span at most isize::MAX bytes; no real buffer is larger.
     let len = stride
         .checked_mul(height as usize - 1)
         .and_then(|n| n.checked_add(row))
+        .filter(|&n| isize::try_from(n).is_ok())
         .ok_or_else(|| Failure::invalid("the image is too large"))?;
     // SAFETY: the caller provides `len` readable bytes at `pixels`.
     let bytes = unsafe { std::slice::from_raw_parts(pixels, len) };

@@ -14,6 +14,8 @@ mod tensor;
 
 pub use file::{create_output, load_image, numbered_path, write_png};
 pub use image::{image_grid, to_grayscale, RgbImage};
+#[doc(hidden)]
+pub use npy::parse_npy;
 pub use npy::{read_npy, write_npy};
 pub use resize::{resize, resize_lanczos, ResampleFilter};
 pub use tensor::{
