@@ -61,6 +61,13 @@ pub struct tcd_request {
 
 impl tcd_request {
     /// The library's request and task; fails when the task lacks its images.
+    /// Whether `tcd_engine_generate` would accept the request before running it (for the fuzz
+    /// targets, which have no engine).
+    #[doc(hidden)]
+    pub fn is_complete(&self) -> bool {
+        self.to_task().is_ok()
+    }
+
     pub(crate) fn to_task(&self) -> Result<(GenerateRequest, Task), Failure> {
         let needs = |what: Option<&RgbImage>, setter: &str, task: &str| {
             what.cloned().ok_or_else(|| {

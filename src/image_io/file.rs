@@ -10,7 +10,13 @@ use crate::{Error, Result};
 /// Reads a PNG or JPEG into RGB (alpha dropped, grayscale replicated: PIL's `convert("RGB")`).
 pub fn load_image(path: &Path) -> Result<RgbImage> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let decoded = image::load_from_memory(&bytes).map_err(|e| Error::Image {
+    decode_image(path, &bytes)
+}
+
+/// Decodes the bytes of a PNG or JPEG as [`load_image`] does; `path` is only used in messages.
+#[doc(hidden)]
+pub fn decode_image(path: &Path, bytes: &[u8]) -> Result<RgbImage> {
+    let decoded = image::load_from_memory(bytes).map_err(|e| Error::Image {
         path: path.to_path_buf(),
         message: format!("cannot decode (PNG and JPEG are supported): {e}"),
     })?;

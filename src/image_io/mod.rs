@@ -12,6 +12,8 @@ mod npy;
 mod resize;
 mod tensor;
 
+#[doc(hidden)]
+pub use file::decode_image;
 pub use file::{create_output, load_image, numbered_path, write_png};
 pub use image::{image_grid, to_grayscale, RgbImage};
 #[doc(hidden)]
