@@ -16,7 +16,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let text = String::from_utf8_lossy(names);
-    let keys: Vec<&str> = text.split('\n').take(64).collect();
+    // Unique: safetensors' serializer panics on a repeated name (a file cannot hold one).
+    let keys: std::collections::BTreeSet<&str> = text.split('\n').take(64).collect();
     let down = [0u8; 4 * 4 * 2];
     let up = [0u8; 4 * 2 * 4];
     let alpha = 2i64.to_le_bytes();

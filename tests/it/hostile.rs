@@ -418,3 +418,59 @@ mod ffi {
         }
     }
 }
+
+/// A copy of the tiny model's JSON files (graphs empty: opening reads none) with `edit`
+/// applied to (file, JSON) pairs.
+fn model_with(name: &str, edit: impl Fn(&str, &mut serde_json::Value)) -> std::path::PathBuf {
+    let from = std::path::PathBuf::from(crate::common::committed_model("tiny-sd15"));
+    let dir = scratch_dir(name);
+    for file in [
+        "model_index.json",
+        "unet/config.json",
+        "vae_decoder/config.json",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+    ] {
+        let text = std::fs::read_to_string(from.join(file)).unwrap_or_else(|e| panic!("{e}"));
+        let mut json: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}"));
+        edit(file, &mut json);
+        let path = dir.join(file);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("component dir");
+        write(&path, json.to_string().as_bytes());
+    }
+    for graph in ["text_encoder", "unet", "vae_decoder"] {
+        write(&dir.join(graph).join("model.onnx"), b"");
+    }
+    dir
+}
+
+/// Sizes from configs are products and shifts: a crafted VAE or UNet config is refused when
+/// the model opens, instead of overflowing when an image size is derived from it.
+#[test]
+fn issue_19_config_sizes_that_overflow_are_refused() {
+    use tcd_ort::model::ModelDir;
+    let plain = model_with("hostile-config-plain", |_, _| {});
+    let model = ModelDir::open(&plain).unwrap_or_else(|e| panic!("{e}"));
+    assert!(model.default_image_size() > 0);
+    let deep_vae = model_with("hostile-config-vae", |file, json| {
+        if file == "vae_decoder/config.json" {
+            json["block_out_channels"] = serde_json::json!(vec![4; 65]);
+        }
+    });
+    let huge_sample = model_with("hostile-config-unet", |file, json| {
+        if file == "unet/config.json" {
+            json["sample_size"] = serde_json::json!(1u64 << 62);
+        }
+    });
+    for (dir, expect) in [
+        (deep_vae, "at most 16"),
+        (huge_sample, "sample_size times the VAE's scale factor"),
+    ] {
+        let err = ModelDir::open(&dir)
+            .err()
+            .unwrap_or_else(|| panic!("{} was accepted", dir.display()))
+            .to_string();
+        assert!(err.contains(expect), "{err}");
+    }
+}
