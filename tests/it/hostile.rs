@@ -474,3 +474,22 @@ fn issue_19_config_sizes_that_overflow_are_refused() {
         assert!(err.contains(expect), "{err}");
     }
 }
+
+/// A scheduler config's `num_train_timesteps` sizes the noise schedule: refused past
+/// `MAX_TRAIN_TIMESTEPS` instead of allocating what it announces.
+#[test]
+fn issue_19_scheduler_configs_cannot_ask_for_terabytes() {
+    use tcd_ort::sampler::tcd::{TcdConfig, TcdScheduler, MAX_TRAIN_TIMESTEPS};
+    let text = format!("{{\"num_train_timesteps\": {}}}", 1u64 << 40);
+    let config = TcdConfig::from_json(&text).unwrap_or_else(|e| panic!("{e}"));
+    let err = TcdScheduler::new(config)
+        .err()
+        .unwrap_or_else(|| panic!("2^40 training timesteps were accepted"))
+        .to_string();
+    assert!(err.contains("num_train_timesteps"), "{err}");
+    let config = TcdConfig {
+        num_train_timesteps: MAX_TRAIN_TIMESTEPS,
+        ..TcdConfig::default()
+    };
+    assert!(TcdScheduler::new(config).is_ok());
+}
