@@ -84,8 +84,9 @@ enum tcd_status
    */
   TCD_ERR_CANCELLED = 8,
   /**
-   * The library panicked (a bug: please report it with the message). The handles passed to
-   * the call are still valid to free, but an engine should not be used further.
+   * The library panicked (a bug: please report it with the message), or a progress callback
+   * unwound. The handles passed to the call are still valid to free; an engine is marked
+   * unusable, and later calls on it return `TCD_ERR_POISONED`.
    */
   TCD_ERR_PANIC = 9,
   /**
@@ -93,6 +94,11 @@ enum tcd_status
    * the request): please report it with the message.
    */
   TCD_ERR_INTERNAL = 10,
+  /**
+   * The engine is unusable: an earlier call on it returned `TCD_ERR_PANIC` and may have left
+   * it half-updated. Free it and create a new one.
+   */
+  TCD_ERR_POISONED = 11,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -230,8 +236,14 @@ typedef struct tcd_result tcd_result;
  * Called after every denoising step with `step` (1-based) of `total` steps and the
  * `user_data` given to `tcd_engine_generate`; return 0 to go on, nonzero to cancel (the
  * generation then fails with `TCD_ERR_CANCELLED`). It runs on the thread that called
- * `tcd_engine_generate`, and must not unwind (no C++ exception may leave it) nor call into
- * the same engine.
+ * `tcd_engine_generate` and must not call into the same engine.
+ *
+ * It is declared `C-unwind`, so an exception leaving it unwinds through the library in a
+ * defined way: the library's frames are cleaned up, and where the Rust runtime can catch the
+ * exception the call returns `TCD_ERR_PANIC` and the engine is marked unusable. Rust's
+ * runtime today cannot catch a C++ exception and terminates the process instead (as an
+ * exception leaving a `noexcept` function does), so a host should catch its exceptions inside
+ * the callback and return nonzero to cancel.
  */
 typedef int (*tcd_progress_callback)(void *user_data, uint32_t step, uint32_t total);
 
@@ -266,7 +278,9 @@ void tcd_engine_free(struct tcd_engine *engine);
 /**
  * Runs `request` on `engine` and writes the images to `*out_result` (NULL on failure).
  * `progress` may be NULL; otherwise it is called after each denoising step with `user_data`
- * and cancels the generation by returning nonzero (`TCD_ERR_CANCELLED`). Generation is
+ * and cancels the generation by returning nonzero (`TCD_ERR_CANCELLED`). After a call that
+ * returned `TCD_ERR_PANIC`, the engine is unusable and every later call on it returns
+ * `TCD_ERR_POISONED`. Generation is
  * deterministic: the same request on the same model and execution provider gives the same
  * pixels as the Rust API and the CLI.
  *
@@ -356,7 +370,8 @@ size_t tcd_result_warnings(const struct tcd_result *result, char *buf, size_t le
  * CUDAExecutionProvider (3 nodes)` when split), followed by ` [session cache: hit]` when a
  * session cache is set and by ` [io binding]` for the graphs the denoising loop runs through
  * an IoBinding (`tcd_engine_options_set_io_binding`). Buffer handling as `tcd_last_error_message`: returns the full length
- * (call again with return value + 1 bytes when it is `>= len`); 0 when `engine` is NULL.
+ * (call again with return value + 1 bytes when it is `>= len`); 0 when `engine` is NULL or
+ * unusable (`TCD_ERR_POISONED`).
  *
  * # Safety
  *

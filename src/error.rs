@@ -60,6 +60,14 @@ pub enum Error {
         /// What is wrong with it.
         message: String,
     },
+    /// A LoRA file is malformed, or its keys or tensors cannot be applied as a LoRA.
+    #[error("LoRA {}: {message}", path.display())]
+    Lora {
+        /// The LoRA file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
     /// ONNX Runtime could not be found, loaded, or failed while running a graph.
     #[error("ONNX Runtime: {0}")]
     Runtime(String),
@@ -127,6 +135,16 @@ impl Error {
     pub fn model(dir: impl Into<PathBuf>, message: impl Into<String>) -> Self {
         Error::Model {
             dir: dir.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl Error {
+    /// Shorthand for [`Error::Lora`].
+    pub fn lora(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::Lora {
+            path: path.into(),
             message: message.into(),
         }
     }

@@ -76,7 +76,8 @@ std::vector<uint8_t> circles_rgba(uint32_t width, uint32_t height) {
 
 // --- Progress callbacks. ----------------------------------------------------------------------
 
-int print_progress(void* /*user_data*/, uint32_t step, uint32_t total) {
+// noexcept: an exception must not leave a callback (the library cannot catch it).
+int print_progress(void* /*user_data*/, uint32_t step, uint32_t total) noexcept {
     std::printf("step %u/%u\n", step, total);
     return 0;  // go on
 }
@@ -86,7 +87,7 @@ struct CancelAfter {
     uint32_t calls;
 };
 
-int cancel_after(void* user_data, uint32_t step, uint32_t /*total*/) {
+int cancel_after(void* user_data, uint32_t step, uint32_t /*total*/) noexcept {
     auto* cancel = static_cast<CancelAfter*>(user_data);
     ++cancel->calls;
     return step >= cancel->step ? 1 : 0;  // nonzero cancels

@@ -21,6 +21,9 @@ use crate::pipeline::{Engine, Progress};
 /// ONNX Runtime's telemetry client, whose thread would outlive every engine, never starts).
 pub struct tcd_engine {
     engine: Engine,
+    /// Set when a call on this engine panicked: its state may be half-updated, so every later
+    /// call refuses it rather than run on it.
+    poisoned: bool,
 }
 
 /// The images of one generation. Created by `tcd_engine_generate`, freed by
@@ -34,10 +37,16 @@ pub struct tcd_result {
 /// Called after every denoising step with `step` (1-based) of `total` steps and the
 /// `user_data` given to `tcd_engine_generate`; return 0 to go on, nonzero to cancel (the
 /// generation then fails with `TCD_ERR_CANCELLED`). It runs on the thread that called
-/// `tcd_engine_generate`, and must not unwind (no C++ exception may leave it) nor call into
-/// the same engine.
+/// `tcd_engine_generate` and must not call into the same engine.
+///
+/// It is declared `C-unwind`, so an exception leaving it unwinds through the library in a
+/// defined way: the library's frames are cleaned up, and where the Rust runtime can catch the
+/// exception the call returns `TCD_ERR_PANIC` and the engine is marked unusable. Rust's
+/// runtime today cannot catch a C++ exception and terminates the process instead (as an
+/// exception leaving a `noexcept` function does), so a host should catch its exceptions inside
+/// the callback and return nonzero to cancel.
 pub type tcd_progress_callback =
-    Option<unsafe extern "C" fn(user_data: *mut c_void, step: u32, total: u32) -> c_int>;
+    Option<unsafe extern "C-unwind" fn(user_data: *mut c_void, step: u32, total: u32) -> c_int>;
 
 /// Loads the model the options name (the model must be set) and writes the new engine to
 /// `*out_engine`; on failure `*out_engine` is set to NULL. The options are copied: they may be
@@ -68,7 +77,12 @@ pub unsafe extern "C" fn tcd_engine_new(
             .ok_or_else(|| Failure::invalid("no model: call tcd_engine_options_set_model first"))?;
         let engine = Engine::load(model, &options.options)?;
         // SAFETY: as above.
-        unsafe { *out_engine = Box::into_raw(Box::new(tcd_engine { engine })) };
+        unsafe {
+            *out_engine = Box::into_raw(Box::new(tcd_engine {
+                engine,
+                poisoned: false,
+            }))
+        };
         Ok(())
     })
 }
@@ -87,7 +101,9 @@ pub unsafe extern "C" fn tcd_engine_free(engine: *mut tcd_engine) {
 
 /// Runs `request` on `engine` and writes the images to `*out_result` (NULL on failure).
 /// `progress` may be NULL; otherwise it is called after each denoising step with `user_data`
-/// and cancels the generation by returning nonzero (`TCD_ERR_CANCELLED`). Generation is
+/// and cancels the generation by returning nonzero (`TCD_ERR_CANCELLED`). After a call that
+/// returned `TCD_ERR_PANIC`, the engine is unusable and every later call on it returns
+/// `TCD_ERR_POISONED`. Generation is
 /// deterministic: the same request on the same model and execution provider gives the same
 /// pixels as the Rust API and the CLI.
 ///
@@ -105,7 +121,7 @@ pub unsafe extern "C" fn tcd_engine_generate(
     user_data: *mut c_void,
     out_result: *mut *mut tcd_result,
 ) -> tcd_status {
-    guard("tcd_engine_generate", || {
+    let status = guard("tcd_engine_generate", || {
         if out_result.is_null() {
             return Err(Failure::null("out_result"));
         }
@@ -113,6 +129,9 @@ pub unsafe extern "C" fn tcd_engine_generate(
         unsafe { *out_result = std::ptr::null_mut() };
         // SAFETY: the caller's contract.
         let engine = unsafe { borrow_mut(engine, "engine") }?;
+        if engine.poisoned {
+            return Err(Failure::poisoned("engine"));
+        }
         // SAFETY: the caller's contract.
         let request = unsafe { borrow(request, "request") }?;
         let (request, task) = request.to_task()?;
@@ -132,7 +151,15 @@ pub unsafe extern "C" fn tcd_engine_generate(
         // SAFETY: as above.
         unsafe { *out_result = Box::into_raw(Box::new(result)) };
         Ok(())
-    })
+    });
+    if status == tcd_status::TCD_ERR_PANIC {
+        // SAFETY: the caller's contract (a live engine no other call uses); the borrow taken
+        // inside the guard ended with the panic.
+        if let Some(engine) = unsafe { engine.as_mut() } {
+            engine.poisoned = true;
+        }
+    }
+    status
 }
 
 /// The number of images in a result (0 for NULL).
@@ -284,7 +311,8 @@ const _: () = {
 /// CUDAExecutionProvider (3 nodes)` when split), followed by ` [session cache: hit]` when a
 /// session cache is set and by ` [io binding]` for the graphs the denoising loop runs through
 /// an IoBinding (`tcd_engine_options_set_io_binding`). Buffer handling as `tcd_last_error_message`: returns the full length
-/// (call again with return value + 1 bytes when it is `>= len`); 0 when `engine` is NULL.
+/// (call again with return value + 1 bytes when it is `>= len`); 0 when `engine` is NULL or
+/// unusable (`TCD_ERR_POISONED`).
 ///
 /// # Safety
 ///
@@ -300,6 +328,9 @@ pub unsafe extern "C" fn tcd_engine_session_summary(
         let Ok(engine) = (unsafe { borrow(engine, "engine") }) else {
             return 0;
         };
+        if engine.poisoned {
+            return 0;
+        }
         let lines: Vec<String> = engine
             .engine
             .sessions()

@@ -61,6 +61,13 @@ pub struct tcd_request {
 
 impl tcd_request {
     /// The library's request and task; fails when the task lacks its images.
+    /// Whether `tcd_engine_generate` would accept the request before running it (for the fuzz
+    /// targets, which have no engine).
+    #[doc(hidden)]
+    pub fn is_complete(&self) -> bool {
+        self.to_task().is_ok()
+    }
+
     pub(crate) fn to_task(&self) -> Result<(GenerateRequest, Task), Failure> {
         let needs = |what: Option<&RgbImage>, setter: &str, task: &str| {
             what.cloned().ok_or_else(|| {
@@ -448,9 +455,11 @@ unsafe fn copy_rgba(
             "the stride ({stride} bytes) is smaller than a row of {width} RGBA pixels ({row} bytes)"
         )));
     }
+    // A slice may span at most isize::MAX bytes; no real buffer is larger.
     let len = stride
         .checked_mul(height as usize - 1)
         .and_then(|n| n.checked_add(row))
+        .filter(|&n| isize::try_from(n).is_ok())
         .ok_or_else(|| Failure::invalid("the image is too large"))?;
     // SAFETY: the caller provides `len` readable bytes at `pixels`.
     let bytes = unsafe { std::slice::from_raw_parts(pixels, len) };

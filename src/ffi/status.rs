@@ -31,12 +31,16 @@ pub enum tcd_status {
     TCD_ERR_IMAGE = 7,
     /// The progress callback returned nonzero.
     TCD_ERR_CANCELLED = 8,
-    /// The library panicked (a bug: please report it with the message). The handles passed to
-    /// the call are still valid to free, but an engine should not be used further.
+    /// The library panicked (a bug: please report it with the message), or a progress callback
+    /// unwound. The handles passed to the call are still valid to free; an engine is marked
+    /// unusable, and later calls on it return `TCD_ERR_POISONED`.
     TCD_ERR_PANIC = 9,
     /// An invariant of the engine failed (a defect of tcd-ort or of the model's graphs, not of
     /// the request): please report it with the message.
     TCD_ERR_INTERNAL = 10,
+    /// The engine is unusable: an earlier call on it returned `TCD_ERR_PANIC` and may have left
+    /// it half-updated. Free it and create a new one.
+    TCD_ERR_POISONED = 11,
 }
 
 impl tcd_status {
@@ -47,7 +51,9 @@ impl tcd_status {
                 tcd_status::TCD_ERR_INVALID_ARGUMENT
             }
             Error::Io { .. } => tcd_status::TCD_ERR_IO,
-            Error::Model { .. } | Error::NonFinite { .. } => tcd_status::TCD_ERR_MODEL,
+            Error::Model { .. } | Error::NonFinite { .. } | Error::Lora { .. } => {
+                tcd_status::TCD_ERR_MODEL
+            }
             Error::Runtime(_) => tcd_status::TCD_ERR_RUNTIME,
             Error::Tokenizer(_) => tcd_status::TCD_ERR_TOKENIZER,
             Error::Image { .. } => tcd_status::TCD_ERR_IMAGE,
@@ -69,6 +75,7 @@ impl tcd_status {
             tcd_status::TCD_ERR_CANCELLED => c"TCD_ERR_CANCELLED",
             tcd_status::TCD_ERR_PANIC => c"TCD_ERR_PANIC",
             tcd_status::TCD_ERR_INTERNAL => c"TCD_ERR_INTERNAL",
+            tcd_status::TCD_ERR_POISONED => c"TCD_ERR_POISONED",
         }
     }
 }
@@ -86,6 +93,16 @@ impl Failure {
         Failure {
             status: tcd_status::TCD_ERR_INVALID_ARGUMENT,
             message: message.into(),
+        }
+    }
+
+    /// `TCD_ERR_POISONED`: the handle `what` is unusable since an earlier call panicked.
+    pub(crate) fn poisoned(what: &str) -> Self {
+        Failure {
+            status: tcd_status::TCD_ERR_POISONED,
+            message: format!(
+                "this {what} is unusable: an earlier call on it panicked (TCD_ERR_PANIC) and may have left it half-updated; free it and create a new one"
+            ),
         }
     }
 
@@ -268,7 +285,7 @@ pub(crate) unsafe fn copy_out(text: &str, buf: *mut c_char, len: usize) -> usize
 /// `"TCD_ERR_UNKNOWN"` for a value that is not a status. Never NULL; do not free it.
 #[no_mangle]
 pub extern "C" fn tcd_status_name(status: i32) -> *const c_char {
-    const ALL: [tcd_status; 11] = [
+    const ALL: [tcd_status; 12] = [
         tcd_status::TCD_OK,
         tcd_status::TCD_ERR_INVALID_ARGUMENT,
         tcd_status::TCD_ERR_NULL_POINTER,
@@ -280,6 +297,7 @@ pub extern "C" fn tcd_status_name(status: i32) -> *const c_char {
         tcd_status::TCD_ERR_CANCELLED,
         tcd_status::TCD_ERR_PANIC,
         tcd_status::TCD_ERR_INTERNAL,
+        tcd_status::TCD_ERR_POISONED,
     ];
     ALL.iter()
         .find(|s| **s as i32 == status)

@@ -17,6 +17,8 @@ mod tensor;
 pub use atomic::{check_output_path, commit_all, stage_bytes, write_atomic, PendingFile};
 pub use file::{decode_image, load_image, numbered_path, stage_png, write_png, MAX_INPUT_SIDE};
 pub use image::{image_grid, to_grayscale, RgbImage};
+#[doc(hidden)]
+pub use npy::parse_npy;
 pub use npy::{read_npy, stage_npy, write_npy};
 pub use resize::{resize, resize_lanczos, ResampleFilter};
 pub use tensor::{

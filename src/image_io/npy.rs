@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use ndarray::ArrayD;
+use ndarray_npy::npy::header::Header;
 use ndarray_npy::{ReadNpyExt, WriteNpyError, WriteNpyExt};
 
 use super::PendingFile;
@@ -35,10 +36,56 @@ pub fn stage_npy(path: &Path, array: &ArrayD<f32>, overwrite: bool) -> Result<Pe
 /// Reads a float32 `.npy` file (what `write_npy` and NumPy write).
 pub fn read_npy(path: &Path) -> Result<ArrayD<f32>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    ArrayD::<f32>::read_npy(bytes.as_slice()).map_err(|e| Error::Image {
+    parse_npy(path, &bytes)
+}
+
+/// Parses the bytes of a float32 `.npy` file; `path` is only used in messages.
+///
+/// `ndarray-npy` allocates what the header announces (the header itself, then the array)
+/// before reading it, so a few crafted bytes could ask for terabytes: both sizes are checked
+/// against the bytes really there first.
+#[doc(hidden)]
+pub fn parse_npy(path: &Path, bytes: &[u8]) -> Result<ArrayD<f32>> {
+    let bad = |why: String| Error::Image {
         path: path.to_path_buf(),
-        message: format!("not a float32 .npy file: {e}"),
-    })
+        message: format!("not a float32 .npy file: {why}"),
+    };
+    // Magic (6 bytes), version (2), then the header's length: u16 in format 1, u32 after.
+    let (len_bytes, header_len) = match bytes.get(6) {
+        Some(1) => (
+            2,
+            bytes
+                .get(8..10)
+                .map(|b| usize::from(u16::from_le_bytes([b[0], b[1]]))),
+        ),
+        Some(2 | 3) => (
+            4,
+            bytes
+                .get(8..12)
+                .and_then(|b| usize::try_from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])).ok()),
+        ),
+        _ => (0, None),
+    };
+    let mut rest = match header_len.and_then(|h| h.checked_add(8 + len_bytes)) {
+        Some(end) if end <= bytes.len() => bytes,
+        Some(_) => return Err(bad("the header runs past the end of the file".into())),
+        // Not a known format: let the reader name what is wrong.
+        None => bytes,
+    };
+    let header = Header::from_reader(&mut rest).map_err(|e| bad(e.to_string()))?;
+    let data_len = header
+        .shape
+        .iter()
+        .try_fold(4usize, |n, &d| n.checked_mul(d));
+    if data_len != Some(rest.len()) {
+        return Err(bad(format!(
+            "its shape {:?} of float32 needs {} bytes but the file holds {}",
+            header.shape,
+            data_len.map_or_else(|| "more than addressable".to_string(), |n| n.to_string()),
+            rest.len()
+        )));
+    }
+    ArrayD::<f32>::read_npy(bytes).map_err(|e| bad(e.to_string()))
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use safetensors::{Dtype, SafeTensors};
 use crate::{Error, Result};
 
 /// One tensor of a LoRA file: its shape and its little-endian bytes in the file's dtype
-/// (f32, f64, f16 or bf16), widened to f32 on demand, row-major.
+/// (f32, f64, f16 or bf16; integers for alphas), widened to f32 on demand, row-major.
 #[derive(Clone)]
 pub(crate) struct Tensor {
     pub shape: Vec<usize>,
@@ -73,9 +73,18 @@ impl Tensor {
     pub fn widen_into(&self, first: usize, dst: &mut [f32], scale: f32) {
         let size = self.dtype.bitsize() / 8;
         let raw = self.raw();
-        let start = (first * size).min(raw.len());
-        let end = ((first + dst.len()) * size).min(raw.len());
+        let start = first.saturating_mul(size).min(raw.len());
+        let end = first
+            .saturating_add(dst.len())
+            .saturating_mul(size)
+            .min(raw.len());
         let src = &raw[start..end];
+        if let Some(signed) = integer(self.dtype) {
+            for (d, c) in dst.iter_mut().zip(src.chunks_exact(size)) {
+                *d = int_le(c, signed) as f32 * scale;
+            }
+            return;
+        }
         match self.dtype {
             Dtype::F32 => {
                 for (d, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
@@ -125,6 +134,7 @@ impl Tensor {
             (i, one[0])
         };
         match self.dtype {
+            _ if integer(self.dtype).is_some() => None,
             Dtype::F32 => raw
                 .chunks_exact(4)
                 .position(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
@@ -140,6 +150,31 @@ impl Tensor {
                 .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80),
         }
         .map(at)
+    }
+}
+
+/// For an integer dtype, whether it is signed; `None` for every other dtype.
+fn integer(dtype: Dtype) -> Option<bool> {
+    match dtype {
+        Dtype::I8 | Dtype::I16 | Dtype::I32 | Dtype::I64 => Some(true),
+        Dtype::U8 | Dtype::U16 | Dtype::U32 | Dtype::U64 => Some(false),
+        _ => None,
+    }
+}
+
+/// A little-endian integer of 1 to 8 bytes, sign-extended when `signed`, as f64 (exact up to
+/// 2^53, far beyond any alpha).
+fn int_le(bytes: &[u8], signed: bool) -> f64 {
+    let mut wide = [0u8; 8];
+    let negative = signed && bytes.last().is_some_and(|b| b & 0x80 != 0);
+    if negative {
+        wide = [0xff; 8];
+    }
+    wide[..bytes.len().min(8)].copy_from_slice(&bytes[..bytes.len().min(8)]);
+    if signed {
+        i64::from_le_bytes(wide) as f64
+    } else {
+        u64::from_le_bytes(wide) as f64
     }
 }
 
@@ -164,7 +199,7 @@ impl LoraFile {
     /// Indexes the bytes of a safetensors file; `path` is only used in messages.
     pub fn parse(path: &Path, bytes: Vec<u8>) -> Result<Self> {
         let bad = |why: String| {
-            Error::model(
+            Error::lora(
                 path,
                 format!("not a readable LoRA .safetensors file ({why}); re-download it or check that it is a safetensors LoRA"),
             )
@@ -188,14 +223,17 @@ impl LoraFile {
             .tensors()
             .into_iter()
             .map(|(name, view)| {
-                if !matches!(
+                let float = matches!(
                     view.dtype(),
                     Dtype::F32 | Dtype::F64 | Dtype::F16 | Dtype::BF16
-                ) {
-                    return Err(Error::model(
+                );
+                // diffusers' `convert_state_dict_to_kohya` writes alphas as int64 scalars.
+                let int_alpha = name.ends_with(".alpha") && integer(view.dtype()).is_some();
+                if !(float || int_alpha) {
+                    return Err(Error::lora(
                         path,
                         format!(
-                            "tensor {name} has dtype {:?}; LoRA tensors must be F32, F16, BF16 or F64",
+                            "tensor {name} has dtype {:?}; LoRA tensors must be F32, F16, BF16 or F64 (alphas may also be integers)",
                             view.dtype()
                         ),
                     ));
@@ -339,7 +377,23 @@ mod tests {
     }
 
     #[test]
-    fn garbage_is_a_model_error_naming_the_file() {
+    fn integer_alphas_widen_with_their_sign() {
+        assert_eq!(
+            raw(Dtype::I64, (-3i64).to_le_bytes().to_vec()).to_f32(),
+            [-3.0]
+        );
+        assert_eq!(raw(Dtype::I8, vec![0xfe]).to_f32(), [-2.0]);
+        assert_eq!(raw(Dtype::U8, vec![0xfe]).to_f32(), [254.0]);
+        assert_eq!(raw(Dtype::U16, vec![0x00, 0x80]).to_f32(), [32768.0]);
+        assert_eq!(
+            raw(Dtype::I32, 16i32.to_le_bytes().to_vec()).to_f32(),
+            [16.0]
+        );
+        assert_eq!(raw(Dtype::I16, vec![8, 0]).first_non_finite(), None);
+    }
+
+    #[test]
+    fn garbage_is_a_lora_error_naming_the_file() {
         let err = LoraFile::parse(
             Path::new("x.safetensors"),
             b"hello world, not a file".to_vec(),
@@ -347,6 +401,6 @@ mod tests {
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();
-        assert!(err.contains("x.safetensors"), "{err}");
+        assert!(err.starts_with("LoRA x.safetensors: "), "{err}");
     }
 }

@@ -90,7 +90,7 @@ pub(crate) fn convert(file: LoraFile, layout: &UnetLayout) -> Result<(LoraFormat
         adapter_metadata,
     } = file;
     if tensors.is_empty() {
-        return Err(Error::model(&path, "the LoRA file holds no tensors"));
+        return Err(Error::lora(&path, "the LoRA file holds no tensors"));
     }
     // diffusers drops DoRA magnitudes with a warning and loads the rest as a plain LoRA.
     let tensors: BTreeMap<String, Tensor> = tensors
@@ -112,10 +112,10 @@ pub(crate) fn convert(file: LoraFile, layout: &UnetLayout) -> Result<(LoraFormat
     for ((component, module), p) in pending {
         let (down_key, down) = p.down.ok_or_else(|| {
             let up = p.up.as_ref().map(|(k, _)| k.as_str()).unwrap_or("?");
-            Error::model(&path, format!("{up} has no matching down (lora_A) tensor"))
+            Error::lora(&path, format!("{up} has no matching down (lora_A) tensor"))
         })?;
         let (up_key, up) = p.up.ok_or_else(|| {
-            Error::model(
+            Error::lora(
                 &path,
                 format!("{down_key} has no matching up (lora_B) tensor"),
             )
@@ -172,7 +172,7 @@ fn check_pair(
 ) -> Result<usize> {
     let conv_up = up.shape.len() == 4 && up.shape[2] == 1 && up.shape[3] == 1;
     if !(up.shape.len() == 2 || conv_up) || !(down.shape.len() == 2 || down.shape.len() == 4) {
-        return Err(Error::model(
+        return Err(Error::lora(
             path,
             format!(
                 "{down_key} {:?} / {up_key} {:?}: expected 2-D (linear) or 4-D (conv) LoRA tensors",
@@ -181,7 +181,7 @@ fn check_pair(
         ));
     }
     if up.shape[1] != down.shape[0] || (up.shape.len() == 4) != (down.shape.len() == 4) {
-        return Err(Error::model(
+        return Err(Error::lora(
             path,
             format!(
                 "rank mismatch: {down_key} has shape {:?} but {up_key} has shape {:?} (up must be (out, r), down (r, in))",
@@ -190,11 +190,11 @@ fn check_pair(
         ));
     }
     if up.shape[1] == 0 {
-        return Err(Error::model(path, format!("{down_key} has rank 0")));
+        return Err(Error::lora(path, format!("{down_key} has rank 0")));
     }
     for (key, t) in [(down_key, down), (up_key, up)] {
         if let Some((i, v)) = t.first_non_finite() {
-            return Err(Error::model(
+            return Err(Error::lora(
                 path,
                 format!(
                     "{key} holds a non-finite value ({v} at flat index {i}); the file is damaged"
@@ -207,7 +207,7 @@ fn check_pair(
 
 pub(super) fn unknown_keys(path: &std::path::Path, bad: &[String], total: usize) -> Error {
     let shown: Vec<&str> = bad.iter().take(5).map(String::as_str).collect();
-    Error::model(
+    Error::lora(
         path,
         format!(
             "unrecognised LoRA key format ({} of {total} keys), e.g. {}; supported: diffusers/peft (unet.*.lora_A.weight), \
@@ -431,7 +431,7 @@ impl PeftConfig {
             return Ok(None);
         };
         let lora_alpha = alpha.as_f64().ok_or_else(|| {
-            Error::model(
+            Error::lora(
                 path,
                 format!(
                     "{}.lora_alpha in the adapter metadata is not a number",
@@ -440,7 +440,7 @@ impl PeftConfig {
             )
         })? as f32;
         if get("use_dora").and_then(|v| v.as_bool()) == Some(true) {
-            return Err(Error::model(
+            return Err(Error::lora(
                 path,
                 "DoRA adapters (use_dora) are not supported; use a plain LoRA",
             ));

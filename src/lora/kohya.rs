@@ -80,7 +80,7 @@ pub(super) fn kohya(
             Role::Alpha => {
                 let alpha = t.to_f32();
                 if alpha.len() != 1 || !alpha[0].is_finite() {
-                    return Err(Error::model(
+                    return Err(Error::lora(
                         path,
                         format!("{key} must be one finite number, got shape {:?}", t.shape),
                     ));

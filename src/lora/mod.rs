@@ -311,6 +311,21 @@ impl LoraSet {
         Ok(LoraSet { adapters })
     }
 
+    /// One adapter at weight 1 from a file's bytes (`path` names it in messages): what
+    /// [`LoraSet::load`] does per file, for the fuzz targets.
+    #[doc(hidden)]
+    pub fn parse(path: &Path, bytes: Vec<u8>, layout: &UnetLayout) -> Result<Self> {
+        let (format, modules) = keys::convert(file::LoraFile::parse(path, bytes)?, layout)?;
+        Ok(LoraSet {
+            adapters: vec![Adapter {
+                path: path.to_path_buf(),
+                weight: 1.0,
+                format,
+                modules,
+            }],
+        })
+    }
+
     /// How many distinct parameters the adapters change, over all components.
     pub fn module_count(&self) -> usize {
         self.groups().len()

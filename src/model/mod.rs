@@ -300,7 +300,10 @@ fn default_scaling_factor() -> f32 {
 impl VaeConfig {
     /// Image pixels per latent pixel along each axis, as diffusers computes it.
     pub fn scale_factor(&self) -> usize {
-        1 << self.block_out_channels.len().saturating_sub(1)
+        // Saturating for configs `ModelDir::open` has not checked (it refuses past 16 blocks).
+        let shift =
+            u32::try_from(self.block_out_channels.len().saturating_sub(1)).unwrap_or(u32::MAX);
+        1usize.checked_shl(shift).unwrap_or(1 << (usize::BITS - 1))
     }
 }
 
@@ -310,6 +313,37 @@ struct ModelIndex {
     class_name: Option<String>,
     force_zeros_for_empty_prompt: Option<bool>,
     requires_aesthetics_score: Option<bool>,
+}
+
+/// Refuses configs whose sizes are meaningless or would overflow where they are used.
+fn check_sizes(root: &Path, unet: &UnetConfig, vae: &VaeConfig) -> Result<()> {
+    if vae.block_out_channels.is_empty() {
+        return Err(Error::model(
+            root.join("vae_decoder").join("config.json"),
+            "block_out_channels is empty",
+        ));
+    }
+    // The VAE halves the image once per block after the first; past 16 blocks the factor,
+    // and the native size that multiplies it, stop meaning anything (and stop fitting).
+    if vae.block_out_channels.len() > 16 {
+        return Err(Error::model(
+            root.join("vae_decoder").join("config.json"),
+            format!(
+                "block_out_channels has {} entries; a VAE has at most 16",
+                vae.block_out_channels.len()
+            ),
+        ));
+    }
+    if unet.sample_size.is_some_and(|s| {
+        s.checked_mul(vae.scale_factor())
+            .is_none_or(|px| px > 1 << 20)
+    }) {
+        return Err(Error::model(
+            root.join("unet").join("config.json"),
+            "sample_size times the VAE's scale factor is past a million pixels",
+        ));
+    }
+    Ok(())
 }
 
 /// A model directory on disk, checked and with its configs read.
@@ -443,12 +477,7 @@ impl ModelDir {
         } else {
             None
         };
-        if vae.block_out_channels.is_empty() {
-            return Err(Error::model(
-                root.join("vae_decoder").join("config.json"),
-                "block_out_channels is empty",
-            ));
-        }
+        check_sizes(&root, &unet, &vae)?;
         Ok(ModelDir {
             force_zeros_for_empty_prompt: index
                 .force_zeros_for_empty_prompt
@@ -547,6 +576,9 @@ impl ModelDir {
 
     /// The default image edge length: the UNet's sample size times the VAE scale factor.
     pub fn default_image_size(&self) -> usize {
-        self.unet.sample_size.unwrap_or(64) * self.vae.scale_factor()
+        self.unet
+            .sample_size
+            .unwrap_or(64)
+            .saturating_mul(self.vae.scale_factor())
     }
 }

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use crate::{Error, Result};
 
@@ -29,7 +29,7 @@ pub enum Storage {
     },
     /// External data file beside the `.onnx` file.
     External {
-        /// The data file.
+        /// The data file, inside the model's directory (checked when the table is read).
         file: PathBuf,
         /// Offset in that file.
         offset: u64,
@@ -54,9 +54,9 @@ pub struct Initializer {
 }
 
 impl Initializer {
-    /// Element count.
-    pub fn numel(&self) -> usize {
-        self.dims.iter().product()
+    /// Element count; `None` when the shape's product does not fit in `usize` (a crafted file).
+    pub fn numel(&self) -> Option<usize> {
+        self.dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
     }
 
     /// Whether ONNX Runtime accepts a replacement for it at full optimisation.
@@ -147,7 +147,46 @@ fn find_field(buf: &[u8], field: u64) -> Option<Option<(usize, &[u8])>> {
     Some(None)
 }
 
-fn parse_tensor(buf: &[u8], base_offset: usize, model: &Path) -> Option<Initializer> {
+/// The file an external `location` names, refused when it leaves the model's directory: an
+/// absolute path, a `..`, or a symlink whose target lies outside both the directory and the
+/// directory the `.onnx` file really is in (hub caches link every file to a blob beside the
+/// others, which ONNX Runtime accepts too).
+fn external_file(model: &Path, name: &str, location: &str) -> Result<PathBuf> {
+    let escapes = || {
+        Error::model(
+            model,
+            format!(
+                "initializer '{name}' keeps its data at '{location}', which is outside the model's directory; refusing to read it"
+            ),
+        )
+    };
+    let relative = Path::new(location);
+    let plain = relative
+        .components()
+        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    if location.is_empty() || !plain {
+        return Err(escapes());
+    }
+    let dir = match model.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let file = dir.join(relative);
+    // A file that does not exist yet is refused later, by the read, with its own message.
+    if let Ok(real) = file.canonicalize() {
+        let inside = |d: Option<PathBuf>| d.is_some_and(|d| real.starts_with(d));
+        let real_model_dir = model
+            .canonicalize()
+            .ok()
+            .and_then(|m| m.parent().map(Path::to_path_buf));
+        if !inside(dir.canonicalize().ok()) && !inside(real_model_dir) {
+            return Err(escapes());
+        }
+    }
+    Ok(file)
+}
+
+fn parse_tensor(buf: &[u8], base_offset: usize) -> Option<Initializer> {
     let mut c = Cursor::new(buf);
     let mut name = String::new();
     let mut dims = Vec::new();
@@ -202,8 +241,9 @@ fn parse_tensor(buf: &[u8], base_offset: usize, model: &Path) -> Option<Initiali
             Some(l) => l.parse::<u64>().ok()?,
             None => 0,
         };
+        // Kept as written; `InitializerTable::read` resolves and checks it.
         Storage::External {
-            file: model.parent().unwrap_or(Path::new(".")).join(location),
+            file: PathBuf::from(location),
             offset,
             length,
         }
@@ -240,8 +280,12 @@ impl InitializerTable {
                 let (start, tensor) = c
                     .bytes()
                     .ok_or_else(|| malformed(model, "truncated initializer"))?;
-                let init = parse_tensor(tensor, graph_offset + start, model)
+                let mut init = parse_tensor(tensor, graph_offset + start)
                     .ok_or_else(|| malformed(model, "unreadable initializer"))?;
+                if let Storage::External { file, .. } = &mut init.storage {
+                    let location = file.to_string_lossy().into_owned();
+                    *file = external_file(model, &init.name, &location)?;
+                }
                 by_name.insert(init.name.clone(), init);
             } else {
                 c.skip(wire)
@@ -311,32 +355,50 @@ impl InitializerTable {
                 ))
             }
         };
-        let expected = (init.numel() * elem) as u64;
-        let length = if length == 0 { expected } else { length };
-        if length != expected {
+        let numel = init.numel();
+        let expected = numel
+            .and_then(|n| n.checked_mul(elem))
+            .and_then(|b| u64::try_from(b).ok());
+        let length = if length == 0 {
+            expected.unwrap_or(0)
+        } else {
+            length
+        };
+        let (Some(numel), Some(expected)) = (numel, expected.filter(|&e| e == length)) else {
             return Err(Error::model(
                 &self.model,
                 format!(
-                    "initializer '{}' holds {length} bytes but its shape {:?} needs {expected}",
+                    "initializer '{}' holds {length} bytes, which does not fit its shape {:?}",
                     init.name, init.dims
                 ),
             ));
-        }
+        };
         let mut f = File::open(&file).map_err(|e| Error::io(&file, e))?;
-        f.seek(SeekFrom::Start(offset))
-            .map_err(|e| Error::io(&file, e))?;
-        let truncated = |e: std::io::Error| {
+        let truncated = |why: String| {
             Error::model(
                 &file,
                 format!(
-                    "initializer '{}' runs past the end of the file: {e}",
+                    "initializer '{}' runs past the end of the file: {why}",
                     init.name
                 ),
             )
         };
+        // The file must hold the bytes before anything that size is allocated.
+        let file_len = f.metadata().map_err(|e| Error::io(&file, e))?.len();
+        if offset
+            .checked_add(expected)
+            .is_none_or(|end| end > file_len)
+        {
+            return Err(truncated(format!(
+                "{expected} bytes at offset {offset} of {file_len}"
+            )));
+        }
+        f.seek(SeekFrom::Start(offset))
+            .map_err(|e| Error::io(&file, e))?;
+        let truncated = |e: std::io::Error| truncated(e.to_string());
         if elem == 4 && cfg!(target_endian = "little") {
             // Read straight into the f32 buffer: no second copy of multi-gigabyte UNets.
-            let mut values = vec![0f32; init.numel()];
+            let mut values = vec![0f32; numel];
             // SAFETY: the byte view covers exactly the vector's initialised f32 storage; u8 has
             // alignment 1 and every bit pattern is a valid f32, so any bytes read are sound.
             let bytes = unsafe {
@@ -345,7 +407,7 @@ impl InitializerTable {
             f.read_exact(bytes).map_err(truncated)?;
             return Ok(values);
         }
-        let mut buf = vec![0u8; length as usize];
+        let mut buf = vec![0u8; numel * elem];
         f.read_exact(&mut buf).map_err(truncated)?;
         Ok(if elem == 4 {
             buf.chunks_exact(4)

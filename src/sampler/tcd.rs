@@ -23,6 +23,9 @@ use super::torch_math::{
     truncate_to_usize,
 };
 
+/// The most training timesteps a scheduler config may declare (Stable Diffusion uses 1000).
+pub const MAX_TRAIN_TIMESTEPS: usize = 1_000_000;
+
 /// What one [`TcdScheduler::step`] produces.
 #[derive(Clone, Debug)]
 pub struct TcdStepOutput {
@@ -59,6 +62,12 @@ impl TcdScheduler {
             return Err(Error::invalid(
                 "scheduler config: num_train_timesteps must be at least 1",
             ));
+        }
+        // The schedule holds a few values per training step; real models train with 1000.
+        if n > MAX_TRAIN_TIMESTEPS {
+            return Err(Error::invalid(format!(
+                "scheduler config: num_train_timesteps is {n}; at most {MAX_TRAIN_TIMESTEPS} are supported"
+            )));
         }
         let mut betas: Vec<f32> = match &config.trained_betas {
             Some(tb) => {

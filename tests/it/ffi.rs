@@ -60,7 +60,7 @@ fn cstr(s: &str) -> CString {
 }
 
 /// The calling thread's last error message, read the way the header documents.
-fn last_error() -> String {
+pub(crate) fn last_error() -> String {
     // SAFETY: a NULL buffer with length 0 only asks for the length.
     let n = unsafe { tcd_last_error_message(null_mut(), 0) };
     let mut buf = vec![0u8; n + 1];
@@ -74,7 +74,7 @@ fn last_error() -> String {
 }
 
 /// Asserts a status, showing the message when it differs.
-fn check(status: tcd_status, expected: tcd_status) {
+pub(crate) fn check(status: tcd_status, expected: tcd_status) {
     assert_eq!(status, expected, "last error: {}", last_error());
 }
 
@@ -100,7 +100,7 @@ fn new_engine(model: &str) -> (tcd_status, *mut tcd_engine) {
     (status, engine)
 }
 
-fn demo_engine() -> *mut tcd_engine {
+pub(crate) fn demo_engine() -> *mut tcd_engine {
     let (status, engine) = new_engine(&demo_model());
     check(status, tcd_status::TCD_OK);
     assert!(!engine.is_null());
@@ -527,7 +527,7 @@ struct Cancel {
     cancel_at: u32,
 }
 
-unsafe extern "C" fn on_progress(user_data: *mut c_void, step: u32, total: u32) -> c_int {
+unsafe extern "C-unwind" fn on_progress(user_data: *mut c_void, step: u32, total: u32) -> c_int {
     // SAFETY: the tests pass a live `Cancel` as user data.
     let cancel = unsafe { &mut *user_data.cast::<Cancel>() };
     cancel.calls.push((step, total));

@@ -9,6 +9,7 @@ mod depth;
 mod ffi;
 mod fixed_shape;
 mod fp16;
+mod hostile;
 mod hub;
 mod img2img;
 mod initializers;
