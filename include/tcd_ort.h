@@ -679,7 +679,8 @@ tcd_status tcd_engine_options_add_controlnet(struct tcd_engine_options *options,
 tcd_status tcd_engine_options_set_depth_model(struct tcd_engine_options *options, const char *path);
 
 /**
- * A new text-to-image request with TCD's defaults: empty prompt, no negative prompt, 4 steps,
+ * A new text-to-image request with TCD's defaults: no prompt yet (`tcd_request_set_prompt` is
+ * required before generating), no negative prompt, 4 steps,
  * eta 0.3, guidance 0 (no classifier-free guidance), seed 0, the model's native size, one
  * image. NULL only if the library panicked.
  */
@@ -705,7 +706,8 @@ void tcd_request_free(struct tcd_request *request);
 tcd_status tcd_request_set_task(struct tcd_request *request, int32_t task);
 
 /**
- * Sets the prompt (NULL is the empty prompt).
+ * Sets the prompt (NULL or "" is the empty prompt: an image without one). Required before
+ * `tcd_engine_generate`.
  *
  * # Safety
  *

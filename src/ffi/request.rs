@@ -57,10 +57,12 @@ pub struct tcd_request {
     mask: Option<RgbImage>,
     control: Vec<(ControlImage, tcd_control_preprocess)>,
     canny: (f32, f32),
+    /// Whether `tcd_request_set_prompt` was called: a request that never got one is a host's
+    /// mistake, not a wish for an image without a prompt.
+    prompt_set: bool,
 }
 
 impl tcd_request {
-    /// The library's request and task; fails when the task lacks its images.
     /// Whether `tcd_engine_generate` would accept the request before running it (for the fuzz
     /// targets, which have no engine).
     #[doc(hidden)]
@@ -68,7 +70,15 @@ impl tcd_request {
         self.to_task().is_ok()
     }
 
+    /// The library's request and task; fails when the prompt was never set or the task lacks
+    /// its images.
     pub(crate) fn to_task(&self) -> Result<(GenerateRequest, Task), Failure> {
+        if !self.prompt_set {
+            return Err(Failure::invalid(
+                "no prompt: call tcd_request_set_prompt first (an empty string asks for an \
+                 image without one)",
+            ));
+        }
         let needs = |what: Option<&RgbImage>, setter: &str, task: &str| {
             what.cloned().ok_or_else(|| {
                 Failure::invalid(format!("{task} needs an input: call {setter} first"))
@@ -114,7 +124,8 @@ impl tcd_request {
     }
 }
 
-/// A new text-to-image request with TCD's defaults: empty prompt, no negative prompt, 4 steps,
+/// A new text-to-image request with TCD's defaults: no prompt yet (`tcd_request_set_prompt` is
+/// required before generating), no negative prompt, 4 steps,
 /// eta 0.3, guidance 0 (no classifier-free guidance), seed 0, the model's native size, one
 /// image. NULL only if the library panicked.
 #[no_mangle]
@@ -128,6 +139,7 @@ pub extern "C" fn tcd_request_new() -> *mut tcd_request {
         mask: None,
         control: Vec::new(),
         canny: (100.0, 200.0),
+        prompt_set: false,
     })
 }
 
@@ -168,7 +180,8 @@ pub unsafe extern "C" fn tcd_request_set_task(request: *mut tcd_request, task: i
     })
 }
 
-/// Sets the prompt (NULL is the empty prompt).
+/// Sets the prompt (NULL or "" is the empty prompt: an image without one). Required before
+/// `tcd_engine_generate`.
 ///
 /// # Safety
 ///
@@ -184,6 +197,7 @@ pub unsafe extern "C" fn tcd_request_set_prompt(
         let r = unsafe { borrow_mut(request, "request") }?;
         // SAFETY: the caller's contract.
         r.request.prompt = unsafe { opt_string(prompt, "prompt") }?.unwrap_or_default();
+        r.prompt_set = true;
         Ok(())
     })
 }

@@ -245,7 +245,9 @@ fn run_capi(inputs: &Inputs, row: &Row, calls: &str) {
     // SAFETY: live handles, NUL-terminated strings; every handle is freed once at the end.
     unsafe {
         tcd_engine_options_set_model(options, demo.as_ptr());
-        tcd_request_set_prompt(request, prompt.as_ptr());
+        if !row.input.contains("without a prompt") {
+            tcd_request_set_prompt(request, prompt.as_ptr());
+        }
         tcd_request_set_steps(request, 1);
         for (k, call) in calls.iter().enumerate() {
             let (name, args) = parse_call(call);

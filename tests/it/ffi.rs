@@ -385,6 +385,8 @@ fn null_required_pointers_are_errors_with_messages() {
     use tcd_status::TCD_ERR_NULL_POINTER as NULL;
     let options = tcd_engine_options_new();
     let request = tcd_request_new();
+    // SAFETY: a live request and a NUL-terminated string.
+    unsafe { tcd_request_set_prompt(request, c"a cat".as_ptr()) };
     let px = [0u8; 4];
     let mut out_engine = null_mut();
     let mut out_result = null_mut();
@@ -474,6 +476,8 @@ fn null_required_pointers_are_errors_with_messages() {
 fn null_request_and_result_outputs_are_errors() {
     let engine = demo_engine();
     let request = tcd_request_new();
+    // SAFETY: a live request and a NUL-terminated string.
+    unsafe { tcd_request_set_prompt(request, c"a cat".as_ptr()) };
     let mut result = null_mut();
     let (mut w, mut h, mut stride, mut pixels) = (0u32, 0u32, 0usize, null());
     // SAFETY: live handles or NULL, as each case intends.
@@ -540,6 +544,8 @@ unsafe extern "C-unwind" fn on_progress(user_data: *mut c_void, step: u32, total
 fn the_progress_callback_cancels() {
     let engine = demo_engine();
     let request = tcd_request_new();
+    // SAFETY: a live request and a NUL-terminated string.
+    unsafe { tcd_request_set_prompt(request, c"a cat".as_ptr()) };
     let mut result = null_mut();
     let mut cancel = Cancel {
         calls: Vec::new(),
@@ -577,6 +583,8 @@ fn the_progress_callback_cancels() {
 #[test]
 fn error_messages_fit_any_buffer() {
     let request = tcd_request_new();
+    // SAFETY: a live request and a NUL-terminated string.
+    unsafe { tcd_request_set_prompt(request, c"a cat".as_ptr()) };
     // SAFETY: live handle; buffers of the lengths passed.
     unsafe {
         check(
@@ -643,6 +651,8 @@ fn bad_input_is_reported() {
     use tcd_status::*;
     let options = tcd_engine_options_new();
     let request = tcd_request_new();
+    // SAFETY: a live request and a NUL-terminated string.
+    unsafe { tcd_request_set_prompt(request, c"a cat".as_ptr()) };
     let mut engine = null_mut();
     // SAFETY: live handles; NUL-terminated strings.
     unsafe {
@@ -762,6 +772,8 @@ fn an_engine_moves_between_threads() {
     let images = std::thread::spawn(move || {
         let handle = handle;
         let request = tcd_request_new();
+        // SAFETY: a live request and a NUL-terminated string.
+        unsafe { tcd_request_set_prompt(request, c"a cat".as_ptr()) };
         // SAFETY: the engine is used by this thread only, then freed once.
         unsafe {
             check(tcd_request_set_steps(request, 1), tcd_status::TCD_OK);

@@ -375,6 +375,8 @@ mod ffi {
     fn issue_19_an_unwinding_callback_poisons_the_engine() {
         let engine = demo_engine();
         let request = tcd_request_new();
+        // SAFETY: a live request and a NUL-terminated string.
+        unsafe { tcd_request_set_prompt(request, c"a cat".as_ptr()) };
         let mut result = null_mut();
         // SAFETY: live handles throughout; the callback ignores its user data.
         unsafe {
@@ -401,6 +403,8 @@ mod ffi {
     #[test]
     fn issue_19_image_buffers_past_isize_max_are_refused() {
         let request = tcd_request_new();
+        // SAFETY: a live request and a NUL-terminated string.
+        unsafe { tcd_request_set_prompt(request, c"a cat".as_ptr()) };
         let pixels = [0u8; 8];
         let stride = isize::MAX as usize + 1;
         // SAFETY: a live request; the call must fail before reading past `pixels`.
