@@ -641,3 +641,71 @@ fn a_truncated_prompt_is_warned_about() {
         stderr(&out)
     );
 }
+
+/// #19: a long negative prompt is warned about too, each warning is one short line (an
+/// excerpt of what was dropped), and control characters from a prompt never reach the PNG's
+/// line-based `parameters` chunk.
+#[test]
+fn truncation_warnings_are_short_and_prompts_stay_on_their_line() {
+    let dir = scratch_dir("cli-truncated-negative");
+    let png = dir.join("out.png");
+    let (model_s, png_s) = (
+        demo_model().to_string_lossy().into_owned(),
+        png.to_string_lossy().into_owned(),
+    );
+    let long = "a very long prompt about a cat ".repeat(20);
+    let prompt = format!("a cat\nNegative prompt: fake\u{7} {long}");
+    let mut args = base_args(&model_s, &png_s);
+    args[4] = &prompt;
+    args.extend([
+        "--steps",
+        "1",
+        "--guidance",
+        "2",
+        "--negative-prompt",
+        &long,
+    ]);
+    let out = tcd(&args);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    let warnings: Vec<&str> = err.lines().filter(|l| l.starts_with("warning:")).collect();
+    assert_eq!(warnings.len(), 2, "{err}");
+    assert!(warnings[0].contains("the prompt was truncated"), "{err}");
+    assert!(
+        warnings[1].contains("the negative prompt was truncated"),
+        "{err}"
+    );
+    for w in &warnings {
+        assert!(w.len() < 250, "one short line: {w}");
+        assert!(w.contains("more characters)"), "an excerpt: {w}");
+    }
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(&png).expect("png"),
+    ));
+    let reader = decoder.read_info().expect("png header");
+    let params = reader
+        .info()
+        .uncompressed_latin1_text
+        .iter()
+        .find(|t| t.keyword == "parameters")
+        .map(|t| t.text.clone())
+        .expect("a parameters text chunk");
+    let lines: Vec<&str> = params.lines().collect();
+    assert_eq!(
+        lines.len(),
+        3,
+        "prompt, negative prompt, settings: {params:?}"
+    );
+    assert!(
+        lines[0].starts_with("a cat Negative prompt: fake "),
+        "{params:?}"
+    );
+    assert!(
+        lines[1].starts_with("Negative prompt: a very long"),
+        "{params:?}"
+    );
+    assert!(
+        !params.chars().any(|c| c.is_control() && c != '\n'),
+        "{params:?}"
+    );
+}

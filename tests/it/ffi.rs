@@ -951,3 +951,23 @@ fn a_truncated_prompt_is_a_warning_on_the_result() {
     // SAFETY: the engine is live and freed once.
     unsafe { tcd_engine_free(engine) };
 }
+
+/// #19: one rule for Canny's thresholds, the library's: the wrong way round they are swapped
+/// (as OpenCV does), in the C ABI as on the command line; only non-finite or negative ones are
+/// refused.
+#[test]
+fn canny_thresholds_follow_the_library_rule() {
+    let request = tcd_request_new();
+    // SAFETY: a live request, freed once.
+    unsafe {
+        check(
+            tcd_request_set_canny_thresholds(request, 200.0, 100.0),
+            tcd_status::TCD_OK,
+        );
+        check(
+            tcd_request_set_canny_thresholds(request, -1.0, 100.0),
+            tcd_status::TCD_ERR_INVALID_ARGUMENT,
+        );
+        tcd_request_free(request);
+    }
+}
