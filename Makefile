@@ -19,17 +19,23 @@ demo: setup-ort
 	@echo "demo.png written"
 
 # The same stages, two at a time: fixture scripts (mostly single-threaded Python) overlap with
-# each other, with the Rust build and with pytest; the C ABI run comes last, on its own.
-test: setup
-	$(MAKE) -j2 --output-sync=target ci-rust-test ci-py-test
-	$(MAKE) ffi
+# each other, with the Rust build and with pytest; the C ABI run follows the Rust tests, beside
+# pytest's end. Cargo runs outside make's jobserver (CARGO): holding one of the two job slots,
+# it would otherwise compile one crate at a time while a Python job holds the other.
+CARGO := env -u MAKEFLAGS -u MFLAGS -u CARGO_MAKEFLAGS cargo
 
-.PHONY: ci-build ci-rust-test ci-py-test
+test: setup
+	$(MAKE) -j2 --output-sync=target ci-ffi ci-py-test
+
+.PHONY: ci-build ci-rust-test ci-py-test ci-ffi
 ci-build: lint
-	cargo test --no-run
+	$(CARGO) test --no-run
 
 ci-rust-test: fixtures ci-build
-	cargo test
+	$(CARGO) test
+
+ci-ffi: ci-rust-test
+	$(MAKE) ffi
 
 # The C ABI end to end: builds the cdylib, compiles examples/cpp/main.cpp with g++ against
 # include/ and it (rpath to target/<profile>), runs it on the tiny model, installs it into a
@@ -43,7 +49,7 @@ FFI_DIR := target/ffi
 FFI_CXX := g++ -std=c++17 -Wall -Wextra -Werror -O1
 
 ffi: setup-ort
-	cargo rustc --lib --features capi --crate-type cdylib,staticlib $(if $(filter release,$(FFI_PROFILE)),--release)
+	$(CARGO) rustc --lib --features capi --crate-type cdylib,staticlib $(if $(filter release,$(FFI_PROFILE)),--release)
 	mkdir -p $(FFI_DIR)
 	$(FFI_CXX) -Iinclude examples/cpp/main.cpp -Ltarget/$(FFI_PROFILE) -ltcd_ort \
 		-Wl,-rpath,$(CURDIR)/target/$(FFI_PROFILE) -o $(FFI_DIR)/tcd_example
@@ -113,8 +119,8 @@ fixture-optimum: venv-optimum fixture-parity
 	$(VENV_OPTIMUM)/bin/python tests/golden/make_optimum.py $(FIXTURES)/parity $(FIXTURES)/optimum
 
 lint: venv
-	cargo fmt --check
-	cargo clippy --all-targets -- -D warnings
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
 	$(VPY) -m ruff check --config export/ruff.toml --cache-dir target/ruff-cache \
 		export tests/golden benches
 
