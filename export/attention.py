@@ -83,11 +83,57 @@ def _multi_head_attention_onnx(query, key, value, heads: int, scale: float):  # 
 TRANSLATIONS = {torch.ops.tcd_ort.multi_head_attention.default: _multi_head_attention_onnx}
 
 
-class FusedAttnProcessor:
-    """`AttnProcessor2_0` with the attention core as one `multi_head_attention` call."""
+class IpBranch:
+    """The IP-Adapter keys, values and per-layer scales a UNet forward reads (export/unet.py
+    sets them before each call; layer `index` of `FusedAttnProcessor.ip` reads entry `index`)."""
 
-    def __init__(self, original: Any) -> None:
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.scale: torch.Tensor | None = None
+
+    def add_to(
+        self, out: torch.Tensor, query: torch.Tensor, heads: int, index: int, fused: bool
+    ) -> torch.Tensor:
+        """`out + scale[index] * attention(query, key[index], value[index])`, as diffusers'
+        `IPAdapterAttnProcessor2_0` adds one adapter's attention before `to_out`."""
+        if self.scale is None:
+            raise RuntimeError("the IP-Adapter inputs were not set before the forward")
+        ip = _attention(query, self.keys[index], self.values[index], heads, fused)
+        return out + self.scale[index] * ip
+
+
+def _attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int, fused: bool
+) -> torch.Tensor:
+    """Scaled dot-product attention on [batch, sequence, heads * head_dim] tensors: one
+    `multi_head_attention` op (fused) or diffusers' own SDPA call (plain)."""
+    # diffusers' SDPA call leaves the scale at its default, 1 / sqrt(head_dim).
+    head_dim = key.shape[-1] // heads
+    if fused:
+        return torch.ops.tcd_ort.multi_head_attention(
+            query, key, value, heads, 1.0 / math.sqrt(head_dim)
+        )
+    batch = query.shape[0]
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.view(batch, -1, heads, head_dim).transpose(1, 2)
+
+    out = torch.nn.functional.scaled_dot_product_attention(split(query), split(key), split(value))
+    return out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
+
+
+class FusedAttnProcessor:
+    """`AttnProcessor2_0` with the attention core as one `multi_head_attention` call
+    (`fused`, the default) or diffusers' SDPA call, and optionally an IP-Adapter branch:
+    `ip = (branch, index)` adds `branch`'s layer `index` before `to_out`."""
+
+    def __init__(
+        self, original: Any, fused: bool = True, ip: tuple[IpBranch, int] | None = None
+    ) -> None:
         self.original = original
+        self.fused = fused
+        self.ip = ip
 
     def __call__(
         self,
@@ -100,6 +146,8 @@ class FusedAttnProcessor:
         **kwargs: Any,
     ) -> torch.Tensor:
         if attention_mask is not None or args or kwargs:
+            if self.ip is not None:
+                raise RuntimeError("an IP-Adapter layer was called with an attention mask")
             return self.original(
                 attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
             )
@@ -118,11 +166,10 @@ class FusedAttnProcessor:
                 context = attn.norm_encoder_hidden_states(context)
         key = attn.to_k(context)
         value = attn.to_v(context)
-        # diffusers' SDPA call leaves the scale at its default, 1 / sqrt(head_dim).
-        head_dim = key.shape[-1] // attn.heads
-        out = torch.ops.tcd_ort.multi_head_attention(
-            query, key, value, attn.heads, 1.0 / math.sqrt(head_dim)
-        )
+        out = _attention(query, key, value, attn.heads, self.fused)
+        if self.ip is not None:
+            branch, index = self.ip
+            out = branch.add_to(out, query, attn.heads, index, self.fused)
         out = attn.to_out[1](attn.to_out[0](out))
         if spatial:
             out = out.transpose(-1, -2).reshape(batch, channels, height, width)
@@ -131,7 +178,7 @@ class FusedAttnProcessor:
         return out / attn.rescale_output_factor
 
 
-def _fusable(module: torch.nn.Module) -> bool:
+def fusable(module: torch.nn.Module) -> bool:
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
     return (
@@ -152,7 +199,7 @@ def fused_attention(module: torch.nn.Module, mode: str) -> Iterator[int]:
     swapped = []
     if mode == "fused":
         for sub in module.modules():
-            if _fusable(sub):
+            if fusable(sub):
                 swapped.append((sub, sub.processor))
                 sub.processor = FusedAttnProcessor(sub.processor)
     try:

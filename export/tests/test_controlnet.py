@@ -23,7 +23,7 @@ from export.controlnet import (
 from export.errors import UserError
 from export.onnx_io import initializer_names
 from export.reference import Case, load_reference_pipeline, run_case
-from export.unet import export_unet, residual_inputs
+from export.unet import export_unet, ip_adapter_inputs, plain_inputs
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TOL = 1e-4
@@ -195,6 +195,7 @@ def test_residuals_drive_the_unet(sd15_controlnet):
     for i, r in enumerate(outs[:-1]):
         unet_feeds[f"down_block_additional_residual_{i}"] = r * np.float32(scale)
     unet_feeds["mid_block_additional_residual"] = outs[-1] * np.float32(scale)
+    unet_feeds.update({k: v.numpy() for k, v in ip_adapter_inputs(exported.pipe.unet, b).items()})
     got = exported.session("unet").run(None, unet_feeds)[0]
     down, mid = _torch_controlnet(cn, feeds, scale)
     args = (feeds["sample"], feeds["timestep"], feeds["encoder_hidden_states"])
@@ -421,7 +422,7 @@ def test_real_layout_unet_and_controlnet(tmp_path):
         unet_feeds = {k: v.numpy() for k, v in feeds.items()}
         got = u.run(None, {**unet_feeds, **dict(zip(names, outs, strict=True))})[0]
         assert float(np.abs(got - ref.numpy()).max()) <= TOL
-        zeros = {k: v.numpy() for k, v in residual_inputs(unet.config, 1, h, w).items()}
+        zeros = {k: v.numpy() for k, v in plain_inputs(unet, 1, h, w).items()}
         got0 = u.run(None, {**unet_feeds, **zeros})[0]
         assert float(np.abs(got0 - plain.numpy()).max()) <= TOL
         assert float((ref - plain).abs().max()) > 1e-2

@@ -11,7 +11,7 @@ import torch
 from export.convert import cast_pipeline, convert, torch_dtype
 from export.errors import UserError
 from export.layout import ONNX_FILE
-from export.unet import residual_inputs
+from export.unet import plain_inputs
 
 F16 = onnx.TensorProto.FLOAT16
 F32 = onnx.TensorProto.FLOAT
@@ -72,7 +72,7 @@ def test_unet_matches_torch_fp16(sd15, fp16_export):
     timestep = torch.tensor([999.0, 499.0])
     ehs = torch.randn(b, 77, unet.config.cross_attention_dim, generator=g)
     feeds = {"sample": sample, "encoder_hidden_states": ehs}
-    feeds.update(residual_inputs(unet.config, b, h, w))
+    feeds.update(plain_inputs(unet, b, h, w))
     feeds = {k: v.half().numpy() for k, v in feeds.items()}
     feeds["timestep"] = timestep.numpy()
     opts = ort.SessionOptions()

@@ -13,7 +13,7 @@ import torch
 from export.errors import UserError
 from export.reference import Case, load_reference_pipeline, run_case
 from export.tests.conftest import _export
-from export.unet import residual_inputs
+from export.unet import plain_inputs
 
 TOL = 1e-4
 PIPELINES = {
@@ -56,7 +56,7 @@ def test_inpaint_unet(inpaint):
             "time_ids": torch.tensor([[h * 2.0, w * 2.0, 0.0, 0.0, h * 2.0, w * 2.0]] * b),
         }
         feeds.update(added)
-    feeds.update(residual_inputs(unet.config, b, h, w))  # no ControlNet
+    feeds.update(plain_inputs(unet, b, h, w))  # no ControlNet, no IP-Adapter
     got = inpaint.session("unet").run(None, {k: v.numpy() for k, v in feeds.items()})[0]
     with torch.no_grad():
         ref = unet(sample, timestep, ehs, added_cond_kwargs=added).sample

@@ -20,7 +20,7 @@ from export.convert import convert
 from export.errors import UserError
 from export.lora import LoraSpec, parse_lora_spec, resolve_lora
 from export.tiny import build_tiny
-from export.unet import residual_inputs
+from export.unet import plain_inputs
 
 TOL = 1e-4
 RANK = 4
@@ -135,7 +135,7 @@ def _outputs(pipe, onnx_dir: pathlib.Path):
         ref_unet = pipe.unet(**feeds).sample.numpy()
         ref_te = pipe.text_encoder(ids).last_hidden_state.numpy()
     unet = _session(onnx_dir / "unet" / "model.onnx")
-    zeros = residual_inputs(pipe.unet.config, 1, 16, 16)  # no ControlNet
+    zeros = plain_inputs(pipe.unet, 1, 16, 16)  # no ControlNet, no IP-Adapter
     got_unet = unet.run(["out_sample"], {k: v.numpy() for k, v in {**feeds, **zeros}.items()})[0]
     te = _session(onnx_dir / "text_encoder" / "model.onnx")
     got_te = te.run(["last_hidden_state"], {"input_ids": ids.numpy().astype(np.int32)})[0]

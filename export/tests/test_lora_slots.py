@@ -17,7 +17,7 @@ from export.cli import main as cli_main
 from export.convert import convert
 from export.errors import UserError
 from export.lora_slots import TARGET_MODULES, slot_param_name
-from export.unet import residual_inputs
+from export.unet import plain_inputs
 
 RANK = 8
 LORA_RANK = 4
@@ -45,9 +45,10 @@ def _feeds(unet):
 
 
 def _onnx_feeds(unet):
-    """`_feeds` plus the zero ControlNet residuals every UNet export takes, as numpy."""
+    """`_feeds` plus the zero inputs every UNet export takes without a ControlNet or an
+    IP-Adapter, as numpy."""
     feeds = dict(_feeds(unet))
-    feeds.update(residual_inputs(unet.config, 2, 16, 24))
+    feeds.update(plain_inputs(unet, 2, 16, 24))
     return {k: v.numpy() for k, v in feeds.items()}
 
 

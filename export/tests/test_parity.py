@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from export.unet import residual_inputs
+from export.unet import (
+    IP_KEY,
+    IP_SCALE,
+    IP_VALUE,
+    ip_adapter_inputs,
+    plain_inputs,
+    residual_inputs,
+)
 
 TOL = 1e-4
 SIZES = [(1, 16, 16), (2, 24, 32)]
@@ -79,7 +86,7 @@ def test_unet(exported, b, h, w):
     """All-zero ControlNet residuals: the plain UNet."""
     unet = exported.pipe.unet
     feeds, added, _ = _unet_inputs(exported, b, h, w)
-    feeds.update(residual_inputs(unet.config, b, h, w))
+    feeds.update(plain_inputs(unet, b, h, w))
     got = exported.session("unet").run(None, {k: v.numpy() for k, v in feeds.items()})[0]
     with torch.no_grad():
         ref = unet(
@@ -102,8 +109,11 @@ def test_unet_controlnet_residuals(exported, b, h, w):
     residuals = residual_inputs(unet.config, b, h, w, g)
     sess = exported.session("unet")
     names = [i.name for i in sess.get_inputs()]
-    assert names[-len(residuals):] == list(residuals)
-    got = sess.run(None, {k: v.numpy() for k, v in {**feeds, **residuals}.items()})[0]
+    first = names.index("down_block_additional_residual_0")
+    assert names[first : first + len(residuals)] == list(residuals)
+    ip = ip_adapter_inputs(unet, b)
+    assert names[first + len(residuals) :] == list(ip)
+    got = sess.run(None, {k: v.numpy() for k, v in {**feeds, **residuals, **ip}.items()})[0]
     down = tuple(v for k, v in residuals.items() if k.startswith("down_"))
     with torch.no_grad():
         args = (feeds["sample"], feeds["timestep"], feeds["encoder_hidden_states"])
@@ -117,6 +127,58 @@ def test_unet_controlnet_residuals(exported, b, h, w):
     assert got.shape == (b, 4, h, w)
     assert _max_diff(ref, plain) > 1e-2  # the residuals matter
     assert _max_diff(got, ref) <= TOL
+
+
+def _ip_adapter_unet(unet, tokens: int, scale: float, g):
+    """A copy of `unet` with diffusers' `IPAdapterAttnProcessor2_0` on every IP-Adapter layer
+    (random `to_k_ip` / `to_v_ip`), and the exported UNet's inputs for the same adapter."""
+    import copy
+
+    from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
+
+    unet = copy.deepcopy(unet)
+    b, width = tokens.shape[0], unet.config.cross_attention_dim
+    procs, feeds = {}, {}
+    layer = 0
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            procs[name] = AttnProcessor2_0()
+            continue
+        dim = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
+        proc = IPAdapterAttnProcessor2_0(dim, width, scale=scale, num_tokens=[tokens.shape[1]])
+        with torch.no_grad():
+            for linear, key in ((proc.to_k_ip[0], IP_KEY), (proc.to_v_ip[0], IP_VALUE)):
+                linear.weight.copy_(torch.randn(dim, width, generator=g) * 0.3)
+                feeds[key.format(layer)] = linear(tokens)
+        procs[name] = proc
+        layer += 1
+    unet.set_attn_processor(procs)
+    feeds[IP_SCALE] = torch.full((layer,), scale)
+    assert len(feeds) == 2 * layer + 1 == len(ip_adapter_inputs(unet, b))
+    return unet, feeds
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.6])
+def test_unet_ip_adapter_branch(exported, scale):
+    """The UNet's IP-Adapter inputs do what diffusers' IPAdapterAttnProcessor2_0 does with the
+    same image tokens through the same to_k_ip / to_v_ip (scale 0 included: diffusers skips
+    the branch, the export adds zero)."""
+    b, h, w = 2, 8, 16
+    feeds, added, g = _unet_inputs(exported, b, h, w)
+    tokens = torch.randn(b, 4, exported.pipe.unet.config.cross_attention_dim, generator=g)
+    unet, ip = _ip_adapter_unet(exported.pipe.unet, tokens, scale, g)
+    feeds.update(residual_inputs(unet.config, b, h, w))
+    feeds.update(ip)
+    got = exported.session("unet").run(None, {k: v.numpy() for k, v in feeds.items()})[0]
+    args = (feeds["sample"], feeds["timestep"])
+    with torch.no_grad():
+        ehs = (feeds["encoder_hidden_states"], [tokens])
+        ref = unet(*args, ehs, added_cond_kwargs=added).sample
+        plain = exported.pipe.unet(
+            *args, feeds["encoder_hidden_states"], added_cond_kwargs=added
+        ).sample
+    assert _max_diff(got, ref) <= TOL
+    assert (_max_diff(ref, plain) > 1e-2) == (scale > 0)
 
 
 @pytest.mark.parametrize("b,h,w", SIZES)

@@ -17,7 +17,7 @@ import pytest
 
 from export.cli import main
 from export.segments import _block, _numel_bytes, plan_cuts, segment_files, split, write_segments
-from export.unet import residual_inputs
+from export.unet import IP_SCALE, ip_adapter_inputs, residual_inputs
 
 
 def _feeds(exported) -> dict:
@@ -37,6 +37,13 @@ def _feeds(exported) -> dict:
         feeds["text_embeds"] = torch.randn(b, 32, generator=g)
         feeds["time_ids"] = torch.tensor([[h * 2.0, w * 2.0, 0.0, 0.0, h * 2.0, w * 2.0]])
     feeds.update(residual_inputs(cfg, b, h, w, g))
+    # A random IP-Adapter branch (two image tokens, scale 0.5), so its inputs reach the
+    # segments that read them.
+    for name, zero in ip_adapter_inputs(exported.pipe.unet, b).items():
+        if name == IP_SCALE:
+            feeds[name] = torch.full(zero.shape, 0.5)
+        else:
+            feeds[name] = torch.randn(b, 2, zero.shape[2], generator=g)
     return {k: v.numpy() for k, v in feeds.items()}
 
 
