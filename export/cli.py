@@ -1,5 +1,6 @@
 """Command line: `python -m export COMMAND ...`, COMMAND one of `convert`, `controlnet`, `depth`,
-`tiny`, `tiny-controlnet`, `tiny-depth`, `full`, `reference` and `segment`.
+`ip-adapter`, `tiny`, `tiny-controlnet`, `tiny-depth`, `tiny-ip-adapter`, `full`, `reference`
+and `segment`.
 
 `convert` is the default: `python -m export SOURCE OUT_DIR` means `python -m export convert
 SOURCE OUT_DIR`.
@@ -21,9 +22,11 @@ COMMANDS = (
     "convert",
     "controlnet",
     "depth",
+    "ip-adapter",
     "tiny",
     "tiny-controlnet",
     "tiny-depth",
+    "tiny-ip-adapter",
     "full",
     "reference",
     "segment",
@@ -176,6 +179,64 @@ def _parser() -> argparse.ArgumentParser:
     td.add_argument("out_dir", type=pathlib.Path)
     td.add_argument("--seed", type=int, default=0)
     td.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+
+    ip = sub.add_parser(
+        "ip-adapter",
+        help="export an IP-Adapter (dir laid out like h94/IP-Adapter, or hub id): its CLIP image "
+        "encoder and its image projection with every layer's to_k_ip / to_v_ip",
+    )
+    ip.add_argument(
+        "source",
+        help="hub id or directory holding SUBFOLDER/WEIGHT_NAME and SUBFOLDER/image_encoder/",
+    )
+    ip.add_argument("out_dir", type=pathlib.Path, help="IP-Adapter directory to write")
+    ip.add_argument(
+        "--subfolder",
+        default="models",
+        help="folder of the weights and the image encoder inside SOURCE (default models; "
+        "sdxl_models for h94's SDXL adapters)",
+    )
+    ip.add_argument(
+        "--weight-name",
+        default="ip-adapter_sd15.safetensors",
+        metavar="NAME",
+        help="weights file in SUBFOLDER, .safetensors or .bin (default "
+        "ip-adapter_sd15.safetensors)",
+    )
+    ip.add_argument(
+        "--image-encoder-folder",
+        default="image_encoder",
+        metavar="FOLDER",
+        help="the CLIP image encoder: a folder name inside SUBFOLDER (default image_encoder), "
+        "or a path with a / relative to SOURCE (models/image_encoder for h94's *_vit-h SDXL "
+        "adapters), as diffusers' load_ip_adapter(image_encoder_folder=...)",
+    )
+    ip.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    ip.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    _add_attention(ip)
+
+    tip = sub.add_parser(
+        "tiny-ip-adapter",
+        help="write a random-weight IP-Adapter for a tiny pipeline, laid out like h94/IP-Adapter "
+        "(models/ip-adapter[-plus].safetensors, models/image_encoder/)",
+    )
+    tip.add_argument(
+        "--unet",
+        type=pathlib.Path,
+        required=True,
+        metavar="PIPELINE_DIR",
+        help="a pipeline written by `python -m export tiny` (its unet/ config)",
+    )
+    tip.add_argument(
+        "--variant",
+        choices=("plain", "plus"),
+        default="plain",
+        help="plain (default): ImageProjection of the image embeddings, 4 tokens; plus: the "
+        "Resampler of the penultimate hidden states, 16 tokens",
+    )
+    tip.add_argument("out_dir", type=pathlib.Path)
+    tip.add_argument("--seed", type=int, default=0)
+    tip.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
 
     sg = sub.add_parser(
         "segment",
@@ -364,6 +425,38 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(args.out_dir)
             build_tiny_depth(args.out_dir, args.seed)
             logging.getLogger("export").info("wrote tiny depth estimator to %s", args.out_dir)
+        elif args.command == "ip-adapter":
+            from export.ip_adapter import export_ip_adapter
+
+            export_ip_adapter(
+                args.source,
+                args.out_dir,
+                subfolder=args.subfolder,
+                weight_name=args.weight_name,
+                opset=args.opset,
+                overwrite=args.overwrite,
+                attention=args.attention,
+                image_encoder_folder=args.image_encoder_folder,
+            )
+        elif args.command == "tiny-ip-adapter":
+            import shutil
+
+            from export.ip_adapter import TINY_SUBFOLDER, TINY_WEIGHT_NAMES, build_tiny_ip_adapter
+
+            _check_out_dir(parser, args.out_dir, args.overwrite)
+            if args.out_dir.exists():
+                shutil.rmtree(args.out_dir)
+            build_tiny_ip_adapter(args.unet, args.out_dir, args.variant, args.seed)
+            logging.getLogger("export").info(
+                "wrote tiny %s IP-Adapter for %s to %s (export it with: python -m export "
+                "ip-adapter %s OUT_DIR --subfolder %s --weight-name %s)",
+                args.variant,
+                args.unet,
+                args.out_dir,
+                args.out_dir,
+                TINY_SUBFOLDER,
+                TINY_WEIGHT_NAMES[args.variant],
+            )
         elif args.command == "segment":
             from export.segments import segment_model_dir
 

@@ -107,6 +107,39 @@ def build_controlnet_manifest(
     }
 
 
+def build_ip_adapter_manifest(
+    out_dir: pathlib.Path,
+    variant: str,
+    family: str,
+    cross_attention_dim: int,
+    tokens: int,
+    layers: list[int],
+    image_encoder_output: str,
+    opset: int,
+) -> dict[str, Any]:
+    """The manifest of an IP-Adapter directory (export/ip_adapter.py): `variant` `"plain"` or
+    `"plus"`, `tokens` image tokens per image, `layers` the hidden size of each cross-attention
+    layer in the UNet's `attn_processors` order, `image_encoder_output` the name of the image
+    encoder's output (and the image projection's input)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": "ip-adapter",
+        "variant": variant,
+        "family": family,
+        "dtype": "float32",
+        "weights_keep_names": True,
+        "cross_attention_dim": cross_attention_dim,
+        "tokens": tokens,
+        "layers": list(layers),
+        "image_encoder_output": image_encoder_output,
+        "exporter": exporter_info(opset),
+        "components": {
+            name: describe_component(out_dir / name / ONNX_FILE)
+            for name in ("image_encoder", "image_projection")
+        },
+    }
+
+
 def write_manifest(out_dir: pathlib.Path, manifest: dict[str, Any]) -> pathlib.Path:
     path = out_dir / MANIFEST_FILE
     path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
