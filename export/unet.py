@@ -127,7 +127,9 @@ def ip_adapter_branches(unet: torch.nn.Module, attention: str) -> Iterator[IpBra
 
 
 class _UNet(torch.nn.Module):
-    def __init__(self, unet: torch.nn.Module, sdxl: bool, residuals: int, branch: IpBranch) -> None:
+    def __init__(
+        self, unet: torch.nn.Module, sdxl: bool, residuals: int, branch: IpBranch | None
+    ) -> None:
         super().__init__()
         self.unet = unet
         self.sdxl = sdxl
@@ -148,9 +150,10 @@ class _UNet(torch.nn.Module):
             added = {"text_embeds": extra[0], "time_ids": extra[1]}
             extra = extra[2:]
         residuals, ip = extra[: self.residuals], extra[self.residuals :]
-        self.branch.keys = list(ip[0:-1:2])
-        self.branch.values = list(ip[1:-1:2])
-        self.branch.scale = ip[-1]
+        if self.branch is not None:
+            self.branch.keys = list(ip[0:-1:2])
+            self.branch.values = list(ip[1:-1:2])
+            self.branch.scale = ip[-1]
         return self.unet(
             sample,
             timestep,
@@ -173,9 +176,12 @@ def export_unet(
     pooled_dim: int | None = None,
     lora_slots: int | None = None,
     attention: str = "fused",
+    ip_adapter: bool = True,
 ) -> list[str]:
     """Export `unet` to `out_dir`; returns the modules given LoRA slots (none without
-    `lora_slots`). Slots are injected into `unet` itself: pass a copy to keep the original."""
+    `lora_slots`). Slots are injected into `unet` itself: pass a copy to keep the original.
+    `ip_adapter=False` leaves the IP-Adapter inputs out (for measuring what they cost: the
+    engine runs such a UNet, without IP-Adapters)."""
     cfg = unet.config
     slotted: list[str] = []
     rename = None
@@ -216,13 +222,14 @@ def export_unet(
     args = args + (torch.randn(mid.shape(batch, h, w), dtype=dtype),)
     inputs.append(Io(MID_RESIDUAL, mid.axes()))
     # Three image tokens: any example size but 1, which the exporter would fix.
-    dims = ip_layer_dims(unet)
+    dims = ip_layer_dims(unet) if ip_adapter else []
     for i, dim in enumerate(dims):
         args = args + tuple(torch.randn(batch, 3, dim, dtype=dtype) for _ in range(2))
         ip_axes = {0: "batch", 1: "ip_tokens"}
         inputs += [Io(IP_KEY.format(i), ip_axes), Io(IP_VALUE.format(i), ip_axes)]
-    args = args + (torch.rand(len(dims), dtype=dtype),)
-    inputs.append(Io(IP_SCALE))
+    if ip_adapter:
+        args = args + (torch.rand(len(dims), dtype=dtype),)
+        inputs.append(Io(IP_SCALE))
     hook = None
     if sdxl and dtype != torch.float32:
         # diffusers embeds SDXL's time ids in float32 and concatenates them with the (float16)
@@ -232,7 +239,8 @@ def export_unet(
         # values are rounded to float16 either way) and a well-typed graph.
         hook = unet.add_time_proj.register_forward_hook(lambda _m, _i, out: out.to(dtype))
     try:
-        with ip_adapter_branches(unet, attention) as branch:
+        branches = ip_adapter_branches(unet, attention) if ip_adapter else contextlib.nullcontext()
+        with branches as branch:
             export_component(
                 _UNet(unet, sdxl, len(down) + 1, branch),
                 args,

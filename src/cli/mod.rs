@@ -107,6 +107,8 @@ fn flag(field: Field) -> &'static str {
         Field::ControlStart => "--control-start",
         Field::ControlEnd => "--control-end",
         Field::CannyThresholds => "--canny-low/--canny-high",
+        Field::IpAdapterImage => "--ip-adapter-image",
+        Field::IpAdapterScale => "--ip-adapter-scale",
         _ => field.name(),
     }
 }

@@ -198,7 +198,7 @@ pub fn parameters_text(
     task: &Task,
     (width, height): (u32, u32),
     model: &str,
-    controlnets: &[String],
+    (controlnets, ip_adapter): (&[String], Option<&str>),
 ) -> String {
     // A1111's format is line-based: a newline (or any control character) in a prompt would
     // end it early for every reader of the chunk.
@@ -226,6 +226,13 @@ pub fn parameters_text(
             c.scale,
             c.start,
             c.end
+        ));
+    }
+    if let Some(reference) = &request.ip_adapter {
+        text.push_str(&format!(
+            ", IP-Adapter: {} (scale {})",
+            ip_adapter.unwrap_or("?"),
+            reference.scale
         ));
     }
     match task {

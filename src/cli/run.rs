@@ -14,7 +14,7 @@ use tcd_ort::lora::{parse_lora_arg, parse_weighted_source};
 use tcd_ort::model::ModelDir;
 use tcd_ort::pipeline::{
     output_size, unet_shape, ControlImage, ControlPreprocess, Engine, EngineOptions,
-    GenerateRequest, Generated, InpaintMode, Limits, LoraSpec, Task,
+    GenerateRequest, Generated, InpaintMode, IpAdapterImage, Limits, LoraSpec, Task,
 };
 use tcd_ort::runtime::{parse_provider_list, ExecutionProvider};
 
@@ -168,6 +168,18 @@ pub struct RunArgs {
     /// `python -m export depth` export (e.g. of Intel/dpt-hybrid-midas).
     #[arg(long)]
     depth_model: Option<String>,
+    /// An IP-Adapter (a directory or hub id of a `python -m export ip-adapter` export, for the
+    /// model's base): --ip-adapter-image steers the generation.
+    #[arg(long, value_name = "DIR_OR_ID")]
+    ip_adapter: Option<String>,
+    /// The IP-Adapter's reference image (PNG or JPEG, any size: CLIP's pre-processing crops
+    /// its centre square).
+    #[arg(long, value_name = "PATH")]
+    ip_adapter_image: Option<PathBuf>,
+    /// How strongly the reference image steers, from 0 to 10 (diffusers' set_ip_adapter_scale;
+    /// default 1.0, the TCD guide uses 0.5).
+    #[arg(long, value_name = "F")]
+    ip_adapter_scale: Option<f32>,
     /// Also write the inputs (image, mask, control images as the ControlNets saw them) and the
     /// results side by side to this PNG.
     #[arg(long)]
@@ -302,14 +314,24 @@ fn check_flags(args: &RunArgs) -> Result<()> {
         if args.strength.is_some() {
             bail!("--strength needs --image (it says how much of that image to repaint)");
         }
-        if args.grid.is_some() && args.control_images.is_empty() {
+        if args.grid.is_some() && args.control_images.is_empty() && args.ip_adapter_image.is_none()
+        {
             bail!(
-                "--grid needs --image or --control-image (it shows the inputs beside the result)"
+                "--grid needs --image, --control-image or --ip-adapter-image (it shows the inputs \
+                 beside the result)"
             );
         }
     }
     if args.mask.is_none() && args.inpaint_mode != InpaintModeArg::Auto {
         bail!("--inpaint-mode needs --image and --mask");
+    }
+    match (&args.ip_adapter, &args.ip_adapter_image) {
+        (Some(_), None) => bail!("--ip-adapter needs --ip-adapter-image (the reference image)"),
+        (None, Some(_)) => bail!("--ip-adapter-image needs --ip-adapter (the adapter to read it)"),
+        _ if args.ip_adapter_scale.is_some() && args.ip_adapter.is_none() => {
+            bail!("--ip-adapter-scale needs --ip-adapter and --ip-adapter-image")
+        }
+        _ => {}
     }
     if let Some(p) = args.grid.as_deref().filter(|p| !is(p, "png")) {
         bail!("--grid must be a .png path, got {}", p.display());
@@ -350,6 +372,13 @@ fn build_request(args: &RunArgs, seed: u64) -> Result<(GenerateRequest, Task, Ve
         num_images: args.num_images,
         original_inference_steps: args.original_inference_steps,
         control,
+        ip_adapter: match &args.ip_adapter_image {
+            Some(path) => Some(IpAdapterImage {
+                image: read_image("--ip-adapter-image", path)?,
+                scale: args.ip_adapter_scale.unwrap_or(1.0),
+            }),
+            None => None,
+        },
     };
     request.validate()?;
     Ok((request, task, controlnets))
@@ -384,6 +413,7 @@ fn engine_options(
         lora_allow_unmatched: args.lora_allow_unmatched,
         controlnets,
         depth_estimator: args.depth_model.clone(),
+        ip_adapter: args.ip_adapter.clone(),
         limits: if args.allow_large {
             Limits::LARGE
         } else {
@@ -427,7 +457,7 @@ fn stage_outputs(
             task,
             (image.width, image.height),
             &model_name,
-            controlnets,
+            (controlnets, args.ip_adapter.as_deref()),
         );
         let text = [
             ("parameters", parameters),
@@ -450,6 +480,9 @@ fn stage_outputs(
             }
         }
         cells.extend(generated.control_images.iter().cloned());
+        if let Some(reference) = &request.ip_adapter {
+            cells.push(resize_lanczos(&reference.image, w, h)?);
+        }
         cells.extend(generated.images.iter().cloned());
         let grid = image_grid(&cells.iter().collect::<Vec<_>>())?;
         staged.push(

@@ -20,6 +20,7 @@
 #![allow(non_camel_case_types)]
 
 mod engine;
+mod ip_adapter;
 mod options;
 mod request;
 mod status;
@@ -28,6 +29,10 @@ pub use engine::{
     tcd_engine, tcd_engine_free, tcd_engine_generate, tcd_engine_new, tcd_engine_session_summary,
     tcd_progress_callback, tcd_result, tcd_result_count, tcd_result_free, tcd_result_image,
     tcd_result_warnings, tcd_result_write_png,
+};
+pub use ip_adapter::{
+    tcd_engine_options_set_ip_adapter, tcd_request_clear_ip_adapter_image,
+    tcd_request_set_ip_adapter_image, tcd_request_set_ip_adapter_scale,
 };
 pub use options::{
     tcd_engine_options, tcd_engine_options_add_controlnet, tcd_engine_options_add_lora,

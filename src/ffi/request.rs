@@ -4,7 +4,9 @@ use std::ffi::c_char;
 
 use super::status::{borrow_mut, free_box, guard, guard_new, opt_string, tcd_status, Failure};
 use crate::image_io::RgbImage;
-use crate::pipeline::{ControlImage, ControlPreprocess, Field, GenerateRequest, InpaintMode, Task};
+use crate::pipeline::{
+    ControlImage, ControlPreprocess, Field, GenerateRequest, InpaintMode, IpAdapterImage, Task,
+};
 
 /// What a request generates (the values `tcd_request_set_task` takes).
 #[repr(i32)]
@@ -57,6 +59,10 @@ pub struct tcd_request {
     mask: Option<RgbImage>,
     control: Vec<(ControlImage, tcd_control_preprocess)>,
     canny: (f32, f32),
+    /// The IP-Adapter's reference image (`tcd_request_set_ip_adapter_image`).
+    pub(super) ip_image: Option<RgbImage>,
+    /// Its scale (`tcd_request_set_ip_adapter_scale`; diffusers' default 1).
+    pub(super) ip_scale: f32,
     /// Whether `tcd_request_set_prompt` was called: a request that never got one is a host's
     /// mistake, not a wish for an image without a prompt.
     prompt_set: bool,
@@ -116,8 +122,13 @@ impl tcd_request {
                 ..image.clone()
             })
             .collect();
+        let ip_adapter = self.ip_image.as_ref().map(|image| IpAdapterImage {
+            image: image.clone(),
+            scale: self.ip_scale,
+        });
         let request = GenerateRequest {
             control,
+            ip_adapter,
             ..self.request.clone()
         };
         Ok((request, task))
@@ -139,6 +150,8 @@ pub extern "C" fn tcd_request_new() -> *mut tcd_request {
         mask: None,
         control: Vec::new(),
         canny: (100.0, 200.0),
+        ip_image: None,
+        ip_scale: 1.0,
         prompt_set: false,
     })
 }
@@ -446,7 +459,7 @@ pub unsafe extern "C" fn tcd_request_set_inpaint_mode(
 /// # Safety
 ///
 /// `pixels` is NULL or points to `stride * (height - 1) + width * 4` readable bytes.
-unsafe fn copy_rgba(
+pub(super) unsafe fn copy_rgba(
     pixels: *const u8,
     width: u32,
     height: u32,

@@ -166,7 +166,7 @@ fn download_snapshot(
     id: &str,
     revision: Option<&str>,
     anchor: &str,
-    wanted: fn(&str) -> bool,
+    wanted: impl Fn(&str) -> bool,
     check: impl FnOnce(&[String]) -> Result<()>,
 ) -> Result<PathBuf> {
     let api = ApiBuilder::from_env()
@@ -232,6 +232,48 @@ pub fn resolve_single_graph(id: &str, revision: Option<&str>, what: &str) -> Res
                 id,
                 format!(
                     "the repository has no model.onnx at its top level: it is not an exported \
+                     {what} (export it with `python -m export`)"
+                ),
+            ))
+        }
+    })
+}
+
+/// Resolves a repository that holds an export of several graphs in folders beside a top-level
+/// `tcd_ort.json` (an IP-Adapter: `image_encoder/`, `image_projection/`) to its snapshot
+/// directory, downloading the graphs, their external data and the JSON files. `what` names the
+/// kind of model in errors.
+pub fn resolve_export(
+    id: &str,
+    revision: Option<&str>,
+    what: &str,
+    folders: &'static [&'static str],
+) -> Result<PathBuf> {
+    const ANCHOR: &str = "tcd_ort.json";
+    if offline() {
+        let manifest = cached(id, revision, ANCHOR).ok_or_else(|| {
+            Error::model(
+                id,
+                format!(
+                    "HF_HUB_OFFLINE is set and the hub cache at {} has no copy of this {what}",
+                    Cache::from_env().path().display()
+                ),
+            )
+        })?;
+        return snapshot_dir(&manifest, id);
+    }
+    let wanted = |name: &str| match name.split_once('/') {
+        None => wanted_flat_file(name),
+        Some((folder, rest)) => folders.contains(&folder) && wanted_flat_file(rest),
+    };
+    download_snapshot(id, revision, ANCHOR, wanted, |files| {
+        if files.iter().any(|f| f == ANCHOR) {
+            Ok(())
+        } else {
+            Err(Error::model(
+                id,
+                format!(
+                    "the repository has no {ANCHOR} at its top level: it is not an exported \
                      {what} (export it with `python -m export`)"
                 ),
             ))

@@ -96,6 +96,10 @@ pub struct Conditioning {
     pub pooled: Option<ArrayD<f32>>,
     /// SDXL `time_ids`: `[batch, 6]`.
     pub time_ids: Option<ArrayD<f32>>,
+    /// The UNet's IP-Adapter inputs by name (`ip_key_i`, `ip_value_i`, `ip_adapter_scale`):
+    /// the adapter's for the request's reference image, else zeros; empty for a UNet without
+    /// them. The UNet reads them, the ControlNets do not.
+    pub ip_adapter: Vec<(String, ArrayD<f32>)>,
 }
 
 fn repeat_rows(a: &ArrayD<f32>, times: usize) -> Result<ArrayD<f32>> {
@@ -135,6 +139,7 @@ pub fn encode_sd(encoder: &mut TextEncoder, spec: &PromptSpec<'_>) -> Result<Con
         hidden_states,
         pooled: None,
         time_ids: None,
+        ip_adapter: Vec::new(),
     })
 }
 
@@ -205,5 +210,6 @@ pub fn encode_sdxl(
         hidden_states,
         pooled: Some(pooled),
         time_ids: Some(repeat_rows(&time_ids_row, rows)?),
+        ip_adapter: Vec::new(),
     })
 }

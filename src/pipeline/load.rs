@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use super::conditioning::TextEncoder;
 use super::controlnet::{self, ControlNet};
+use super::ip_adapter::{IpAdapter, IpLayout};
 use super::lora::{self, LoraSpec};
 use super::options::EngineOptions;
 use super::{resident, Engine, Freeing, ZERO_RESIDUAL_SHAPES};
@@ -202,6 +203,16 @@ impl Plan<'_> {
             .as_deref()
             .map(|source| controlnet::load_depth_estimator(source, None, &self.sessions))
             .transpose()?;
+        let ip_adapter = match self.options.ip_adapter.as_deref() {
+            Some(source) => {
+                let mut adapter = IpAdapter::load(source, None, &self.sessions)?;
+                for graph in adapter.graphs_mut() {
+                    self.releasable(graph, &self.sessions);
+                }
+                Some(adapter)
+            }
+            None => None,
+        };
         // `--revision` names a revision of the model repository, not of the ControlNets'.
         let mut controlnets = Vec::with_capacity(self.options.controlnets.len());
         for source in &self.options.controlnets {
@@ -215,6 +226,7 @@ impl Plan<'_> {
             vae_encoder,
             depth,
             controlnets,
+            ip_adapter,
         })
     }
 
@@ -246,6 +258,7 @@ struct Rest {
     vae_encoder: Option<Graph>,
     depth: Option<DepthEstimator>,
     controlnets: Vec<ControlNet>,
+    ip_adapter: Option<IpAdapter>,
 }
 
 /// Checks a loaded graph against what the manifest says of it.
@@ -260,6 +273,48 @@ fn check_manifest(model: &ModelDir, graph: &Graph) -> Result<()> {
             io.map(|s| (s.name.as_str(), s.dtype.onnx_name(), s.shape.as_slice())),
         )
         .map_err(|message| Error::model(model.root().join("tcd_ort.json"), message))
+}
+
+/// Checks the loaded UNet against the manifest, the ControlNets and the IP-Adapter; returns
+/// the layouts of its ControlNet residual and IP-Adapter inputs.
+fn check_unet(
+    model: &ModelDir,
+    unet: &Graph,
+    rest: &Rest,
+) -> Result<(Option<controlnet::ResidualLayout>, Option<IpLayout>)> {
+    let xl = model.family().is_xl();
+    let mut required = vec!["sample", "timestep", "encoder_hidden_states"];
+    if xl {
+        required.extend(["text_embeds", "time_ids"]);
+    }
+    unet.require_inputs(&required)?;
+    let graphs = rest.encoders.iter().map(|e| &e.graph);
+    let graphs = graphs
+        .chain([unet, &rest.vae_decoder])
+        .chain(&rest.vae_encoder);
+    for graph in graphs {
+        check_manifest(model, graph)?;
+    }
+    let residuals = controlnet::ResidualLayout::from_unet(unet, &model.unet, model.root())?;
+    for net in &rest.controlnets {
+        match &residuals {
+            Some(layout) => layout.check(net, xl, &model.unet)?,
+            None => {
+                return Err(Error::model(
+                    model.root(),
+                    "the UNet of this model takes no ControlNet residuals (an older or an \
+                     optimum export); re-export it with `python -m export convert` to use \
+                     ControlNets",
+                ))
+            }
+        }
+    }
+    let ip_layout = IpLayout::from_unet(unet, model.root())?;
+    if let Some(adapter) = &rest.ip_adapter {
+        let width = model.unet.cross_attention_dim.as_u64().map(|d| d as usize);
+        adapter.check_fits(ip_layout.as_ref(), width, model.root())?;
+    }
+    Ok((residuals, ip_layout))
 }
 
 /// The scheduler's config, checked by building the noise schedule once at load.
@@ -321,33 +376,7 @@ impl Engine {
             .chain(plan.unet.note.clone())
             .collect();
         let sessions = plan.sessions;
-        let xl = model.family().is_xl();
-        let mut required = vec!["sample", "timestep", "encoder_hidden_states"];
-        if xl {
-            required.extend(["text_embeds", "time_ids"]);
-        }
-        unet.require_inputs(&required)?;
-        let graphs = rest.encoders.iter().map(|e| &e.graph);
-        let graphs = graphs
-            .chain([&unet, &rest.vae_decoder])
-            .chain(&rest.vae_encoder);
-        for graph in graphs {
-            check_manifest(&model, graph)?;
-        }
-        let residuals = controlnet::ResidualLayout::from_unet(&unet, &model.unet, model.root())?;
-        for net in &rest.controlnets {
-            match &residuals {
-                Some(layout) => layout.check(net, xl, &model.unet)?,
-                None => {
-                    return Err(Error::model(
-                        model.root(),
-                        "the UNet of this model takes no ControlNet residuals (an older or an \
-                         optimum export); re-export it with `python -m export convert` to use \
-                         ControlNets",
-                    ))
-                }
-            }
-        }
+        let (residuals, ip_layout) = check_unet(&model, &unet, &rest)?;
         // A UNet in segments runs from host memory: its sessions come and go within a step.
         let io_binding = options.io_binding && unet.segment_count() == 0;
         let residual_sum = match (&residuals, io_binding) {
@@ -367,6 +396,8 @@ impl Engine {
             residuals,
             residual_sum,
             depth: rest.depth,
+            ip_adapter: rest.ip_adapter,
+            ip_layout,
             scheduler,
             providers,
             ort_library,

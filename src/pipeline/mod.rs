@@ -25,6 +25,7 @@ mod controlnet;
 mod finite;
 mod img2img;
 mod inpaint;
+mod ip_adapter;
 mod load;
 mod lora;
 mod options;
@@ -33,12 +34,13 @@ mod resident;
 mod txt2img;
 
 pub use controlnet::{ControlImage, ControlNet, ControlPreprocess};
+pub use ip_adapter::{IpAdapter, IpAdapterImage, IpAdapterVariant};
 pub use load::resolve_model;
 pub use lora::{apply_loras, LoraReport, LoraSpec};
 pub use options::{EngineOptions, SessionReport, MAX_THREADS};
 pub use request::{
     output_size, unet_shape, Field, GenerateRequest, InpaintMode, Limits, Task, MAX_CONTROL_SCALE,
-    MAX_GUIDANCE, SIZE_MULTIPLE,
+    MAX_GUIDANCE, MAX_IP_ADAPTER_SCALE, SIZE_MULTIPLE,
 };
 
 use std::path::{Path, PathBuf};
@@ -103,6 +105,10 @@ pub struct Engine {
     controlnets: Vec<ControlNet>,
     residuals: Option<controlnet::ResidualLayout>,
     depth: Option<crate::control::DepthEstimator>,
+    /// The IP-Adapter ([`EngineOptions::ip_adapter`]).
+    ip_adapter: Option<ip_adapter::IpAdapter>,
+    /// The UNet's IP-Adapter inputs; `None` for exports without them.
+    ip_layout: Option<ip_adapter::IpLayout>,
     requires_aesthetics_score: bool,
     scheduler: TcdConfig,
     providers: Vec<ExecutionProvider>,
@@ -209,6 +215,7 @@ impl Engine {
             .chain([&self.unet, &self.vae_decoder])
             .chain(self.vae_encoder.as_ref())
             .chain(self.controlnets.iter().map(ControlNet::graph))
+            .chain(self.ip_adapter.iter().flat_map(IpAdapter::graphs))
             .chain(sums.clone());
         // The denoising loop binds the UNet, the ControlNets and the residual sums; the encoders
         // and the VAE run once per generation.
@@ -269,7 +276,11 @@ impl Engine {
     /// The graphs `stage` runs.
     fn stage_graphs(&mut self, stage: Stage) -> Vec<&mut Graph> {
         match stage {
-            Stage::Prompt => self.encoders.iter_mut().map(|e| &mut e.graph).collect(),
+            Stage::Prompt => {
+                let adapter = self.ip_adapter.iter_mut().flat_map(|a| a.graphs_mut());
+                let encoders = self.encoders.iter_mut().map(|e| &mut e.graph);
+                encoders.chain(adapter).collect()
+            }
             Stage::Image => self.vae_encoder.iter_mut().collect(),
             Stage::Denoise => std::iter::once(&mut self.unet)
                 .chain(self.controlnets.iter_mut().map(ControlNet::graph_mut))
@@ -286,6 +297,7 @@ impl Engine {
             .chain([&self.unet, &self.vae_decoder])
             .chain(self.vae_encoder.as_ref())
             .chain(self.controlnets.iter().map(ControlNet::graph))
+            .chain(self.ip_adapter.iter().flat_map(IpAdapter::graphs))
             .filter(|g| g.is_loaded())
             .map(|g| g.name().to_string())
             .collect()
@@ -317,7 +329,8 @@ impl Engine {
             .chain(self.vae_encoder.as_ref())
             .chain(self.controlnets.iter().map(ControlNet::graph))
             .chain(self.residual_sum.iter().flat_map(|s| s.graphs()))
-            .chain(self.depth.as_ref().map(|d| d.graph()));
+            .chain(self.depth.as_ref().map(|d| d.graph()))
+            .chain(self.ip_adapter.iter().flat_map(IpAdapter::graphs));
         graphs
             .map(|g| (g.name().to_string(), g.run_stats()))
             .collect()
@@ -347,6 +360,11 @@ impl Engine {
     /// optimum's, do not).
     pub fn accepts_controlnet(&self) -> bool {
         self.residuals.is_some()
+    }
+
+    /// The loaded IP-Adapter ([`EngineOptions::ip_adapter`]).
+    pub fn ip_adapter(&self) -> Option<&IpAdapter> {
+        self.ip_adapter.as_ref()
     }
 
     /// Whether the model has a VAE encoder (needed by image-to-image and inpainting).
@@ -379,6 +397,11 @@ impl Engine {
         if !request.control.is_empty() && *task != Task::TextToImage {
             return Err(Error::invalid(
                 "ControlNet runs with text-to-image only; drop --image/--mask or the control images",
+            ));
+        }
+        if request.ip_adapter.is_some() && self.ip_adapter.is_none() {
+            return Err(Field::IpAdapterImage.invalid(
+                "is set but the engine loaded no IP-Adapter (EngineOptions::ip_adapter)",
             ));
         }
         let size = request::output_size(&self.model, request, task, &self.limits)?;

@@ -36,6 +36,10 @@ pub struct EngineOptions {
     /// The depth estimator (a directory or hub id of a `python -m export depth` export) for
     /// [`super::ControlPreprocess::Depth`].
     pub depth_estimator: Option<String>,
+    /// An IP-Adapter (a directory or hub id of a `python -m export ip-adapter` export) for
+    /// [`super::GenerateRequest::ip_adapter`]; it must fit the model's base (SD1.5 adapters on
+    /// SD1.5 models, SDXL ones on SDXL).
+    pub ip_adapter: Option<String>,
     /// Provider settings (CUDA, TensorRT, CoreML). Their `device_id` is ignored in favour of
     /// [`EngineOptions::device_id`]; a TensorRT profile left unset uses the model's native size;
     /// a CPU arena left unset ([`ProviderOptions::cpu_arena`] `None`) is chosen by the engine
@@ -173,6 +177,7 @@ impl Default for EngineOptions {
             lora_allow_unmatched: false,
             controlnets: Vec::new(),
             depth_estimator: None,
+            ip_adapter: None,
             provider_options: ProviderOptions::default(),
             opt_level: OptLevel::default(),
             session_cache: SessionCache::default(),

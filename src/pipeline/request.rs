@@ -11,6 +11,7 @@ use crate::runtime::ShapeDims;
 use crate::{Error, Result};
 
 use super::controlnet::{ControlImage, ControlPreprocess};
+use super::ip_adapter::IpAdapterImage;
 
 /// One text-to-image request; defaults follow the TCD guide (4 steps, eta 0.3, no CFG).
 #[derive(Debug, Clone, PartialEq)]
@@ -38,6 +39,9 @@ pub struct GenerateRequest {
     /// One control image per loaded ControlNet ([`EngineOptions::controlnets`]); empty runs
     /// without ControlNet. Text-to-image only.
     pub control: Vec<ControlImage>,
+    /// The reference image and scale for the engine's IP-Adapter
+    /// ([`EngineOptions::ip_adapter`]); `None` runs without it. Every task.
+    pub ip_adapter: Option<IpAdapterImage>,
 }
 
 impl Default for GenerateRequest {
@@ -54,6 +58,7 @@ impl Default for GenerateRequest {
             num_images: 1,
             original_inference_steps: None,
             control: Vec::new(),
+            ip_adapter: None,
         }
     }
 }
@@ -142,6 +147,10 @@ pub enum Field {
     ControlEnd,
     /// The thresholds of [`ControlPreprocess::Canny`].
     CannyThresholds,
+    /// [`IpAdapterImage::image`].
+    IpAdapterImage,
+    /// [`IpAdapterImage::scale`].
+    IpAdapterScale,
 }
 
 impl Field {
@@ -163,6 +172,8 @@ impl Field {
             Field::ControlStart => "control_start",
             Field::ControlEnd => "control_end",
             Field::CannyThresholds => "canny_thresholds",
+            Field::IpAdapterImage => "ip_adapter_image",
+            Field::IpAdapterScale => "ip_adapter_scale",
         }
     }
 
@@ -192,6 +203,10 @@ pub const MAX_GUIDANCE: f32 = 100.0;
 /// The largest ControlNet conditioning scale accepted (diffusers' default is 1; past a few
 /// the residuals swamp the UNet's own features).
 pub const MAX_CONTROL_SCALE: f32 = 10.0;
+
+/// The largest IP-Adapter scale accepted (diffusers' default is 1; InstantStyle-like uses stay
+/// at or below it, and far past it the image tokens swamp the prompt).
+pub const MAX_IP_ADAPTER_SCALE: f32 = 10.0;
 
 /// How much one request may ask for, checked before anything is allocated. A host lowers or
 /// raises them for its engine ([`super::EngineOptions::limits`]); [`Limits::LARGE`] is as far
@@ -281,6 +296,9 @@ impl GenerateRequest {
         }
         for (k, control) in self.control.iter().enumerate() {
             control.validate(k)?;
+        }
+        if let Some(ip) = &self.ip_adapter {
+            ip.validate()?;
         }
         Ok(())
     }

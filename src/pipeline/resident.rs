@@ -91,8 +91,14 @@ impl Resident {
         if !enabled {
             return Ok(None);
         }
+        let mut unet_inputs = PlacedInputs::conditioning(unet, cond)?;
+        for (name, value) in &cond.ip_adapter {
+            unet_inputs
+                .0
+                .push(unet.place(name, TensorInput::F32(value.clone()))?);
+        }
         let mut resident = Resident {
-            unet: PlacedInputs::conditioning(unet, cond)?,
+            unet: unet_inputs,
             controlnets: Vec::new(),
             scales: Vec::new(),
         };

@@ -40,17 +40,51 @@ pub(super) fn encode_prompts(
         guidance,
     };
     let force_zeros = engine.model.force_zeros_for_empty_prompt();
-    let cond = match engine.encoders.as_mut_slice() {
+    let mut cond = match engine.encoders.as_mut_slice() {
         [only] => encode_sd(only, &spec),
         [first, second] => encode_sdxl([first, second], &spec, force_zeros, height, width),
         _ => Err(Error::invariant("unexpected number of text encoders")),
     }?;
+    let batch = request.num_images * if guidance { 2 } else { 1 };
+    cond.ip_adapter = match (
+        &mut engine.ip_adapter,
+        &request.ip_adapter,
+        &engine.ip_layout,
+    ) {
+        (Some(adapter), Some(reference), _) => {
+            adapter.unet_inputs(reference, request.num_images, guidance)?
+        }
+        (_, _, Some(layout)) => layout.zeros(batch),
+        (_, _, None) => Vec::new(),
+    };
     for tensor in std::iter::once(&cond.hidden_states).chain(&cond.pooled) {
         ensure_finite(tensor, Source::TextEncoder, || {
             "the text encoders' output".to_string()
         })?;
     }
     Ok(cond)
+}
+
+/// Refuses a UNet batch or latent size other than the one a `--fixed-shape` engine was built
+/// for.
+fn check_fixed_shape(engine: &Engine, batch: usize, h: usize, w: usize) -> Result<()> {
+    if let Some(fixed) = engine.fixed_shape {
+        let factor = engine.model.vae.scale_factor();
+        if (fixed.width, fixed.height, fixed.batch) != (w * factor, h * factor, batch) {
+            return Err(Error::invalid(format!(
+                "this engine's UNet was built for {}x{} at batch {} (--fixed-shape); the request \
+             needs {}x{} at batch {} (images per prompt, doubled by guidance > 1): load \
+             the engine for that size or without --fixed-shape",
+                fixed.width,
+                fixed.height,
+                fixed.batch,
+                w * factor,
+                h * factor,
+                batch
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// One UNet evaluation with classifier-free guidance folded in, as the pipelines do it.
@@ -74,22 +108,7 @@ pub(super) fn predict_noise(
     let &[batch, _, h, w] = model_input.shape() else {
         return Err(Error::invariant("latents must have 4 dimensions"));
     };
-    if let Some(fixed) = engine.fixed_shape {
-        let factor = engine.model.vae.scale_factor();
-        if (fixed.width, fixed.height, fixed.batch) != (w * factor, h * factor, batch) {
-            return Err(Error::invalid(format!(
-                "this engine's UNet was built for {}x{} at batch {} (--fixed-shape); the request \
-                 needs {}x{} at batch {} (images per prompt, doubled by guidance > 1): load \
-                 the engine for that size or without --fixed-shape",
-                fixed.width,
-                fixed.height,
-                fixed.batch,
-                w * factor,
-                h * factor,
-                batch
-            )));
-        }
-    }
+    check_fixed_shape(engine, batch, h, w)?;
     let timestep_len = match engine.unet.input("timestep").map(|i| i.shape.as_slice()) {
         // A graph with a static single timestep (some exports) takes exactly one.
         Some([1]) => 1,
@@ -115,7 +134,14 @@ pub(super) fn predict_noise(
     };
     let host_only = PlacedInputs::default();
     let placed = resident.map_or(&host_only, |r| &r.unet);
-    let mut inputs = placed.denoiser_inputs(model_input, timestep_array, cond);
+    let mut inputs: Vec<(&str, Feed<'_>)> =
+        placed.denoiser_inputs(model_input, timestep_array, cond);
+    // The IP-Adapter branch is the UNet's alone.
+    inputs.extend(
+        cond.ip_adapter
+            .iter()
+            .map(|(name, value)| (name.as_str(), placed.feed(name, value))),
+    );
     inputs.extend(placed_sums.iter().map(|p| (p.input(), Feed::Placed(p))));
     match (residuals, engine.residuals.as_ref()) {
         (Residuals::Sum(sum), Some(layout)) => inputs.extend(

@@ -51,7 +51,7 @@ const MID_OUTPUT: &str = "mid_block_res_sample";
 
 /// `down_block_res_sample_0 ... _{n-1}` (or the UNet's `down_block_additional_residual_*`):
 /// the names with `prefix`, ordered by index, which must run from 0 without gaps.
-fn numbered<'a>(
+pub(super) fn numbered<'a>(
     names: impl Iterator<Item = &'a str>,
     prefix: &str,
     what: &Path,
