@@ -102,9 +102,10 @@ $(VENV_OPTIMUM)/.installed: export/requirements-optimum.txt
 # Golden numbers: torch's generator, diffusers' TCDScheduler, transformers' tokenizer, the
 # diffusers pipelines on tiny random-weight models (exported to ONNX here, and with optimum-cli),
 # LoRAs in every key format with diffusers' own deltas and images, tiny ControlNets, OpenCV's
-# Canny, the ControlNet-depth guide's depth maps on a tiny hybrid DPT, and float16 exports
-# against diffusers run in float16.
-FIXTURE_NAMES := rng scheduler tokenizer canny depth parity lora lora_slots img2img controlnet fp16 optimum
+# Canny, the ControlNet-depth guide's depth maps on a tiny hybrid DPT, float16 exports against
+# diffusers run in float16, and tiny plain and plus IP-Adapters with diffusers' load_ip_adapter.
+FIXTURE_NAMES := rng scheduler tokenizer canny depth parity lora lora_slots img2img controlnet fp16 optimum \
+	ip_adapter
 fixtures: $(FIXTURE_NAMES:%=fixture-%)
 
 .PHONY: $(FIXTURE_NAMES:%=fixture-%)
@@ -114,6 +115,9 @@ fixture-depth fixture-parity fixture-fp16: venv
 	$(VPY) tests/golden/make_$(@:fixture-%=%).py $(FIXTURES)/$(@:fixture-%=%)
 # These start from the parity fixtures' tiny diffusers pipelines.
 fixture-lora fixture-lora_slots fixture-img2img fixture-controlnet: venv fixture-parity
+	$(VPY) tests/golden/make_$(@:fixture-%=%).py $(FIXTURES)/$(@:fixture-%=%)
+# Its SD1.5 ControlNet case uses the ControlNet fixtures' controlnet_0.
+fixture-ip_adapter: venv fixture-parity fixture-controlnet
 	$(VPY) tests/golden/make_$(@:fixture-%=%).py $(FIXTURES)/$(@:fixture-%=%)
 fixture-optimum: venv-optimum fixture-parity
 	$(VENV_OPTIMUM)/bin/python tests/golden/make_optimum.py $(FIXTURES)/parity $(FIXTURES)/optimum

@@ -95,6 +95,12 @@ examples do, and batch mode saves it as `<name>_control_<i>.png`. Extra intermed
   the ControlNet outputs multiplied by their scale and summed over the ControlNets (what the UNet
   graph's `down_block_additional_residual_{j}` / `mid_block_additional_residual` take), with the
   guidance batch (negative half first) when guidance runs: [batch, C_j, h_j, w_j].
+
+IP-Adapter (batch mode, any task): a case with `"ip_adapter": {"path", "subfolder",
+"weight_name"}`, `"ip_adapter_image"` and `"ip_adapter_scale"` runs with diffusers'
+`load_ip_adapter` / `set_ip_adapter_scale` and `ip_adapter_image=`; the fields and the extra
+intermediates (`ip_pixel_values`, `ip_image_embeds`, `noise_pred_0`) are in
+export/reference_ip.py.
 """
 
 from __future__ import annotations
@@ -107,6 +113,7 @@ from typing import Any
 
 import numpy as np
 
+from export import reference_ip
 from export.errors import UserError
 from export.lora import LoraSpec, load_loras, lora_components, parse_lora_spec, resolve_lora
 from export.sources import load_pipeline
@@ -137,6 +144,9 @@ class Case:
     control_preprocess: str | None = None
     canny_low: float = 100
     canny_high: float = 200
+    ip_adapter: dict[str, Any] | None = None
+    ip_adapter_image: str | None = None
+    ip_adapter_scale: float | None = None
 
     @classmethod
     def from_json(cls, obj: Any, index: int) -> Case:
@@ -187,6 +197,7 @@ class Case:
             if not isinstance(self.strength, (int, float)) or not 0.0 < self.strength <= 1.0:
                 raise UserError(f"{what}: strength must be in (0, 1]")
         self._validate_controlnets(what)
+        reference_ip.validate(self, what)
 
     def _validate_controlnets(self, what: str) -> None:
         nets = self.controlnets
@@ -586,6 +597,7 @@ def run_case(
         patch(runner.image_processor, "preprocess", preprocess("image"))
         patch(runner.scheduler, "add_noise", add_noise)
         patch(runner.vae, "encode", vae_encode)
+    kwargs.update(reference_ip.prepare(runner, case, image_base, extra, patch))
     try:
         out = runner(
             prompt=case.prompt,
@@ -717,12 +729,15 @@ def run_batch(
         case.image_paths(image_base)
         case.controlnet_paths(base)
         case.control_image_paths(image_base)
+        reference_ip.check_files(case, base, image_base)
     controlnets: dict[str, Any] = {}
+    ip_adapters = reference_ip.Loaded()
     pipe = load_reference_pipeline(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     for n, case in enumerate(cases):
         if specs[n]:
             apply_loras(pipe, specs[n], case.fuse)
+        ip_adapters.apply(pipe, case, base)
         try:
             result = run_case(pipe, case, image_base, base, controlnets)
         finally:

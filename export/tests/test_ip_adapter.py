@@ -495,3 +495,108 @@ def test_cli(pipelines, tmp_path, cli_in_process):
     assert code == 2
     assert "no IP-Adapter weights at" in err and "ip-adapter-plus.safetensors" in err
     assert "Traceback" not in err
+
+
+def test_first_step_matches_the_reference(adapter, request, tmp_path):
+    """The contract end to end: `python -m export reference` runs an IP-Adapter case (guidance,
+    so both halves) with diffusers; the adapter's two graphs on the pixel values diffusers'
+    feature extractor made, then the UNet export with their keys and values, reproduce the
+    image embeddings diffusers passed the UNet and its first noise prediction."""
+    from PIL import Image
+
+    from export.reference import Case, run_batch
+    from export.unet import IP_SCALE, residual_inputs
+
+    if (adapter.family, adapter.variant) not in (("sd15", "plain"), ("sdxl", "plus")):
+        pytest.skip("one plain and one plus adapter, one per family, are enough")
+    exported = request.getfixturevalue(adapter.family)  # the UNet export (conftest)
+    g = np.random.default_rng(4)
+    # Not square and not the encoder's size: the processor resizes and centre-crops it.
+    pixels = g.integers(0, 256, (37, 23, 3), dtype=np.uint8)
+    Image.fromarray(pixels, "RGB").save(tmp_path / "ref.png")
+    scale = 0.7
+    case = Case.from_json(
+        {
+            "name": "ip",
+            "prompt": "a red house",
+            "negative_prompt": "blurry",
+            "steps": 1,
+            "guidance": 3.0,
+            "seed": 5,
+            "width": 32,
+            "height": 32,
+            "intermediates": True,
+            "ip_adapter": {
+                "path": str(adapter.src),
+                "subfolder": TINY_SUBFOLDER,
+                "weight_name": adapter.weight_name,
+            },
+            "ip_adapter_image": "ref.png",
+            "ip_adapter_scale": scale,
+        },
+        0,
+    )
+    run_batch(str(adapter.pipeline_dir), [case], tmp_path / "out", tmp_path)
+    ref = dict(np.load(tmp_path / "out" / "ip.npz"))
+    assert ref["ip_pixel_values"].shape == (1, 3, SIZE, SIZE)
+    (features,) = adapter.session("image_encoder").run(
+        None, {"pixel_values": ref["ip_pixel_values"]}
+    )
+    # The unconditional half: zeros (plain), the encoder on a zero image (plus).
+    zero = np.zeros_like(ref["ip_pixel_values"])
+    if adapter.variant == "plain":
+        uncond = np.zeros_like(features)
+    else:
+        (uncond,) = adapter.session("image_encoder").run(None, {"pixel_values": zero})
+    embeds = np.concatenate([uncond, features])
+    assert embeds.shape == ref["ip_image_embeds"].shape
+    assert float(np.abs(embeds - ref["ip_image_embeds"]).max()) <= TOL
+    name = adapter.manifest["image_encoder_output"]
+    kv = adapter.session("image_projection").run(None, {name: embeds})
+    layers = len(adapter.manifest["layers"])
+    latents = ref["initial_latents"]
+    b, _, h, w = latents.shape
+    feeds = {
+        "sample": np.concatenate([latents, latents]),
+        "timestep": np.full(2 * b, ref["timesteps"][0], np.float32),
+        "encoder_hidden_states": ref["prompt_embeds"],
+        IP_SCALE: np.full(layers, scale, np.float32),
+    }
+    if adapter.family == "sdxl":
+        feeds.update(text_embeds=ref["add_text_embeds"], time_ids=ref["add_time_ids"])
+    unet_config = exported.pipe.unet.config
+    feeds.update({k: v.numpy() for k, v in residual_inputs(unet_config, 2 * b, h, w).items()})
+    for i in range(layers):
+        feeds[f"ip_key_{i}"], feeds[f"ip_value_{i}"] = kv[2 * i], kv[2 * i + 1]
+    (noise_pred,) = exported.session("unet").run(None, feeds)
+    want = ref["noise_pred_0"]
+    assert noise_pred.shape == want.shape
+    assert float(np.abs(noise_pred - want).max()) <= 1e-4 * max(1.0, float(np.abs(want).max()))
+    # The adapter matters at this scale: without it the prediction is another.
+    (plain,) = exported.session("unet").run(None, {**feeds, IP_SCALE: np.zeros(layers, np.float32)})
+    assert float(np.abs(plain - want).max()) > 1e-2 * float(np.abs(want).max())
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"ip_adapter_scale": 0.5}, "ip_adapter_scale needs ip_adapter"),
+        ({"ip_adapter_image": "a.png"}, "ip_adapter_image needs ip_adapter"),
+        ({"ip_adapter": {"path": "a", "weight_name": "w"}}, "needs an ip_adapter_image"),
+        ({"ip_adapter": {"path": "a"}, "ip_adapter_image": "a.png"}, "a \"weight_name\""),
+        (
+            {"ip_adapter": {"path": "a", "weight_name": "w", "scale": 1}, "ip_adapter_image": "a"},
+            "unknown ip_adapter field",
+        ),
+        (
+            {"ip_adapter": {"path": "a", "weight_name": "w"}, "ip_adapter_image": "a",
+             "ip_adapter_scale": "high"},
+            "ip_adapter_scale must be a number",
+        ),
+    ],
+)
+def test_reference_case_fields(fields, message):
+    from export.reference import Case
+
+    with pytest.raises(UserError, match=message):
+        Case.from_json({"name": "c", "prompt": "p", **fields}, 0)

@@ -13,7 +13,7 @@ Run from the repository root with the pinned environment:
 
 OUT_DIR defaults to tests/fixtures/generated/parity, FAMILY to all of sd15 sdxl sd21 sd21v.
 Pipelines and exports already there are kept (an export whose UNet lacks the ControlNet residual
-inputs is redone); the references are always rewritten. Layout:
+or IP-Adapter inputs is redone); the references are always rewritten. Layout:
 
     OUT_DIR/<family>/diffusers/   the random-weight pipeline (save_pretrained)
     OUT_DIR/<family>/onnx/        `python -m export convert` of it
@@ -153,10 +153,15 @@ def cases(family):
 
 
 def stale_export(onnx_dir):
-    """An export from before the UNet took the ControlNet residual inputs, or from before the
-    manifest recorded the attention (export/attention.py)."""
+    """An export from before the UNet took the ControlNet residual inputs or the IP-Adapter
+    inputs, or from before the manifest recorded the attention (export/attention.py)."""
     unet = json.loads((onnx_dir / "tcd_ort.json").read_text())["components"]["unet"]
-    return "mid_block_additional_residual" not in unet["inputs"] or "attention" not in unet
+    inputs = unet["inputs"]
+    return (
+        "mid_block_additional_residual" not in inputs
+        or "ip_key_0" not in inputs
+        or "attention" not in unet
+    )
 
 
 def run(*args):
