@@ -14,6 +14,7 @@ mod hub;
 mod img2img;
 mod initializers;
 mod io_binding;
+mod ip_adapter;
 mod lora;
 mod lora_parity;
 mod lora_slots;
