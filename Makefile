@@ -102,16 +102,18 @@ $(VENV_OPTIMUM)/.installed: export/requirements-optimum.txt
 # Golden numbers: torch's generator, diffusers' TCDScheduler, transformers' tokenizer, the
 # diffusers pipelines on tiny random-weight models (exported to ONNX here, and with optimum-cli),
 # LoRAs in every key format with diffusers' own deltas and images, tiny ControlNets, OpenCV's
-# Canny, the ControlNet-depth guide's depth maps on a tiny hybrid DPT, float16 exports against
-# diffusers run in float16, and tiny plain and plus IP-Adapters with diffusers' load_ip_adapter.
-FIXTURE_NAMES := rng scheduler tokenizer canny depth parity lora lora_slots img2img controlnet fp16 optimum \
-	ip_adapter
+# Canny, the ControlNet-depth guide's depth maps on a tiny hybrid DPT, transformers'
+# CLIPImageProcessor (an IP-Adapter's reference image) with Pillow's resize, float16 exports
+# against diffusers run in float16, and tiny plain and plus IP-Adapters with diffusers'
+# load_ip_adapter.
+FIXTURE_NAMES := rng scheduler tokenizer canny depth clip_image parity lora lora_slots img2img \
+	controlnet fp16 optimum ip_adapter
 fixtures: $(FIXTURE_NAMES:%=fixture-%)
 
 .PHONY: $(FIXTURE_NAMES:%=fixture-%)
 fixture-rng fixture-scheduler fixture-tokenizer fixture-canny: venv
 	$(VPY) tests/golden/make_$(@:fixture-%=%).py
-fixture-depth fixture-parity fixture-fp16: venv
+fixture-depth fixture-clip_image fixture-parity fixture-fp16: venv
 	$(VPY) tests/golden/make_$(@:fixture-%=%).py $(FIXTURES)/$(@:fixture-%=%)
 # These start from the parity fixtures' tiny diffusers pipelines.
 fixture-lora fixture-lora_slots fixture-img2img fixture-controlnet: venv fixture-parity

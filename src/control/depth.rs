@@ -13,8 +13,8 @@
 //!
 //! 1. [`DptPreprocessor::pixel_values`]: transformers' PIL `DPTImageProcessor` (transformers 5
 //!    calls it `DPTImageProcessorPil`): the output size from `size`, `keep_aspect_ratio` and
-//!    `ensure_multiple_of`; Pillow's resize with the configured `resample` (bit-exact one-axis,
-//!    see [`crate::image_io::resize`]); `f32(f64(v) * rescale_factor)`; `(x - mean) / std` in f32.
+//!    `ensure_multiple_of`; Pillow's resize with the configured `resample` (bit-exact, see
+//!    [`crate::image_io::resize`]); `f32(f64(v) * rescale_factor)`; `(x - mean) / std` in f32.
 //! 2. [`DepthEstimator::predict`]: the exported graph (`python -m export depth`), `pixel_values`
 //!    `[batch, 3, h, w]` to `predicted_depth` `[batch, h, w]`.
 //! 3. [`depth_to_image`]: torch's CPU `upsample_bicubic2d` (`a = -0.75`, `align_corners=False`,

@@ -9,8 +9,9 @@ use crate::{Error, Result};
 /// gigapixels, and the decoder would allocate them before reading a pixel.
 pub const MAX_INPUT_SIDE: u32 = 16384;
 
-/// The most memory one decode may take (a 16384x8192 RGBA image).
-const MAX_INPUT_BYTES: u64 = 512 << 20;
+/// The most memory one decode may take (a 16384x8192 RGBA image); also the bound on an image
+/// that pre-processing resizes to a size computed from its aspect ratio.
+pub(super) const MAX_INPUT_BYTES: u64 = 512 << 20;
 
 /// Reads a PNG or JPEG into RGB (alpha dropped, grayscale replicated: PIL's `convert("RGB")`).
 /// Images past [`MAX_INPUT_SIDE`] on a side, or needing more than 512 MiB to decode, are

@@ -4,10 +4,12 @@
 //!
 //! `image` holds [`RgbImage`] and pixel-level conversions, `resize` Pillow's resampling filters
 //! (bit-exact), `tensor` the conversions between images and the tensors the graphs take and
-//! return, `file` reading images and writing PNGs, `npy` NumPy files (latents), and `atomic`
-//! the way every output file is written: whole or not at all.
+//! return, `clip` the CLIP image encoder's pre-processing (an IP-Adapter's reference image),
+//! `file` reading images and writing PNGs, `npy` NumPy files (latents), and `atomic` the way
+//! every output file is written: whole or not at all.
 
 mod atomic;
+mod clip;
 mod file;
 mod image;
 mod npy;
@@ -15,6 +17,7 @@ mod resize;
 mod tensor;
 
 pub use atomic::{check_output_path, commit_all, stage_bytes, write_atomic, PendingFile};
+pub use clip::{clip_pixel_values, ClipImageConfig, ClipResize};
 pub use file::{decode_image, load_image, numbered_path, stage_png, write_png, MAX_INPUT_SIDE};
 pub use image::{image_grid, to_grayscale, RgbImage};
 #[doc(hidden)]

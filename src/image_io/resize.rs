@@ -86,8 +86,8 @@ pub fn resize_lanczos(image: &RgbImage, width: u32, height: u32) -> Result<RgbIm
 /// PIL's `Image.resize(size, filter)` for 8-bit RGB.
 ///
 /// This is Pillow's `ImagingResample`: a separable filter with coefficients quantised to 22
-/// fractional bits and each pass rounded and clipped to 8 bits. A one-axis resize is bit-exact;
-/// for two-axis resizes see `vertical_first`. A same-size request returns a copy, as PIL does.
+/// fractional bits and each pass rounded and clipped to 8 bits, the passes in Pillow 13's order
+/// (see `vertical_first`). A same-size request returns a copy, as PIL does.
 pub fn resize(
     image: &RgbImage,
     width: u32,
@@ -126,7 +126,7 @@ pub fn resize(
         }
         out
     };
-    if vertical_first(filter, in_w, in_h, out_w, out_h) {
+    if vertical_first(in_w, in_h, out_w, out_h) {
         if out_h != in_h {
             pixels = vertical(&pixels, in_w);
         }
@@ -144,17 +144,15 @@ pub fn resize(
     RgbImage::new(width, height, pixels)
 }
 
-/// Which pass Pillow runs first. Pillow 13 no longer always filters rows first; running the
-/// pass with the longer kernel first reproduces it for most size pairs (about 92% of random
-/// ones with Lanczos, checked against Pillow 13.0); the rest differ in a few pixels by rounding.
-fn vertical_first(
-    filter: ResampleFilter,
-    in_w: usize,
-    in_h: usize,
-    out_w: usize,
-    out_h: usize,
-) -> bool {
-    Coefficients::new(filter, in_h, out_h).ksize > Coefficients::new(filter, in_w, out_w).ksize
+/// Which pass Pillow runs first. Pillow 13.0 filters columns first when the height shrinks by
+/// more than twice as many pixels as the width does (`ImagingResampleInner`,
+/// python-pillow/Pillow#9549), rows first otherwise, as every earlier Pillow did. The order
+/// matters beyond rounding: the first pass clips its overshoot (bicubic, Lanczos) to 8 bits, so
+/// on noisy images the two orders differ by tens of levels.
+fn vertical_first(in_w: usize, in_h: usize, out_w: usize, out_h: usize) -> bool {
+    let shrink = |i: usize, o: usize| i as i64 - o as i64;
+    let (dx, dy) = (shrink(in_w, out_w), shrink(in_h, out_h));
+    dy > 0 && dy > dx * 2
 }
 
 /// Pillow's `PRECISION_BITS` for 8-bit resampling: `32 - 8 - 2`.

@@ -3,6 +3,7 @@
 mod bad_inputs;
 mod canny;
 mod cli;
+mod clip_image;
 mod common;
 mod controlnet;
 mod depth;
