@@ -382,6 +382,54 @@ size_t tcd_engine_session_summary(const struct tcd_engine *engine,
                                   size_t len);
 
 /**
+ * Loads an IP-Adapter with the engine: a directory or hub id of a `python -m export
+ * ip-adapter` export, for the model's base (SD1.5 adapters on SD1.5 models, SDXL ones on
+ * SDXL); an adapter for another base fails `tcd_engine_new`. NULL removes it.
+ *
+ * # Safety
+ *
+ * `options` is NULL or a live handle not used by another thread during the call; `path` is
+ * NULL or a NUL-terminated string.
+ */
+tcd_status tcd_engine_options_set_ip_adapter(struct tcd_engine_options *options, const char *path);
+
+/**
+ * Sets the IP-Adapter's reference image from RGBA8 pixels laid out as for
+ * `tcd_request_set_image` (any size: CLIP's pre-processing crops its centre square). The
+ * engine must have loaded an IP-Adapter (`tcd_engine_options_set_ip_adapter`). The pixels are
+ * copied. Every task.
+ *
+ * # Safety
+ *
+ * `request` is NULL or a live handle that no other thread uses during the call; `pixels` is
+ * NULL or points to at least `stride * (height - 1) + width * 4` readable bytes.
+ */
+tcd_status tcd_request_set_ip_adapter_image(struct tcd_request *request,
+                                            const uint8_t *pixels,
+                                            uint32_t width,
+                                            uint32_t height,
+                                            size_t stride);
+
+/**
+ * Removes the reference image, so the request runs without the IP-Adapter.
+ *
+ * # Safety
+ *
+ * `request` is NULL or a live handle that no other thread uses during the call.
+ */
+tcd_status tcd_request_clear_ip_adapter_image(struct tcd_request *request);
+
+/**
+ * How strongly the reference image steers, from 0 to 10 (diffusers' `set_ip_adapter_scale`;
+ * default 1, the TCD guide uses 0.5). It can change between generations of a loaded engine.
+ *
+ * # Safety
+ *
+ * `request` is NULL or a live handle that no other thread uses during the call.
+ */
+tcd_status tcd_request_set_ip_adapter_scale(struct tcd_request *request, float scale);
+
+/**
  * New options: no model yet, the CPU execution provider, device 0, every core, ONNX Runtime
  * searched for as the CLI does (`ORT_DYLIB_PATH`, `.ort/lib` beside the working directory or
  * the executable, Python's onnxruntime), no LoRAs. NULL only if the library panicked.

@@ -10,7 +10,7 @@ use std::ptr::null_mut;
 
 use tcd_ort::ffi::*;
 
-use crate::common::{copy_dir, repo_root, scratch_dir, tiny_lora_bytes_scaled};
+use crate::common::{copy_dir, fixtures_dir, repo_root, scratch_dir, tiny_lora_bytes_scaled};
 
 /// One row of the table.
 #[derive(Debug)]
@@ -106,6 +106,11 @@ impl Inputs {
                 j["components"]["unet"]["inputs"]["sample"]["shape"][1] = 9.into();
             })
         });
+        let adapter = fixtures_dir()
+            .join("ip_adapter")
+            .join("sd15")
+            .join("ip_plain");
+        copy_dir(&adapter.join("onnx"), &dir.join("ip-adapter"));
         Inputs { dir }
     }
 
@@ -122,6 +127,7 @@ impl Inputs {
             ("{manifest_v99}", "manifest-v99"),
             ("{manifest_dtype}", "manifest-dtype"),
             ("{manifest_shape}", "manifest-shape"),
+            ("{ip_adapter}", "ip-adapter"),
         ]
         .iter()
         .fold(text.to_string(), |t, (name, file)| {
@@ -258,6 +264,9 @@ fn run_capi(inputs: &Inputs, row: &Row, calls: &str) {
                 "tcd_request_set_eta" => tcd_request_set_eta(request, num(args[0])),
                 "tcd_request_set_size" => tcd_request_set_size(request, num(args[0]), num(args[1])),
                 "tcd_request_set_num_images" => tcd_request_set_num_images(request, num(args[0])),
+                "tcd_request_set_ip_adapter_scale" => {
+                    tcd_request_set_ip_adapter_scale(request, num(args[0]))
+                }
                 "tcd_request_set_canny_thresholds" => {
                     tcd_request_set_canny_thresholds(request, num(args[0]), num(args[1]))
                 }

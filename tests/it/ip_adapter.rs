@@ -118,7 +118,9 @@ fn request_and_task(case: &Case) -> (GenerateRequest, Task) {
         (None, _) => Task::TextToImage,
         (Some(image), None) => Task::ImageToImage {
             image: read(image),
-            strength: c.strength.expect("an image-to-image case gives its strength"),
+            strength: c
+                .strength
+                .expect("an image-to-image case gives its strength"),
         },
         (Some(image), Some(mask)) => Task::Inpaint {
             image: read(image),
@@ -135,7 +137,9 @@ fn request_and_task(case: &Case) -> (GenerateRequest, Task) {
 fn check_family(family: &str) {
     let dir = root().join(family);
     let cases: Vec<Case> = read_cases(&dir, "IP-Adapter");
-    assert!(cases.iter().any(|c| c.extra.ip_adapter.onnx.contains("plus")));
+    assert!(cases
+        .iter()
+        .any(|c| c.extra.ip_adapter.onnx.contains("plus")));
     assert!(cases.iter().any(|c| c.extra.ip_adapter_scale == 0.0));
     let mut engines: HashMap<String, Engine> = HashMap::new();
     check_cases(
@@ -150,9 +154,7 @@ fn check_family(family: &str) {
                 options.loras.iter().map(|l| &l.source).collect::<Vec<_>>(),
                 options.controlnets
             );
-            let engine = engines
-                .entry(key)
-                .or_insert_with(|| load(family, &options));
+            let engine = engines.entry(key).or_insert_with(|| load(family, &options));
             let (request, task) = request_and_task(case);
             engine.run(&request, &task, &mut |_| true)
         },
@@ -172,7 +174,10 @@ fn sdxl_ip_adapter_matches_diffusers() {
 }
 
 fn adapter(family: &str, variant: &str) -> PathBuf {
-    root().join(family).join(format!("ip_{variant}")).join("onnx")
+    root()
+        .join(family)
+        .join(format!("ip_{variant}"))
+        .join("onnx")
 }
 
 fn small_request() -> GenerateRequest {
@@ -202,9 +207,13 @@ fn scale_zero_is_the_plain_unet() {
         ..small_request()
     };
     let a = engine.generate(&with_zero, &mut |_| true).expect("scale 0");
-    let b = engine.generate(&small_request(), &mut |_| true).expect("no image");
+    let b = engine
+        .generate(&small_request(), &mut |_| true)
+        .expect("no image");
     let mut plain = load("sd15", &EngineOptions::default());
-    let c = plain.generate(&small_request(), &mut |_| true).expect("plain");
+    let c = plain
+        .generate(&small_request(), &mut |_| true)
+        .expect("plain");
     assert_eq!(a.latents, b.latents);
     assert_eq!(b.latents, c.latents);
     let full = GenerateRequest {
@@ -274,4 +283,108 @@ fn scales_that_are_not_numbers_from_0_to_10_are_refused() {
             other => panic!("scale {scale}: expected a refusal, got {other:?}"),
         }
     }
+}
+
+/// The C ABI: the same pixels as the Rust API for a request with a reference image, a scale
+/// changed between generations of one engine, and bad scales refused when set.
+#[test]
+fn c_abi_matches_the_rust_api() {
+    use std::ffi::CString;
+    use std::ptr::null_mut;
+    use tcd_ort::ffi::*;
+
+    use crate::ffi::check;
+
+    let model = model_dir("sd15").to_string_lossy().into_owned();
+    let ip = adapter("sd15", "plus").to_string_lossy().into_owned();
+    let reference = reference_image("images/ref_pattern_53x91.png").image;
+    let rgba: Vec<u8> = reference
+        .pixels
+        .chunks(3)
+        .flat_map(|p| [p[0], p[1], p[2], 255])
+        .collect();
+    let (model_c, ip_c) = (
+        CString::new(model.clone()).expect("no NUL"),
+        CString::new(ip.clone()).expect("no NUL"),
+    );
+    let mut c_images = Vec::new();
+    // SAFETY: live handles, NUL-terminated strings, an RGBA buffer of width * height * 4 bytes.
+    unsafe {
+        let options = tcd_engine_options_new();
+        check(
+            tcd_engine_options_set_model(options, model_c.as_ptr()),
+            tcd_status::TCD_OK,
+        );
+        check(
+            tcd_engine_options_set_ip_adapter(options, ip_c.as_ptr()),
+            tcd_status::TCD_OK,
+        );
+        let mut engine = null_mut();
+        check(tcd_engine_new(options, &mut engine), tcd_status::TCD_OK);
+        tcd_engine_options_free(options);
+        let request = tcd_request_new();
+        check(
+            tcd_request_set_prompt(request, c"a red house".as_ptr()),
+            tcd_status::TCD_OK,
+        );
+        check(tcd_request_set_steps(request, 2), tcd_status::TCD_OK);
+        check(tcd_request_set_guidance(request, 2.0), tcd_status::TCD_OK);
+        let (w, h) = (reference.width, reference.height);
+        check(
+            tcd_request_set_ip_adapter_image(request, rgba.as_ptr(), w, h, w as usize * 4),
+            tcd_status::TCD_OK,
+        );
+        for bad in [f32::NAN, -1.0, 11.0] {
+            check(
+                tcd_request_set_ip_adapter_scale(request, bad),
+                tcd_status::TCD_ERR_INVALID_ARGUMENT,
+            );
+        }
+        for scale in [0.5, 1.0] {
+            check(
+                tcd_request_set_ip_adapter_scale(request, scale),
+                tcd_status::TCD_OK,
+            );
+            let mut result = null_mut();
+            check(
+                tcd_engine_generate(engine, request, None, null_mut(), &mut result),
+                tcd_status::TCD_OK,
+            );
+            let (mut iw, mut ih, mut stride, mut pixels) = (0u32, 0u32, 0usize, std::ptr::null());
+            check(
+                tcd_result_image(result, 0, &mut iw, &mut ih, &mut stride, &mut pixels),
+                tcd_status::TCD_OK,
+            );
+            c_images.push(std::slice::from_raw_parts(pixels, stride * ih as usize).to_vec());
+            tcd_result_free(result);
+        }
+        check(
+            tcd_request_clear_ip_adapter_image(request),
+            tcd_status::TCD_OK,
+        );
+        tcd_request_free(request);
+        tcd_engine_free(engine);
+    }
+    let mut rust = load(
+        "sd15",
+        &EngineOptions {
+            ip_adapter: Some(ip),
+            ..EngineOptions::default()
+        },
+    );
+    for (scale, c_pixels) in [0.5, 1.0].into_iter().zip(&c_images) {
+        let request = GenerateRequest {
+            prompt: "a red house".into(),
+            steps: 2,
+            guidance: 2.0,
+            ip_adapter: Some(IpAdapterImage {
+                scale,
+                ..reference_image("images/ref_pattern_53x91.png")
+            }),
+            ..GenerateRequest::default()
+        };
+        let out = rust.generate(&request, &mut |_| true).expect("generate");
+        assert_eq!(&out.images[0].pixels, c_pixels, "scale {scale}");
+    }
+    assert_ne!(c_images[0], c_images[1]);
 }
