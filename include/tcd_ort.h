@@ -252,6 +252,51 @@ extern "C" {
 #endif // __cplusplus
 
 /**
+ * Adds the control image of the next ControlNet (the engine's ControlNets take the images in
+ * the order they were added with `tcd_engine_options_add_controlnet`), as RGBA8 pixels laid out
+ * as for `tcd_request_set_image`. `scale` is diffusers' `controlnet_conditioning_scale` (0.5
+ * generalises well with TCD); the ControlNet acts from the fraction `start` of the steps to
+ * the fraction `end` (diffusers' `control_guidance_start`/`_end`; 0 and 1 for every step);
+ * `preprocess` is a `tcd_control_preprocess` value. The image is resized to the output size,
+ * which defaults to the first control image's (rounded down to a multiple of 8). The pixels
+ * are copied. Text-to-image only.
+ *
+ * # Safety
+ *
+ * `request` is NULL or a live handle that no other thread uses during the call; `pixels` is
+ * NULL or points to at least `stride * (height - 1) + width * 4` readable bytes.
+ */
+tcd_status tcd_request_add_control_image(struct tcd_request *request,
+                                         const uint8_t *pixels,
+                                         uint32_t width,
+                                         uint32_t height,
+                                         size_t stride,
+                                         float scale,
+                                         float start,
+                                         float end,
+                                         int32_t preprocess);
+
+/**
+ * Removes every control image, so the request runs without ControlNet.
+ *
+ * # Safety
+ *
+ * `request` is NULL or a live handle that no other thread uses during the call.
+ */
+tcd_status tcd_request_clear_control_images(struct tcd_request *request);
+
+/**
+ * Sets the hysteresis thresholds of `TCD_CONTROL_CANNY` images, as `cv2.Canny(image, low,
+ * high)` takes them (default 100 and 200); finite and >= 0 (given the wrong way round they are
+ * swapped, as OpenCV does).
+ *
+ * # Safety
+ *
+ * `request` is NULL or a live handle that no other thread uses during the call.
+ */
+tcd_status tcd_request_set_canny_thresholds(struct tcd_request *request, float low, float high);
+
+/**
  * Loads the model the options name (the model must be set) and writes the new engine to
  * `*out_engine`; on failure `*out_engine` is set to NULL. The options are copied: they may be
  * freed right after. Errors: `TCD_ERR_MODEL` for a missing or malformed model,
@@ -895,51 +940,6 @@ tcd_status tcd_request_set_mask(struct tcd_request *request,
                                 uint32_t width,
                                 uint32_t height,
                                 size_t stride);
-
-/**
- * Adds the control image of the next ControlNet (the engine's ControlNets take the images in
- * the order they were added with `tcd_engine_options_add_controlnet`), as RGBA8 pixels laid out
- * as for `tcd_request_set_image`. `scale` is diffusers' `controlnet_conditioning_scale` (0.5
- * generalises well with TCD); the ControlNet acts from the fraction `start` of the steps to
- * the fraction `end` (diffusers' `control_guidance_start`/`_end`; 0 and 1 for every step);
- * `preprocess` is a `tcd_control_preprocess` value. The image is resized to the output size,
- * which defaults to the first control image's (rounded down to a multiple of 8). The pixels
- * are copied. Text-to-image only.
- *
- * # Safety
- *
- * `request` is NULL or a live handle that no other thread uses during the call; `pixels` is
- * NULL or points to at least `stride * (height - 1) + width * 4` readable bytes.
- */
-tcd_status tcd_request_add_control_image(struct tcd_request *request,
-                                         const uint8_t *pixels,
-                                         uint32_t width,
-                                         uint32_t height,
-                                         size_t stride,
-                                         float scale,
-                                         float start,
-                                         float end,
-                                         int32_t preprocess);
-
-/**
- * Removes every control image, so the request runs without ControlNet.
- *
- * # Safety
- *
- * `request` is NULL or a live handle that no other thread uses during the call.
- */
-tcd_status tcd_request_clear_control_images(struct tcd_request *request);
-
-/**
- * Sets the hysteresis thresholds of `TCD_CONTROL_CANNY` images, as `cv2.Canny(image, low,
- * high)` takes them (default 100 and 200); finite and >= 0 (given the wrong way round they are
- * swapped, as OpenCV does).
- *
- * # Safety
- *
- * `request` is NULL or a live handle that no other thread uses during the call.
- */
-tcd_status tcd_request_set_canny_thresholds(struct tcd_request *request, float low, float high);
 
 /**
  * Copies the calling thread's last error message into `buf` and returns its full length in

@@ -19,12 +19,17 @@
 
 #![allow(non_camel_case_types)]
 
+mod control;
 mod engine;
 mod ip_adapter;
 mod options;
 mod request;
 mod status;
 
+pub use control::{
+    tcd_control_preprocess, tcd_request_add_control_image, tcd_request_clear_control_images,
+    tcd_request_set_canny_thresholds,
+};
 pub use engine::{
     tcd_engine, tcd_engine_free, tcd_engine_generate, tcd_engine_new, tcd_engine_session_summary,
     tcd_progress_callback, tcd_result, tcd_result_count, tcd_result_free, tcd_result_image,
@@ -49,11 +54,9 @@ pub use options::{
     tcd_engine_options_set_threads,
 };
 pub use request::{
-    tcd_control_preprocess, tcd_inpaint_mode, tcd_request, tcd_request_add_control_image,
-    tcd_request_clear_control_images, tcd_request_free, tcd_request_new,
-    tcd_request_set_canny_thresholds, tcd_request_set_eta, tcd_request_set_guidance,
-    tcd_request_set_image, tcd_request_set_inpaint_mode, tcd_request_set_mask,
-    tcd_request_set_negative_prompt, tcd_request_set_num_images,
+    tcd_inpaint_mode, tcd_request, tcd_request_free, tcd_request_new, tcd_request_set_eta,
+    tcd_request_set_guidance, tcd_request_set_image, tcd_request_set_inpaint_mode,
+    tcd_request_set_mask, tcd_request_set_negative_prompt, tcd_request_set_num_images,
     tcd_request_set_original_inference_steps, tcd_request_set_prompt, tcd_request_set_seed,
     tcd_request_set_size, tcd_request_set_steps, tcd_request_set_strength, tcd_request_set_task,
     tcd_task,

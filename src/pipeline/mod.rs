@@ -26,6 +26,7 @@ mod finite;
 mod img2img;
 mod inpaint;
 mod ip_adapter;
+mod limits;
 mod load;
 mod lora;
 mod options;
@@ -35,11 +36,12 @@ mod txt2img;
 
 pub use controlnet::{ControlImage, ControlNet, ControlPreprocess};
 pub use ip_adapter::{IpAdapter, IpAdapterImage, IpAdapterVariant};
+pub use limits::Limits;
 pub use load::resolve_model;
 pub use lora::{apply_loras, LoraReport, LoraSpec};
 pub use options::{EngineOptions, SessionReport, MAX_THREADS};
 pub use request::{
-    output_size, unet_shape, Field, GenerateRequest, InpaintMode, Limits, Task, MAX_CONTROL_SCALE,
+    output_size, unet_shape, Field, GenerateRequest, InpaintMode, Task, MAX_CONTROL_SCALE,
     MAX_GUIDANCE, MAX_IP_ADAPTER_SCALE, SIZE_MULTIPLE,
 };
 

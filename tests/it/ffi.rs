@@ -11,7 +11,7 @@ use tcd_ort::pipeline::{
     ControlImage, ControlPreprocess, Engine, EngineOptions, GenerateRequest, InpaintMode, Task,
 };
 
-use crate::common::repo_root;
+use crate::common::{committed_model, repo_root};
 
 fn header_path() -> PathBuf {
     repo_root().join("include").join("tcd_ort.h")
@@ -48,11 +48,7 @@ fn header_matches_the_code() {
 }
 
 fn demo_model() -> String {
-    repo_root()
-        .join("models")
-        .join("tiny-sd15")
-        .to_string_lossy()
-        .into_owned()
+    committed_model("tiny-sd15")
 }
 
 fn cstr(s: &str) -> CString {

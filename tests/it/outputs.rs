@@ -12,7 +12,7 @@ use tcd_ort::image_io::{
 };
 use tcd_ort::Error;
 
-use crate::common::{read_png_rgb, repo_root, scratch_dir};
+use crate::common::{committed_model, read_png_rgb, repo_root, scratch_dir};
 
 /// The names in `dir`, sorted.
 fn listing(dir: &Path) -> Vec<String> {
@@ -132,11 +132,7 @@ fn unwritable_outputs_are_found_by_the_check() {
 // --- The command line. ----------------------------------------------------------------------
 
 fn demo_model() -> String {
-    repo_root()
-        .join("models")
-        .join("tiny-sd15")
-        .to_string_lossy()
-        .into_owned()
+    committed_model("tiny-sd15")
 }
 
 fn tcd(args: &[String]) -> Output {
