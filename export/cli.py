@@ -441,7 +441,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "tiny-ip-adapter":
             import shutil
 
-            from export.ip_adapter import TINY_SUBFOLDER, TINY_WEIGHT_NAMES, build_tiny_ip_adapter
+            from export.tiny_ip_adapter import (
+                TINY_SUBFOLDER,
+                TINY_WEIGHT_NAMES,
+                build_tiny_ip_adapter,
+            )
 
             _check_out_dir(parser, args.out_dir, args.overwrite)
             if args.out_dir.exists():

@@ -19,18 +19,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from export.errors import UserError
-from export.ip_adapter import (
+from export.ip_adapter import export_ip_adapter, load_image_processor, read_weights
+from export.onnx_io import initializer_names
+from export.tests.conftest import REUSE
+from export.tiny import build_tiny
+from export.tiny_ip_adapter import (
     TINY_SUBFOLDER,
     TINY_VISION_CONFIG,
     TINY_WEIGHT_NAMES,
     build_tiny_ip_adapter,
-    export_ip_adapter,
-    load_image_processor,
-    read_weights,
 )
-from export.onnx_io import initializer_names
-from export.tests.conftest import REUSE
-from export.tiny import build_tiny
 
 TOL = 1e-5
 SIZE = TINY_VISION_CONFIG["image_size"]

@@ -117,7 +117,7 @@ def write_images(out):
 
 
 def adapter(variant):
-    from export.ip_adapter import TINY_SUBFOLDER, TINY_WEIGHT_NAMES
+    from export.tiny_ip_adapter import TINY_SUBFOLDER, TINY_WEIGHT_NAMES
 
     return {
         "path": f"ip_{variant}/source",
@@ -216,12 +216,8 @@ def make_family(out, family):
     import torch
     from diffusers import DiffusionPipeline
 
-    from export.ip_adapter import (
-        TINY_SUBFOLDER,
-        TINY_WEIGHT_NAMES,
-        build_tiny_ip_adapter,
-        export_ip_adapter,
-    )
+    from export.ip_adapter import export_ip_adapter
+    from export.tiny_ip_adapter import TINY_SUBFOLDER, TINY_WEIGHT_NAMES, build_tiny_ip_adapter
 
     import make_lora_slots
 
