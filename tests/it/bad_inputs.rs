@@ -106,11 +106,11 @@ impl Inputs {
                 j["components"]["unet"]["inputs"]["sample"]["shape"][1] = 9.into();
             })
         });
-        let adapter = fixtures_dir()
-            .join("ip_adapter")
-            .join("sd15")
-            .join("ip_plain");
-        copy_dir(&adapter.join("onnx"), &dir.join("ip-adapter"));
+        let adapter = fixtures_dir().join("ip_adapter").join("sdxl");
+        copy_dir(
+            &adapter.join("ip_plain").join("onnx"),
+            &dir.join("sdxl-ip-adapter"),
+        );
         Inputs { dir }
     }
 
@@ -127,7 +127,7 @@ impl Inputs {
             ("{manifest_v99}", "manifest-v99"),
             ("{manifest_dtype}", "manifest-dtype"),
             ("{manifest_shape}", "manifest-shape"),
-            ("{ip_adapter}", "ip-adapter"),
+            ("{sdxl_ip_adapter}", "sdxl-ip-adapter"),
         ]
         .iter()
         .fold(text.to_string(), |t, (name, file)| {
@@ -275,6 +275,9 @@ fn run_capi(inputs: &Inputs, row: &Row, calls: &str) {
                 }
                 "tcd_engine_options_set_limits" => {
                     tcd_engine_options_set_limits(options, num(args[0]), num(args[1]), num(args[2]))
+                }
+                "tcd_engine_options_set_ip_adapter" => {
+                    tcd_engine_options_set_ip_adapter(options, text(0).as_ptr())
                 }
                 "tcd_engine_options_add_lora" => {
                     tcd_engine_options_add_lora(options, text(0).as_ptr(), num(args[1]))

@@ -617,6 +617,86 @@ fn controlnet_run_matches_the_library() {
     assert_eq!((gw, gh), (128, 64), "control image and result side by side");
 }
 
+/// `--ip-adapter` with `--ip-adapter-image` (the committed tiny adapter) writes the same pixels
+/// as the library, records the adapter and its scale in the PNG parameters, and `--grid` shows
+/// the reference image beside the result.
+#[test]
+fn ip_adapter_run_matches_the_library() {
+    let dir = scratch_dir("cli-ip-adapter");
+    let (png, grid) = (dir.join("out.png"), dir.join("grid.png"));
+    let model_s = demo_model().to_string_lossy().into_owned();
+    let adapter = repo_root().join("models").join("tiny-sd15-ip-adapter");
+    let reference = repo_root().join("models").join("control-edges-64x64.png");
+    let (png_s, grid_s) = (
+        png.to_string_lossy().into_owned(),
+        grid.to_string_lossy().into_owned(),
+    );
+    let (adapter_s, reference_s) = (
+        adapter.to_string_lossy().into_owned(),
+        reference.to_string_lossy().into_owned(),
+    );
+    let mut args = base_args(&model_s, &png_s);
+    args.extend([
+        "--steps",
+        "2",
+        "--ip-adapter",
+        &adapter_s,
+        "--ip-adapter-image",
+        &reference_s,
+        "--ip-adapter-scale",
+        "0.5",
+        "--grid",
+        &grid_s,
+    ]);
+    let out = tcd(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let options = EngineOptions {
+        ip_adapter: Some(adapter_s.clone()),
+        ..EngineOptions::default()
+    };
+    let mut engine = Engine::load(model_s.as_str(), &options).expect("load");
+    let request = GenerateRequest {
+        prompt: "a cat".into(),
+        steps: 2,
+        seed: 0,
+        ip_adapter: Some(tcd_ort::pipeline::IpAdapterImage {
+            scale: 0.5,
+            ..tcd_ort::pipeline::IpAdapterImage::new(
+                tcd_ort::image_io::load_image(&reference).expect("reference"),
+            )
+        }),
+        ..GenerateRequest::default()
+    };
+    let lib = engine.generate(&request, &mut |_| true).expect("generate");
+    let (_, _, pixels) = read_png_rgb(&png);
+    assert_eq!(pixels, lib.images[0].pixels);
+    let plain = Engine::load(model_s.as_str(), &EngineOptions::default())
+        .expect("load")
+        .generate(
+            &GenerateRequest {
+                ip_adapter: None,
+                ..request
+            },
+            &mut |_| true,
+        )
+        .expect("generate");
+    assert_ne!(
+        pixels, plain.images[0].pixels,
+        "the adapter steers the image"
+    );
+    let text = String::from_utf8_lossy(&std::fs::read(&png).expect("png")).into_owned();
+    assert!(
+        text.contains(&format!("IP-Adapter: {adapter_s} (scale 0.5)")),
+        "parameters record the IP-Adapter"
+    );
+    let (gw, gh, _) = read_png_rgb(&grid);
+    assert_eq!(
+        (gw, gh),
+        (128, 64),
+        "reference image and result side by side"
+    );
+}
+
 /// The library's warnings reach the command line's stderr, even with --quiet.
 #[test]
 fn a_truncated_prompt_is_warned_about() {
