@@ -173,6 +173,54 @@ fn sdxl_ip_adapter_matches_diffusers() {
     check_family("sdxl");
 }
 
+/// The LoRA case on the rank-8 LoRA-slot export of the same pipeline
+/// (`tests/golden/make_lora_slots.py`): the LoRA goes into the UNet's slots, the adapter into
+/// its IP branch, and the result is diffusers' (unfused LoRA + IP-Adapter) all the same.
+fn check_with_lora_slots(family: &str) {
+    let dir = root().join(family);
+    let cases: Vec<Case> = read_cases(&dir, "IP-Adapter")
+        .into_iter()
+        .filter(|c: &Case| !c.extra.loras.is_empty())
+        .collect();
+    assert!(!cases.is_empty(), "a LoRA case");
+    let slots = fixtures_dir()
+        .join("lora_slots")
+        .join(family)
+        .join("slots_r8");
+    check_cases(
+        &format!("{family} IP-Adapter with LoRA slots"),
+        &cases,
+        &dir.join("reference"),
+        |case, report| {
+            let options = engine_options(case, &dir);
+            let mut engine = Engine::load(slots.to_string_lossy(), &options)
+                .unwrap_or_else(|e| panic!("{}: {e}; run `make fixtures`", slots.display()));
+            if engine
+                .lora_report()
+                .slotted
+                .get("unet")
+                .copied()
+                .unwrap_or(0)
+                == 0
+            {
+                report.fail(format!("{}: no UNet module went into a slot", case.name));
+            }
+            let (request, task) = request_and_task(case);
+            engine.run(&request, &task, &mut |_| true)
+        },
+    );
+}
+
+#[test]
+fn sd15_ip_adapter_with_lora_slots_matches_diffusers() {
+    check_with_lora_slots("sd15");
+}
+
+#[test]
+fn sdxl_ip_adapter_with_lora_slots_matches_diffusers() {
+    check_with_lora_slots("sdxl");
+}
+
 fn adapter(family: &str, variant: &str) -> PathBuf {
     root()
         .join(family)
