@@ -394,7 +394,9 @@ def test_real_layout_unet_and_controlnet(tmp_path):
     u = ort.InferenceSession(str(tmp_path / "unet" / "model.onnx"), opts, providers=cpu)
     c = ort.InferenceSession(str(tmp_path / "controlnet" / "model.onnx"), opts, providers=cpu)
     shapes = {i.name: i.shape for i in u.get_inputs()}
-    assert len(shapes) == 3 + 12 + 1
+    # 16 cross-attention layers (SD1.5's), each with an IP-Adapter key and value, and the scales.
+    assert len(shapes) == 3 + 12 + 1 + 2 * 16 + 1
+    assert shapes["ip_adapter_scale"] == [16]
     assert shapes["down_block_additional_residual_11"] == ["batch", 64, "height_3", "width_3"]
     assert [o.name for o in c.get_outputs()] == [
         *(f"down_block_res_sample_{i}" for i in range(12)), "mid_block_res_sample"
@@ -418,8 +420,9 @@ def test_real_layout_unet_and_controlnet(tmp_path):
         for a, r in zip(outs, [*down, mid], strict=True):
             assert a.shape == tuple(r.shape)
             assert float(np.abs(a - r.numpy()).max()) <= TOL
-        names = [i.name for i in u.get_inputs()][3:]
+        names = [i.name for i in u.get_inputs()][3 : 3 + len(outs)]
         unet_feeds = {k: v.numpy() for k, v in feeds.items()}
+        unet_feeds.update({k: v.numpy() for k, v in ip_adapter_inputs(unet, 1).items()})
         got = u.run(None, {**unet_feeds, **dict(zip(names, outs, strict=True))})[0]
         assert float(np.abs(got - ref.numpy()).max()) <= TOL
         zeros = {k: v.numpy() for k, v in plain_inputs(unet, 1, h, w).items()}

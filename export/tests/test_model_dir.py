@@ -122,9 +122,17 @@ def test_manifest(exported):
     assert inputs["mid_block_additional_residual"]["shape"] == [
         "batch", 64, "height_1", "width_1"
     ]
+    # Then the IP-Adapter branch: a key and a value per cross-attention layer, and the scales
+    # (tiny UNets: 2 + 3 + 1 layers in SD1.x, (2 + 3 + 1) x 2 transformer layers in SDXL).
+    layers = 12 if exported.family == "sdxl" else 6
+    ip = [f"ip_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
+    ip.append("ip_adapter_scale")
+    assert inputs["ip_key_0"] == {"dtype": "float32", "shape": ["batch", "ip_tokens", 64]}
+    assert inputs["ip_adapter_scale"] == {"dtype": "float32", "shape": [layers]}
     if exported.family == "sdxl":
         assert list(unet["inputs"]) == [
-            "sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids", *residuals
+            "sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids", *residuals,
+            *ip,
         ]
         assert unet["inputs"]["time_ids"]["shape"] == ["batch", 6]
         te2 = comps["text_encoder_2"]["outputs"]
@@ -134,7 +142,7 @@ def test_manifest(exported):
         ]
     else:
         assert list(unet["inputs"]) == [
-            "sample", "timestep", "encoder_hidden_states", *residuals
+            "sample", "timestep", "encoder_hidden_states", *residuals, *ip
         ]
 
 

@@ -40,7 +40,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 TOL = 1e-4
 COMPONENTS = ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
 # Concrete sizes for the exported graphs' dynamic axes.
-AXES = {"batch": 1, "height": 16, "width": 16, "sequence": 77}
+AXES = {"batch": 1, "height": 16, "width": 16, "sequence": 77, "ip_tokens": 4}
 # The UNet's ControlNet residuals after k downsamplers: ceil(16 / 2^k).
 AXES.update({f"{axis}_{k}": -(-16 // 2**k) for axis in ("height", "width") for k in (1, 2, 3)})
 SLOW = os.environ.get("TCD_ORT_SLOW_TESTS") == "1"
