@@ -77,7 +77,7 @@ def timed(fn) -> float:
 def build_unet():
     from diffusers import UNet2DConditionModel
 
-    config = UNet2DConditionModel.load_config(ROOT / "export/configs/sd15/unet")
+    config = json.loads((ROOT / "export/configs/sd15/unet.json").read_text(encoding="utf-8"))
     torch.manual_seed(0)
     return UNet2DConditionModel.from_config(config).eval()
 
@@ -134,7 +134,8 @@ def unet_rounds(unet, paths, rounds: int) -> dict[str, list[float]]:
     args = (base["sample"], base["timestep"], base["encoder_hidden_states"])
 
     def diffusers_step(procs, ehs):
-        unet.set_attn_processor(procs)
+        # set_attn_processor empties a dict it is given.
+        unet.set_attn_processor(dict(procs) if isinstance(procs, dict) else procs)
         with torch.no_grad():
             unet(args[0], args[1], ehs)
 
