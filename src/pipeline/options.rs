@@ -120,6 +120,12 @@ impl EngineOptions {
                  slow ONNX Runtime down; leave it unset to use every core)"
             )));
         }
+        if self.fixed_shape.is_some() && self.ip_adapter.is_some() {
+            return Err(Error::invalid(
+                "an IP-Adapter needs the UNet's shapes dynamic (its image tokens are UNet \
+                 inputs): load it without a fixed shape",
+            ));
+        }
         if let Some(lora) = self.loras.iter().find(|l| !l.weight.is_finite()) {
             return Err(Error::invalid(format!(
                 "LoRA {}: weight must be a finite number, got {}",

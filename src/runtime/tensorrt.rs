@@ -11,6 +11,7 @@
 //! | `mid_block_additional_residual` | the size of the last down residual |
 //! | `encoder_hidden_states`, `input_ids` | `[batch, 77, ...]` (CLIP's sequence length) |
 //! | `timestep`, `text_embeds`, `time_ids` | `[batch, ...]` |
+//! | `ip_key_{i}`, `ip_value_{i}` | `[batch, 1, width_i]` (the IP-Adapter branch without an adapter) |
 //!
 //! Fixed dimensions keep their declared size.
 
@@ -20,6 +21,8 @@ use crate::{Error, Result};
 
 /// CLIP's token sequence length.
 const SEQUENCE: i64 = 77;
+/// The axis of the UNet's IP-Adapter keys and values that counts image tokens.
+const IP_TOKENS_AXIS: &str = "ip_tokens";
 /// The VAE's spatial down-sampling factor.
 const LATENT_FACTOR: usize = 8;
 
@@ -82,6 +85,9 @@ fn sizes_for(
                 SEQUENCE
             }
             DeclaredDim::Named(n) if n.contains("seq") => SEQUENCE,
+            // The IP-Adapter branch's image tokens: one zero token when no adapter runs (an
+            // engine with fixed shapes refuses an IP-Adapter at load).
+            DeclaredDim::Named(n) if n == IP_TOKENS_AXIS => 1,
             _ => {
                 return Err(Error::invalid(format!(
                     "cannot derive a fixed size for input '{}' (axis {axis} of {rank} is \

@@ -436,3 +436,20 @@ fn c_abi_matches_the_rust_api() {
     }
     assert_ne!(c_images[0], c_images[1]);
 }
+
+/// An engine with fixed UNet shapes cannot take an IP-Adapter (its image tokens are UNet
+/// inputs): refused before anything loads.
+#[test]
+fn an_ip_adapter_with_fixed_shapes_is_refused() {
+    let options = EngineOptions {
+        ip_adapter: Some(adapter("sd15", "plain").to_string_lossy().into_owned()),
+        fixed_shape: Some(tcd_ort::runtime::ShapeDims {
+            width: 64,
+            height: 64,
+            batch: 1,
+        }),
+        ..EngineOptions::default()
+    };
+    let message = options.validate().expect_err("refused").to_string();
+    assert!(message.contains("without a fixed shape"), "{message}");
+}

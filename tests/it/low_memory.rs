@@ -436,6 +436,16 @@ fn a_graph_in_segments_runs_like_the_whole_graph_with_replaced_weights() {
     // 64x64 pixels: 32x32 latents; the residuals of block_out_channels (32, 64), 2 layers.
     let residuals: [(usize, usize); 6] =
         [(32, 32), (32, 32), (32, 32), (32, 16), (64, 16), (64, 16)];
+    let ip_inputs: Vec<(String, usize)> = segmented
+        .inputs()
+        .iter()
+        .filter(|i| i.name.starts_with("ip_key_") || i.name.starts_with("ip_value_"))
+        .map(|i| (i.name.clone(), i.shape[2] as usize))
+        .collect();
+    assert!(
+        !ip_inputs.is_empty(),
+        "the UNet takes the IP-Adapter inputs"
+    );
     let inputs = || {
         let mut feeds = vec![
             (
@@ -460,6 +470,18 @@ fn a_graph_in_segments_runs_like_the_whole_graph_with_replaced_weights() {
         feeds.push((
             "mid_block_additional_residual".to_string(),
             ArrayD::zeros(ndarray::IxDyn(&[1, 64, 16, 16])),
+        ));
+        // The IP-Adapter branch: two image tokens per layer at scale 0.5, so its inputs reach
+        // the segments that read them.
+        for (i, (name, width)) in ip_inputs.iter().enumerate() {
+            let values = (0..2 * width).map(|k| ((k + i) % 7) as f32 * 0.1 - 0.3);
+            let tokens = ArrayD::from_shape_vec(ndarray::IxDyn(&[1, 2, *width]), values.collect())
+                .expect("tokens");
+            feeds.push((name.clone(), tokens));
+        }
+        feeds.push((
+            "ip_adapter_scale".to_string(),
+            ArrayD::from_elem(ndarray::IxDyn(&[ip_inputs.len() / 2]), 0.5),
         ));
         feeds
     };

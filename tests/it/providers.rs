@@ -222,6 +222,11 @@ fn tensorrt_profiles_come_from_the_exported_graph_inputs() {
         .map(|(i, c, h, w)| format!(",down_block_additional_residual_{i}:{batch}x{c}x{h}x{w}"))
         .collect::<String>()
             + &format!(",mid_block_additional_residual:{batch}x64x48x32")
+            // The IP-Adapter branch of its 6 cross-attention layers (64 wide): one token, the
+            // no-adapter case (engines with an IP-Adapter keep dynamic shapes).
+            + &(0..6)
+                .map(|i| format!(",ip_key_{i}:{batch}x1x64,ip_value_{i}:{batch}x1x64"))
+                .collect::<String>()
     };
     assert_eq!(
         shapes.opt,
