@@ -1,6 +1,6 @@
-"""Command line: `python -m export COMMAND ...`, COMMAND one of `convert`, `controlnet`, `depth`,
-`ip-adapter`, `tiny`, `tiny-controlnet`, `tiny-depth`, `tiny-ip-adapter`, `full`, `reference`
-and `segment`.
+"""Command line: `python -m export COMMAND ...`, COMMAND one of `convert`, `animatediff`,
+`controlnet`, `depth`, `ip-adapter`, `tiny`, `tiny-controlnet`, `tiny-depth`, `tiny-ip-adapter`,
+`tiny-motion-adapter`, `full`, `reference` and `segment`.
 
 `convert` is the default: `python -m export SOURCE OUT_DIR` means `python -m export convert
 SOURCE OUT_DIR`.
@@ -20,6 +20,7 @@ from export.errors import UserError
 
 COMMANDS = (
     "convert",
+    "animatediff",
     "controlnet",
     "depth",
     "ip-adapter",
@@ -27,6 +28,7 @@ COMMANDS = (
     "tiny-controlnet",
     "tiny-depth",
     "tiny-ip-adapter",
+    "tiny-motion-adapter",
     "full",
     "reference",
     "segment",
@@ -42,6 +44,37 @@ def _add_attention(parser: argparse.ArgumentParser) -> None:
         help="fused (default): attention as ONNX Runtime's MultiHeadAttention, which runs "
         "without materialising the attention maps on CPU, CUDA and DirectML; plain: standard "
         "ONNX ops only, for TensorRT and CoreML (which cannot run com.microsoft ops)",
+    )
+
+
+def _add_lora(parser: argparse.ArgumentParser) -> None:
+    """The LoRA options of the commands that export a pipeline (`convert`, `animatediff`)."""
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="ID_OR_PATH[:WEIGHT]",
+        help="a LoRA (.safetensors file, dir or hub id) with an optional adapter weight "
+        "(default 1.0); repeatable. Recorded in the manifest for the engine to apply at load "
+        "time, or baked in with --fuse-lora",
+    )
+    parser.add_argument(
+        "--lora-weight-name",
+        metavar="NAME",
+        help="the .safetensors file to use inside --lora dirs and hub repos",
+    )
+    parser.add_argument(
+        "--fuse-lora",
+        action="store_true",
+        help="fuse the LoRAs into the exported weights (diffusers' set_adapters + fuse_lora)",
+    )
+    parser.add_argument(
+        "--lora-slots",
+        type=int,
+        metavar="RANK",
+        help="export the UNet with empty LoRA layers of this rank on the TCD LoRA target "
+        "modules, so the engine applies LoRAs unfused (peft's W x + B A x) instead of fusing "
+        "them at load time; LoRAs whose ranks add up to more than RANK are fused",
     )
 
 
@@ -67,33 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
-    c.add_argument(
-        "--lora",
-        action="append",
-        default=[],
-        metavar="ID_OR_PATH[:WEIGHT]",
-        help="a LoRA (.safetensors file, dir or hub id) with an optional adapter weight "
-        "(default 1.0); repeatable. Recorded in the manifest for the engine to apply at load "
-        "time, or baked in with --fuse-lora",
-    )
-    c.add_argument(
-        "--lora-weight-name",
-        metavar="NAME",
-        help="the .safetensors file to use inside --lora dirs and hub repos",
-    )
-    c.add_argument(
-        "--fuse-lora",
-        action="store_true",
-        help="fuse the LoRAs into the exported weights (diffusers' set_adapters + fuse_lora)",
-    )
-    c.add_argument(
-        "--lora-slots",
-        type=int,
-        metavar="RANK",
-        help="export the UNet with empty LoRA layers of this rank on the TCD LoRA target "
-        "modules, so the engine applies LoRAs unfused (peft's W x + B A x) instead of fusing "
-        "them at load time; LoRAs whose ranks add up to more than RANK are fused",
-    )
+    _add_lora(c)
     c.add_argument(
         "--dtype",
         choices=("fp32", "fp16"),
@@ -109,6 +116,47 @@ def _parser() -> argparse.ArgumentParser:
         "madebyollin/sdxl-vae-fp16-fix; others decode NaNs (black images) in fp16",
     )
     _add_attention(c)
+
+    ad = sub.add_parser(
+        "animatediff",
+        help="export an SD1.x/SD2.x pipeline with an AnimateDiff motion adapter: the convert "
+        "layout whose unet/ is the motion UNet (video latents [batch, 4, frames, h, w])",
+    )
+    ad.add_argument("base", help="diffusers pipeline dir, single-file .safetensors, or hub id")
+    ad.add_argument(
+        "motion_adapter", help="diffusers MotionAdapter dir (save_pretrained) or hub id"
+    )
+    ad.add_argument("out_dir", type=pathlib.Path, help="model directory to write")
+    ad.add_argument(
+        "--config",
+        help="diffusers config dir for a single-file BASE, so nothing is fetched from the hub",
+    )
+    ad.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    ad.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    _add_lora(ad)
+    _add_attention(ad)
+
+    tm = sub.add_parser(
+        "tiny-motion-adapter",
+        help="write a random-weight AnimateDiff MotionAdapter for a tiny pipeline "
+        "(save_pretrained layout)",
+    )
+    tm.add_argument(
+        "--unet",
+        type=pathlib.Path,
+        required=True,
+        metavar="PIPELINE_DIR",
+        help="a pipeline written by `python -m export tiny` (its unet/ config)",
+    )
+    tm.add_argument("out_dir", type=pathlib.Path)
+    tm.add_argument("--seed", type=int, default=0)
+    tm.add_argument(
+        "--max-frames",
+        type=int,
+        default=32,
+        help="motion_max_seq_length: the most frames the adapter takes (default 32)",
+    )
+    tm.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
 
     cn = sub.add_parser(
         "controlnet",
@@ -254,6 +302,12 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("reference", help="run the diffusers TCD pipeline (golden outputs)")
     r.add_argument("--model", required=True, help="diffusers pipeline dir (or hub id)")
+    r.add_argument(
+        "--motion-adapter",
+        metavar="DIR_OR_ID",
+        help="run diffusers' AnimateDiffPipeline with this MotionAdapter on --model (batch mode "
+        "only; cases add \"frames\" and \"decode_chunk\", see export/reference_animatediff.py)",
+    )
     r.add_argument("--cases", type=pathlib.Path, help="JSON list of cases (batch mode)")
     r.add_argument("--prompt")
     r.add_argument("--negative-prompt", default=None)
@@ -326,6 +380,17 @@ def _check_out_dir(parser: argparse.ArgumentParser, out_dir: pathlib.Path, overw
         parser.error(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
 
 
+def _lora_specs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list:
+    """The `--lora` arguments as export.lora.LoraSpec, after the option checks."""
+    from export.lora import parse_lora_spec
+
+    if args.fuse_lora and not args.lora:
+        parser.error("--fuse-lora needs at least one --lora")
+    if args.lora_weight_name is not None and not args.lora:
+        parser.error("--lora-weight-name needs --lora")
+    return [parse_lora_spec(s, args.lora_weight_name) for s in args.lora]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `python -m export SOURCE OUT_DIR` is `convert`.
@@ -346,13 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "convert":
             from export.convert import convert
-            from export.lora import parse_lora_spec
 
-            if args.fuse_lora and not args.lora:
-                parser.error("--fuse-lora needs at least one --lora")
-            if args.lora_weight_name is not None and not args.lora:
-                parser.error("--lora-weight-name needs --lora")
-            loras = [parse_lora_spec(s, args.lora_weight_name) for s in args.lora]
+            loras = _lora_specs(parser, args)
             convert(
                 args.source,
                 args.out_dir,
@@ -365,6 +425,34 @@ def main(argv: list[str] | None = None) -> int:
                 dtype=args.dtype,
                 vae_dtype=args.vae_dtype,
                 attention=args.attention,
+            )
+        elif args.command == "animatediff":
+            from export.animatediff import animatediff
+
+            loras = _lora_specs(parser, args)
+            animatediff(
+                args.base,
+                args.motion_adapter,
+                args.out_dir,
+                args.config,
+                args.opset,
+                args.overwrite,
+                loras=loras,
+                fuse_lora=args.fuse_lora,
+                lora_slots=args.lora_slots,
+                attention=args.attention,
+            )
+        elif args.command == "tiny-motion-adapter":
+            import shutil
+
+            from export.tiny_motion_adapter import build_tiny_motion_adapter
+
+            _check_out_dir(parser, args.out_dir, args.overwrite)
+            if args.out_dir.exists():
+                shutil.rmtree(args.out_dir)
+            build_tiny_motion_adapter(args.unet, args.out_dir, args.seed, args.max_frames)
+            logging.getLogger("export").info(
+                "wrote tiny motion adapter for %s to %s", args.unet, args.out_dir
             )
         elif args.command == "controlnet":
             from export.controlnet import export_controlnet
@@ -467,6 +555,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.parts < 1:
                 parser.error("--parts must be at least 1")
             segment_model_dir(args.model_dir, args.parts)
+        elif args.command == "reference" and args.motion_adapter is not None:
+            from export import reference_animatediff
+
+            reference_animatediff.run_from_args(args, parser)
         elif args.command == "reference":
             from export.reference import run_from_args
 

@@ -14,6 +14,7 @@ import logging
 import pathlib
 import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
 from export import lora as lora_mod
@@ -136,6 +137,51 @@ def convert(
     CPU, CUDA and DirectML) or `"plain"` (standard ONNX ops only, for TensorRT and CoreML); see
     export/attention.py.
     """
+    return export_pipeline(
+        source,
+        out_dir,
+        lambda: load_pipeline(source, config),
+        opset=opset,
+        overwrite=overwrite,
+        loras=loras,
+        fuse_lora=fuse_lora,
+        lora_slots=lora_slots,
+        dtype=dtype,
+        vae_dtype=vae_dtype,
+        attention=attention,
+    )
+
+
+# `unet_exporter(unet, out_dir, opset, pooled_dim, lora_slots, attention)` -> slotted modules.
+UnetExporter = Callable[[Any, pathlib.Path, int, int | None, int | None, str], list[str]]
+
+
+def export_pipeline(
+    source: str,
+    out_dir: pathlib.Path,
+    load: Callable[[], Any],
+    opset: int = 18,
+    overwrite: bool = False,
+    loras: list[Any] | None = None,
+    fuse_lora: bool = False,
+    lora_slots: int | None = None,
+    dtype: str = "fp32",
+    vae_dtype: str | None = None,
+    attention: str = "fused",
+    unet_exporter: UnetExporter = export_unet,
+    manifest_extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The flow `convert` and `animatediff` share: check the options, `load()` the pipeline
+    (the caller's loader, which raises UserError for inputs it refuses), fuse or check the
+    LoRAs on it, then write the model directory: configs, tokenizer(s), text encoder(s), the
+    UNet through `unet_exporter` (export/unet.py's `export_unet` for image UNets) and its
+    low-memory segments, the VAE halves and the manifest, with `manifest_extra`'s top-level
+    keys added. See `convert` for the options.
+
+    `out_dir` is refused before loading when it is not empty and `overwrite` is false, and
+    replaced only once the pipeline has loaded, so a source that fails to load leaves it as
+    it was.
+    """
     out_dir = pathlib.Path(out_dir)
     if lora_slots is not None:
         slots_mod.check_rank(lora_slots)
@@ -152,12 +198,11 @@ def convert(
     specs = [lora_mod.resolve_lora(s) for s in loras or []]
     if fuse_lora and not specs:
         raise UserError("--fuse-lora needs at least one --lora")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise UserError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
-        shutil.rmtree(out_dir)
+    replace = out_dir.exists() and any(out_dir.iterdir())
+    if replace and not overwrite:
+        raise UserError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
     t0 = time.perf_counter()
-    pipe = load_pipeline(source, config)
+    pipe = load()
     family = detect_family(pipe)
     pred = prediction_type(pipe)
     log.info("loaded %s (%s, %s) in %.1fs", source, family, pred, time.perf_counter() - t0)
@@ -167,6 +212,8 @@ def convert(
     else:
         lora_mod.check_loras_fit(pipe, specs)
     cast_pipeline(pipe, model_dtype, vae_torch_dtype)
+    if replace:
+        shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     pipe.save_config(out_dir)  # model_index.json, unchanged as optimum does
@@ -187,7 +234,7 @@ def convert(
     slots: dict[str, Any] = {}
 
     def unet_step(d: pathlib.Path) -> None:
-        slotted = export_unet(pipe.unet, d, opset, pooled_dim, lora_slots, attention)
+        slotted = unet_exporter(pipe.unet, d, opset, pooled_dim, lora_slots, attention)
         write_unet_segments(d)
         if lora_slots is not None:
             slots["unet"] = slots_mod.manifest_entry(lora_slots, slotted)
@@ -214,6 +261,7 @@ def convert(
         lora_slots=slots,
         dtype=DTYPE_NAMES[dtype],
     )
+    manifest.update(manifest_extra or {})
     write_manifest(out_dir, manifest)
     log.info("wrote %s in %.1fs", out_dir, time.perf_counter() - t0)
     return manifest

@@ -128,8 +128,62 @@ def lora_components(pipe: Any) -> list[str]:
     return [n for n in names if getattr(pipe, n, None) is not None]
 
 
+def is_original_motion_lora(keys: list[str]) -> bool:
+    """Whether a LoRA's keys are the original AnimateDiff motion LoRA layout (guoyww's
+    v2_lora_*.ckpt: `down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.
+    attention_blocks.0.processor.to_q_lora.down.weight`, no `unet.` prefix)."""
+    return (
+        bool(keys)
+        and not any(k.startswith("unet.") for k in keys)
+        and any(".temporal_transformer." in k for k in keys)
+    )
+
+
+def motion_lora_to_diffusers(state: dict[str, Any]) -> dict[str, Any]:
+    """An original-layout AnimateDiff motion LoRA in diffusers' layout, the mapping of diffusers'
+    scripts/convert_animatediff_motion_lora_to_diffusers.py: `pos_encoder` keys dropped,
+    `.norms.0` / `.norms.1` / `.ff_norm` -> `.norm1` / `.norm2` / `.norm3`, `.attention_blocks.0`
+    / `.1` -> `.attn1` / `.attn2`, `.temporal_transformer` removed, every key prefixed `unet.`
+    (`load_lora_weights` reads only this layout)."""
+    out = {}
+    for key, value in state.items():
+        if "pos_encoder" in key:
+            continue
+        name = (
+            key.replace(".norms.0", ".norm1")
+            .replace(".norms.1", ".norm2")
+            .replace(".ff_norm", ".norm3")
+            .replace(".attention_blocks.0", ".attn1")
+            .replace(".attention_blocks.1", ".attn2")
+            .replace(".temporal_transformer", "")
+        )
+        out[f"unet.{name}"] = value
+    return out
+
+
+def _original_motion_lora(path: pathlib.Path) -> dict[str, Any] | None:
+    """The LoRA file at `path` converted to diffusers' layout when it is an original-layout
+    AnimateDiff motion LoRA, else None."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+    if not is_original_motion_lora(keys):
+        return None
+    return motion_lora_to_diffusers(load_file(str(path)))
+
+
+def _adapters(pipe: Any) -> set[str]:
+    return {name for names in pipe.get_list_adapters().values() for name in names}
+
+
 def load_loras(pipe: Any, specs: list[LoraSpec]) -> list[str]:
-    """Load each LoRA as its own adapter (`lora_0`, `lora_1` ...) and set their weights."""
+    """Load each LoRA as its own adapter (`lora_0`, `lora_1` ...) and set their weights.
+
+    An original-layout AnimateDiff motion LoRA is converted in memory first
+    (`motion_lora_to_diffusers`); a LoRA in which diffusers finds nothing for this pipeline
+    (it loads such files silently, as no adapter) is refused."""
     names = []
     for i, spec in enumerate(specs):
         name = f"lora_{i}"
@@ -137,13 +191,22 @@ def load_loras(pipe: Any, specs: list[LoraSpec]) -> list[str]:
         kwargs: dict[str, Any] = {"adapter_name": name}
         if spec.weight_name is not None:
             kwargs["weight_name"] = spec.weight_name
-        target: str = spec.source
+        target: Any = spec.source
         if src.is_file():
             target, kwargs["weight_name"] = str(src.parent), src.name
+            converted = _original_motion_lora(src)
+            if converted is not None:
+                target = converted
+                del kwargs["weight_name"]
         try:
             pipe.load_lora_weights(target, **kwargs)
         except (ValueError, RuntimeError, KeyError, TypeError, OSError) as exc:
             raise UserError(f"--lora {spec.source}: diffusers could not load it: {exc}") from exc
+        if name not in _adapters(pipe):
+            raise UserError(
+                f"--lora {spec.source}: diffusers found no layer of this model in it (a LoRA "
+                "for another kind of model?)"
+            )
         names.append(name)
     if names:
         pipe.set_adapters(names, adapter_weights=[s.weight for s in specs])

@@ -72,9 +72,10 @@ def check_rank(rank: int) -> None:
         raise UserError(f"--lora-slots {rank}: the slot rank must be a positive integer")
 
 
-def inject_slots(module: Any, rank: int) -> list[str]:
+def inject_slots(module: Any, rank: int, exclude: str | None = None) -> list[str]:
     """Add an empty (A = B = 0) peft LoRA layer of `rank` on every target module of `module`
-    (a diffusers model with `add_adapter`); returns the slotted module names, sorted."""
+    (a diffusers model with `add_adapter`) but those whose name fully matches the regular
+    expression `exclude`; returns the slotted module names, sorted."""
     import torch
     from peft import LoraConfig
 
@@ -85,6 +86,7 @@ def inject_slots(module: Any, rank: int) -> list[str]:
         target_modules=list(TARGET_MODULES),
         init_lora_weights=False,
         lora_dropout=0.0,
+        exclude_modules=exclude,
     )
     module.add_adapter(config, adapter_name=ADAPTER)
     slotted = []

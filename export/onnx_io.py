@@ -168,6 +168,7 @@ def export_component(
     prefix: str,
     rename: Callable[[str], str] | None = None,
     attention: str = "fused",
+    translations: dict[Any, Callable[..., Any]] | None = None,
 ) -> onnx.ModelProto:
     """Export `wrapper(*args)` to `out_dir/model.onnx` (+ `model.onnx_data`).
 
@@ -176,6 +177,8 @@ def export_component(
     `rename` then maps those names to the exported ones (LoRA slots drop peft's infixes).
     `attention`: `"fused"` exports diffusers' attention as `com.microsoft.MultiHeadAttention`
     nodes, `"plain"` as the exporter decomposes it (see export/attention.py).
+    `translations` adds ONNX translations of ATen ops for this export (e.g. the motion UNet's
+    `repeat_interleave`, export/animatediff.py) to the attention's.
     """
     wrapper = wrapper.eval()
     dynamic_shapes = _dynamic_shapes(wrapper, inputs)
@@ -189,7 +192,7 @@ def export_component(
             input_names=[io.name for io in inputs],
             output_names=[io.name for io in outputs],
             dynamic_shapes=dynamic_shapes,
-            custom_translation_table=TRANSLATIONS,
+            custom_translation_table={**TRANSLATIONS, **(translations or {})},
             verbose=False,
         )
     model = program.model_proto

@@ -252,6 +252,58 @@ extern "C" {
 #endif // __cplusplus
 
 /**
+ * Sets the frames of each video, for an engine on an AnimateDiff model (`python -m export
+ * animatediff`); 0 uses the default (16, or the motion adapter's maximum if lower). A count
+ * past the motion adapter's maximum, or any count on a still-image model, fails
+ * `tcd_engine_generate` with `TCD_ERR_INVALID_ARGUMENT`.
+ *
+ * # Safety
+ *
+ * `request` is NULL or a live handle that no other thread uses during the call.
+ */
+tcd_status tcd_request_set_frames(struct tcd_request *request, uint32_t frames);
+
+/**
+ * Sets how many images or frames the VAE decodes at a time (diffusers' `decode_chunk_size`):
+ * lower bounds the decoder's memory, the pixels are the same. 0 uses the default (every image
+ * at once, 16 frames at a time).
+ *
+ * # Safety
+ *
+ * `request` is NULL or a live handle that no other thread uses during the call.
+ */
+tcd_status tcd_request_set_decode_chunk(struct tcd_request *request, uint32_t chunk);
+
+/**
+ * The frames of each video in `result`: 1 for still images; for an animation, images
+ * `v * frames` to `(v + 1) * frames - 1` of `tcd_result_image` are video `v`'s frames.
+ * 0 for NULL.
+ *
+ * # Safety
+ *
+ * `result` is NULL or a live result.
+ */
+size_t tcd_result_frames(const struct tcd_result *result);
+
+/**
+ * Writes video `video` of an animation result to `path` at `fps` frames per second (1 to
+ * 100), in the kind the path asks for: a looping GIF (`.gif`), a looping animated PNG
+ * (`.apng`), or a directory of numbered PNGs (a path without an extension, or an existing
+ * directory: `0001.png`, `0002.png` ...). Written atomically as `tcd_result_write_png` writes
+ * (for a directory: every frame, or none). An existing file is refused
+ * (`TCD_ERR_INVALID_ARGUMENT`) unless `overwrite` is nonzero.
+ *
+ * # Safety
+ *
+ * `result` is NULL or a live result; `path` is NULL or a NUL-terminated string.
+ */
+tcd_status tcd_result_write_animation(const struct tcd_result *result,
+                                      size_t video,
+                                      const char *path,
+                                      uint32_t fps,
+                                      int overwrite);
+
+/**
  * Adds the control image of the next ControlNet (the engine's ControlNets take the images in
  * the order they were added with `tcd_engine_options_add_controlnet`), as RGBA8 pixels laid out
  * as for `tcd_request_set_image`. `scale` is diffusers' `controlnet_conditioning_scale` (0.5

@@ -1,6 +1,7 @@
 //! Command-line interface: parses arguments with clap and translates them to the library API.
 //! Errors are printed on one line and end the process with a non-zero status.
 
+mod animation;
 mod interrupt;
 mod memory;
 mod output;
@@ -109,6 +110,8 @@ fn flag(field: Field) -> &'static str {
         Field::CannyThresholds => "--canny-low/--canny-high",
         Field::IpAdapterImage => "--ip-adapter-image",
         Field::IpAdapterScale => "--ip-adapter-scale",
+        Field::Frames => "--frames",
+        Field::DecodeChunk => "--decode-chunk",
         _ => field.name(),
     }
 }

@@ -28,6 +28,7 @@ impl Timeline {
             Progress::Denoising { .. } => self.denoising = Some(at),
             Progress::Step { .. } => self.steps.push(at),
             Progress::Decoding => self.decoding = Some(at),
+            Progress::Decoded { .. } => {}
         }
     }
 
@@ -135,6 +136,8 @@ pub fn commit_outputs(staged: Vec<PendingFile>, quiet: bool) -> Result<()> {
 /// (logs, CI), nothing with `--quiet`.
 pub struct ProgressBar {
     enabled: bool,
+    /// Whether the VAE decodes in several chunks (frames of a video).
+    chunked: bool,
     bar: Option<indicatif::ProgressBar>,
     started: Instant,
 }
@@ -144,6 +147,7 @@ impl ProgressBar {
     pub fn new(enabled: bool) -> Self {
         ProgressBar {
             enabled,
+            chunked: false,
             bar: None,
             started: Instant::now(),
         }
@@ -187,6 +191,12 @@ impl ProgressBar {
                 }
             },
             Progress::Decoding => eprintln!("decoding"),
+            // One chunk is the whole batch for still images: nothing more to say.
+            Progress::Decoded { done, total } if done < total || self.chunked => {
+                self.chunked = true;
+                eprintln!("decoded {done}/{total}");
+            }
+            Progress::Decoded { .. } => {}
         }
         true
     }
@@ -217,6 +227,9 @@ pub fn parameters_text(
     ));
     if let Some(o) = request.original_inference_steps {
         text.push_str(&format!(", Original inference steps: {o}"));
+    }
+    if let Some(frames) = request.frames {
+        text.push_str(&format!(", Frames: {frames}"));
     }
     for (i, c) in request.control.iter().enumerate() {
         text.push_str(&format!(

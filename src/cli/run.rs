@@ -7,17 +7,18 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use tcd_ort::image_io::{
-    image_grid, load_image, mask_preview, numbered_path, resize_lanczos, stage_bytes, stage_npy,
-    stage_png, PendingFile,
+    check_fps, image_grid, load_image, mask_preview, resize_lanczos, stage_bytes, stage_npy,
+    stage_png, PendingFile, RgbImage, DEFAULT_FPS, MAX_FPS,
 };
 use tcd_ort::lora::{parse_lora_arg, parse_weighted_source};
 use tcd_ort::model::ModelDir;
 use tcd_ort::pipeline::{
-    output_size, unet_shape, ControlImage, ControlPreprocess, Engine, EngineOptions,
-    GenerateRequest, Generated, InpaintMode, IpAdapterImage, Limits, LoraSpec, Task,
+    animation_frames, output_size, unet_shape, ControlImage, ControlPreprocess, Engine,
+    EngineOptions, GenerateRequest, Generated, InpaintMode, IpAdapterImage, Limits, LoraSpec, Task,
 };
 use tcd_ort::runtime::{parse_provider_list, ExecutionProvider};
 
+use super::animation::{is_animation_path, Outputs};
 use super::interrupt::{self, Phase};
 use super::output::{
     check_outputs, commit_outputs, parameters_text, run_stats_since, ProgressBar, Timeline,
@@ -184,9 +185,22 @@ pub struct RunArgs {
     /// results side by side to this PNG.
     #[arg(long)]
     grid: Option<PathBuf>,
-    /// Output PNG path.
+    /// Output path: a .png for a still-image model; for an AnimateDiff model a .gif, an .apng
+    /// or a directory (a path without an extension) of numbered PNGs. Several images or videos
+    /// get numbers (out-1.png, out-2.png ...).
     #[arg(long, short)]
     output: PathBuf,
+    /// Frames of each video, on an AnimateDiff model (default 16, at most the motion
+    /// adapter's maximum).
+    #[arg(long)]
+    frames: Option<usize>,
+    /// Frames per second of a .gif or .apng output (default 8).
+    #[arg(long)]
+    fps: Option<u32>,
+    /// How many images or frames the VAE decodes at a time: lower bounds the decoder's memory,
+    /// the pixels are the same (default: every image at once, 16 frames at a time).
+    #[arg(long, value_name = "N")]
+    decode_chunk: Option<usize>,
     /// Replace existing output files. A symbolic link in an output's place is replaced by the
     /// new file; the file it points to is left as it was.
     #[arg(long)]
@@ -296,11 +310,20 @@ fn check_flags(args: &RunArgs) -> Result<()> {
             .and_then(|e| e.to_str())
             .is_some_and(|e| e.eq_ignore_ascii_case(ext))
     };
-    if !is(&args.output, "png") {
+    if !is(&args.output, "png") && !is_animation_path(&args.output) {
         bail!(
-            "--output must be a .png path, got {}",
+            "--output must be a .png path (or, for an AnimateDiff model, a .gif, an .apng or a \
+             directory), got {}",
             args.output.display()
         );
+    }
+    if let Some(fps) = args.fps {
+        if !is_animation_path(&args.output) {
+            bail!("--fps needs an animation --output (.gif or .apng)");
+        }
+        check_fps(fps).map_err(|_| {
+            anyhow::anyhow!("--fps must be from 1 to {MAX_FPS} frames per second, got {fps}")
+        })?;
     }
     if let Some(p) = &args.save_latents {
         if p.extension().and_then(|e| e.to_str()) != Some("npy") {
@@ -379,6 +402,8 @@ fn build_request(args: &RunArgs, seed: u64) -> Result<(GenerateRequest, Task, Ve
             }),
             None => None,
         },
+        frames: args.frames,
+        decode_chunk: args.decode_chunk,
     };
     request.validate()?;
     Ok((request, task, controlnets))
@@ -438,20 +463,19 @@ fn load_report(args: &RunArgs, engine: &Engine, seconds: f32) -> Vec<String> {
     lines
 }
 
-/// Writes the images, the grid and the latents to temporaries beside their destinations, to be
-/// committed together once every output of the run is written.
+/// Writes the images or videos, the grid and the latents to temporaries beside their
+/// destinations, to be committed together once every output of the run is written.
 fn stage_outputs(
     args: &RunArgs,
     (request, task, controlnets): (&GenerateRequest, &Task, &[String]),
     generated: &Generated,
-    image_paths: &[PathBuf],
+    outputs: &Outputs,
 ) -> Result<Vec<PendingFile>> {
     let model_name = Path::new(&args.model)
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| args.model.clone());
-    let mut staged = Vec::new();
-    for (image, path) in generated.images.iter().zip(image_paths) {
+    let text = |image: &RgbImage| {
         let parameters = parameters_text(
             request,
             task,
@@ -459,15 +483,13 @@ fn stage_outputs(
             &model_name,
             (controlnets, args.ip_adapter.as_deref()),
         );
-        let text = [
+        vec![
             ("parameters", parameters),
             ("Software", format!("tcd-ort {}", env!("CARGO_PKG_VERSION"))),
-        ];
-        staged.push(
-            stage_png(path, image, &text, args.overwrite)
-                .with_context(|| format!("writing --output {}", path.display()))?,
-        );
-    }
+        ]
+    };
+    let fps = args.fps.unwrap_or(DEFAULT_FPS);
+    let mut staged = outputs.stage(generated, fps, args.overwrite, &text)?;
     if let (Some(path), Some(first)) = (&args.grid, generated.images.first()) {
         let (w, h) = (first.width, first.height);
         let mut cells = Vec::new();
@@ -506,15 +528,18 @@ pub fn run(args: RunArgs) -> Result<()> {
     check_flags(&args)?;
     let seed = args.seed.unwrap_or_else(random_seed);
     // Cheap checks first, so a bad request fails before minutes of model loading.
-    let (request, task, controlnets) = build_request(&args, seed)?;
+    let (mut request, task, controlnets) = build_request(&args, seed)?;
     let mut options = engine_options(&args, &providers, controlnets.clone())?;
     options.validate()?;
-    let image_paths: Vec<PathBuf> = (0..request.num_images)
-        .map(|i| numbered_path(&args.output, i, request.num_images))
-        .collect();
-    let mut all_outputs: Vec<(&str, PathBuf)> = image_paths
-        .iter()
-        .map(|p| ("--output", p.clone()))
+    let load_started = Instant::now();
+    let model = ModelDir::resolve(&args.model, args.revision.as_deref())?;
+    // An animation model's frame count, and the output kind it needs.
+    request.frames = animation_frames(&model, &request, &task)?;
+    let outputs = Outputs::plan(&args.output, request.frames, request.num_images)?;
+    let mut all_outputs: Vec<(&str, PathBuf)> = outputs
+        .files()
+        .into_iter()
+        .map(|p| ("--output", p))
         .collect();
     all_outputs.extend(
         args.save_latents
@@ -526,8 +551,6 @@ pub fn run(args: RunArgs) -> Result<()> {
     check_outputs(&all_outputs, args.overwrite)?;
 
     args.session.apply(&providers, &mut options)?;
-    let load_started = Instant::now();
-    let model = ModelDir::resolve(&args.model, args.revision.as_deref())?;
     output_size(&model, &request, &task, &options.limits)?;
     // The UNet's input shape, for a TensorRT profile or fixed shapes, as the engine will see it.
     let shape = if args.session.needs_unet_shape(&providers) {
@@ -570,12 +593,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let generate_s = generate_started.elapsed().as_secs_f64();
     let load_s = generate_started.duration_since(load_started).as_secs_f64();
     let runs = run_stats_since(&runs_before, engine.run_stats());
-    let mut staged = stage_outputs(
-        &args,
-        (&request, &task, &controlnets),
-        &generated,
-        &image_paths,
-    )?;
+    let mut staged = stage_outputs(&args, (&request, &task, &controlnets), &generated, &outputs)?;
     if let Some(path) = &args.timings {
         let total = load_started.elapsed().as_secs_f64();
         let mut json = timeline.to_json(load_s, generate_s, total, &runs);

@@ -30,7 +30,10 @@ pub struct tcd_engine {
 /// `tcd_result_free`. Immutable: it may be read from several threads at once, and freed once
 /// no thread reads it.
 pub struct tcd_result {
-    images: Vec<RgbImage>,
+    /// Every image; for an animation every frame, video by video.
+    pub(super) images: Vec<RgbImage>,
+    /// Frames per video (1 for still images).
+    pub(super) frames: usize,
     warnings: String,
 }
 
@@ -146,6 +149,7 @@ pub unsafe extern "C" fn tcd_engine_generate(
         let generated = engine.engine.run(&request, &task, &mut on_progress)?;
         let result = tcd_result {
             images: generated.images,
+            frames: generated.frames,
             warnings: generated.warnings.join("\n"),
         };
         // SAFETY: as above.

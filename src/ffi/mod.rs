@@ -19,6 +19,7 @@
 
 #![allow(non_camel_case_types)]
 
+mod animation;
 mod control;
 mod engine;
 mod ip_adapter;
@@ -26,6 +27,10 @@ mod options;
 mod request;
 mod status;
 
+pub use animation::{
+    tcd_request_set_decode_chunk, tcd_request_set_frames, tcd_result_frames,
+    tcd_result_write_animation,
+};
 pub use control::{
     tcd_control_preprocess, tcd_request_add_control_image, tcd_request_clear_control_images,
     tcd_request_set_canny_thresholds,

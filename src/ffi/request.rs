@@ -39,7 +39,7 @@ pub enum tcd_inpaint_mode {
 /// `tcd_engine_generate` reads it, do not change it. One request may be used for any number of
 /// generations, on any engine.
 pub struct tcd_request {
-    request: GenerateRequest,
+    pub(super) request: GenerateRequest,
     task: tcd_task,
     strength: Option<f64>,
     mode: InpaintMode,
@@ -537,6 +537,6 @@ pub unsafe extern "C" fn tcd_request_set_mask(
 
 /// The library's check of one request field, for setters that refuse a bad value when it is
 /// set: the field's message, under the setter's name (added by `guard`).
-fn checked(field: Field, request: GenerateRequest) -> Result<(), Failure> {
+pub(super) fn checked(field: Field, request: GenerateRequest) -> Result<(), Failure> {
     request.check(field).map_err(Failure::from)
 }

@@ -5,9 +5,11 @@
 //! `image` holds [`RgbImage`] and pixel-level conversions, `resize` Pillow's resampling filters
 //! (bit-exact), `tensor` the conversions between images and the tensors the graphs take and
 //! return, `clip` the CLIP image encoder's pre-processing (an IP-Adapter's reference image),
-//! `file` reading images and writing PNGs, `npy` NumPy files (latents), and `atomic` the way
-//! every output file is written: whole or not at all.
+//! `file` reading images and writing PNGs, `npy` NumPy files (latents), `animation` GIFs,
+//! APNGs and frame directories (videos), and `atomic` the way every output file is written:
+//! whole or not at all.
 
+mod animation;
 mod atomic;
 mod clip;
 mod file;
@@ -16,6 +18,9 @@ mod npy;
 mod resize;
 mod tensor;
 
+pub use animation::{
+    check_fps, encode_apng, encode_gif, frame_path, AnimationFormat, DEFAULT_FPS, MAX_FPS,
+};
 pub use atomic::{check_output_path, commit_all, stage_bytes, write_atomic, PendingFile};
 pub use clip::{clip_pixel_values, ClipImageConfig, ClipResize};
 pub use file::{decode_image, load_image, numbered_path, stage_png, write_png, MAX_INPUT_SIDE};

@@ -7,6 +7,9 @@
 //!   `text_encoder.` and `text_encoder_2.`.
 //! * **diffusers (old)**: `.lora.down.weight` / `.lora.up.weight`, `.lora_linear_layer.down.weight`,
 //!   and attention-processor names `attn1.processor.to_q_lora.down.weight`.
+//! * **AnimateDiff motion LoRAs, original names** (`down_blocks.0.motion_modules.0.
+//!   temporal_transformer...attention_blocks.0.processor.to_q_lora.down.weight`): renamed to
+//!   diffusers' as its conversion script does, then read as diffusers (old).
 //! * **kohya**: `lora_unet_<module with _>.lora_down.weight`, `.lora_up.weight`, `.alpha`,
 //!   text encoders as `lora_te_` (`lora_te1_`) and `lora_te2_`.
 //! * **kohya, SGM blocks** (SDXL trained on the original UNet): `lora_unet_input_blocks_4_1_...`,
@@ -231,12 +234,15 @@ fn diffusers(
     let mut bad = Vec::new();
     let mut old = false;
     for (order, (key, t)) in tensors.into_iter().enumerate() {
+        // Original AnimateDiff motion-LoRA names, as diffusers' conversion script renames them.
+        let renamed = animatediff_key(&key);
+        let key_or_renamed = renamed.as_deref().unwrap_or(&key);
         // Longest prefix first: `text_encoder_2.` also starts with `text_encoder`.
-        let (component, rest) = if let Some(r) = key.strip_prefix("unet.") {
+        let (component, rest) = if let Some(r) = key_or_renamed.strip_prefix("unet.") {
             (Component::Unet, r)
-        } else if let Some(r) = key.strip_prefix("text_encoder_2.") {
+        } else if let Some(r) = key_or_renamed.strip_prefix("text_encoder_2.") {
             (Component::TextEncoder2, r)
-        } else if let Some(r) = key.strip_prefix("text_encoder.") {
+        } else if let Some(r) = key_or_renamed.strip_prefix("text_encoder.") {
             (Component::TextEncoder, r)
         } else {
             bad.push(key);
@@ -246,6 +252,7 @@ fn diffusers(
             bad.push(key);
             continue;
         };
+        let is_old = is_old || renamed.is_some();
         old |= is_old;
         let p = pending.entry((component, module)).or_default();
         p.order = p.order.max(order);
@@ -268,6 +275,28 @@ fn diffusers(
         LoraFormat::Diffusers
     };
     Ok((format, pending))
+}
+
+/// A motion-LoRA key in the original AnimateDiff names (`down_blocks.0.motion_modules.0.
+/// temporal_transformer.transformer_blocks.0.attention_blocks.0.processor.to_q_lora.down.weight`)
+/// in diffusers' (`unet.down_blocks.0.motion_modules.0.transformer_blocks.0.attn1.processor.
+/// to_q_lora.down.weight`), renamed as diffusers' `convert_animatediff_motion_lora_to_diffusers.py`
+/// does; `None` for any other key.
+fn animatediff_key(key: &str) -> Option<String> {
+    let block = ["down_blocks.", "up_blocks.", "mid_block."]
+        .iter()
+        .any(|b| key.starts_with(b));
+    if !block || !key.contains(".motion_modules.") {
+        return None;
+    }
+    let renamed = key
+        .replace(".norms.0", ".norm1")
+        .replace(".norms.1", ".norm2")
+        .replace(".ff_norm", ".norm3")
+        .replace(".attention_blocks.0", ".attn1")
+        .replace(".attention_blocks.1", ".attn2")
+        .replace(".temporal_transformer", "");
+    Some(format!("unet.{renamed}"))
 }
 
 /// Splits a diffusers key (component prefix removed) into module path, role and "old format".
@@ -474,5 +503,39 @@ impl PeftConfig {
             }
         }
         self.lora_alpha
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn original_animatediff_names_become_diffusers_names() {
+        let original = "up_blocks.1.motion_modules.2.temporal_transformer.transformer_blocks.0.\
+                        attention_blocks.1.processor.to_out_lora.up.weight";
+        assert_eq!(
+            animatediff_key(original).as_deref(),
+            Some(
+                "unet.up_blocks.1.motion_modules.2.transformer_blocks.0.attn2.processor.\
+                 to_out_lora.up.weight"
+            )
+        );
+        let (module, role, old) = diffusers_key(
+            Component::Unet,
+            "up_blocks.1.motion_modules.2.transformer_blocks.0.attn2.processor.to_out_lora.up.weight",
+        )
+        .expect("a diffusers key");
+        assert_eq!(
+            module,
+            "up_blocks.1.motion_modules.2.transformer_blocks.0.attn2.to_out.0"
+        );
+        assert!(matches!(role, Role::Up) && old);
+        // Keys of other formats are left alone.
+        assert_eq!(
+            animatediff_key("unet.down_blocks.0.motion_modules.0.x"),
+            None
+        );
+        assert_eq!(animatediff_key("down_blocks.0.attentions.0.x"), None);
     }
 }

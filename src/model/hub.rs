@@ -281,6 +281,24 @@ pub fn resolve_export(
     })
 }
 
+/// The files of repository `id` (paths relative to its root), from the hub's listing.
+pub fn list_files(id: &str, revision: Option<&str>) -> Result<Vec<String>> {
+    if offline() {
+        return Err(Error::model(
+            id,
+            "HF_HUB_OFFLINE is set: the repository cannot be listed; name the file",
+        ));
+    }
+    let api = ApiBuilder::from_env()
+        .build()
+        .map_err(|e| hub_error(id, "could not start the hub client", e))?;
+    let info = api
+        .repo(repo(id, revision))
+        .info()
+        .map_err(|e| hub_error(id, "could not list the repository", e))?;
+    Ok(info.siblings.into_iter().map(|s| s.rfilename).collect())
+}
+
 /// Resolves one file of a repository (a LoRA, say), downloading it when missing.
 pub fn resolve_file(id: &str, revision: Option<&str>, file: &str) -> Result<PathBuf> {
     if offline() {

@@ -65,6 +65,19 @@ pub struct Manifest {
     /// Per component directory (`unet`, `vae_decoder` ...): weight dtype and graph signature.
     #[serde(default)]
     pub components: BTreeMap<String, ManifestComponent>,
+    /// The motion module of an AnimateDiff export (`python -m export animatediff`).
+    pub motion: Option<Motion>,
+}
+
+/// An AnimateDiff UNet's motion module: its UNet takes `[batch, channels, frames, h, w]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Motion {
+    /// The most frames the motion module's positional embeddings cover (the adapter's
+    /// `motion_max_seq_length`).
+    pub max_frames: usize,
+    /// The motion adapter the export was made with, as given to the exporter.
+    #[serde(default)]
+    pub source: Option<String>,
 }
 
 /// The newest `tcd_ort.json` format this engine reads.
@@ -265,6 +278,8 @@ pub struct UnetConfig {
     /// Width of the text conditioning (a number, or one per block in some configs).
     #[serde(default)]
     pub cross_attention_dim: serde_json::Value,
+    /// The motion module's frame limit (`UNetMotionModel`'s config only).
+    pub motion_max_seq_length: Option<usize>,
 }
 
 fn default_in_channels() -> usize {
@@ -572,6 +587,18 @@ impl ModelDir {
     /// Whether a component is present.
     pub fn has_component(&self, component: &str) -> bool {
         self.graph_path(component).is_file()
+    }
+
+    /// The motion module of an AnimateDiff model (the manifest's, else the UNet config's);
+    /// `None` for still-image models.
+    pub fn motion(&self) -> Option<Motion> {
+        let manifest = self.manifest.as_ref().and_then(|m| m.motion.clone());
+        manifest.or_else(|| {
+            self.unet.motion_max_seq_length.map(|max_frames| Motion {
+                max_frames,
+                source: None,
+            })
+        })
     }
 
     /// The default image edge length: the UNet's sample size times the VAE scale factor.

@@ -221,5 +221,5 @@ pub(super) fn run(
         None,
         progress,
     )?;
-    finish(engine, latents, timesteps, progress)
+    finish(engine, latents, timesteps, request, progress)
 }

@@ -194,5 +194,5 @@ pub(super) fn run(
             },
         )?;
     }
-    finish(engine, latents, timesteps, progress)
+    finish(engine, latents, timesteps, request, progress)
 }

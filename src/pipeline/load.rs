@@ -288,6 +288,7 @@ fn check_unet(
         required.extend(["text_embeds", "time_ids"]);
     }
     unet.require_inputs(&required)?;
+    check_motion(model, unet, rest)?;
     let graphs = rest.encoders.iter().map(|e| &e.graph);
     let graphs = graphs
         .chain([unet, &rest.vae_decoder])
@@ -317,6 +318,34 @@ fn check_unet(
     Ok((residuals, ip_layout))
 }
 
+/// An AnimateDiff model's UNet takes video latents, and nothing else runs beside it; a
+/// still-image model's takes image latents.
+fn check_motion(model: &ModelDir, unet: &Graph, rest: &Rest) -> Result<()> {
+    let rank = unet.input("sample").map_or(0, |i| i.shape.len());
+    match model.motion() {
+        Some(_) if rank != 5 => Err(Error::model(
+            model.root(),
+            format!(
+                "the manifest names a motion module but the UNet's sample has {rank} dimensions, \
+                 not [batch, channels, frames, height, width]; re-export it with `python -m \
+                 export animatediff`"
+            ),
+        )),
+        Some(_) if !rest.controlnets.is_empty() || rest.ip_adapter.is_some() => Err(Error::model(
+            model.root(),
+            "an AnimateDiff model runs without ControlNets and IP-Adapters (its UNet has no \
+             inputs for them)",
+        )),
+        None if rank == 5 => Err(Error::model(
+            model.root(),
+            "the UNet takes video latents ([batch, channels, frames, height, width]) but the \
+             model names no motion module (tcd_ort.json `motion`, or `motion_max_seq_length` in \
+             unet/config.json); re-export it with `python -m export animatediff`",
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The scheduler's config, checked by building the noise schedule once at load.
 fn scheduler_config(model: &ModelDir) -> Result<TcdConfig> {
     let path = model.root().join("scheduler").join("scheduler_config.json");
@@ -337,6 +366,12 @@ impl Engine {
     /// model before loading (for its native size, say), so that it is read once.
     pub fn from_model(model: ModelDir, options: &EngineOptions) -> Result<Self> {
         options.validate()?;
+        if model.motion().is_some() && options.fixed_shape.is_some() {
+            return Err(Error::invalid(
+                "an AnimateDiff model's UNet takes any number of frames and cannot be built for \
+                 a fixed shape: load it without a fixed shape",
+            ));
+        }
         let scheduler = scheduler_config(&model)?;
         let ort_library = runtime::ensure_loaded(options.ort_lib.as_deref())?;
         let (providers, dropped_providers) = runtime::select_providers(&options.providers)?;

@@ -53,30 +53,75 @@ pub struct LoraReport {
 /// The file diffusers' `load_lora_weights` reads from a repository when none is named.
 const DEFAULT_WEIGHT_NAME: &str = "pytorch_lora_weights.safetensors";
 
+/// The LoRA file diffusers' `load_lora_weights` reads from a directory or repository whose
+/// files are `files` when none is named (`_best_guess_weight_name`): the default name, else the
+/// only top-level `.safetensors` file (motion LoRAs ship `diffusion_pytorch_model.safetensors`).
+fn best_guess_weight_name(files: &[String], source: &str) -> Result<String> {
+    if files.iter().any(|f| f == DEFAULT_WEIGHT_NAME) {
+        return Ok(DEFAULT_WEIGHT_NAME.to_string());
+    }
+    let candidates: Vec<&String> = files
+        .iter()
+        .filter(|f| !f.contains('/') && f.ends_with(".safetensors"))
+        .collect();
+    match candidates.as_slice() {
+        [only] => Ok(only.to_string()),
+        [] => Err(Error::invalid(format!(
+            "LoRA {source} has no {DEFAULT_WEIGHT_NAME} and no other .safetensors file at its top \
+             level; name the file with --lora-weight-name"
+        ))),
+        several => Err(Error::invalid(format!(
+            "LoRA {source} has several .safetensors files ({}) and no {DEFAULT_WEIGHT_NAME}: name \
+             one with --lora-weight-name",
+            several
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
 fn resolve_source(spec: &LoraSpec, weight_name: Option<&str>) -> Result<PathBuf> {
     let path = Path::new(&spec.source);
     if path.is_file() {
         return Ok(path.to_path_buf());
     }
     if path.is_dir() {
-        let file = path.join(weight_name.unwrap_or(DEFAULT_WEIGHT_NAME));
+        let name = match weight_name {
+            Some(name) => name.to_string(),
+            None => {
+                let files: Vec<String> = std::fs::read_dir(path)
+                    .map_err(|e| Error::io(path, e))?
+                    .filter_map(|e| e.ok())
+                    .filter(|e| e.path().is_file())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect();
+                best_guess_weight_name(&files, &spec.source)?
+            }
+        };
+        let file = path.join(&name);
         if file.is_file() {
             return Ok(file);
         }
         return Err(Error::invalid(format!(
-            "LoRA directory {} has no {}; name the file with --lora-weight-name",
+            "LoRA directory {} has no {name}; name the file with --lora-weight-name",
             path.display(),
-            file.file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default()
         )));
     }
     if hub::looks_like_hub_id(&spec.source) {
-        return hub::resolve_file(
-            &spec.source,
-            None,
-            weight_name.unwrap_or(DEFAULT_WEIGHT_NAME),
-        );
+        let name = match weight_name {
+            Some(name) => name.to_string(),
+            // The default file when cached or present; else the repository's listing.
+            None => match hub::resolve_file(&spec.source, None, DEFAULT_WEIGHT_NAME) {
+                Ok(file) => return Ok(file),
+                Err(default_missing) => {
+                    let files = hub::list_files(&spec.source, None).map_err(|_| default_missing)?;
+                    best_guess_weight_name(&files, &spec.source)?
+                }
+            },
+        };
+        return hub::resolve_file(&spec.source, None, &name);
     }
     Err(Error::invalid(format!(
         "LoRA {}: no such file (and not a hub id of the form owner/name)",

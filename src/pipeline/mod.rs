@@ -20,6 +20,7 @@
 //! # }
 //! ```
 
+mod animatediff;
 pub mod conditioning;
 mod controlnet;
 mod finite;
@@ -41,8 +42,8 @@ pub use load::resolve_model;
 pub use lora::{apply_loras, LoraReport, LoraSpec};
 pub use options::{EngineOptions, SessionReport, MAX_THREADS};
 pub use request::{
-    output_size, unet_shape, Field, GenerateRequest, InpaintMode, Task, MAX_CONTROL_SCALE,
-    MAX_GUIDANCE, MAX_IP_ADAPTER_SCALE, SIZE_MULTIPLE,
+    animation_frames, output_size, unet_shape, Field, GenerateRequest, InpaintMode, Task,
+    DEFAULT_FRAMES, MAX_CONTROL_SCALE, MAX_GUIDANCE, MAX_IP_ADAPTER_SCALE, SIZE_MULTIPLE,
 };
 
 use std::path::{Path, PathBuf};
@@ -76,14 +77,26 @@ pub enum Progress {
     },
     /// The VAE is decoding the latents.
     Decoding,
+    /// The VAE decoded `done` of `total` images or frames (after each chunk,
+    /// [`GenerateRequest::decode_chunk`]).
+    Decoded {
+        /// Images or frames decoded so far.
+        done: usize,
+        /// Images or frames in all.
+        total: usize,
+    },
 }
 
 /// The result of a generation.
 #[derive(Debug, Clone)]
 pub struct Generated {
-    /// One image per requested image.
+    /// One image per requested image; for an animation, every frame of every video, video
+    /// by video (`num_images * frames` images).
     pub images: Vec<RgbImage>,
-    /// Final latents before VAE decoding, `[num_images, c, h/f, w/f]` (diffusers'
+    /// Frames per video: 1 for still images.
+    pub frames: usize,
+    /// Final latents before VAE decoding, `[num_images, c, h/f, w/f]`, or
+    /// `[num_images, c, frames, h/f, w/f]` for an animation (diffusers'
     /// `output_type="latent"`).
     pub latents: ndarray::ArrayD<f32>,
     /// The timesteps that were run.
@@ -374,7 +387,14 @@ impl Engine {
         self.vae_encoder.is_some()
     }
 
-    /// Runs text-to-image. `progress` returns `false` to cancel.
+    /// The motion module, on an AnimateDiff model: [`Engine::generate`] then makes videos of
+    /// [`GenerateRequest::frames`] frames.
+    pub fn motion(&self) -> Option<crate::model::Motion> {
+        self.model.motion()
+    }
+
+    /// Runs text-to-image (text-to-video on a model with a motion module). `progress` returns
+    /// `false` to cancel.
     pub fn generate(
         &mut self,
         request: &GenerateRequest,
@@ -406,19 +426,24 @@ impl Engine {
                 "is set but the engine loaded no IP-Adapter (EngineOptions::ip_adapter)",
             ));
         }
+        let frames = request::animation_frames(&self.model, request, task)?;
         let size = request::output_size(&self.model, request, task, &self.limits)?;
         let warnings = self.prompt_warnings(request)?;
-        let mut generated = match task {
-            Task::TextToImage => txt2img::run(self, request, size, progress),
-            Task::ImageToImage { image, strength } => {
+        let mut generated = match (task, frames) {
+            (_, Some(frames)) => animatediff::run(self, request, frames, size, progress),
+            (Task::TextToImage, None) => txt2img::run(self, request, size, progress),
+            (Task::ImageToImage { image, strength }, None) => {
                 img2img::run(self, request, (image, *strength), size, progress)
             }
-            Task::Inpaint {
-                image,
-                mask,
-                strength,
-                mode,
-            } => inpaint::run(
+            (
+                Task::Inpaint {
+                    image,
+                    mask,
+                    strength,
+                    mode,
+                },
+                None,
+            ) => inpaint::run(
                 self,
                 request,
                 image,

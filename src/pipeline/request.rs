@@ -43,6 +43,13 @@ pub struct GenerateRequest {
     /// The reference image and scale for the engine's IP-Adapter
     /// ([`EngineOptions::ip_adapter`]); `None` runs without it. Every task.
     pub ip_adapter: Option<IpAdapterImage>,
+    /// Frames of each video, on a model with a motion module (`python -m export animatediff`);
+    /// `None` gives diffusers' 16 there. A still-image model refuses it.
+    pub frames: Option<usize>,
+    /// How many images or frames the VAE decodes at a time (diffusers' `decode_chunk_size`):
+    /// smaller bounds the decoder's memory, the pixels are the same. `None` decodes every image
+    /// at once and 16 frames at a time (diffusers' defaults).
+    pub decode_chunk: Option<usize>,
 }
 
 impl Default for GenerateRequest {
@@ -60,6 +67,8 @@ impl Default for GenerateRequest {
             original_inference_steps: None,
             control: Vec::new(),
             ip_adapter: None,
+            frames: None,
+            decode_chunk: None,
         }
     }
 }
@@ -152,6 +161,10 @@ pub enum Field {
     IpAdapterImage,
     /// [`IpAdapterImage::scale`].
     IpAdapterScale,
+    /// [`GenerateRequest::frames`].
+    Frames,
+    /// [`GenerateRequest::decode_chunk`].
+    DecodeChunk,
 }
 
 impl Field {
@@ -175,6 +188,8 @@ impl Field {
             Field::CannyThresholds => "canny_thresholds",
             Field::IpAdapterImage => "ip_adapter_image",
             Field::IpAdapterScale => "ip_adapter_scale",
+            Field::Frames => "frames",
+            Field::DecodeChunk => "decode_chunk",
         }
     }
 
@@ -221,6 +236,8 @@ impl GenerateRequest {
             Field::Height,
             Field::NumImages,
             Field::OriginalInferenceSteps,
+            Field::Frames,
+            Field::DecodeChunk,
         ] {
             self.check(field)?;
         }
@@ -262,6 +279,12 @@ impl GenerateRequest {
             }
             Field::OriginalInferenceSteps if self.original_inference_steps == Some(0) => {
                 Err(field.invalid("must be at least 1 (the released TCD models use 50)"))
+            }
+            Field::Frames if self.frames == Some(0) => {
+                Err(field.invalid("must be at least 1 (diffusers' AnimateDiff default is 16)"))
+            }
+            Field::DecodeChunk if self.decode_chunk == Some(0) => {
+                Err(field.invalid("must be at least 1 (diffusers' default is 16)"))
             }
             _ => Ok(()),
         }
@@ -425,6 +448,54 @@ pub fn output_size(
     check_side(Field::Width, Some(width), multiple)?;
     limits.check((height, width), request.num_images)?;
     Ok((height, width))
+}
+
+/// diffusers' `AnimateDiffPipeline` default frame count.
+pub const DEFAULT_FRAMES: usize = 16;
+
+/// The frames of each video `request` makes on `model`: `Some` on a model with a motion module
+/// (the request's count, or [`DEFAULT_FRAMES`]), `None` for still images. Refuses frames past
+/// the motion module's maximum, frames on a still-image model, and what animations do not run
+/// with (image-to-image, inpainting, ControlNet, an IP-Adapter).
+pub fn animation_frames(
+    model: &ModelDir,
+    request: &GenerateRequest,
+    task: &Task,
+) -> Result<Option<usize>> {
+    let Some(motion) = model.motion() else {
+        return match request.frames {
+            Some(_) => Err(Field::Frames.invalid(
+                "is set but this model makes still images: animations need a model exported \
+                 with a motion adapter (`python -m export animatediff`)",
+            )),
+            None => Ok(None),
+        };
+    };
+    let frames = request
+        .frames
+        .unwrap_or(DEFAULT_FRAMES.min(motion.max_frames));
+    if frames > motion.max_frames {
+        return Err(Field::Frames.invalid(format!(
+            "must be at most {} (the motion adapter's maximum), got {frames}",
+            motion.max_frames
+        )));
+    }
+    if task.image().is_some() {
+        return Err(Field::Image.invalid(
+            "is not taken by an animation model: it makes videos from text only (image-to-image \
+             and inpainting on videos are not supported)",
+        ));
+    }
+    if !request.control.is_empty() {
+        return Err(Field::ControlImage.invalid(
+            "is not taken by an animation model (ControlNet on frames is not supported)",
+        ));
+    }
+    if request.ip_adapter.is_some() {
+        return Err(Field::IpAdapterImage
+            .invalid("is not taken by an animation model (its UNet has no IP-Adapter inputs)"));
+    }
+    Ok(Some(frames))
 }
 
 /// The UNet's input shape a request makes on `model`: the output size and the batch (images

@@ -1,7 +1,7 @@
 //! Text-to-image, step for step as diffusers' `StableDiffusionPipeline` and
 //! `StableDiffusionXLPipeline` run with `TCDScheduler`.
 
-use ndarray::{concatenate, s, ArrayD, Axis, IxDyn};
+use ndarray::{concatenate, ArrayD, Axis, IxDyn, Slice};
 
 use super::conditioning::{encode_sd, encode_sdxl, Conditioning, PromptSpec};
 use super::controlnet::{self, ControlState, Residuals};
@@ -105,8 +105,10 @@ pub(super) fn predict_noise(
             .map_err(|e| Error::internal("batching latents", e))?,
         None => latents.clone(),
     };
-    let &[batch, _, h, w] = model_input.shape() else {
-        return Err(Error::invariant("latents must have 4 dimensions"));
+    // Images `[batch, c, h, w]`; videos `[batch, c, frames, h, w]`.
+    let (batch, h, w) = match *model_input.shape() {
+        [batch, _, h, w] | [batch, _, _, h, w] => (batch, h, w),
+        _ => return Err(Error::invariant("latents must have 4 or 5 dimensions")),
     };
     check_fixed_shape(engine, batch, h, w)?;
     let timestep_len = match engine.unet.input("timestep").map(|i| i.shape.as_slice()) {
@@ -184,19 +186,26 @@ pub(super) fn predict_noise(
     match guidance {
         Some(scale) => {
             let half = batch / 2;
-            let uncond = noise.slice(s![..half, .., .., ..]);
-            let text = noise.slice(s![half.., .., .., ..]);
+            let uncond = noise.slice_axis(Axis(0), Slice::from(..half));
+            let text = noise.slice_axis(Axis(0), Slice::from(half..));
             // uncond + scale * (text - uncond), in float32 like torch.
             let mut guided = text.to_owned();
             guided.zip_mut_with(&uncond, |t, &u| *t = u + scale * (*t - u));
-            Ok(guided.into_dyn())
+            Ok(guided)
         }
         None => Ok(noise),
     }
 }
 
-/// Decodes final latents into images (diffusers' `vae.decode(latents / scaling_factor)`).
-pub(super) fn decode(engine: &mut Engine, latents: &ArrayD<f32>) -> Result<ArrayD<f32>> {
+/// Decodes final latents into images (diffusers' `vae.decode(latents / scaling_factor)`),
+/// `chunk` images at a time (diffusers' `decode_chunk_size`; each image decodes on its own, so
+/// the pixels do not depend on it), reporting each chunk.
+pub(super) fn decode(
+    engine: &mut Engine,
+    latents: &ArrayD<f32>,
+    chunk: usize,
+    progress: &mut dyn FnMut(Progress) -> bool,
+) -> Result<ArrayD<f32>> {
     engine.stage(Stage::Decode)?;
     let vae = &engine.model.vae;
     let scaled = match (&vae.latents_mean, &vae.latents_std) {
@@ -209,17 +218,35 @@ pub(super) fn decode(engine: &mut Engine, latents: &ArrayD<f32>) -> Result<Array
         }
         _ => latents.mapv(|v| v / vae.scaling_factor),
     };
-    let mut out = engine.vae_decoder.run(
-        vec![("latent_sample", TensorInput::F32(scaled))],
-        &["sample"],
-    )?;
-    let decoded = out
-        .pop()
-        .ok_or_else(|| Error::invariant("vae_decoder returned nothing"))?;
-    ensure_finite(&decoded, Source::VaeDecoder, || {
-        "the VAE decoder's output".to_string()
-    })?;
-    Ok(decoded)
+    let total = scaled.shape()[0];
+    let chunk = chunk.clamp(1, total.max(1));
+    let mut run = |part: ArrayD<f32>| -> Result<ArrayD<f32>> {
+        let mut out = engine
+            .vae_decoder
+            .run(vec![("latent_sample", TensorInput::F32(part))], &["sample"])?;
+        let decoded = out
+            .pop()
+            .ok_or_else(|| Error::invariant("vae_decoder returned nothing"))?;
+        ensure_finite(&decoded, Source::VaeDecoder, || {
+            "the VAE decoder's output".to_string()
+        })?;
+        Ok(decoded)
+    };
+    if chunk >= total {
+        let decoded = run(scaled)?;
+        check_cancel(progress, Progress::Decoded { done: total, total })?;
+        return Ok(decoded);
+    }
+    let mut parts = Vec::new();
+    for start in (0..total).step_by(chunk) {
+        let end = (start + chunk).min(total);
+        parts.push(run(scaled
+            .slice_axis(Axis(0), Slice::from(start..end))
+            .to_owned())?);
+        check_cancel(progress, Progress::Decoded { done: end, total })?;
+    }
+    let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+    concatenate(Axis(0), &views).map_err(|e| Error::internal("joining decoded chunks", e))
 }
 
 pub(super) fn run(
@@ -287,7 +314,7 @@ pub(super) fn run(
         control.as_ref(),
         progress,
     )?;
-    let mut generated = finish(engine, latents, timesteps, progress)?;
+    let mut generated = finish(engine, latents, timesteps, request, progress)?;
     if let Some(control) = control {
         generated.control_images = control.into_previews();
     }
@@ -344,18 +371,22 @@ pub(super) fn denoise(
     Ok(latents)
 }
 
-/// Decodes the final latents into images: the end every task shares.
+/// Decodes the final latents into images: the end every task shares. `request.decode_chunk`
+/// images at a time (all at once by default).
 pub(super) fn finish(
     engine: &mut Engine,
     latents: ArrayD<f32>,
     timesteps: Vec<i64>,
+    request: &GenerateRequest,
     progress: &mut dyn FnMut(Progress) -> bool,
 ) -> Result<Generated> {
     check_cancel(progress, Progress::Decoding)?;
-    let decoded = decode(engine, &latents)?;
+    let chunk = request.decode_chunk.unwrap_or(latents.shape()[0]);
+    let decoded = decode(engine, &latents, chunk, progress)?;
     let images = vae_output_to_images(&decoded)?;
     Ok(Generated {
         images,
+        frames: 1,
         latents,
         timesteps,
         control_images: Vec::new(),

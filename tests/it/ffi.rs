@@ -51,7 +51,7 @@ fn demo_model() -> String {
     committed_model("tiny-sd15")
 }
 
-fn cstr(s: &str) -> CString {
+pub(crate) fn cstr(s: &str) -> CString {
     CString::new(s).expect("no NUL")
 }
 
@@ -74,7 +74,7 @@ pub(crate) fn check(status: tcd_status, expected: tcd_status) {
     assert_eq!(status, expected, "last error: {}", last_error());
 }
 
-fn new_engine(model: &str) -> (tcd_status, *mut tcd_engine) {
+pub(crate) fn new_engine(model: &str) -> (tcd_status, *mut tcd_engine) {
     let options = tcd_engine_options_new();
     assert!(!options.is_null());
     let model = cstr(model);
@@ -104,7 +104,7 @@ pub(crate) fn demo_engine() -> *mut tcd_engine {
 }
 
 /// Copies every image of a result out as (width, height, RGB bytes).
-fn result_images(result: *const tcd_result) -> Vec<(u32, u32, Vec<u8>)> {
+pub(crate) fn result_images(result: *const tcd_result) -> Vec<(u32, u32, Vec<u8>)> {
     // SAFETY: result is live; the out pointers are locals.
     unsafe {
         (0..tcd_result_count(result))

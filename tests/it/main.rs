@@ -1,5 +1,6 @@
 //! All integration tests, compiled as one binary.
 
+mod animatediff;
 mod bad_inputs;
 mod canny;
 mod cli;
