@@ -466,4 +466,43 @@ mod tests {
         let err = resolve_source(&spec, None).expect_err("missing");
         assert!(err.to_string().contains("no such file"), "{err}");
     }
+
+    #[test]
+    fn an_unnamed_file_is_guessed_as_diffusers_guesses_it() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // A motion LoRA repository: its only top-level safetensors file.
+        let motion = names(&[
+            "README.md",
+            "diffusion_pytorch_model.safetensors",
+            "a/x.safetensors",
+        ]);
+        assert_eq!(
+            best_guess_weight_name(&motion, "m").expect("guessed"),
+            "diffusion_pytorch_model.safetensors"
+        );
+        // The default name wins over others.
+        let both = names(&["x.safetensors", DEFAULT_WEIGHT_NAME]);
+        assert_eq!(
+            best_guess_weight_name(&both, "m").expect("default"),
+            DEFAULT_WEIGHT_NAME
+        );
+        let several = best_guess_weight_name(&names(&["x.safetensors", "y.safetensors"]), "m");
+        assert!(several
+            .expect_err("ambiguous")
+            .to_string()
+            .contains("several"));
+        assert!(best_guess_weight_name(&names(&["x.bin"]), "m").is_err());
+        // A directory holding one such file resolves to it.
+        let dir = std::env::temp_dir().join(format!("tcd-ort-guess-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("diffusion_pytorch_model.safetensors");
+        std::fs::write(&file, b"x").expect("write");
+        let spec = LoraSpec {
+            source: dir.to_string_lossy().into_owned(),
+            weight: 1.0,
+            weight_name: None,
+        };
+        assert_eq!(resolve_source(&spec, None).expect("resolved"), file);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
