@@ -2,74 +2,30 @@
 //! the UNet of an AnimateDiff export (`python -m export animatediff`) takes
 //! `[batch, channels, frames, h, w]` latents and one prompt embedding per video (it repeats
 //! the embedding over the frames itself, as the pipeline does before calling the UNet). The
-//! TCD loop and the prompt encoding are text-to-image's; the VAE decodes the frames
-//! `decode_chunk` at a time (diffusers' `decode_chunk_size`, 16 by default).
+//! noise, the TCD loop and the prompt encoding are text-to-image's (`txt2img::run` with
+//! frames); here the VAE decodes the frames `decode_chunk` at a time (diffusers'
+//! `decode_chunk_size`, 16 by default).
 
 use ndarray::{ArrayD, IxDyn};
 
-use super::txt2img::{check_cancel, denoise, encode_prompts, finish};
+use super::txt2img::finish;
 use super::{Engine, GenerateRequest, Generated, Progress};
-use crate::rng::TorchGenerator;
-use crate::sampler::tcd::TcdScheduler;
 use crate::{Error, Result};
 
 /// diffusers' `decode_chunk_size` default.
 const DEFAULT_DECODE_CHUNK: usize = 16;
 
-pub(super) fn run(
+/// Decodes the final video latents `[batch, c, frames, h, w]` as diffusers' `decode_latents`
+/// does: frames stacked video by video into one batch, decoded `decode_chunk` at a time; the
+/// decoded frames come back in that order.
+pub(super) fn finish_video(
     engine: &mut Engine,
+    latents: ArrayD<f32>,
+    timesteps: Vec<i64>,
     request: &GenerateRequest,
     frames: usize,
-    (height, width): (usize, usize),
     progress: &mut dyn FnMut(Progress) -> bool,
 ) -> Result<Generated> {
-    let guidance = request
-        .uses_guidance(&engine.model)
-        .then_some(request.guidance);
-    let mut scheduler = TcdScheduler::new(engine.scheduler.clone())?;
-    scheduler.set_timesteps(
-        Some(request.steps),
-        request.original_inference_steps,
-        None,
-        1.0,
-    )?;
-    let timesteps = scheduler.timesteps().to_vec();
-
-    check_cancel(progress, Progress::EncodingPrompt)?;
-    let cond = encode_prompts(engine, request, guidance.is_some(), height, width)?;
-
-    let factor = engine.model.vae.scale_factor();
-    let channels = engine.model.unet.in_channels;
-    // diffusers' prepare_latents: randn of (batch, channels, frames, h, w), then the scheduler's
-    // initial sigma.
-    let shape = [
-        request.num_images,
-        channels,
-        frames,
-        height / factor,
-        width / factor,
-    ];
-    let mut generator = TorchGenerator::new(request.seed);
-    let sigma = scheduler.init_noise_sigma();
-    let mut latents = generator.randn(&shape);
-    if sigma != 1.0 {
-        latents.mapv_inplace(|v| v * sigma);
-    }
-    scheduler.set_begin_index(0);
-    let latents = denoise(
-        engine,
-        &mut scheduler,
-        &timesteps,
-        latents,
-        &cond,
-        guidance,
-        request.eta,
-        &mut generator,
-        None,
-        progress,
-    )?;
-    // diffusers' decode_latents: (batch, c, frames, h, w) -> (batch * frames, c, h, w), video by
-    // video; the decoded frames come back in that order.
     let stacked = frames_as_batch(&latents)?;
     let chunked = GenerateRequest {
         decode_chunk: Some(request.decode_chunk.unwrap_or(DEFAULT_DECODE_CHUNK)),

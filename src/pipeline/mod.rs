@@ -430,8 +430,9 @@ impl Engine {
         let size = request::output_size(&self.model, request, task, &self.limits)?;
         let warnings = self.prompt_warnings(request)?;
         let mut generated = match (task, frames) {
-            (_, Some(frames)) => animatediff::run(self, request, frames, size, progress),
-            (Task::TextToImage, None) => txt2img::run(self, request, size, progress),
+            // animation_frames admits text-to-video only.
+            (_, Some(frames)) => txt2img::run(self, request, Some(frames), size, progress),
+            (Task::TextToImage, None) => txt2img::run(self, request, None, size, progress),
             (Task::ImageToImage { image, strength }, None) => {
                 img2img::run(self, request, (image, *strength), size, progress)
             }

@@ -249,9 +249,12 @@ pub(super) fn decode(
     concatenate(Axis(0), &views).map_err(|e| Error::internal("joining decoded chunks", e))
 }
 
+/// Text-to-image; with `frames`, text-to-video on an AnimateDiff model (the same loop on
+/// `[batch, c, frames, h, w]` latents, [`super::animatediff`]).
 pub(super) fn run(
     engine: &mut Engine,
     request: &GenerateRequest,
+    frames: Option<usize>,
     (height, width): (usize, usize),
     progress: &mut dyn FnMut(Progress) -> bool,
 ) -> Result<Generated> {
@@ -281,12 +284,12 @@ pub(super) fn run(
             ),
         ));
     }
-    let shape = [
-        request.num_images,
-        channels,
-        height / factor,
-        width / factor,
-    ];
+    // diffusers' prepare_latents: (batch, channels, [frames,] h, w).
+    let shape: Vec<usize> = [request.num_images, channels]
+        .into_iter()
+        .chain(frames)
+        .chain([height / factor, width / factor])
+        .collect();
     let mut generator = TorchGenerator::new(request.seed);
     let sigma = scheduler.init_noise_sigma();
     let mut latents = generator.randn(&shape);
@@ -314,7 +317,12 @@ pub(super) fn run(
         control.as_ref(),
         progress,
     )?;
-    let mut generated = finish(engine, latents, timesteps, request, progress)?;
+    let mut generated = match frames {
+        Some(frames) => {
+            super::animatediff::finish_video(engine, latents, timesteps, request, frames, progress)?
+        }
+        None => finish(engine, latents, timesteps, request, progress)?,
+    };
     if let Some(control) = control {
         generated.control_images = control.into_previews();
     }
