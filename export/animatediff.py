@@ -48,7 +48,7 @@ import torch
 
 from export.convert import detect_family, export_pipeline
 from export.errors import UserError
-from export.lora_slots import inject_slots, slot_param_name
+from export.lora_slots import inject_slots, slot_param_name, slot_tensor_names
 from export.onnx_io import Io, export_component, module_dtype
 from export.sources import load_pipeline, looks_like_hub_id
 
@@ -259,6 +259,7 @@ def export_motion_unet(
         prefix="unet.",
         rename=rename,
         attention=attention,
+        overridable=slot_tensor_names(slotted),
         translations=MOTION_TRANSLATIONS,
     )
     unet.save_config(out_dir)

@@ -9,6 +9,17 @@ slot initializers by name with the requested LoRAs, concatenated along the rank:
     A_slot = concat_k(A_k), zero rows up to RANK
     B_slot = concat_k(w_k * alpha_k / r_k * B_k), zero columns up to RANK
 
+The slot tensors are *overridable initializers*: each is an initializer (external data, value
+zero) and also a graph input of the same name, element type and shape (ONNX IR >= 4). ONNX
+Runtime keeps the stored zeros as the input's default, never constant-folds them, and lists
+them under `get_overridable_initializers()`, not `get_inputs()`; so the engine either replaces
+them by name when it creates the session (`add_external_initializers`) or feeds them at every
+`run`, which swaps LoRAs in an already loaded UNet session. A slot not fed computes the base
+model. ONNX Runtime logs a one-line warning per such initializer when it loads the graph. The
+base weights stay plain initializers, and the manifest's component `inputs` list only the real
+inputs. The UNet's low-memory segments (export/segments.py) do the same: each segment declares
+the slot tensors it reads as inputs too.
+
 Names in the exported graph (all external data, so ONNX Runtime honours replacements at full
 optimisation):
 
@@ -26,7 +37,12 @@ The manifest (`tcd_ort.json`) records the slots under ``lora_slots``::
     "lora_slots": {"unet": {"rank": 64, "lora_alpha": 64, "target_modules": [...],
                             "modules": ["down_blocks.0.resnets.0.conv1", ...],
                             "lora_a": "{module}.lora_A.weight",
-                            "lora_b": "{module}.lora_B.weight"}}
+                            "lora_b": "{module}.lora_B.weight",
+                            "overridable": true}}
+
+``overridable: true`` says the slot tensors are graph inputs that can be fed at run time (see
+above); a manifest without it (exports before that) has slots only replaceable at session
+creation.
 
 The target modules are the ``lora_target_modules`` default of diffusers' consistency-distillation
 LoRA training scripts (``examples/consistency_distillation/train_lcm_distill_lora_sd(xl)*.py``),
@@ -106,6 +122,11 @@ def slot_param_name(name: str) -> str:
     return _PEFT_NAME.sub(r".\1.", name)
 
 
+def slot_tensor_names(modules: list[str]) -> list[str]:
+    """The exported names of the slot tensors of `modules` (A then B, per module)."""
+    return [n for m in modules for n in (LORA_A.format(module=m), LORA_B.format(module=m))]
+
+
 def manifest_entry(rank: int, modules: list[str]) -> dict[str, Any]:
     return {
         "rank": rank,
@@ -114,4 +135,5 @@ def manifest_entry(rank: int, modules: list[str]) -> dict[str, Any]:
         "modules": list(modules),
         "lora_a": LORA_A,
         "lora_b": LORA_B,
+        "overridable": True,
     }

@@ -1,6 +1,6 @@
 """Shared ONNX export machinery: one `torch.onnx.export` call per component.
 
-Every component is exported the same way so the engine can rely on three properties:
+Every component is exported the same way so the engine can rely on these properties:
 
 * initializer names are the PyTorch parameter names of the exported module (LoRA deltas are
   applied by name at session creation), which is why the graph is exported with
@@ -8,7 +8,9 @@ Every component is exported the same way so the engine can rely on three propert
   wrapper's attribute prefix is stripped afterwards;
 * dynamic axes carry readable names (``batch``, ``height``, ``width`` ...), not the exporter's
   ``s17`` symbols;
-* weights live in one external data file ``model.onnx_data`` next to ``model.onnx``.
+* weights live in one external data file ``model.onnx_data`` next to ``model.onnx``;
+* initializers named in `overridable` (LoRA slots, export/lora_slots.py) are also graph inputs,
+  so ONNX Runtime lets a run feed them; every other initializer is a plain one.
 """
 
 from __future__ import annotations
@@ -69,6 +71,29 @@ def _rename_initializers(
                 vi.name = mapping[vi.name]
 
     fix(model.graph)
+
+
+def expose_initializers(model: onnx.ModelProto, names: Sequence[str]) -> None:
+    """Declare the initializers `names` as graph inputs too (same name, element type and
+    shape), after the real inputs: ONNX Runtime's overridable initializers, which keep their
+    stored value unless a run feeds them. The initializers themselves are unchanged."""
+    if not names:
+        return
+    if model.ir_version < 4:
+        raise ValueError(f"overridable initializers need ONNX IR >= 4, not {model.ir_version}")
+    inits = {i.name: i for i in model.graph.initializer}
+    missing = [n for n in names if n not in inits]
+    if missing:
+        raise ValueError(f"no initializer named {', '.join(missing[:3])}")
+    declared = {i.name for i in model.graph.input}
+    for name in names:
+        if name in declared:
+            continue
+        init = inits[name]
+        model.graph.input.append(
+            onnx.helper.make_tensor_value_info(name, init.data_type, list(init.dims))
+        )
+        declared.add(name)
 
 
 def _strip_metadata(model: onnx.ModelProto) -> None:
@@ -169,6 +194,7 @@ def export_component(
     rename: Callable[[str], str] | None = None,
     attention: str = "fused",
     translations: dict[Any, Callable[..., Any]] | None = None,
+    overridable: Sequence[str] = (),
 ) -> onnx.ModelProto:
     """Export `wrapper(*args)` to `out_dir/model.onnx` (+ `model.onnx_data`).
 
@@ -179,6 +205,8 @@ def export_component(
     nodes, `"plain"` as the exporter decomposes it (see export/attention.py).
     `translations` adds ONNX translations of ATen ops for this export (e.g. the motion UNet's
     `repeat_interleave`, export/animatediff.py) to the attention's.
+    `overridable` names initializers (after `rename`) to declare as graph inputs too (see
+    `expose_initializers`): the LoRA slots' tensors.
     """
     wrapper = wrapper.eval()
     dynamic_shapes = _dynamic_shapes(wrapper, inputs)
@@ -199,6 +227,7 @@ def export_component(
     _strip_metadata(model)
     _rename_initializers(model, prefix, rename)
     _name_axes(model, inputs, outputs)
+    expose_initializers(model, overridable)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in (ONNX_FILE, DATA_FILE):
         (out_dir / stale).unlink(missing_ok=True)
@@ -229,9 +258,11 @@ _DTYPES = {
 def describe_io(path: pathlib.Path) -> dict[str, dict[str, dict[str, Any]]]:
     """Read a saved model's inputs and outputs: `{"inputs": {name: {dtype, shape}}, ...}`.
 
-    Fixed dims are integers, dynamic dims their axis name.
+    Fixed dims are integers, dynamic dims their axis name. Overridable initializers (graph
+    inputs that are also initializers: LoRA slots) are not listed: they need no feed.
     """
     model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
 
     def one(vi: onnx.ValueInfoProto) -> dict[str, Any]:
         t = vi.type.tensor_type
@@ -241,7 +272,7 @@ def describe_io(path: pathlib.Path) -> dict[str, dict[str, dict[str, Any]]]:
         return {"dtype": _DTYPES.get(t.elem_type, str(t.elem_type)), "shape": shape}
 
     return {
-        "inputs": {vi.name: one(vi) for vi in model.graph.input},
+        "inputs": {vi.name: one(vi) for vi in model.graph.input if vi.name not in inits},
         "outputs": {vi.name: one(vi) for vi in model.graph.output},
     }
 

@@ -11,7 +11,10 @@ top-level block of the UNet starts (`down_blocks.1`, `mid_block`, `up_blocks.0`,
 node reading one of its weights), at the cuts that make the largest segment's weights smallest.
 What crosses a cut (the hidden states, the skip connections, the time embedding) becomes an
 output of one segment and an input of a later one, under its name in the whole graph; the
-graph's own inputs go to the segments that read them. The manifest lists the files under the
+graph's own inputs go to the segments that read them. An overridable initializer of the graph
+(an initializer also declared as a graph input: the LoRA slots, export/lora_slots.py) stays
+one in every segment that reads it, declared as that segment's input too, after the others,
+so each segment can be fed the slot tensors it uses. The manifest lists the files under the
 component's `segments`, in running order.
 """
 
@@ -123,6 +126,7 @@ def split(model: Any, parts: int) -> list[Any]:
     bounds = [0, *cuts, len(graph.node)]
     initializers = {i.name: i for i in graph.initializer}
     graph_inputs = [i.name for i in graph.input if i.name not in initializers]
+    overridable = {i.name for i in graph.input if i.name in initializers}
     graph_outputs = [o.name for o in graph.output]
     infos = _value_infos(model)
     produced_in: dict[str, int] = {}
@@ -156,12 +160,14 @@ def split(model: Any, parts: int) -> list[Any]:
         for n in inputs:
             if n not in graph_inputs and produced_in.get(n, k) >= k:
                 raise ValueError(f"segment {k} reads '{n}' before it is computed")
+        seg_inits = sorted(reads & initializers.keys())
+        inputs += [n for n in seg_inits if n in overridable]
         seg_graph = helper.make_graph(
             list(nodes),
             f"{graph.name or 'graph'}_segment_{k}",
             [infos[n] for n in inputs],
             [infos[n] for n in outputs],
-            initializer=[initializers[n] for n in sorted(reads & initializers.keys())],
+            initializer=[initializers[n] for n in seg_inits],
         )
         seg = helper.make_model(
             seg_graph,

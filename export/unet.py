@@ -39,7 +39,7 @@ import torch
 
 from export.attention import FusedAttnProcessor, IpBranch, fusable
 from export.errors import UserError
-from export.lora_slots import inject_slots, slot_param_name
+from export.lora_slots import inject_slots, slot_param_name, slot_tensor_names
 from export.onnx_io import Io, export_component, module_dtype
 
 DOWN_RESIDUAL = "down_block_additional_residual_{}"
@@ -251,6 +251,7 @@ def export_unet(
                 prefix="unet.",
                 rename=rename,
                 attention=attention,
+                overridable=slot_tensor_names(slotted),
             )
     finally:
         if hook is not None:

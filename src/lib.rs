@@ -8,6 +8,8 @@ pub mod image_io;
 pub mod lora;
 pub mod rng;
 pub mod sampler;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -27,7 +27,7 @@ from export.animatediff import (
 )
 from export.errors import UserError
 from export.lora import LoraSpec, load_loras, motion_lora_to_diffusers
-from export.lora_slots import LORA_A
+from export.lora_slots import LORA_A, slot_tensor_names
 from export.onnx_io import initializer_names
 from export.segments import segment_files
 from export.tests.conftest import REUSE
@@ -262,8 +262,13 @@ def test_lora_slots(exported, tmp_path):
     sample, timestep, states = _inputs(unet, 2, 8, 8, 8)
     feeds = {"sample": sample.numpy(), "timestep": timestep.numpy(),
              "encoder_hidden_states": states.numpy()}
-    got = _session(tmp_path / "unet" / "model.onnx").run(["out_sample"], feeds)[0]
+    sess = _session(tmp_path / "unet" / "model.onnx")
+    got = sess.run(["out_sample"], feeds)[0]
     np.testing.assert_allclose(got, exported.unet.run(["out_sample"], feeds)[0], atol=1e-5)
+    # The slots are overridable initializers, fed at run time (export/lora_slots.py).
+    over = {i.name for i in sess.get_overridable_initializers()}
+    assert over == set(slot_tensor_names(slotted))
+    assert [i.name for i in sess.get_inputs()] == list(feeds)
 
 
 def test_original_motion_lora_layout(exported, tmp_path):

@@ -1,6 +1,7 @@
 """`convert --lora-slots RANK`: the slot export's names and manifest, its equality with the plain
-export while the slots are empty, and slots filled the way the engine fills them against
-diffusers' unfused `load_lora_weights` + `set_adapters`.
+export while the slots are empty, slots filled the way the engine fills them against
+diffusers' unfused `load_lora_weights` + `set_adapters`, and the slots as overridable
+initializers: fed at run time to one loaded session (the whole UNet and its segments).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from safetensors.torch import save_file
 from export.cli import main as cli_main
 from export.convert import convert
 from export.errors import UserError
-from export.lora_slots import TARGET_MODULES, slot_param_name
+from export.lora_slots import TARGET_MODULES, slot_param_name, slot_tensor_names
+from export.segments import segment_files
 from export.unet import plain_inputs
 
 RANK = 8
@@ -83,6 +85,7 @@ def test_manifest_and_initializers(sd15, slotted) -> None:
     assert unet["target_modules"] == list(TARGET_MODULES)
     assert unet["lora_a"] == "{module}.lora_A.weight"
     assert unet["lora_b"] == "{module}.lora_B.weight"
+    assert unet["overridable"] is True
     on_disk = json.loads((out / "tcd_ort.json").read_text())
     assert on_disk["lora_slots"] == slots
 
@@ -199,6 +202,126 @@ def test_filled_slots_match_diffusers_unfused_adapters(sd15, slotted, tmp_path) 
     base = sd15.session("unet").run(["out_sample"], _onnx_feeds(pipe.unet))[0]
     # The adapters really moved the output.
     assert _max_diff(base, ref) > 1e-2 * scale
+
+    # The same slots fed at run time to a session loaded with empty slots (the engine's LoRA
+    # swap), then not fed again: the base output.
+    sess = _session(out / "unet" / "model.onnx")
+    fed = sess.run(["out_sample"], {**_onnx_feeds(pipe.unet), **overrides})[0]
+    assert _max_diff(fed, got) <= 1e-5 * scale
+    assert _max_diff(fed, ref) <= TOL * scale
+    unfed = sess.run(["out_sample"], _onnx_feeds(pipe.unet))[0]
+    assert _max_diff(unfed, base) <= 1e-6 * float(np.abs(base).max())
+
+
+def _slot_values(unet, modules, seed):
+    """Random full-rank slot tensors for `modules`, by exported name."""
+    g = torch.Generator().manual_seed(seed)
+    mods = dict(unet.named_modules())
+    values = {}
+    for name in modules:
+        w = mods[name].weight
+        if w.ndim == 4:
+            a = torch.randn(RANK, w.shape[1], *w.shape[2:], generator=g) * 0.1
+            b = torch.randn(w.shape[0], RANK, 1, 1, generator=g) * 0.1
+        else:
+            a = torch.randn(RANK, w.shape[1], generator=g) * 0.1
+            b = torch.randn(w.shape[0], RANK, generator=g) * 0.1
+        values[f"{name}.lora_A.weight"] = a.numpy()
+        values[f"{name}.lora_B.weight"] = b.numpy()
+    return values
+
+
+def test_slots_are_overridable_initializers(sd15, slotted) -> None:
+    """The slot tensors, and only they, are graph inputs with a default: ONNX Runtime's
+    overridable initializers; the required inputs (and the manifest's) are the plain
+    export's."""
+    out, manifest = slotted
+    modules = manifest["lora_slots"]["unet"]["modules"]
+    path = out / "unet" / "model.onnx"
+    sess = _session(path)
+    over = {i.name: i for i in sess.get_overridable_initializers()}
+    assert sorted(over) == sorted(slot_tensor_names(modules))
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name: i for i in model.graph.initializer}
+    for name, meta in over.items():
+        assert meta.type == "tensor(float)"
+        assert meta.shape == list(inits[name].dims)
+        assert inits[name].data_location == onnx.TensorProto.EXTERNAL
+    declared = [i.name for i in model.graph.input]
+    assert not [n for n in declared if n in inits and n not in over], "base weights stay plain"
+
+    def io(s):
+        return [(i.name, i.type, i.shape) for i in s.get_inputs()]
+
+    assert io(sess) == io(sd15.session("unet"))
+    assert manifest["components"]["unet"]["inputs"] == sd15.manifest["components"]["unet"]["inputs"]
+
+
+def test_fed_slots_match_baked_slots(sd15, slotted) -> None:
+    """Slots fed at run time compute what the same values replaced at session creation do, and
+    slots not fed compute the base model; one session, fed, unfed and fed again."""
+    out, manifest = slotted
+    modules = manifest["lora_slots"]["unet"]["modules"]
+    unet = sd15.pipe.unet
+    # Every other module: the rest keep their empty default while others are fed.
+    values = _slot_values(unet, modules[::2], 3)
+    feeds = _onnx_feeds(unet)
+    path = out / "unet" / "model.onnx"
+    baked = _session(path, values).run(["out_sample"], feeds)[0]
+    base = sd15.session("unet").run(["out_sample"], feeds)[0]
+    scale = float(np.abs(baked).max())
+    assert _max_diff(baked, base) > 1e-2 * scale, "the slot values must move the output"
+    sess = _session(path)
+    fed = sess.run(["out_sample"], {**feeds, **values})[0]
+    assert _max_diff(fed, baked) <= 1e-5 * scale
+    unfed = sess.run(["out_sample"], feeds)[0]
+    assert _max_diff(unfed, base) <= 1e-6 * float(np.abs(base).max())
+    again = sess.run(["out_sample"], {**feeds, **values})[0]
+    assert _max_diff(again, fed) <= 1e-6 * scale
+
+
+def test_segments_expose_their_slots(sd15, slotted) -> None:
+    """Each low-memory segment declares the slot tensors it reads as overridable initializers;
+    fed chained, they compute the whole UNet fed the same values, and unfed the base model."""
+    out, manifest = slotted
+    modules = manifest["lora_slots"]["unet"]["modules"]
+    unet_dir = out / "unet"
+    names = segment_files(unet_dir)
+    assert manifest["components"]["unet"]["segments"] == names
+    assert len(names) >= 2
+    paths = [unet_dir / n for n in names]
+    sessions = [_session(p) for p in paths]
+    slot_names = set(slot_tensor_names(modules))
+    seen: set[str] = set()
+    for path, sess in zip(paths, sessions, strict=True):
+        model = onnx.load(str(path), load_external_data=False)
+        used = {i.name for i in model.graph.initializer} & slot_names
+        assert used, f"{path.name} reads no slot"
+        assert {i.name for i in sess.get_overridable_initializers()} == used
+        assert not slot_names & {i.name for i in sess.get_inputs()}
+        seen |= used
+    assert seen == slot_names
+
+    def chain(feeds):
+        values = dict(feeds)
+        for sess in sessions:
+            outs = [o.name for o in sess.get_outputs()]
+            wanted = [i.name for i in sess.get_inputs()]
+            wanted += [i.name for i in sess.get_overridable_initializers()]
+            inputs = {n: values[n] for n in wanted if n in values}
+            values.update(zip(outs, sess.run(outs, inputs), strict=True))
+        return values["out_sample"]
+
+    unet = sd15.pipe.unet
+    values = _slot_values(unet, modules, 4)
+    feeds = _onnx_feeds(unet)
+    whole = _session(unet_dir / "model.onnx")
+    expected = whole.run(["out_sample"], {**feeds, **values})[0]
+    base = whole.run(["out_sample"], feeds)[0]
+    scale = float(np.abs(expected).max())
+    assert _max_diff(expected, base) > 1e-2 * scale
+    assert _max_diff(chain({**feeds, **values}), expected) <= 1e-5 * scale
+    assert _max_diff(chain(feeds), base) <= 1e-5 * float(np.abs(base).max())
 
 
 def test_plain_export_has_no_slots(sd15) -> None:

@@ -2,11 +2,14 @@
 //! Errors are printed on one line and end the process with a non-zero status.
 
 mod animation;
+mod engine_args;
 mod interrupt;
 mod memory;
 mod output;
 mod report;
 mod run;
+#[cfg(feature = "server")]
+mod serve;
 mod session_args;
 
 use std::process::ExitCode;
@@ -26,6 +29,9 @@ struct Cli {
 enum Command {
     /// Generate images from a prompt.
     Run(Box<run::RunArgs>),
+    /// Serve the AUTOMATIC1111 and OpenAI image APIs over HTTP.
+    #[cfg(feature = "server")]
+    Serve(Box<serve::ServeArgs>),
 }
 
 /// Entry point of the binary.
@@ -41,6 +47,8 @@ pub fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run(args) => run::run(*args),
+        #[cfg(feature = "server")]
+        Command::Serve(args) => serve::serve(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,21 +10,20 @@ use tcd_ort::image_io::{
     check_fps, image_grid, load_image, mask_preview, resize_lanczos, stage_bytes, stage_npy,
     stage_png, PendingFile, RgbImage, DEFAULT_FPS, MAX_FPS,
 };
-use tcd_ort::lora::{parse_lora_arg, parse_weighted_source};
+use tcd_ort::lora::parse_weighted_source;
 use tcd_ort::model::ModelDir;
 use tcd_ort::pipeline::{
-    animation_frames, output_size, unet_shape, ControlImage, ControlPreprocess, Engine,
-    EngineOptions, GenerateRequest, Generated, InpaintMode, IpAdapterImage, Limits, LoraSpec, Task,
+    animation_frames, output_size, parameters_text, unet_shape, ControlImage, ControlPreprocess,
+    Engine, EngineOptions, GenerateRequest, Generated, InpaintMode, IpAdapterImage, Task,
 };
 use tcd_ort::runtime::{parse_provider_list, ExecutionProvider};
 
 use super::animation::{is_animation_path, Outputs};
+use super::engine_args::EngineArgs;
 use super::interrupt::{self, Phase};
-use super::output::{
-    check_outputs, commit_outputs, parameters_text, run_stats_since, ProgressBar, Timeline,
-};
+use super::output::{check_outputs, commit_outputs, run_stats_since, ProgressBar, Timeline};
 use super::report::{lora_summary, session_summary};
-use super::session_args::{RequestShape, SessionArgs};
+use super::session_args::RequestShape;
 
 /// `--inpaint-mode` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -55,9 +54,6 @@ enum ControlPreprocessArg {
 /// Arguments of `tcd-ort run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Model directory (tcd-ort or optimum ONNX export) or Hugging Face hub id.
-    #[arg(long)]
-    model: String,
     /// The prompt.
     #[arg(long)]
     prompt: String,
@@ -86,42 +82,10 @@ pub struct RunArgs {
     /// Images to generate for the prompt; several are written as NAME-1.png, NAME-2.png, ...
     #[arg(long, default_value_t = 1)]
     num_images: usize,
-    /// Lift the size limits (2048 per side, 2048x2048 pixels, 16 images per run) to 16384 per
-    /// side, 8192x8192 pixels and 256 images, for machines with the memory for it.
-    #[arg(long)]
-    allow_large: bool,
     /// TCD's original_inference_steps (length of the distillation schedule); default from the
     /// scheduler config (50).
     #[arg(long)]
     original_inference_steps: Option<usize>,
-    /// Execution provider(s): cpu, cuda, tensorrt, directml, coreml; a comma-separated list
-    /// (tensorrt,cuda,cpu) falls back in that order.
-    #[arg(long, default_value = "cpu")]
-    ep: String,
-    /// GPU ordinal for cuda, tensorrt and directml.
-    #[arg(long, default_value_t = 0)]
-    device_id: i32,
-    /// Threads per operator (default: all cores).
-    #[arg(long)]
-    threads: Option<usize>,
-    /// The ONNX Runtime library (file or directory); default: ORT_DYLIB_PATH, .ort/lib, Python's onnxruntime.
-    #[arg(long)]
-    ort_lib: Option<PathBuf>,
-    /// A LoRA to apply at load time: a .safetensors file, a directory or a hub id, with an
-    /// optional weight (`h1t/TCD-SD15-LoRA:1.0`). Repeat for several (summed, like diffusers'
-    /// set_adapters).
-    #[arg(long = "lora", value_name = "PATH_OR_ID[:WEIGHT]")]
-    loras: Vec<String>,
-    /// The file to read from LoRA directories and repositories
-    /// (default pytorch_lora_weights.safetensors).
-    #[arg(long)]
-    lora_weight_name: Option<String>,
-    /// Skip LoRA entries that match no weight of the model instead of failing.
-    #[arg(long)]
-    lora_allow_unmatched: bool,
-    /// Hub revision (branch, tag or commit) when --model is a hub id.
-    #[arg(long)]
-    revision: Option<String>,
     /// Start from this image (PNG or JPEG): image-to-image, or inpainting with --mask. The output
     /// size defaults to the image's, rounded down to a multiple of 8.
     #[arg(long)]
@@ -217,7 +181,7 @@ pub struct RunArgs {
     #[arg(long, short)]
     quiet: bool,
     #[command(flatten)]
-    session: SessionArgs,
+    engine: EngineArgs,
 }
 
 fn random_seed() -> u64 {
@@ -415,36 +379,11 @@ fn engine_options(
     providers: &[ExecutionProvider],
     controlnets: Vec<String>,
 ) -> Result<EngineOptions> {
-    let loras = args
-        .loras
-        .iter()
-        .map(|s| {
-            let (source, weight) = parse_lora_arg(s)?;
-            Ok(LoraSpec {
-                source,
-                weight,
-                weight_name: None,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
     Ok(EngineOptions {
-        ort_lib: args.ort_lib.clone(),
-        providers: providers.to_vec(),
-        device_id: args.device_id,
-        intra_threads: args.threads,
-        revision: args.revision.clone(),
-        loras,
-        lora_weight_name: args.lora_weight_name.clone(),
-        lora_allow_unmatched: args.lora_allow_unmatched,
         controlnets,
         depth_estimator: args.depth_model.clone(),
         ip_adapter: args.ip_adapter.clone(),
-        limits: if args.allow_large {
-            Limits::LARGE
-        } else {
-            Limits::DEFAULT
-        },
-        ..EngineOptions::one_shot()
+        ..args.engine.options(providers, EngineOptions::one_shot())?
     })
 }
 
@@ -453,7 +392,7 @@ fn load_report(args: &RunArgs, engine: &Engine, seconds: f32) -> Vec<String> {
     let providers: Vec<&str> = engine.providers().iter().map(|p| p.as_str()).collect();
     let mut lines = vec![format!(
         "loaded {} ({:?}) in {seconds:.1}s on {} with ONNX Runtime {}",
-        args.model,
+        args.engine.model,
         engine.model().family(),
         providers.join(","),
         engine.ort_library().display()
@@ -471,10 +410,7 @@ fn stage_outputs(
     generated: &Generated,
     outputs: &Outputs,
 ) -> Result<Vec<PendingFile>> {
-    let model_name = Path::new(&args.model)
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| args.model.clone());
+    let model_name = args.engine.model_name();
     let text = |image: &RgbImage| {
         let parameters = parameters_text(
             request,
@@ -524,7 +460,7 @@ fn stage_outputs(
 /// Runs `tcd-ort run`.
 pub fn run(args: RunArgs) -> Result<()> {
     interrupt::install()?;
-    let providers: Vec<ExecutionProvider> = parse_provider_list(&args.ep)?;
+    let providers: Vec<ExecutionProvider> = parse_provider_list(&args.engine.ep)?;
     check_flags(&args)?;
     let seed = args.seed.unwrap_or_else(random_seed);
     // Cheap checks first, so a bad request fails before minutes of model loading.
@@ -532,7 +468,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let mut options = engine_options(&args, &providers, controlnets.clone())?;
     options.validate()?;
     let load_started = Instant::now();
-    let model = ModelDir::resolve(&args.model, args.revision.as_deref())?;
+    let model = ModelDir::resolve(&args.engine.model, args.engine.revision.as_deref())?;
     // An animation model's frame count, and the output kind it needs.
     request.frames = animation_frames(&model, &request, &task)?;
     let outputs = Outputs::plan(&args.output, request.frames, request.num_images)?;
@@ -550,10 +486,10 @@ pub fn run(args: RunArgs) -> Result<()> {
     all_outputs.extend(args.timings.iter().map(|p| ("--timings", p.clone())));
     check_outputs(&all_outputs, args.overwrite)?;
 
-    args.session.apply(&providers, &mut options)?;
+    args.engine.session.apply(&providers, &mut options)?;
     output_size(&model, &request, &task, &options.limits)?;
     // The UNet's input shape, for a TensorRT profile or fixed shapes, as the engine will see it.
-    let shape = if args.session.needs_unet_shape(&providers) {
+    let shape = if args.engine.session.needs_unet_shape(&providers) {
         Some(RequestShape {
             dims: unet_shape(&model, &request, &task, &options.limits)?,
             num_images: request.num_images,
@@ -562,7 +498,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     } else {
         None
     };
-    args.session
+    args.engine
+        .session
         .apply_shape(&providers, shape.as_ref(), &mut options)?;
     let mut engine = Engine::from_model(model, &options)?;
     if !args.quiet {

@@ -32,20 +32,7 @@ pub fn load_image(path: &Path) -> Result<RgbImage> {
 
 /// Decodes PNG or JPEG bytes into RGB within the input limits; the error is the message.
 pub fn decode_image(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
-    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| format!("cannot read: {e}"))?;
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(MAX_INPUT_SIDE);
-    limits.max_image_height = Some(MAX_INPUT_SIDE);
-    limits.max_alloc = Some(MAX_INPUT_BYTES);
-    reader.limits(limits);
-    let decoded = reader.decode().map_err(|e| match e {
-        image::ImageError::Limits(_) => format!(
-            "too large to decode (at most {MAX_INPUT_SIDE} pixels per side and 512 MiB): {e}"
-        ),
-        e => format!("cannot decode (PNG and JPEG are supported): {e}"),
-    })?;
+    let decoded = reader(bytes)?.decode().map_err(decode_error)?;
     let rgb = decoded.to_rgb8();
     let (width, height) = rgb.dimensions();
     RgbImage::new(width, height, rgb.into_raw()).map_err(|e| e.to_string())
@@ -70,32 +57,77 @@ pub fn stage_png(
     text: &[(&str, String)],
     overwrite: bool,
 ) -> Result<PendingFile> {
-    let fail = |e: png::EncodingError| match e {
-        png::EncodingError::IoError(e) => Error::io(path, e),
-        other => Error::Image {
-            path: path.to_path_buf(),
-            message: other.to_string(),
-        },
-    };
     PendingFile::write(path, overwrite, |file| {
-        let mut encoder = png::Encoder::new(file, image.width, image.height);
-        encoder.set_color(png::ColorType::Rgb);
-        encoder.set_depth(png::BitDepth::Eight);
-        for (key, value) in text {
-            if value.is_ascii() {
-                encoder
-                    .add_text_chunk(key.to_string(), value.clone())
-                    .map_err(fail)?;
-            } else {
-                encoder
-                    .add_itxt_chunk(key.to_string(), value.clone())
-                    .map_err(fail)?;
-            }
-        }
-        let mut writer = encoder.write_header().map_err(fail)?;
-        writer.write_image_data(&image.pixels).map_err(fail)?;
-        writer.finish().map_err(fail)
+        encode_png_to(file, image, text).map_err(|e| match e {
+            png::EncodingError::IoError(e) => Error::io(path, e),
+            other => Error::Image {
+                path: path.to_path_buf(),
+                message: other.to_string(),
+            },
+        })
     })
+}
+
+/// `image` as PNG bytes with `text` entries, as [`write_png`] writes them (for a server's
+/// responses).
+pub fn encode_png(image: &RgbImage, text: &[(&str, String)]) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    encode_png_to(&mut bytes, image, text).map_err(|e| Error::Image {
+        path: "(in memory)".into(),
+        message: e.to_string(),
+    })?;
+    Ok(bytes)
+}
+
+fn encode_png_to<W: std::io::Write>(
+    out: W,
+    image: &RgbImage,
+    text: &[(&str, String)],
+) -> std::result::Result<(), png::EncodingError> {
+    let mut encoder = png::Encoder::new(out, image.width, image.height);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    for (key, value) in text {
+        if value.is_ascii() {
+            encoder.add_text_chunk(key.to_string(), value.clone())?;
+        } else {
+            encoder.add_itxt_chunk(key.to_string(), value.clone())?;
+        }
+    }
+    let mut writer = encoder.write_header()?;
+    writer.write_image_data(&image.pixels)?;
+    writer.finish()
+}
+
+/// The alpha channel of PNG bytes, `None` for an image without one; within the input limits
+/// of [`decode_image`]. OpenAI's image edits mark the area to repaint by transparency.
+pub fn decode_alpha(bytes: &[u8]) -> std::result::Result<Option<Vec<u8>>, String> {
+    let decoded = reader(bytes)?.decode().map_err(decode_error)?;
+    if !decoded.color().has_alpha() {
+        return Ok(None);
+    }
+    Ok(Some(decoded.to_rgba8().pixels().map(|p| p.0[3]).collect()))
+}
+
+fn reader(bytes: &[u8]) -> std::result::Result<image::ImageReader<std::io::Cursor<&[u8]>>, String> {
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| format!("cannot read: {e}"))?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_INPUT_SIDE);
+    limits.max_image_height = Some(MAX_INPUT_SIDE);
+    limits.max_alloc = Some(MAX_INPUT_BYTES);
+    reader.limits(limits);
+    Ok(reader)
+}
+
+fn decode_error(e: image::ImageError) -> String {
+    match e {
+        image::ImageError::Limits(_) => format!(
+            "too large to decode (at most {MAX_INPUT_SIDE} pixels per side and 512 MiB): {e}"
+        ),
+        e => format!("cannot decode (PNG and JPEG are supported): {e}"),
+    }
 }
 
 /// The output path of image `index` of `count`: `out.png` for one, `out-1.png`... for several.

@@ -23,7 +23,10 @@ pub use animation::{
 };
 pub use atomic::{check_output_path, commit_all, stage_bytes, write_atomic, PendingFile};
 pub use clip::{clip_pixel_values, ClipImageConfig, ClipResize};
-pub use file::{decode_image, load_image, numbered_path, stage_png, write_png, MAX_INPUT_SIDE};
+pub use file::{
+    decode_alpha, decode_image, encode_png, load_image, numbered_path, stage_png, write_png,
+    MAX_INPUT_SIDE,
+};
 pub use image::{image_grid, to_grayscale, RgbImage};
 #[doc(hidden)]
 pub use npy::parse_npy;

@@ -9,6 +9,7 @@ use super::conditioning::TextEncoder;
 use super::controlnet::{self, ControlNet};
 use super::ip_adapter::{IpAdapter, IpLayout};
 use super::lora::{self, LoraSpec};
+use super::lora_switch::{fingerprint, LoraState};
 use super::options::EngineOptions;
 use super::{resident, Engine, Freeing, ZERO_RESIDUAL_SHAPES};
 use crate::control::DepthEstimator;
@@ -346,6 +347,38 @@ fn check_motion(model: &ModelDir, unet: &Graph, rest: &Rest) -> Result<()> {
     }
 }
 
+/// The fingerprints of the fused weights each graph is built with ([`LoraState::fused`]): the
+/// UNet's LoRA slots are left out, since its session takes them at run time.
+fn loaded_prints(
+    model: &ModelDir,
+    overrides: &BTreeMap<String, Vec<WeightOverride>>,
+) -> BTreeMap<String, u64> {
+    let slots: std::collections::HashSet<String> = model
+        .manifest()
+        .and_then(|m| m.lora_slots.get("unet"))
+        .map(|slots| {
+            slots
+                .modules
+                .iter()
+                .flat_map(|m| {
+                    let (a, b) = slots.names(m);
+                    [a, b]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    overrides
+        .iter()
+        .filter_map(|(component, weights)| {
+            let fused: Vec<&WeightOverride> = weights
+                .iter()
+                .filter(|w| component != "unet" || !slots.contains(&w.name))
+                .collect();
+            fingerprint(&fused).map(|p| (component.clone(), p))
+        })
+        .collect()
+}
+
 /// The scheduler's config, checked by building the noise schedule once at load.
 fn scheduler_config(model: &ModelDir) -> Result<TcdConfig> {
     let path = model.root().join("scheduler").join("scheduler_config.json");
@@ -405,11 +438,24 @@ impl Engine {
             denoisers,
             unet,
         };
+        let fused = loaded_prints(&model, &overrides);
         let (rest, unet) = plan.load(overrides)?;
         let notes = dropped_providers
             .into_iter()
             .chain(plan.unet.note.clone())
             .collect();
+        let lora_state = LoraState {
+            base: loras,
+            weight_name: options.lora_weight_name.clone(),
+            allow_unmatched: options.lora_allow_unmatched,
+            extra: Vec::new(),
+            fused,
+            sessions: plan.sessions.clone(),
+            denoisers: plan.denoisers.clone(),
+            unet_segments: plan.unet.segments.clone(),
+            keep_for_reload: options.low_memory || options.release_after_use,
+            low_memory: options.low_memory,
+        };
         let sessions = plan.sessions;
         let (residuals, ip_layout) = check_unet(&model, &unet, &rest)?;
         // A UNet in segments runs from host memory: its sessions come and go within a step.
@@ -437,6 +483,7 @@ impl Engine {
             providers,
             ort_library,
             lora_report,
+            lora_state,
             io_binding,
             notes,
             fixed_shape: options.fixed_shape,

@@ -25,21 +25,25 @@ pub mod conditioning;
 mod controlnet;
 mod finite;
 mod img2img;
+mod infotext;
 mod inpaint;
 mod ip_adapter;
 mod limits;
 mod load;
 mod lora;
+mod lora_switch;
 mod options;
 mod request;
 mod resident;
 mod txt2img;
 
 pub use controlnet::{ControlImage, ControlNet, ControlPreprocess};
+pub use infotext::parameters_text;
 pub use ip_adapter::{IpAdapter, IpAdapterImage, IpAdapterVariant};
 pub use limits::Limits;
 pub use load::resolve_model;
 pub use lora::{apply_loras, LoraReport, LoraSpec};
+pub use lora_switch::LoraSwitch;
 pub use options::{EngineOptions, SessionReport, MAX_THREADS};
 pub use request::{
     animation_frames, output_size, unet_shape, Field, GenerateRequest, InpaintMode, Task,
@@ -129,6 +133,8 @@ pub struct Engine {
     providers: Vec<ExecutionProvider>,
     ort_library: PathBuf,
     lora_report: LoraReport,
+    /// What [`Engine::set_loras`] needs.
+    lora_state: lora_switch::LoraState,
     io_binding: bool,
     /// What loading chose that the caller should hear about.
     notes: Vec<String>,
@@ -210,6 +216,11 @@ impl Engine {
     /// UNet whole).
     pub fn notes(&self) -> &[String] {
         &self.notes
+    }
+
+    /// The size and count limits requests are checked against.
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     /// What load-time LoRA application did.

@@ -366,6 +366,11 @@ impl Graph {
             }
             .map_err(|e| rt_err(&format!("{context} input '{name}'"), e))?;
         }
+        for w in self.swapped() {
+            binding
+                .bind_input(&w.name, &*w.value)
+                .map_err(|e| rt_err(&format!("{context} weight '{}'", w.name), e))?;
+        }
         let host = host_info()?;
         for (w, destination) in outputs {
             let memory = match destination.map(|d| &d.placement) {

@@ -13,6 +13,7 @@ mod lifecycle;
 mod options;
 mod run;
 mod segments;
+mod swap;
 mod weights;
 
 use std::path::{Path, PathBuf};
@@ -60,6 +61,10 @@ pub struct Graph {
     /// of a run and released before the next loads; empty for a graph loaded whole, which
     /// `session` runs.
     segments: Vec<Graph>,
+    /// The initializers ONNX Runtime lets a run feed ([`Graph::swap_weights`]).
+    swappable: Vec<String>,
+    /// The values fed for them with every run.
+    swapped: Vec<PreparedWeight>,
 }
 
 impl std::fmt::Debug for Graph {
@@ -93,6 +98,7 @@ impl Graph {
         let outputs = specs(session.outputs());
         let assignment = assignment(&session).unwrap_or_default();
         let placements = input_devices(&session, inputs.len());
+        let swappable = swap::overridable(&session);
         Graph {
             name: name.to_string(),
             path: path.to_path_buf(),
@@ -107,6 +113,8 @@ impl Graph {
             cache,
             run_stats: RunStats::default(),
             segments: Vec::new(),
+            swappable,
+            swapped: Vec::new(),
         }
     }
 

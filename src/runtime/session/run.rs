@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use half::f16;
 use ndarray::ArrayD;
-use ort::session::SessionOutputs;
+use ort::session::{SessionInputValue, SessionOutputs};
 use ort::value::{DynTensor, DynValue, Tensor};
 
 use super::{not_loaded, rt_err, ElementType, Graph, IoSpec, TensorInput};
@@ -17,7 +17,7 @@ impl Graph {
         inputs: Vec<(&str, TensorInput)>,
         wanted: &[&str],
     ) -> Result<Vec<ArrayD<f32>>> {
-        let mut values: Vec<(String, ort::value::DynValue)> = Vec::with_capacity(inputs.len());
+        let mut values: Vec<(String, DynValue)> = Vec::with_capacity(inputs.len());
         for (name, data) in inputs {
             let spec = self.spec(name)?;
             values.push((name.to_string(), self.host_tensor(spec, data)?.into_dyn()));
@@ -36,7 +36,16 @@ impl Graph {
             .session
             .as_mut()
             .ok_or_else(|| not_loaded(&self.name))?;
-        let outputs = session.run(values);
+        let feeds: Vec<(&str, SessionInputValue<'_>)> = values
+            .iter()
+            .map(|(n, v)| (n.as_str(), SessionInputValue::from(v)))
+            .chain(
+                self.swapped
+                    .iter()
+                    .map(|w| (w.name.as_str(), SessionInputValue::from(&*w.value))),
+            )
+            .collect();
+        let outputs = session.run(feeds);
         self.run_stats.calls += 1;
         self.run_stats.total += started.elapsed();
         let outputs = outputs.map_err(|e| rt_err(&format!("running {name}"), e))?;

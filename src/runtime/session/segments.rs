@@ -147,6 +147,8 @@ impl Graph {
             cache,
             run_stats: RunStats::default(),
             segments,
+            swappable: Vec::new(),
+            swapped: Vec::new(),
         })
     }
 
@@ -177,6 +179,12 @@ impl Graph {
                     })?;
                     Ok((i.name.as_str(), SessionInputValue::from(value)))
                 })
+                .chain(
+                    segment
+                        .swapped
+                        .iter()
+                        .map(|w| Ok((w.name.as_str(), SessionInputValue::from(&*w.value)))),
+                )
                 .collect::<Result<Vec<_>>>()?;
             let session = segment
                 .session

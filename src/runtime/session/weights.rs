@@ -30,9 +30,9 @@ pub struct WeightOverride {
 /// A replacement weight as ONNX Runtime takes it: built once, shared by every session built
 /// from the graph (a reload after [`super::Graph::release`] reuses it instead of holding a copy).
 #[derive(Clone)]
-pub(super) struct PreparedWeight {
-    pub(super) name: String,
-    pub(super) value: Arc<DynValue>,
+pub(in crate::runtime) struct PreparedWeight {
+    pub(in crate::runtime) name: String,
+    pub(in crate::runtime) value: Arc<DynValue>,
 }
 
 /// Builds the tensors of `overrides` for `model`'s graph `context` names.
