@@ -289,6 +289,12 @@ async fn run(
         "infotexts": infotexts,
         "loras": plan.tags.iter().map(|(n, w)| json!({"name": n, "weight": short(*w)})).collect::<Vec<_>>(),
         "tcd_notes": notes,
+        "lora_switch": {
+            "seconds": done.lora_switch.elapsed.as_secs_f64(),
+            "unchanged": done.lora_switch.unchanged,
+            "slot_tensors": done.lora_switch.swapped,
+            "rebuilt": done.lora_switch.rebuilt,
+        },
         "warnings": warnings,
     });
     let parameters: Value = serde_json::from_slice(body).unwrap_or(Value::Null);

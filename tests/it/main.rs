@@ -20,6 +20,7 @@ mod ip_adapter;
 mod lora;
 mod lora_parity;
 mod lora_slots;
+mod lora_switch;
 mod low_memory;
 mod optimum;
 mod outputs;

@@ -1,0 +1,133 @@
+//! LoRAs switched on a loaded engine (issue #22, `Engine::set_loras`), as `tcd-ort serve` does
+//! per request: every case of `tests/golden/make_lora_slots.py` run on ONE engine, switching
+//! adapters between generations, must match diffusers' unfused adapters as a fresh load does.
+//! On a rank-8 slot export the UNet keeps its session (its slots are fed at run time) and only
+//! the text encoder is rebuilt, for the style LoRA's text-encoder modules; on rank 4, modules
+//! that overflow their slot are fused and the UNet is rebuilt.
+
+use std::path::{Path, PathBuf};
+
+use tcd_ort::pipeline::{Engine, EngineOptions, LoraSpec};
+
+use crate::common::{check_cases, fixtures_dir, read_cases, Loras};
+
+type Case = crate::common::Case<Loras>;
+
+fn slots_dir(family: &str) -> PathBuf {
+    fixtures_dir().join("lora_slots").join(family)
+}
+
+fn specs(dir: &Path, case: &Case) -> Vec<LoraSpec> {
+    case.extra.engine_options(dir).loras
+}
+
+/// The cases in order, then back in reverse: every switch direction, none -> some -> other
+/// -> none.
+fn round_trip(family: &str) -> Vec<Case> {
+    let mut cases = read_cases(&slots_dir(family), "LoRA slot");
+    let back: Vec<Case> = read_cases(&slots_dir(family), "LoRA slot")
+        .into_iter()
+        .rev()
+        .collect();
+    cases.extend(back);
+    cases
+}
+
+fn check_switching(family: &str, rank: &str) {
+    let dir = slots_dir(family);
+    let mut engine = Engine::load(dir.join(rank).to_string_lossy(), &EngineOptions::default())
+        .expect("load without LoRAs");
+    let cases = round_trip(family);
+    let what = format!("{family} LoRAs switched on one loaded {rank} engine");
+    // Whether the previous case's adapters touched the text encoders (the style LoRA does).
+    let mut text_before = false;
+    check_cases(&what, &cases, &dir.join("reference"), |case, report| {
+        let wanted = specs(&dir, case);
+        let switch = engine.set_loras(&wanted)?;
+        let text_now = case.extra.loras.iter().any(|l| l.file.starts_with("style"));
+        let text_untouched = !text_before && !text_now;
+        text_before = text_now;
+        if rank == "slots_r8" && switch.rebuilt.iter().any(|c| c == "unet") {
+            report.fail(format!(
+                "{}: the UNet was rebuilt although every module fits its slot: {switch:?}",
+                case.name
+            ));
+        }
+        if text_untouched && switch.rebuilt.iter().any(|c| c.starts_with("text_encoder")) {
+            report.fail(format!(
+                "{}: a text encoder was rebuilt though no LoRA before or now touches it: \
+                 {switch:?}",
+                case.name
+            ));
+        }
+        if !wanted.is_empty() && !switch.unchanged && switch.swapped == 0 {
+            report.fail(format!(
+                "{}: nothing went into the slots: {switch:?}",
+                case.name
+            ));
+        }
+        eprintln!(
+            "{}: switched in {:.3}s, {} slot tensors, rebuilt {:?}",
+            case.name,
+            switch.elapsed.as_secs_f64(),
+            switch.swapped,
+            switch.rebuilt
+        );
+        engine.generate(&case.request(), &mut |_| true)
+    });
+}
+
+#[test]
+fn sd15_loras_switched_per_request_match_diffusers() {
+    check_switching("sd15", "slots_r8");
+}
+
+#[test]
+fn sdxl_loras_switched_per_request_match_diffusers() {
+    check_switching("sdxl", "slots_r8");
+}
+
+/// Where adapters overflow a slot, the UNet is rebuilt with the fused modules: slower, the
+/// same images.
+#[test]
+fn sd15_loras_overflowing_slots_rebuild_the_unet_and_still_match() {
+    check_switching("sd15", "slots_r4");
+}
+
+/// A refused switch (an unreadable LoRA) leaves the engine with the adapters it had.
+#[test]
+fn a_failed_switch_keeps_the_previous_loras() {
+    let family = "sd15";
+    let dir = slots_dir(family);
+    let cases = read_cases::<Loras>(&dir, "LoRA slot");
+    let case = cases
+        .iter()
+        .find(|c| !c.extra.loras.is_empty())
+        .expect("a case with LoRAs");
+    let mut engine = Engine::load(
+        dir.join("slots_r8").to_string_lossy(),
+        &EngineOptions::default(),
+    )
+    .expect("load");
+    engine.set_loras(&specs(&dir, case)).expect("switch");
+    let before = engine
+        .generate(&case.request(), &mut |_| true)
+        .expect("run");
+    let missing = LoraSpec {
+        source: dir
+            .join("no-such-lora.safetensors")
+            .to_string_lossy()
+            .into_owned(),
+        weight: 1.0,
+        weight_name: None,
+    };
+    let err = engine.set_loras(&[missing]).expect_err("missing file");
+    assert!(err.to_string().contains("no-such-lora"), "{err}");
+    let after = engine
+        .generate(&case.request(), &mut |_| true)
+        .expect("run");
+    assert_eq!(before.latents, after.latents);
+    // The same adapters again: nothing to do.
+    let again = engine.set_loras(&specs(&dir, case)).expect("same");
+    assert!(again.unchanged, "{again:?}");
+}
