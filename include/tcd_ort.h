@@ -527,6 +527,25 @@ tcd_status tcd_request_clear_ip_adapter_image(struct tcd_request *request);
 tcd_status tcd_request_set_ip_adapter_scale(struct tcd_request *request, float scale);
 
 /**
+ * Applies `count` LoRAs (`sources[i]`: a `.safetensors` file, a directory or a hub id, at
+ * `weights[i]`) on top of those the engine loaded with, replacing the ones of the previous
+ * call; `count` 0 goes back to the loaded state. On a model exported with `--lora-slots` the
+ * UNet keeps its session and the slots are swapped in (a fraction of a second); modules
+ * without a slot and text-encoder LoRAs rebuild only the graphs they change. On failure the
+ * engine keeps the LoRAs it had. Errors: `TCD_ERR_INVALID_ARGUMENT` (a missing file, a
+ * weight that is not finite, a LoRA for another model), `TCD_ERR_MODEL` (a malformed file).
+ *
+ * # Safety
+ *
+ * `engine` is NULL or a live engine no other call uses during this one; when `count` > 0,
+ * `sources` and `weights` point to `count` elements, each source a NUL-terminated string.
+ */
+tcd_status tcd_engine_set_loras(struct tcd_engine *engine,
+                                const char *const *sources,
+                                const float *weights,
+                                size_t count);
+
+/**
  * New options: no model yet, the CPU execution provider, device 0, every core, ONNX Runtime
  * searched for as the CLI does (`ORT_DYLIB_PATH`, `.ort/lib` beside the working directory or
  * the executable, Python's onnxruntime), no LoRAs. NULL only if the library panicked.

@@ -20,10 +20,10 @@ use crate::pipeline::{Engine, Progress};
 /// `ORT_DISABLE_TELEMETRY=1` before the first load, unless the host set that variable, so
 /// ONNX Runtime's telemetry client, whose thread would outlive every engine, never starts).
 pub struct tcd_engine {
-    engine: Engine,
+    pub(super) engine: Engine,
     /// Set when a call on this engine panicked: its state may be half-updated, so every later
     /// call refuses it rather than run on it.
-    poisoned: bool,
+    pub(super) poisoned: bool,
 }
 
 /// The images of one generation. Created by `tcd_engine_generate`, freed by

@@ -23,6 +23,7 @@ mod animation;
 mod control;
 mod engine;
 mod ip_adapter;
+mod lora;
 mod options;
 mod request;
 mod status;
@@ -44,6 +45,7 @@ pub use ip_adapter::{
     tcd_engine_options_set_ip_adapter, tcd_request_clear_ip_adapter_image,
     tcd_request_set_ip_adapter_image, tcd_request_set_ip_adapter_scale,
 };
+pub use lora::tcd_engine_set_loras;
 pub use options::{
     tcd_engine_options, tcd_engine_options_add_controlnet, tcd_engine_options_add_lora,
     tcd_engine_options_free, tcd_engine_options_new, tcd_engine_options_set_coreml_units,

@@ -125,7 +125,7 @@ pub(crate) fn result_images(result: *const tcd_result) -> Vec<(u32, u32, Vec<u8>
 const PROMPT: &str = "a photo of an astronaut riding a horse on mars";
 
 /// A request with the settings the parity tests share.
-fn parity_request() -> *mut tcd_request {
+pub(crate) fn parity_request() -> *mut tcd_request {
     let request = tcd_request_new();
     let prompt = cstr(PROMPT);
     // SAFETY: request is live; strings are NUL-terminated.
@@ -147,7 +147,7 @@ fn parity_request() -> *mut tcd_request {
     request
 }
 
-fn rust_request() -> GenerateRequest {
+pub(crate) fn rust_request() -> GenerateRequest {
     GenerateRequest {
         prompt: PROMPT.into(),
         negative_prompt: Some("blurry".into()),
@@ -171,7 +171,10 @@ fn rust_images(task: &Task) -> Vec<(u32, u32, Vec<u8>)> {
         .collect()
 }
 
-fn generate(engine: *mut tcd_engine, request: *const tcd_request) -> Vec<(u32, u32, Vec<u8>)> {
+pub(crate) fn generate(
+    engine: *mut tcd_engine,
+    request: *const tcd_request,
+) -> Vec<(u32, u32, Vec<u8>)> {
     let mut result = null_mut();
     // SAFETY: live handles; no callback.
     unsafe {

@@ -131,3 +131,71 @@ fn a_failed_switch_keeps_the_previous_loras() {
     let again = engine.set_loras(&specs(&dir, case)).expect("same");
     assert!(again.unchanged, "{again:?}");
 }
+
+/// `tcd_engine_set_loras`: the C entry point switches as `Engine::set_loras` does, and checks
+/// its pointers.
+#[test]
+fn c_hosts_switch_loras_on_a_loaded_engine() {
+    use std::ptr::null;
+
+    use tcd_ort::ffi::*;
+
+    use crate::ffi::{check, cstr, generate, new_engine, parity_request};
+
+    let dir = slots_dir("sd15");
+    let model = dir.join("slots_r8");
+    let (status, engine) = new_engine(&model.to_string_lossy());
+    check(status, tcd_status::TCD_OK);
+    let request = parity_request();
+    let tcd = cstr(&dir.join("tcd.safetensors").to_string_lossy());
+    let sources = [tcd.as_ptr()];
+    let weights = [0.8f32];
+    let base = generate(engine, request);
+    // SAFETY: live engine; arrays of one element.
+    unsafe {
+        check(
+            tcd_engine_set_loras(engine, sources.as_ptr(), weights.as_ptr(), 1),
+            tcd_status::TCD_OK,
+        );
+    }
+    let switched = generate(engine, request);
+    let mut rust = Engine::load(
+        model.to_string_lossy(),
+        &EngineOptions {
+            loras: vec![LoraSpec {
+                source: dir.join("tcd.safetensors").to_string_lossy().into_owned(),
+                weight: 0.8,
+                weight_name: None,
+            }],
+            ..EngineOptions::default()
+        },
+    )
+    .expect("load with the LoRA");
+    let loaded = rust
+        .generate(&crate::ffi::rust_request(), &mut |_| true)
+        .expect("run");
+    let loaded: Vec<_> = loaded
+        .images
+        .iter()
+        .map(|i| (i.width, i.height, i.pixels.clone()))
+        .collect();
+    assert_eq!(switched, loaded, "switched in C = loaded with the LoRA");
+    assert_ne!(switched, base, "the LoRA changes the images");
+    // SAFETY: live engine; NULL arrays with a count are refused, count 0 takes none.
+    unsafe {
+        check(
+            tcd_engine_set_loras(engine, null(), weights.as_ptr(), 1),
+            tcd_status::TCD_ERR_NULL_POINTER,
+        );
+        check(
+            tcd_engine_set_loras(engine, null(), null(), 0),
+            tcd_status::TCD_OK,
+        );
+    }
+    assert_eq!(generate(engine, request), base, "back to the loaded state");
+    // SAFETY: handles from their constructors, freed once.
+    unsafe {
+        tcd_request_free(request);
+        tcd_engine_free(engine);
+    }
+}
