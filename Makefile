@@ -10,7 +10,8 @@ VENV_OPTIMUM := .venv-optimum
 ORT_VERSION := 1.31.1
 FIXTURES := tests/fixtures/generated
 
-.PHONY: demo test ffi soak setup setup-ort venv venv-optimum fixtures lint rust-test py-test clean-fixtures
+.PHONY: demo test ffi soak setup setup-ort venv venv-optimum fixtures lint rust-test py-test \
+	server-test clean-fixtures
 
 demo: setup-ort
 	cargo run --release -- run --model models/tiny-sd15 \
@@ -25,9 +26,9 @@ demo: setup-ort
 CARGO := env -u MAKEFLAGS -u MFLAGS -u CARGO_MAKEFLAGS cargo
 
 test: setup
-	$(MAKE) -j2 --output-sync=target ci-ffi ci-py-test
+	$(MAKE) -j2 --output-sync=target ci-ffi ci-py-test ci-server-test
 
-.PHONY: ci-build ci-rust-test ci-py-test ci-ffi
+.PHONY: ci-build ci-rust-test ci-py-test ci-ffi ci-server-test
 ci-build: lint
 	$(CARGO) test --no-run
 
@@ -130,7 +131,7 @@ lint: venv
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(VPY) -m ruff check --config export/ruff.toml --cache-dir target/ruff-cache \
-		export tests/golden benches
+		export tests/golden benches tests/server
 
 rust-test: setup-ort
 	cargo test
@@ -142,6 +143,16 @@ py-test: venv
 # exporter, this checkout) instead of exporting them again.
 ci-py-test: venv fixture-parity
 	TCD_ORT_REUSE_EXPORTS=$(CURDIR)/$(FIXTURES)/parity $(VPY) -m pytest -q export/tests
+
+# `tcd-ort serve` end to end with real clients (webuiapi, openai) on loopback (tests/server): needs
+# the debug binary and ONNX Runtime; the LoRA tests need the LoRA fixtures and skip without them.
+server-test: setup-ort venv
+	TCD_ORT_BIN=$(CURDIR)/target/debug/tcd-ort $(VPY) -m pytest -q tests/server
+
+# In `make test`: after the debug build (`cargo test --no-run` builds the binary), with the
+# LoRA fixtures.
+ci-server-test: ci-build fixture-lora
+	$(MAKE) server-test
 
 clean-fixtures:
 	rm -rf $(FIXTURES)

@@ -69,8 +69,53 @@ struct Payload {
     other: Map<String, Value>,
 }
 
-/// Fields clients send by default with no effect when left at their defaults.
-fn ignored_notes(payload: &Payload) -> Vec<String> {
+/// A1111's defaults of fields tcd-ort ignores, as clients (`webuiapi`) send them with every
+/// request: such a field changes nothing there either, so only a departure from it is said.
+const A1111_DEFAULTS: &[(&str, DefaultValue)] = &[
+    ("eta", DefaultValue::Number(1.0)),
+    ("subseed", DefaultValue::Number(-1.0)),
+    ("seed_resize_from_h", DefaultValue::Number(-1.0)),
+    ("seed_resize_from_w", DefaultValue::Number(-1.0)),
+    ("scheduler", DefaultValue::Text("automatic")),
+    ("hr_scale", DefaultValue::Number(2.0)),
+    ("hr_upscaler", DefaultValue::Text("Latent")),
+    ("s_noise", DefaultValue::Number(1.0)),
+    ("s_tmax", DefaultValue::Number(-1.0)),
+    ("send_images", DefaultValue::Flag(true)),
+    (
+        "override_settings_restore_afterwards",
+        DefaultValue::Flag(true),
+    ),
+    ("image_cfg_scale", DefaultValue::Number(1.5)),
+    ("mask_blur", DefaultValue::Number(4.0)),
+    ("inpaint_full_res", DefaultValue::Flag(true)),
+    ("inpaint_full_res_padding", DefaultValue::Number(32.0)),
+    ("initial_noise_multiplier", DefaultValue::Number(1.0)),
+    ("mask_round", DefaultValue::Flag(true)),
+];
+
+#[derive(Debug, Clone, Copy)]
+enum DefaultValue {
+    Number(f64),
+    Text(&'static str),
+    Flag(bool),
+}
+
+impl DefaultValue {
+    fn is(self, value: &Value) -> bool {
+        match (self, value) {
+            (DefaultValue::Number(n), Value::Number(v)) => v.as_f64() == Some(n),
+            (DefaultValue::Text(t), Value::String(v)) => v == t,
+            (DefaultValue::Flag(f), Value::Bool(v)) => *v == f,
+            _ => false,
+        }
+    }
+}
+
+/// What `info.tcd_notes` says of a payload: the sampler answered with TCD, fields ignored
+/// (those set to something other than nothing or A1111's default), classifier-free guidance
+/// a TCD model does not need.
+fn notes(payload: &Payload) -> Vec<String> {
     let mut notes = Vec::new();
     for name in [
         payload.sampler_name.as_deref(),
@@ -85,29 +130,38 @@ fn ignored_notes(payload: &Payload) -> Vec<String> {
             ));
         }
     }
-    let meaningful = |v: &Value| match v {
-        Value::Null | Value::Bool(false) => false,
-        Value::String(s) => !s.is_empty(),
-        Value::Array(a) => !a.is_empty(),
-        Value::Object(o) => !o.is_empty(),
-        Value::Number(n) => n.as_f64() != Some(0.0),
-        Value::Bool(true) => true,
+    let meaningful = |name: &str, v: &Value| {
+        let at_default = A1111_DEFAULTS.iter().any(|(n, d)| *n == name && d.is(v));
+        !at_default
+            && match v {
+                Value::Null | Value::Bool(false) => false,
+                Value::String(s) => !s.is_empty(),
+                Value::Array(a) => !a.is_empty(),
+                Value::Object(o) => !o.is_empty(),
+                Value::Number(n) => n.as_f64() != Some(0.0),
+                Value::Bool(true) => true,
+            }
     };
     let ignored: Vec<&str> = payload
         .other
         .iter()
-        .filter(|(_, v)| meaningful(v))
+        .filter(|(k, v)| meaningful(k, v))
         .map(|(k, _)| k.as_str())
         .collect();
     if !ignored.is_empty() {
         notes.push(format!("ignored fields: {}", ignored.join(", ")));
     }
+    if let Some(cfg) = payload.cfg_scale.filter(|c| *c > 1.0) {
+        notes.push(format!(
+            "cfg_scale {cfg} runs classifier-free guidance (twice the UNet work per step); TCD \
+             models are distilled to run without it: send cfg_scale 0 (or 1) unless you mean it"
+        ));
+    }
     notes
 }
 
 fn parse(body: &Bytes) -> Result<Payload, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(FLAVOR, None, format!("invalid JSON payload: {e}")))
+    super::parse_json(body, FLAVOR)
 }
 
 /// `POST /sdapi/v1/txt2img`.
@@ -226,7 +280,7 @@ async fn run(
     state
         .check(&plan.runs[0], &task)
         .map_err(|e| ApiError::from_engine(FLAVOR, e, field_name))?;
-    let notes = ignored_notes(&payload);
+    let notes = notes(&payload);
     let done = generate(
         &state,
         plan.runs.clone(),

@@ -157,6 +157,13 @@ impl IntoResponse for ApiError {
                 response.headers_mut().insert(header::RETRY_AFTER, v);
             }
         }
+        // Sending the same request again would meet the same end (the openai client retries
+        // 408, 409 and 5xx unless told not to).
+        if matches!(self.status.as_u16(), 409 | 500 | 504) {
+            response
+                .headers_mut()
+                .insert("x-should-retry", HeaderValue::from_static("false"));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

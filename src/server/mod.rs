@@ -109,6 +109,23 @@ impl Server {
     }
 }
 
+/// Parses a JSON body; a refusal names the field at fault (`steps: invalid type: string`).
+fn parse_json<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    flavor: Flavor,
+) -> std::result::Result<T, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() || path == "." {
+            ApiError::bad_request(flavor, None, format!("invalid JSON body: {inner}"))
+        } else {
+            ApiError::bad_request(flavor, Some(&path), format!("{path}: {inner}"))
+        }
+    })
+}
+
 /// Logs each request and its answer to stderr (tower-http's trace at `info`), unless
 /// `RUST_LOG` says otherwise. Front ends call it once; a host embedding the server keeps its
 /// own subscriber.
@@ -224,10 +241,19 @@ async fn shape_errors(request: Request, next: Next) -> Response {
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported content type",
         _ => return response,
     };
-    if is_json {
-        return response;
+    let mut answer = if is_json {
+        response
+    } else {
+        ApiError::new(flavor, status, message).into_response()
+    };
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        // The rest of the body was not read: the connection cannot carry another request.
+        answer.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
     }
-    ApiError::new(flavor, status, message).into_response()
+    answer
 }
 
 fn router(state: AppState, max_body: usize) -> Router {

@@ -166,8 +166,7 @@ async fn answer(
 
 /// `POST /v1/images/generations`.
 pub async fn generations(State(state): Shared, body: Bytes) -> Result<Json<Value>, ApiError> {
-    let common: Common = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(FLAVOR, None, format!("invalid JSON body: {e}")))?;
+    let common: Common = super::parse_json(&body, FLAVOR)?;
     let (request, loras) = common.request(&state)?;
     answer(state, request, Task::TextToImage, loras).await
 }
@@ -212,8 +211,14 @@ pub async fn edits(
             }
         }
     }
-    let common: Common = serde_json::from_value(Value::Object(fields))
-        .map_err(|e| ApiError::bad_request(FLAVOR, None, format!("invalid form field: {e}")))?;
+    let form = serde_json::to_vec(&Value::Object(fields)).map_err(|e| {
+        ApiError::new(
+            FLAVOR,
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            e.to_string(),
+        )
+    })?;
+    let common: Common = super::parse_json(&form, FLAVOR)?;
     let (request, loras) = common.request(&state)?;
     let image = image.ok_or_else(|| bad("image", "image is required"))?;
     let (picture, repaint) = edit_inputs(&image, mask.as_deref())?;

@@ -240,7 +240,10 @@ impl Queue {
         state.progress.running = state.running.len();
         state.progress.finished += 1;
         if state.running.is_empty() {
+            // Idle: nothing in progress (A1111 answers 0 between jobs).
             state.progress.started = None;
+            state.progress.step = 0;
+            state.progress.steps = 0;
         }
         let ms = elapsed.as_millis() as u64;
         let mean = self.mean_ms.load(Ordering::Relaxed);
