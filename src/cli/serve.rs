@@ -27,6 +27,15 @@ pub struct ServeArgs {
     /// (`<lora:NAME:WEIGHT>` in A1111 prompts, `loras` in OpenAI requests).
     #[arg(long, value_name = "DIR")]
     lora_dir: Option<PathBuf>,
+    /// A ControlNet (a directory or hub id of a `python -m export controlnet` export), loaded
+    /// for A1111 requests' `alwayson_scripts.controlnet` units (one unit per ControlNet, in
+    /// this order). Repeatable.
+    #[arg(long = "controlnet", value_name = "DIR_OR_ID")]
+    controlnets: Vec<String>,
+    /// The depth estimator for units with `module: "depth"` (a `python -m export depth`
+    /// export).
+    #[arg(long, value_name = "DIR_OR_ID")]
+    depth_model: Option<String>,
     /// Require this key on every route but /healthz: `Authorization: Bearer KEY`, or HTTP
     /// Basic auth with the key as password. Default: the TCD_ORT_API_KEY environment variable.
     #[arg(long, env = "TCD_ORT_API_KEY", hide_env_values = true)]
@@ -71,7 +80,11 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         }
     }
     let providers = parse_provider_list(&args.engine.ep)?;
-    let mut options = args.engine.options(&providers, EngineOptions::default())?;
+    let mut options = EngineOptions {
+        controlnets: args.controlnets.clone(),
+        depth_estimator: args.depth_model.clone(),
+        ..args.engine.options(&providers, EngineOptions::default())?
+    };
     options.validate()?;
     args.engine.session.apply(&providers, &mut options)?;
     args.engine

@@ -22,6 +22,11 @@ pub fn field_name(field: Field) -> &'static str {
         Field::NumImages => "batch_size",
         Field::Strength => "denoising_strength",
         Field::Image => "init_images",
+        Field::ControlImage => "alwayson_scripts.controlnet.args[].image",
+        Field::ControlScale => "alwayson_scripts.controlnet.args[].weight",
+        Field::ControlStart => "alwayson_scripts.controlnet.args[].guidance_start",
+        Field::ControlEnd => "alwayson_scripts.controlnet.args[].guidance_end",
+        Field::CannyThresholds => "alwayson_scripts.controlnet.args[].threshold_a/threshold_b",
         other => other.name(),
     }
 }
@@ -65,6 +70,9 @@ struct Payload {
     mask: Option<String>,
     #[serde(default)]
     inpainting_mask_invert: Option<u8>,
+    /// Extension scripts; `controlnet` is read ([`super::controlnet`]), the rest ignored.
+    #[serde(default)]
+    alwayson_scripts: Option<Value>,
     #[serde(flatten)]
     other: Map<String, Value>,
 }
@@ -150,6 +158,16 @@ fn notes(payload: &Payload) -> Vec<String> {
         .collect();
     if !ignored.is_empty() {
         notes.push(format!("ignored fields: {}", ignored.join(", ")));
+    }
+    if let Some(Value::Object(scripts)) = &payload.alwayson_scripts {
+        let other: Vec<&str> = scripts
+            .keys()
+            .filter(|k| !k.eq_ignore_ascii_case("controlnet"))
+            .map(String::as_str)
+            .collect();
+        if !other.is_empty() {
+            notes.push(format!("ignored scripts: {}", other.join(", ")));
+        }
     }
     if let Some(cfg) = payload.cfg_scale.filter(|c| *c > 1.0) {
         notes.push(format!(
@@ -246,6 +264,8 @@ fn plan(state: &AppState, payload: &Payload) -> Result<Plan, ApiError> {
         }
         Some(s) => s as u64,
     };
+    let control =
+        super::controlnet::control_images(payload.alwayson_scripts.as_ref(), state.controlnets)?;
     let defaults = GenerateRequest::default();
     let runs = (0..iterations)
         .map(|k| GenerateRequest {
@@ -258,6 +278,7 @@ fn plan(state: &AppState, payload: &Payload) -> Result<Plan, ApiError> {
             width: payload.width,
             height: payload.height,
             num_images: batch,
+            control: control.clone(),
             ..GenerateRequest::default()
         })
         .collect();

@@ -15,6 +15,7 @@
 mod a1111;
 mod auth;
 mod catalog;
+mod controlnet;
 mod error;
 mod images;
 mod metrics;
@@ -91,6 +92,8 @@ pub struct Server {
     model: ModelDir,
     model_name: String,
     limits: Limits,
+    /// ControlNets loaded: A1111 requests send one unit per ControlNet.
+    controlnets: usize,
     api_key: Option<String>,
     draining: AtomicBool,
 }
@@ -298,6 +301,7 @@ pub fn serve(
         .map(|e| e.model().clone())
         .ok_or_else(|| Error::invalid("serve needs at least one engine"))?;
     let limits = engines[0].limits();
+    let controlnets = engines[0].controlnets().len();
     let metrics = Arc::new(Metrics::default());
     let queue = Queue::new(options.queue.max(1), options.timeout, metrics.clone());
     let loras = LoraCatalog::open(options.lora_dir.as_deref())?;
@@ -316,6 +320,7 @@ pub fn serve(
         model,
         model_name: options.model_name.clone(),
         limits,
+        controlnets,
         api_key: options.api_key.clone(),
         draining: AtomicBool::new(false),
     });

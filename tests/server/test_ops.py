@@ -122,3 +122,23 @@ def test_sigterm_while_busy(fresh_server):
         assert len(r.json()["images"]) == 1
     rc = s.proc.wait(60)
     assert rc == 0, f"exit {rc}\n{s.stderr()}"
+
+
+def test_timeout_answers_504_and_frees_the_worker(_binary_ok, http, size):
+    from serverlib import Server
+
+    s = Server(["--timeout", "1", "--shutdown-grace", "5"])
+    try:
+        r = http.post(s.url + "/sdapi/v1/txt2img", timeout=120,
+                      json={"prompt": "slow", "steps": 40, "width": 256, "height": 256,
+                            "batch_size": 4})
+        assert r.status_code == 504, r.text
+        assert "--timeout" in r.json()["detail"]
+        # The worker stopped between steps: the next request is served.
+        r = http.post(s.url + "/sdapi/v1/txt2img", timeout=60,
+                      json={"prompt": "fast", "steps": 1, "width": size, "height": size})
+        assert r.status_code == 200, r.text
+        metrics = http.get(s.url + "/metrics", timeout=10).text
+        assert 'tcd_jobs_total{outcome="stopped"} 1' in metrics, metrics
+    finally:
+        assert s.stop() == 0, s.stderr()
