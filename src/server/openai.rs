@@ -273,3 +273,41 @@ fn edit_inputs(image: &[u8], mask: Option<&[u8]>) -> Result<(RgbImage, RgbImage)
         .map_err(|e| ApiError::from_engine(FLAVOR, e, field_name))?;
     Ok((picture, repaint))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_width_by_height_or_auto() {
+        assert_eq!(parse_size(Some("512x768")).expect("ok"), Some((512, 768)));
+        assert_eq!(parse_size(Some("auto")).expect("ok"), None);
+        assert_eq!(parse_size(None).expect("ok"), None);
+        for bad in ["512", "x512", "512x", "big", "-8x8"] {
+            let err = parse_size(Some(bad)).expect_err(bad);
+            assert_eq!(err.param.as_deref(), Some("size"));
+        }
+    }
+
+    #[test]
+    fn transparency_marks_what_to_repaint() {
+        // 2x1: an opaque pixel (keep) and a transparent one (repaint).
+        let rgba = image::RgbaImage::from_raw(2, 1, vec![9, 9, 9, 255, 9, 9, 9, 0]).expect("img");
+        let mut png = Vec::new();
+        rgba.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .expect("encode");
+        let (picture, mask) = edit_inputs(&png, None).expect("edit inputs");
+        assert_eq!((picture.width, picture.height), (2, 1));
+        assert_eq!(mask.pixels, vec![0, 0, 0, 255, 255, 255]);
+        let opaque = image::RgbImage::from_raw(2, 1, vec![0; 6]).expect("img");
+        let mut no_alpha = Vec::new();
+        opaque
+            .write_to(
+                &mut std::io::Cursor::new(&mut no_alpha),
+                image::ImageFormat::Png,
+            )
+            .expect("encode");
+        let err = edit_inputs(&no_alpha, None).expect_err("no transparency");
+        assert!(err.message.contains("transparen"), "{}", err.message);
+    }
+}

@@ -341,3 +341,45 @@ impl Drop for Ticket {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn work() -> Work {
+        Work {
+            runs: vec![GenerateRequest::default()],
+            task: Task::TextToImage,
+            loras: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_full_queue_refuses_with_a_wait_and_a_closed_one_for_good() {
+        let queue = Queue::new(1, Duration::from_secs(5), Arc::new(Metrics::default()));
+        let (_answer, flag) = queue.submit(work()).expect("room for one");
+        match queue.submit(work()) {
+            Err(Refused::Full(wait)) => assert!(wait >= Duration::from_secs(1), "{wait:?}"),
+            other => panic!("expected a full queue, got {:?}", other.map(|_| ())),
+        }
+        assert_eq!(queue.snapshot().queued, 1);
+        queue.stop_all(Stop::Shutdown);
+        assert_eq!(flag.stopped(), Some(Stop::Shutdown));
+        queue.close();
+        assert!(matches!(queue.submit(work()), Err(Refused::Closed)));
+    }
+
+    #[test]
+    fn the_first_reason_to_stop_wins_and_a_dropped_ticket_stops() {
+        let flag = Arc::new(StopFlag::default());
+        flag.stop(Stop::TimedOut);
+        flag.stop(Stop::Interrupted);
+        assert_eq!(flag.stopped(), Some(Stop::TimedOut));
+        let watched = Arc::new(StopFlag::default());
+        drop(Ticket::new(watched.clone()));
+        assert_eq!(watched.stopped(), Some(Stop::ClientGone));
+        let answered = Arc::new(StopFlag::default());
+        Ticket::new(answered.clone()).done();
+        assert_eq!(answered.stopped(), None);
+    }
+}

@@ -789,3 +789,23 @@ fn truncation_warnings_are_short_and_prompts_stay_on_their_line() {
         "{params:?}"
     );
 }
+
+/// `tcd-ort serve` refuses bad flags on one line, before loading anything.
+#[test]
+fn serve_refuses_bad_flags() {
+    let model = demo_model();
+    let model = model.to_string_lossy();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--workers", "0"], "--workers"),
+        (&["--timeout", "0"], "--timeout"),
+        (&["--max-body-mb", "0"], "--max-body-mb"),
+        (&["--api-key", ""], "--api-key"),
+        (&["--lora-dir", "/nonexistent/loras"], "--lora-dir"),
+        (&["--listen", "localhost"], "--listen"),
+    ];
+    for (extra, needle) in cases {
+        let mut args = vec!["serve", "--model", &model];
+        args.extend_from_slice(extra);
+        assert_fails_with(&tcd(&args), needle);
+    }
+}
