@@ -1039,6 +1039,19 @@ const char *tcd_status_name(int32_t status);
  */
 const char *tcd_version(void);
 
+/**
+ * Sets a tiny autoencoder to decode and encode in place of the model's VAE: a directory or hub
+ * id of a `python -m export vae-tiny` export (TAESD for SD1.x/2.x, TAESDXL for SDXL); NULL
+ * goes back to the model's VAE. Checked when the engine loads (`TCD_ERR_MODEL` for one that
+ * does not fit the model).
+ *
+ * # Safety
+ *
+ * `options` is NULL or a live handle not used by another thread during the call; `path` is
+ * NULL or a NUL-terminated string.
+ */
+tcd_status tcd_engine_options_set_tiny_vae(struct tcd_engine_options *options, const char *path);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

@@ -49,6 +49,11 @@ pub struct EngineArgs {
     /// side, 8192x8192 pixels and 256 images, for machines with the memory for it.
     #[arg(long)]
     allow_large: bool,
+    /// A tiny autoencoder (a `python -m export vae-tiny` export of TAESD for SD1.x/2.x or
+    /// TAESDXL for SDXL, a directory or hub id) decoding and encoding in place of the model's
+    /// VAE: faster, slightly less detailed.
+    #[arg(long, value_name = "DIR_OR_ID")]
+    tiny_vae: Option<String>,
     #[command(flatten)]
     pub session: SessionArgs,
 }
@@ -82,6 +87,7 @@ impl EngineArgs {
             loras,
             lora_weight_name: self.lora_weight_name.clone(),
             lora_allow_unmatched: self.lora_allow_unmatched,
+            tiny_vae: self.tiny_vae.clone(),
             limits: if self.allow_large {
                 Limits::LARGE
             } else {

@@ -27,6 +27,7 @@ mod lora;
 mod options;
 mod request;
 mod status;
+mod vae;
 
 pub use animation::{
     tcd_request_set_decode_chunk, tcd_request_set_frames, tcd_result_frames,
@@ -69,3 +70,4 @@ pub use request::{
     tcd_task,
 };
 pub use status::{tcd_last_error_message, tcd_status, tcd_status_name, tcd_version};
+pub use vae::tcd_engine_options_set_tiny_vae;

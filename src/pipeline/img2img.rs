@@ -8,7 +8,7 @@ use ndarray::{concatenate, s, ArrayD, Axis, IxDyn};
 use super::conditioning::Conditioning;
 use super::request::Field;
 use super::txt2img::{check_cancel, denoise, encode_prompts, finish};
-use super::{Engine, GenerateRequest, Generated, Progress, Stage};
+use super::{vae_tiny, Engine, GenerateRequest, Generated, Progress, Stage};
 use crate::image_io::{image_to_tensor, RgbImage};
 use crate::rng::TorchGenerator;
 use crate::runtime::TensorInput;
@@ -72,16 +72,23 @@ pub(super) fn encode_image(
              encoder (re-export the model with `python -m export convert`)",
         ));
     };
-    let mut out = encoder.run(
-        vec![("sample", TensorInput::F32(image.clone()))],
-        &["latent_parameters"],
-    )?;
+    // A tiny VAE's encoder gives the latents themselves: nothing to sample, no noise drawn.
+    let tiny = encoder.has_output(vae_tiny::LATENTS_OUTPUT);
+    let output = if tiny {
+        vae_tiny::LATENTS_OUTPUT
+    } else {
+        "latent_parameters"
+    };
+    let mut out = encoder.run(vec![("sample", TensorInput::F32(image.clone()))], &[output])?;
     let params = out
         .pop()
         .ok_or_else(|| Error::invariant("vae_encoder returned nothing"))?;
     ensure_finite(&params, Source::VaeEncoder, || {
         "the VAE encoder's output".to_string()
     })?;
+    if tiny {
+        return scale_latents(engine, params, scaling);
+    }
     if params.ndim() != 4 || params.shape()[1] != 2 * channels {
         return Err(Error::model(
             engine.model.root(),
@@ -107,6 +114,25 @@ pub(super) fn encode_image(
             let std = (0.5 * lv.clamp(-30.0, 20.0)).exp();
             *m += std * z;
         });
+    scale_latents(engine, latents, scaling)
+}
+
+/// Encoded latents scaled for the UNet.
+fn scale_latents(
+    engine: &Engine,
+    mut latents: ArrayD<f32>,
+    scaling: LatentScaling,
+) -> Result<ArrayD<f32>> {
+    let channels = engine.model.vae.latent_channels;
+    if latents.ndim() != 4 || latents.shape()[1] != channels {
+        return Err(Error::model(
+            engine.model.root(),
+            format!(
+                "the VAE encoder's latents have shape {:?}; expected [batch, {channels}, h, w]",
+                latents.shape()
+            ),
+        ));
+    }
     let vae = &engine.model.vae;
     match (scaling, &vae.latents_mean, &vae.latents_std) {
         (LatentScaling::MeanStd, Some(mean), Some(std))

@@ -11,7 +11,7 @@ use super::ip_adapter::{IpAdapter, IpLayout};
 use super::lora::{self, LoraSpec};
 use super::lora_switch::{fingerprint, LoraState};
 use super::options::EngineOptions;
-use super::{resident, Engine, Freeing, ZERO_RESIDUAL_SHAPES};
+use super::{resident, vae_tiny, Engine, Freeing, ZERO_RESIDUAL_SHAPES};
 use crate::control::DepthEstimator;
 use crate::model::ModelDir;
 use crate::runtime::{
@@ -193,7 +193,16 @@ impl Plan<'_> {
             self.releasable(&mut graph, &self.sessions);
             encoders.push(TextEncoder::new(tokenizer, graph, xl)?);
         }
-        let (mut vae_decoder, mut vae_encoder) = load_vaes(self.model, &self.sessions)?;
+        let (mut vae_decoder, mut vae_encoder, tiny_vae) = match &self.options.tiny_vae {
+            None => {
+                let (decoder, encoder) = load_vaes(self.model, &self.sessions)?;
+                (decoder, encoder, None)
+            }
+            Some(source) => {
+                let tiny = vae_tiny::load(source, self.model, &self.sessions)?;
+                (tiny.decoder, tiny.encoder, Some((tiny.config, tiny.dir)))
+            }
+        };
         self.releasable(&mut vae_decoder, &self.sessions);
         if let Some(encoder) = vae_encoder.as_mut() {
             self.releasable(encoder, &self.sessions);
@@ -225,6 +234,7 @@ impl Plan<'_> {
             encoders,
             vae_decoder,
             vae_encoder,
+            tiny_vae,
             depth,
             controlnets,
             ip_adapter,
@@ -257,6 +267,8 @@ struct Rest {
     encoders: Vec<TextEncoder>,
     vae_decoder: Graph,
     vae_encoder: Option<Graph>,
+    /// The tiny VAE's config and directory when it replaces the model's VAE.
+    tiny_vae: Option<(crate::model::VaeConfig, PathBuf)>,
     depth: Option<DepthEstimator>,
     controlnets: Vec<ControlNet>,
     ip_adapter: Option<IpAdapter>,
@@ -379,6 +391,22 @@ fn loaded_prints(
         .collect()
 }
 
+/// A tiny VAE's config becomes the engine's (its scaling factor decodes and encodes); the
+/// note says so.
+fn use_tiny_vae(
+    model: &mut ModelDir,
+    tiny: Option<(crate::model::VaeConfig, PathBuf)>,
+) -> Option<String> {
+    let (config, dir) = tiny?;
+    let note = format!(
+        "VAE: the tiny autoencoder of {} (scaling factor {})",
+        dir.display(),
+        config.scaling_factor
+    );
+    model.vae = config;
+    Some(note)
+}
+
 /// The scheduler's config, checked by building the noise schedule once at load.
 fn scheduler_config(model: &ModelDir) -> Result<TcdConfig> {
     let path = model.root().join("scheduler").join("scheduler_config.json");
@@ -440,7 +468,7 @@ impl Engine {
         };
         let fused = loaded_prints(&model, &overrides);
         let (rest, unet) = plan.load(overrides)?;
-        let notes = dropped_providers
+        let mut notes: Vec<String> = dropped_providers
             .into_iter()
             .chain(plan.unet.note.clone())
             .collect();
@@ -457,6 +485,8 @@ impl Engine {
             low_memory: options.low_memory,
         };
         let sessions = plan.sessions;
+        let mut model = model;
+        notes.extend(use_tiny_vae(&mut model, rest.tiny_vae.clone()));
         let (residuals, ip_layout) = check_unet(&model, &unet, &rest)?;
         // A UNet in segments runs from host memory: its sessions come and go within a step.
         let io_binding = options.io_binding && unet.segment_count() == 0;

@@ -36,6 +36,7 @@ mod options;
 mod request;
 mod resident;
 mod txt2img;
+mod vae_tiny;
 
 pub use controlnet::{ControlImage, ControlNet, ControlPreprocess};
 pub use infotext::parameters_text;
