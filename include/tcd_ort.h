@@ -1052,6 +1052,19 @@ const char *tcd_version(void);
  */
 tcd_status tcd_engine_options_set_tiny_vae(struct tcd_engine_options *options, const char *path);
 
+/**
+ * Decodes (and, for image-to-image and inpainting, encodes) in overlapping tiles of the VAE's
+ * sample size, blended as diffusers' `enable_vae_tiling()` does (`on` nonzero): the VAE's
+ * memory is bounded by a tile whatever the image size; the pixels differ slightly from an
+ * untiled run, as in diffusers. Not with a tiny autoencoder (the generation then fails with
+ * `TCD_ERR_INVALID_ARGUMENT`).
+ *
+ * # Safety
+ *
+ * `request` is NULL or a live handle that no other thread uses during the call.
+ */
+tcd_status tcd_request_set_vae_tiling(struct tcd_request *request, int on);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

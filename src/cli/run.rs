@@ -165,6 +165,10 @@ pub struct RunArgs {
     /// the pixels are the same (default: every image at once, 16 frames at a time).
     #[arg(long, value_name = "N")]
     decode_chunk: Option<usize>,
+    /// Decode (and encode --image) in overlapping tiles of the VAE's sample size, as diffusers'
+    /// enable_vae_tiling(): bounded VAE memory for large images, slightly different pixels.
+    #[arg(long)]
+    vae_tiling: bool,
     /// Replace existing output files. A symbolic link in an output's place is replaced by the
     /// new file; the file it points to is left as it was.
     #[arg(long)]
@@ -368,6 +372,7 @@ fn build_request(args: &RunArgs, seed: u64) -> Result<(GenerateRequest, Task, Ve
         },
         frames: args.frames,
         decode_chunk: args.decode_chunk,
+        vae_tiling: args.vae_tiling,
     };
     request.validate()?;
     Ok((request, task, controlnets))

@@ -70,4 +70,4 @@ pub use request::{
     tcd_task,
 };
 pub use status::{tcd_last_error_message, tcd_status, tcd_status_name, tcd_version};
-pub use vae::tcd_engine_options_set_tiny_vae;
+pub use vae::{tcd_engine_options_set_tiny_vae, tcd_request_set_vae_tiling};

@@ -302,6 +302,10 @@ pub struct VaeConfig {
     pub latents_mean: Option<Vec<f32>>,
     /// Per-channel latent standard deviations (some SDXL fine-tunes).
     pub latents_std: Option<Vec<f32>>,
+    /// The image size the VAE was trained at (a number, or a list whose first entry counts):
+    /// the tile side of VAE tiling.
+    #[serde(default)]
+    pub sample_size: Option<serde_json::Value>,
 }
 
 fn default_vae_blocks() -> Vec<usize> {
@@ -313,6 +317,19 @@ fn default_scaling_factor() -> f32 {
 }
 
 impl VaeConfig {
+    /// diffusers' `tile_sample_min_size`: `sample_size` (its first entry when a list), or
+    /// `AutoencoderKL`'s default 32.
+    pub fn tile_sample_size(&self) -> usize {
+        let size = match &self.sample_size {
+            Some(serde_json::Value::Array(list)) => list.first().and_then(|v| v.as_u64()),
+            Some(v) => v.as_u64(),
+            None => None,
+        };
+        size.and_then(|s| usize::try_from(s).ok())
+            .filter(|s| *s > 0)
+            .unwrap_or(32)
+    }
+
     /// Image pixels per latent pixel along each axis, as diffusers computes it.
     pub fn scale_factor(&self) -> usize {
         // Saturating for configs `ModelDir::open` has not checked (it refuses past 16 blocks).

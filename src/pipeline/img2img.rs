@@ -8,6 +8,7 @@ use ndarray::{concatenate, s, ArrayD, Axis, IxDyn};
 use super::conditioning::Conditioning;
 use super::request::Field;
 use super::txt2img::{check_cancel, denoise, encode_prompts, finish};
+use super::vae_tiling::{tiled, Tiles};
 use super::{vae_tiny, Engine, GenerateRequest, Generated, Progress, Stage};
 use crate::image_io::{image_to_tensor, RgbImage};
 use crate::rng::TorchGenerator;
@@ -56,15 +57,17 @@ pub(super) enum LatentScaling {
 }
 
 /// `vae.encode(image).latent_dist.sample(generator)` scaled for the UNet: one draw of the
-/// mean's shape from `generator`, exactly as diffusers' `DiagonalGaussianDistribution`.
+/// mean's shape from `generator`, exactly as diffusers' `DiagonalGaussianDistribution`; with
+/// `tiling`, the encoder runs in tiles ([`super::vae_tiling`]).
 pub(super) fn encode_image(
     engine: &mut Engine,
     image: &ArrayD<f32>,
     generator: &mut TorchGenerator,
-    scaling: LatentScaling,
+    (scaling, tiling): (LatentScaling, bool),
 ) -> Result<ArrayD<f32>> {
     engine.stage(Stage::Image)?;
     let channels = engine.model.vae.latent_channels;
+    let tiles = tiling.then(|| Tiles::of(&engine.model.vae));
     let Some(encoder) = engine.vae_encoder.as_mut() else {
         return Err(Error::model(
             engine.model.root(),
@@ -79,10 +82,16 @@ pub(super) fn encode_image(
     } else {
         "latent_parameters"
     };
-    let mut out = encoder.run(vec![("sample", TensorInput::F32(image.clone()))], &[output])?;
-    let params = out
-        .pop()
-        .ok_or_else(|| Error::invariant("vae_encoder returned nothing"))?;
+    let mut encode_tile = |part: ArrayD<f32>| -> Result<ArrayD<f32>> {
+        let mut out = encoder.run(vec![("sample", TensorInput::F32(part))], &[output])?;
+        out.pop()
+            .ok_or_else(|| Error::invariant("vae_encoder returned nothing"))
+    };
+    let (h, w) = (image.shape()[2], image.shape()[3]);
+    let params = match tiles {
+        Some(t) if t.tiles_pixels(h, w) => tiled(image, t.sample, t.latent, &mut encode_tile)?,
+        _ => encode_tile(image.clone())?,
+    };
     ensure_finite(&params, Source::VaeEncoder, || {
         "the VAE encoder's output".to_string()
     })?;
@@ -231,7 +240,12 @@ pub(super) fn run(
     } else {
         LatentScaling::Factor
     };
-    let init = encode_image(engine, &pixels, &mut generator, scaling)?;
+    let init = encode_image(
+        engine,
+        &pixels,
+        &mut generator,
+        (scaling, request.vae_tiling),
+    )?;
     let init = repeat_batch(&init, request.num_images)?;
     let noise = generator.randn(init.shape());
     let latents = scheduler.add_noise(&init, &noise, &timesteps[..1])?;

@@ -29,6 +29,9 @@ pub fn parameters_text(
     if let Some(o) = request.original_inference_steps {
         text.push_str(&format!(", Original inference steps: {o}"));
     }
+    if request.vae_tiling {
+        text.push_str(", VAE tiling: True");
+    }
     if let Some(frames) = request.frames {
         text.push_str(&format!(", Frames: {frames}"));
     }

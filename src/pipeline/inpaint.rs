@@ -126,7 +126,12 @@ pub(super) fn run(
     let latent_shape = [n, latent_channels, height / factor, width / factor];
     let mut generator = TorchGenerator::new(request.seed);
     let image_latents = if !concat || !is_strength_max {
-        let encoded = encode_image(engine, &init_image, &mut generator, LatentScaling::Factor)?;
+        let encoded = encode_image(
+            engine,
+            &init_image,
+            &mut generator,
+            (LatentScaling::Factor, request.vae_tiling),
+        )?;
         Some(repeat_batch(&encoded, n)?)
     } else {
         None
@@ -141,7 +146,12 @@ pub(super) fn run(
     };
     let mask_latent = repeat_batch(&nearest(&mask_full, height / factor, width / factor)?, n)?;
     let masked_latents = repeat_batch(
-        &encode_image(engine, &masked_image, &mut generator, LatentScaling::Factor)?,
+        &encode_image(
+            engine,
+            &masked_image,
+            &mut generator,
+            (LatentScaling::Factor, request.vae_tiling),
+        )?,
         n,
     )?;
     let extra = if concat {

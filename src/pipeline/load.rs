@@ -486,6 +486,7 @@ impl Engine {
         };
         let sessions = plan.sessions;
         let mut model = model;
+        let tiny_vae = rest.tiny_vae.is_some();
         notes.extend(use_tiny_vae(&mut model, rest.tiny_vae.clone()));
         let (residuals, ip_layout) = check_unet(&model, &unet, &rest)?;
         // A UNet in segments runs from host memory: its sessions come and go within a step.
@@ -516,6 +517,7 @@ impl Engine {
             lora_state,
             io_binding,
             notes,
+            tiny_vae,
             fixed_shape: options.fixed_shape,
             limits: options.limits,
             low_memory: options.low_memory,

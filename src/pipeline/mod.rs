@@ -36,6 +36,7 @@ mod options;
 mod request;
 mod resident;
 mod txt2img;
+mod vae_tiling;
 mod vae_tiny;
 
 pub use controlnet::{ControlImage, ControlNet, ControlPreprocess};
@@ -139,6 +140,8 @@ pub struct Engine {
     io_binding: bool,
     /// What loading chose that the caller should hear about.
     notes: Vec<String>,
+    /// A tiny autoencoder replaced the model's VAE ([`EngineOptions::tiny_vae`]).
+    tiny_vae: bool,
     fixed_shape: Option<ShapeDims>,
     limits: Limits,
     low_memory: bool,
@@ -436,6 +439,12 @@ impl Engine {
         if request.ip_adapter.is_some() && self.ip_adapter.is_none() {
             return Err(Field::IpAdapterImage.invalid(
                 "is set but the engine loaded no IP-Adapter (EngineOptions::ip_adapter)",
+            ));
+        }
+        if request.vae_tiling && self.tiny_vae {
+            return Err(Field::VaeTiling.invalid(
+                "is not available with a tiny autoencoder (it decodes large images in little \
+                 memory already); leave it off or load the model's VAE",
             ));
         }
         let frames = request::animation_frames(&self.model, request, task)?;

@@ -50,6 +50,11 @@ pub struct GenerateRequest {
     /// smaller bounds the decoder's memory, the pixels are the same. `None` decodes every image
     /// at once and 16 frames at a time (diffusers' defaults).
     pub decode_chunk: Option<usize>,
+    /// Decode (and, for image-to-image and inpainting, encode) in overlapping tiles of the
+    /// VAE's `sample_size`, blended as diffusers' `enable_vae_tiling()` does: the VAE's memory
+    /// is bounded by a tile, whatever the image size. Changes the pixels slightly, as in
+    /// diffusers; not with a tiny VAE.
+    pub vae_tiling: bool,
 }
 
 impl Default for GenerateRequest {
@@ -69,6 +74,7 @@ impl Default for GenerateRequest {
             ip_adapter: None,
             frames: None,
             decode_chunk: None,
+            vae_tiling: false,
         }
     }
 }
@@ -165,6 +171,8 @@ pub enum Field {
     Frames,
     /// [`GenerateRequest::decode_chunk`].
     DecodeChunk,
+    /// [`GenerateRequest::vae_tiling`].
+    VaeTiling,
 }
 
 impl Field {
@@ -190,6 +198,7 @@ impl Field {
             Field::IpAdapterScale => "ip_adapter_scale",
             Field::Frames => "frames",
             Field::DecodeChunk => "decode_chunk",
+            Field::VaeTiling => "vae_tiling",
         }
     }
 

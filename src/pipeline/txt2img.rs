@@ -7,6 +7,7 @@ use super::conditioning::{encode_sd, encode_sdxl, Conditioning, PromptSpec};
 use super::controlnet::{self, ControlState, Residuals};
 use super::finite::{ensure_finite, ensure_step_finite, Source};
 use super::resident::{self, PlacedInputs, Resident};
+use super::vae_tiling::{tiled, Tiles};
 use super::{Engine, GenerateRequest, Generated, Progress, Stage};
 use crate::image_io::vae_output_to_images;
 use crate::rng::TorchGenerator;
@@ -199,11 +200,12 @@ pub(super) fn predict_noise(
 
 /// Decodes final latents into images (diffusers' `vae.decode(latents / scaling_factor)`),
 /// `chunk` images at a time (diffusers' `decode_chunk_size`; each image decodes on its own, so
-/// the pixels do not depend on it), reporting each chunk.
+/// the pixels do not depend on it), reporting each chunk; with `tiling`, each chunk in tiles
+/// ([`super::vae_tiling`]).
 pub(super) fn decode(
     engine: &mut Engine,
     latents: &ArrayD<f32>,
-    chunk: usize,
+    (chunk, tiling): (usize, bool),
     progress: &mut dyn FnMut(Progress) -> bool,
 ) -> Result<ArrayD<f32>> {
     engine.stage(Stage::Decode)?;
@@ -220,13 +222,19 @@ pub(super) fn decode(
     };
     let total = scaled.shape()[0];
     let chunk = chunk.clamp(1, total.max(1));
+    let tiles = tiling.then(|| Tiles::of(&engine.model.vae));
+    let decoder = &mut engine.vae_decoder;
+    let mut decode_tile = |part: ArrayD<f32>| -> Result<ArrayD<f32>> {
+        let mut out = decoder.run(vec![("latent_sample", TensorInput::F32(part))], &["sample"])?;
+        out.pop()
+            .ok_or_else(|| Error::invariant("vae_decoder returned nothing"))
+    };
     let mut run = |part: ArrayD<f32>| -> Result<ArrayD<f32>> {
-        let mut out = engine
-            .vae_decoder
-            .run(vec![("latent_sample", TensorInput::F32(part))], &["sample"])?;
-        let decoded = out
-            .pop()
-            .ok_or_else(|| Error::invariant("vae_decoder returned nothing"))?;
+        let (h, w) = (part.shape()[2], part.shape()[3]);
+        let decoded = match tiles {
+            Some(t) if t.tiles_latents(h, w) => tiled(&part, t.latent, t.sample, &mut decode_tile)?,
+            _ => decode_tile(part)?,
+        };
         ensure_finite(&decoded, Source::VaeDecoder, || {
             "the VAE decoder's output".to_string()
         })?;
@@ -390,7 +398,7 @@ pub(super) fn finish(
 ) -> Result<Generated> {
     check_cancel(progress, Progress::Decoding)?;
     let chunk = request.decode_chunk.unwrap_or(latents.shape()[0]);
-    let decoded = decode(engine, &latents, chunk, progress)?;
+    let decoded = decode(engine, &latents, (chunk, request.vae_tiling), progress)?;
     let images = vae_output_to_images(&decoded)?;
     Ok(Generated {
         images,

@@ -70,6 +70,10 @@ struct Payload {
     mask: Option<String>,
     #[serde(default)]
     inpainting_mask_invert: Option<u8>,
+    /// Decode in tiles (diffusers' `enable_vae_tiling()`); A1111's own `tiling` is another
+    /// thing (seamless textures) and is ignored.
+    #[serde(default)]
+    vae_tiling: bool,
     /// Extension scripts; `controlnet` is read ([`super::controlnet`]), the rest ignored.
     #[serde(default)]
     alwayson_scripts: Option<Value>,
@@ -279,6 +283,7 @@ fn plan(state: &AppState, payload: &Payload) -> Result<Plan, ApiError> {
             height: payload.height,
             num_images: batch,
             control: control.clone(),
+            vae_tiling: payload.vae_tiling,
             ..GenerateRequest::default()
         })
         .collect();

@@ -53,6 +53,8 @@ struct Common {
     guidance: Option<f32>,
     strength: Option<f64>,
     #[serde(default)]
+    vae_tiling: bool,
+    #[serde(default)]
     loras: Vec<NamedLora>,
 }
 
@@ -117,6 +119,7 @@ impl Common {
             width: size.map(|s| s.0),
             height: size.map(|s| s.1),
             num_images: self.n.unwrap_or(1),
+            vae_tiling: self.vae_tiling,
             ..defaults
         };
         Ok((request, loras))
