@@ -32,3 +32,4 @@ mod scheduler;
 #[cfg(target_os = "linux")]
 mod threads;
 mod tokenizer;
+mod vae_tiling;
