@@ -106,10 +106,11 @@ $(VENV_OPTIMUM)/.installed: export/requirements-optimum.txt
 # Canny, the ControlNet-depth guide's depth maps on a tiny hybrid DPT, transformers'
 # CLIPImageProcessor (an IP-Adapter's reference image) with Pillow's resize, float16 exports
 # against diffusers run in float16, tiny plain and plus IP-Adapters with diffusers'
-# load_ip_adapter, and a tiny AnimateDiff motion adapter with TCD and motion LoRAs through
-# diffusers' AnimateDiffPipeline.
+# load_ip_adapter, a tiny AnimateDiff motion adapter with TCD and motion LoRAs through
+# diffusers' AnimateDiffPipeline, a tiny AutoencoderTiny (TAESD) as the SD1.5 pipeline's VAE, and
+# diffusers' VAE tiling (enable_tiling: tiled decode and encode) on the tiny SD1.5 pipeline.
 FIXTURE_NAMES := rng scheduler tokenizer canny depth clip_image parity lora lora_slots img2img \
-	controlnet fp16 optimum ip_adapter animatediff
+	controlnet fp16 optimum ip_adapter animatediff vae_tiny vae_tiling
 fixtures: $(FIXTURE_NAMES:%=fixture-%)
 
 .PHONY: $(FIXTURE_NAMES:%=fixture-%)
@@ -118,8 +119,8 @@ fixture-rng fixture-scheduler fixture-tokenizer fixture-canny: venv
 fixture-depth fixture-clip_image fixture-parity fixture-fp16: venv
 	$(VPY) tests/golden/make_$(@:fixture-%=%).py $(FIXTURES)/$(@:fixture-%=%)
 # These start from the parity fixtures' tiny diffusers pipelines.
-fixture-lora fixture-lora_slots fixture-img2img fixture-controlnet fixture-animatediff: \
-		venv fixture-parity
+fixture-lora fixture-lora_slots fixture-img2img fixture-controlnet fixture-animatediff \
+		fixture-vae_tiny fixture-vae_tiling: venv fixture-parity
 	$(VPY) tests/golden/make_$(@:fixture-%=%).py $(FIXTURES)/$(@:fixture-%=%)
 # Its SD1.5 ControlNet case uses the ControlNet fixtures' controlnet_0.
 fixture-ip_adapter: venv fixture-parity fixture-controlnet

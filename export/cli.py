@@ -1,6 +1,6 @@
 """Command line: `python -m export COMMAND ...`, COMMAND one of `convert`, `animatediff`,
-`controlnet`, `depth`, `ip-adapter`, `tiny`, `tiny-controlnet`, `tiny-depth`, `tiny-ip-adapter`,
-`tiny-motion-adapter`, `full`, `reference` and `segment`.
+`controlnet`, `depth`, `ip-adapter`, `vae-tiny`, `tiny`, `tiny-controlnet`, `tiny-depth`,
+`tiny-ip-adapter`, `tiny-motion-adapter`, `tiny-vae-tiny`, `full`, `reference` and `segment`.
 
 `convert` is the default: `python -m export SOURCE OUT_DIR` means `python -m export convert
 SOURCE OUT_DIR`.
@@ -24,11 +24,13 @@ COMMANDS = (
     "controlnet",
     "depth",
     "ip-adapter",
+    "vae-tiny",
     "tiny",
     "tiny-controlnet",
     "tiny-depth",
     "tiny-ip-adapter",
     "tiny-motion-adapter",
+    "tiny-vae-tiny",
     "full",
     "reference",
     "segment",
@@ -175,6 +177,38 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_attention(cn)
 
+    vt = sub.add_parser(
+        "vae-tiny",
+        help="export a diffusers AutoencoderTiny (TAESD: dir or hub id, e.g. madebyollin/taesd, "
+        "madebyollin/taesdxl) to vae_decoder/ and vae_encoder/ for the engine's tiny VAE",
+    )
+    vt.add_argument("source", help="diffusers AutoencoderTiny dir or hub id")
+    vt.add_argument("out_dir", type=pathlib.Path, help="directory to write")
+    vt.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    vt.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    vt.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16"),
+        default="fp32",
+        help="dtype of the weights and the inputs/outputs (default fp32)",
+    )
+
+    tv = sub.add_parser(
+        "tiny-vae-tiny",
+        help="write a random-weight AutoencoderTiny for a tiny pipeline (same latent channels "
+        "and scale factor as its VAE; save_pretrained layout)",
+    )
+    tv.add_argument(
+        "--vae",
+        type=pathlib.Path,
+        required=True,
+        metavar="PIPELINE_DIR",
+        help="a pipeline written by `python -m export tiny` (its vae/ config)",
+    )
+    tv.add_argument("out_dir", type=pathlib.Path)
+    tv.add_argument("--seed", type=int, default=0)
+    tv.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+
     tc = sub.add_parser(
         "tiny-controlnet",
         help="write a random-weight ControlNetModel for a tiny pipeline (from_unet of its UNet)",
@@ -309,6 +343,11 @@ def _parser() -> argparse.ArgumentParser:
         "only; cases add \"frames\" and \"decode_chunk\", see export/reference_animatediff.py)",
     )
     r.add_argument("--cases", type=pathlib.Path, help="JSON list of cases (batch mode)")
+    r.add_argument(
+        "--vae-tiny",
+        metavar="DIR_OR_ID",
+        help="replace the pipeline's VAE with this diffusers AutoencoderTiny (TAESD)",
+    )
     r.add_argument("--prompt")
     r.add_argument("--negative-prompt", default=None)
     r.add_argument("--steps", type=int, default=4)
@@ -465,6 +504,22 @@ def main(argv: list[str] | None = None) -> int:
                 dtype=args.dtype,
                 attention=args.attention,
             )
+        elif args.command == "vae-tiny":
+            from export.vae_tiny import export_vae_tiny
+
+            export_vae_tiny(args.source, args.out_dir, args.opset, args.overwrite, args.dtype)
+        elif args.command == "tiny-vae-tiny":
+            import shutil
+
+            from export.vae_tiny import build_tiny_vae_tiny
+
+            _check_out_dir(parser, args.out_dir, args.overwrite)
+            if args.out_dir.exists():
+                shutil.rmtree(args.out_dir)
+            build_tiny_vae_tiny(args.vae, args.out_dir, args.seed)
+            logging.getLogger("export").info(
+                "wrote tiny AutoencoderTiny for %s to %s", args.vae, args.out_dir
+            )
         elif args.command == "tiny-controlnet":
             import shutil
 
@@ -556,6 +611,8 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("--parts must be at least 1")
             segment_model_dir(args.model_dir, args.parts)
         elif args.command == "reference" and args.motion_adapter is not None:
+            if args.vae_tiny is not None:
+                parser.error("--vae-tiny does not apply to --motion-adapter runs")
             from export import reference_animatediff
 
             reference_animatediff.run_from_args(args, parser)

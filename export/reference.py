@@ -96,6 +96,13 @@ examples do, and batch mode saves it as `<name>_control_<i>.png`. Extra intermed
   graph's `down_block_additional_residual_{j}` / `mid_block_additional_residual` take), with the
   guidance batch (negative half first) when guidance runs: [batch, C_j, h_j, w_j].
 
+Tiny VAE: `--vae-tiny DIR_OR_ID` sets `pipe.vae` to that `AutoencoderTiny` (TAESD) before
+anything runs, so every task decodes (and image tasks encode) with it. Its encoder returns
+latents, not a distribution: diffusers' `retrieve_latents` takes them as they are and draws
+nothing from the generator, so the noise comes first out of it. The intermediates then have
+`image_encoder_latents` / `masked_image_encoder_latents` (the `vae_encoder` graph's `latents`,
+[1, C, h, w], before `scaling_factor`) instead of the `*_latent_parameters`.
+
 IP-Adapter (batch mode, any task): a case with `"ip_adapter": {"path", "subfolder",
 "weight_name"}`, `"ip_adapter_image"` and `"ip_adapter_scale"` runs with diffusers'
 `load_ip_adapter` / `set_ip_adapter_scale` and `ip_adapter_image=`; the fields and the extra
@@ -316,11 +323,17 @@ class Result:
     control_images: list[Any] = field(default_factory=list)
 
 
-def load_reference_pipeline(model: str) -> Any:
+def load_reference_pipeline(model: str, vae_tiny: str | None = None) -> Any:
+    """The pipeline with TCDScheduler; `vae_tiny` (an AutoencoderTiny dir or hub id) replaces
+    its VAE, as `pipe.vae = AutoencoderTiny.from_pretrained(...)` does for a diffusers user."""
     from diffusers import TCDScheduler
 
     pipe = load_pipeline(model)
     pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
+    if vae_tiny is not None:
+        from export.vae_tiny import load_vae_tiny
+
+        pipe.vae = load_vae_tiny(vae_tiny).eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -515,8 +528,10 @@ def run_case(
     def vae_encode(fn: Any) -> Any:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             out = fn(*args, **kwargs)
-            if phase:
+            if phase and hasattr(out, "latent_dist"):
                 extra[f"{phase[-1]}_latent_parameters"] = _np(out.latent_dist.parameters)
+            elif phase:  # AutoencoderTiny: latents, no distribution
+                extra[f"{phase[-1]}_encoder_latents"] = _np(out.latents)
             return out
 
         return wrapped
@@ -661,7 +676,9 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         names = [c.name for c in cases]
         if len(set(names)) != len(names):
             parser.error(f"--cases {args.cases}: case names must be unique")
-        run_batch(args.model, cases, args.out_dir, args.cases.parent, args.image_dir)
+        run_batch(
+            args.model, cases, args.out_dir, args.cases.parent, args.image_dir, args.vae_tiny
+        )
         return
 
     if args.prompt is None:
@@ -686,7 +703,7 @@ def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         case.loras = [_cli_lora(s) for s in args.lora]
     case.fuse = bool(args.fuse_lora)
     case.validate("reference")
-    pipe = load_reference_pipeline(args.model)
+    pipe = load_reference_pipeline(args.model, args.vae_tiny)
     apply_loras(pipe, case.lora_specs(pathlib.Path.cwd()), case.fuse)
     result = run_case(pipe, case, args.image_dir)
     if args.out_image is not None:
@@ -715,9 +732,11 @@ def run_batch(
     out_dir: pathlib.Path,
     base: pathlib.Path | None = None,
     image_base: pathlib.Path | None = None,
+    vae_tiny: str | None = None,
 ) -> None:
     """Run `cases` on one pipeline; LoRA files in cases are relative to `base` (the cases file's
-    directory), image and mask files to `image_base` (default `base`)."""
+    directory), image and mask files to `image_base` (default `base`); `vae_tiny` replaces the
+    pipeline's VAE with that AutoencoderTiny."""
     import logging
 
     log = logging.getLogger("export")
@@ -732,7 +751,7 @@ def run_batch(
         reference_ip.check_files(case, base, image_base)
     controlnets: dict[str, Any] = {}
     ip_adapters = reference_ip.Loaded()
-    pipe = load_reference_pipeline(model)
+    pipe = load_reference_pipeline(model, vae_tiny)
     out_dir.mkdir(parents=True, exist_ok=True)
     for n, case in enumerate(cases):
         if specs[n]:
@@ -745,7 +764,7 @@ def run_batch(
                 if case.fuse and n + 1 < len(cases):
                     # unfuse_lora subtracts the delta back, leaving rounding noise in the base
                     # weights; a fresh pipeline keeps the later cases exact.
-                    pipe = load_reference_pipeline(model)
+                    pipe = load_reference_pipeline(model, vae_tiny)
                 else:
                     pipe.unload_lora_weights()
         result.images[0].save(out_dir / f"{case.name}.png")

@@ -302,10 +302,13 @@ fn check_unet(
     }
     unet.require_inputs(&required)?;
     check_motion(model, unet, rest)?;
+    // A tiny VAE is not the model's export: `vae_tiny::load` checked its graphs.
+    let vaes = match rest.tiny_vae {
+        None => Some(&rest.vae_decoder).into_iter().chain(&rest.vae_encoder),
+        Some(_) => None.into_iter().chain(&None),
+    };
     let graphs = rest.encoders.iter().map(|e| &e.graph);
-    let graphs = graphs
-        .chain([unet, &rest.vae_decoder])
-        .chain(&rest.vae_encoder);
+    let graphs = graphs.chain([unet]).chain(vaes);
     for graph in graphs {
         check_manifest(model, graph)?;
     }

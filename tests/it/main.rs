@@ -33,3 +33,4 @@ mod scheduler;
 mod threads;
 mod tokenizer;
 mod vae_tiling;
+mod vae_tiny;

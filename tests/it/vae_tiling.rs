@@ -48,26 +48,41 @@ fn tiled(case: &Case) -> GenerateRequest {
 fn vae_tiling_matches_diffusers_enable_tiling() {
     let dir = root().join("sd15");
     let cases: Vec<Case> = read_cases(&dir, "VAE tiling");
-    assert!(cases.iter().any(|c| c.extra.image.is_some()), "an encode case");
-    assert!(cases.iter().any(|c| !c.extra.decode_tiled), "an untiled size");
+    assert!(
+        cases.iter().any(|c| c.extra.image.is_some()),
+        "an encode case"
+    );
+    assert!(
+        cases.iter().any(|c| !c.extra.decode_tiled),
+        "an untiled size"
+    );
     let model = suite_model(&root(), "sd15");
     let mut engine = Engine::load(model.to_string_lossy(), &EngineOptions::default())
         .unwrap_or_else(|e| panic!("{}: {e}; run `make fixtures`", model.display()));
-    check_cases("VAE tiling", &cases, &dir.join("reference"), |case, report| {
-        let out = engine.run(&tiled(case), &task(case), &mut |_| true)?;
-        // The same request untiled: different pixels exactly where diffusers tiles.
-        let plain = engine.run(&case.request(), &task(case), &mut |_| true)?;
-        let differs = out.images != plain.images;
-        if differs != case.extra.decode_tiled {
-            report.fail(format!(
-                "{}: tiling {} the pixels, diffusers {} this size",
-                case.name,
-                if differs { "changed" } else { "did not change" },
-                if case.extra.decode_tiled { "tiles" } else { "does not tile" }
-            ));
-        }
-        Ok(out)
-    });
+    check_cases(
+        "VAE tiling",
+        &cases,
+        &dir.join("reference"),
+        |case, report| {
+            let out = engine.run(&tiled(case), &task(case), &mut |_| true)?;
+            // The same request untiled: different pixels exactly where diffusers tiles.
+            let plain = engine.run(&case.request(), &task(case), &mut |_| true)?;
+            let differs = out.images != plain.images;
+            if differs != case.extra.decode_tiled {
+                report.fail(format!(
+                    "{}: tiling {} the pixels, diffusers {} this size",
+                    case.name,
+                    if differs { "changed" } else { "did not change" },
+                    if case.extra.decode_tiled {
+                        "tiles"
+                    } else {
+                        "does not tile"
+                    }
+                ));
+            }
+            Ok(out)
+        },
+    );
 }
 
 /// A tiny autoencoder has no tiling here: a clear refusal naming the field.
@@ -88,6 +103,8 @@ fn vae_tiling_with_a_tiny_vae_is_refused() {
         vae_tiling: true,
         ..GenerateRequest::default()
     };
-    let err = engine.generate(&request, &mut |_| true).expect_err("refused");
+    let err = engine
+        .generate(&request, &mut |_| true)
+        .expect_err("refused");
     assert!(err.to_string().starts_with("vae_tiling "), "{err}");
 }
