@@ -2,6 +2,7 @@
 //! Errors are printed on one line and end the process with a non-zero status.
 
 mod animation;
+mod decode;
 mod engine_args;
 mod interrupt;
 mod memory;
@@ -29,6 +30,8 @@ struct Cli {
 enum Command {
     /// Generate images from a prompt.
     Run(Box<run::RunArgs>),
+    /// Decode latents saved with `run --save-latents` into PNGs.
+    Decode(Box<decode::DecodeArgs>),
     /// Serve the AUTOMATIC1111 and OpenAI image APIs over HTTP.
     #[cfg(feature = "server")]
     Serve(Box<serve::ServeArgs>),
@@ -47,6 +50,7 @@ pub fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Run(args) => run::run(*args),
+        Command::Decode(args) => decode::decode(*args),
         #[cfg(feature = "server")]
         Command::Serve(args) => serve::serve(*args),
     };

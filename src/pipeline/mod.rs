@@ -479,6 +479,31 @@ impl Engine {
         Ok(generated)
     }
 
+    /// Decodes final latents (`[batch, channels, h, w]`, as [`Generated::latents`] or
+    /// `--save-latents` holds them, before the VAE's scaling) into images, as a generation's
+    /// last stage does with `request`'s [`GenerateRequest::decode_chunk`] and
+    /// [`GenerateRequest::vae_tiling`] (its other fields are not read).
+    pub fn decode_latents(
+        &mut self,
+        latents: &ndarray::ArrayD<f32>,
+        request: &GenerateRequest,
+    ) -> Result<Vec<RgbImage>> {
+        let channels = self.model.vae.latent_channels;
+        if latents.ndim() != 4 || latents.shape()[1] != channels || latents.is_empty() {
+            return Err(Error::invalid(format!(
+                "latents of shape {:?} cannot be decoded: the VAE takes [batch, {channels}, \
+                 height, width]",
+                latents.shape()
+            )));
+        }
+        if request.vae_tiling && self.tiny_vae {
+            return Err(Field::VaeTiling.invalid("is not available with a tiny autoencoder"));
+        }
+        let chunk = request.decode_chunk.unwrap_or(latents.shape()[0]);
+        let decoded = txt2img::decode(self, latents, (chunk, request.vae_tiling), &mut |_| true)?;
+        crate::image_io::vae_output_to_images(&decoded)
+    }
+
     /// diffusers' truncation warning, for the prompt and the negative prompt, when one runs
     /// past what a text encoder reads: the start of the dropped part, on one line.
     fn prompt_warnings(&self, request: &GenerateRequest) -> Result<Vec<String>> {

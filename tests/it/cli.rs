@@ -809,3 +809,64 @@ fn serve_refuses_bad_flags() {
         assert_fails_with(&tcd(&args), needle);
     }
 }
+
+/// `tcd-ort decode` on `run --save-latents`'s latents gives `run`'s pixels, tiled or not.
+#[test]
+fn decode_gives_the_pixels_of_run() {
+    let dir = std::env::temp_dir().join(format!("tcd-ort-decode-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let model = demo_model();
+    let model = model.to_string_lossy();
+    for tiling in [false, true] {
+        let png = dir.join(format!("run-{tiling}.png"));
+        let npy = dir.join(format!("run-{tiling}.npy"));
+        let decoded = dir.join(format!("decoded-{tiling}.png"));
+        let (png_s, npy_s, decoded_s) = (
+            png.to_string_lossy(),
+            npy.to_string_lossy(),
+            decoded.to_string_lossy(),
+        );
+        let mut args = base_args(&model, &png_s);
+        args.extend(["--width", "128", "--height", "96", "--save-latents", &npy_s]);
+        let mut decode = vec![
+            "decode",
+            "--model",
+            &model,
+            "--latents",
+            &npy_s,
+            "--output",
+            &decoded_s,
+        ];
+        if tiling {
+            args.push("--vae-tiling");
+            decode.push("--vae-tiling");
+        }
+        let out = tcd(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let out = tcd(&decode);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(
+            read_png_rgb(&png),
+            read_png_rgb(&decoded),
+            "tiling {tiling}"
+        );
+    }
+    let bad = dir.join("bad.npy");
+    std::fs::write(&bad, b"not npy").expect("write");
+    let bad_s = bad.to_string_lossy();
+    let out_s = dir.join("x.png");
+    let out_s = out_s.to_string_lossy();
+    assert_fails_with(
+        &tcd(&[
+            "decode",
+            "--model",
+            &model,
+            "--latents",
+            &bad_s,
+            "--output",
+            &out_s,
+        ]),
+        "--latents",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
