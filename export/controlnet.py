@@ -28,7 +28,6 @@ sums several ControlNets' outputs as `MultiControlNetModel` does.
 
 from __future__ import annotations
 
-import json
 import logging
 import pathlib
 import shutil
@@ -42,7 +41,7 @@ from export.convert import DTYPE_NAMES, torch_dtype
 from export.errors import UserError
 from export.manifest import build_controlnet_manifest, write_manifest
 from export.onnx_io import Io, export_component, module_dtype
-from export.sources import looks_like_hub_id
+from export.sources import load_model
 from export.unet import controlnet_residual_shapes
 
 log = logging.getLogger("export")
@@ -107,30 +106,7 @@ def load_controlnet(source: str) -> Any:
     `controlnet/` folder) or a hub id, in float32 on CPU."""
     from diffusers import ControlNetModel
 
-    path = pathlib.Path(source).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").exists() and (path / "controlnet" / "config.json").exists():
-            path = path / "controlnet"
-        cfg_path = path / "config.json"
-        if not cfg_path.exists():
-            raise UserError(
-                f"{source}: not a diffusers ControlNetModel directory (no config.json); pass a "
-                "directory written by ControlNetModel.save_pretrained or a hub id"
-            )
-        try:
-            cls = json.loads(cfg_path.read_text(encoding="utf-8")).get("_class_name")
-        except (json.JSONDecodeError, AttributeError):
-            cls = None
-        if cls != CONTROLNET_CLASS:
-            raise UserError(
-                f"{source}: config.json is a {cls or 'unknown'} config, not a {CONTROLNET_CLASS}"
-            )
-        return ControlNetModel.from_pretrained(path, torch_dtype=torch.float32)
-    if path.exists():
-        raise UserError(f"{source}: expected a diffusers ControlNetModel directory")
-    if looks_like_hub_id(source):
-        return ControlNetModel.from_pretrained(source, torch_dtype=torch.float32)
-    raise UserError(f"{source}: no such file or directory (and not a hub id like 'owner/name')")
+    return load_model(source, ControlNetModel, "controlnet", "lllyasviel/sd-controlnet-canny")
 
 
 def export_controlnet_model(

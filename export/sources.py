@@ -25,6 +25,41 @@ def looks_like_hub_id(source: str) -> bool:
     )
 
 
+def load_model(source: str, cls: Any, subfolder: str, example: str) -> Any:
+    """A diffusers model of class `cls` (ControlNetModel, AutoencoderTiny, ...) from a local
+    directory (its own, or a pipeline's with a `subfolder/` holding one) or a hub id, in float32
+    on CPU. A directory holding another class is a one-line UserError; `example` is a hub id to
+    suggest."""
+    import torch
+
+    name = cls.__name__
+    path = pathlib.Path(source).expanduser()
+    if path.is_dir():
+        where = "config.json"
+        if not (path / where).exists() and (path / subfolder / where).exists():
+            path, where = path / subfolder, f"{subfolder}/config.json"
+        cfg_path = path / "config.json"
+        if not cfg_path.exists():
+            raise UserError(
+                f"{source}: not a diffusers {name} directory (no config.json); pass a directory "
+                f"written by {name}.save_pretrained or a hub id such as {example}"
+            )
+        try:
+            found = json.loads(cfg_path.read_text(encoding="utf-8")).get("_class_name")
+        except (json.JSONDecodeError, AttributeError):
+            found = None
+        if found != name:
+            raise UserError(
+                f"{source}: {where} is the config of {found or 'an unknown class'}, not of {name}"
+            )
+        return cls.from_pretrained(path, torch_dtype=torch.float32)
+    if path.exists():
+        raise UserError(f"{source}: expected a diffusers {name} directory")
+    if looks_like_hub_id(source):
+        return cls.from_pretrained(source, torch_dtype=torch.float32)
+    raise UserError(f"{source}: no such file or directory (and not a hub id like 'owner/name')")
+
+
 def _single_file_is_sdxl(path: pathlib.Path) -> bool:
     from safetensors import safe_open
 

@@ -37,7 +37,6 @@ the main manifest.
 
 from __future__ import annotations
 
-import json
 import logging
 import pathlib
 import shutil
@@ -52,22 +51,14 @@ from export.errors import UserError
 from export.layout import ONNX_FILE
 from export.manifest import FORMAT_VERSION, describe_component, exporter_info, write_manifest
 from export.onnx_io import Io, export_component, module_dtype
-from export.sources import looks_like_hub_id
+from export.sources import load_model
+from export.vae import _Decoder
 
 log = logging.getLogger("export")
 
 TINY_VAE_CLASS = "AutoencoderTiny"
 KIND = "vae-tiny"
 DECODER, ENCODER = "vae_decoder", "vae_encoder"
-
-
-class _Decoder(torch.nn.Module):
-    def __init__(self, vae: torch.nn.Module) -> None:
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
 class _Encoder(torch.nn.Module):
@@ -89,33 +80,7 @@ def load_vae_tiny(source: str) -> Any:
     folder holding one) or a hub id, in float32 on CPU."""
     from diffusers import AutoencoderTiny
 
-    path = pathlib.Path(source).expanduser()
-    if path.is_dir():
-        where = "config.json"
-        if not (path / where).exists() and (path / "vae" / where).exists():
-            path, where = path / "vae", "vae/config.json"
-        cfg_path = path / "config.json"
-        if not cfg_path.exists():
-            raise UserError(
-                f"{source}: not a diffusers AutoencoderTiny directory (no config.json); pass a "
-                "directory written by AutoencoderTiny.save_pretrained or a hub id such as "
-                "madebyollin/taesd"
-            )
-        try:
-            cls = json.loads(cfg_path.read_text(encoding="utf-8")).get("_class_name")
-        except (json.JSONDecodeError, AttributeError):
-            cls = None
-        if cls != TINY_VAE_CLASS:
-            raise UserError(
-                f"{source}: {where} is the config of {cls or 'an unknown class'}, not of "
-                f"{TINY_VAE_CLASS}"
-            )
-        return AutoencoderTiny.from_pretrained(path, torch_dtype=torch.float32)
-    if path.exists():
-        raise UserError(f"{source}: expected a diffusers AutoencoderTiny directory")
-    if looks_like_hub_id(source):
-        return AutoencoderTiny.from_pretrained(source, torch_dtype=torch.float32)
-    raise UserError(f"{source}: no such file or directory (and not a hub id like 'owner/name')")
+    return load_model(source, AutoencoderTiny, "vae", "madebyollin/taesd")
 
 
 def _prepare(vae: torch.nn.Module) -> None:

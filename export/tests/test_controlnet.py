@@ -334,7 +334,7 @@ def test_cli_errors(sd15, tmp_path, cli_in_process):
         (["controlnet", "/nonexistent/controlnet", out], "no such file or directory"),
         # A pipeline directory (no ControlNet in it) and a UNet directory are not ControlNets.
         (["controlnet", sd15.src, out], "not a diffusers ControlNetModel directory"),
-        (["controlnet", sd15.src / "unet", out], "UNet2DConditionModel config, not a Control"),
+        (["controlnet", sd15.src / "unet", out], "UNet2DConditionModel, not of ControlNetModel"),
         (["tiny-controlnet", "--unet", tmp_path, out], "not a diffusers pipeline directory"),
         (["tiny-controlnet", out], "--unet"),
     ]
