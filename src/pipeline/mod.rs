@@ -23,6 +23,7 @@
 mod animatediff;
 pub mod conditioning;
 mod controlnet;
+mod field;
 mod finite;
 mod img2img;
 mod infotext;

@@ -11,6 +11,7 @@ use crate::runtime::ShapeDims;
 use crate::{Error, Result};
 
 use super::controlnet::{ControlImage, ControlPreprocess};
+pub use super::field::Field;
 use super::ip_adapter::IpAdapterImage;
 use super::limits::Limits;
 
@@ -125,96 +126,6 @@ pub enum InpaintMode {
     Blend,
     /// A 9-channel inpainting UNet (latents, mask and masked-image latents).
     Unet,
-}
-
-/// A field of a request, as the library names it. A refused value is an
-/// [`Error::InvalidField`] naming one; front ends show it under their own name
-/// ([`Field::name`] is the library's, and the field of [`GenerateRequest`] or [`Task`]).
-#[non_exhaustive]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Field {
-    /// [`GenerateRequest::steps`].
-    Steps,
-    /// [`GenerateRequest::eta`].
-    Eta,
-    /// [`GenerateRequest::guidance`].
-    Guidance,
-    /// [`GenerateRequest::width`].
-    Width,
-    /// [`GenerateRequest::height`].
-    Height,
-    /// [`GenerateRequest::num_images`].
-    NumImages,
-    /// [`GenerateRequest::original_inference_steps`].
-    OriginalInferenceSteps,
-    /// The strength of [`Task::ImageToImage`] and [`Task::Inpaint`].
-    Strength,
-    /// The input image of [`Task::ImageToImage`] and [`Task::Inpaint`].
-    Image,
-    /// The mode of [`Task::Inpaint`].
-    InpaintMode,
-    /// [`ControlImage::image`].
-    ControlImage,
-    /// [`ControlImage::scale`].
-    ControlScale,
-    /// [`ControlImage::start`].
-    ControlStart,
-    /// [`ControlImage::end`].
-    ControlEnd,
-    /// The thresholds of [`ControlPreprocess::Canny`].
-    CannyThresholds,
-    /// [`IpAdapterImage::image`].
-    IpAdapterImage,
-    /// [`IpAdapterImage::scale`].
-    IpAdapterScale,
-    /// [`GenerateRequest::frames`].
-    Frames,
-    /// [`GenerateRequest::decode_chunk`].
-    DecodeChunk,
-    /// [`GenerateRequest::vae_tiling`].
-    VaeTiling,
-}
-
-impl Field {
-    /// The library's name of the field (the Rust field's name).
-    pub fn name(self) -> &'static str {
-        match self {
-            Field::Steps => "steps",
-            Field::Eta => "eta",
-            Field::Guidance => "guidance",
-            Field::Width => "width",
-            Field::Height => "height",
-            Field::NumImages => "num_images",
-            Field::OriginalInferenceSteps => "original_inference_steps",
-            Field::Strength => "strength",
-            Field::Image => "image",
-            Field::InpaintMode => "inpaint_mode",
-            Field::ControlImage => "control_image",
-            Field::ControlScale => "control_scale",
-            Field::ControlStart => "control_start",
-            Field::ControlEnd => "control_end",
-            Field::CannyThresholds => "canny_thresholds",
-            Field::IpAdapterImage => "ip_adapter_image",
-            Field::IpAdapterScale => "ip_adapter_scale",
-            Field::Frames => "frames",
-            Field::DecodeChunk => "decode_chunk",
-            Field::VaeTiling => "vae_tiling",
-        }
-    }
-
-    /// A refusal of this field: `message` follows the field's name (`must be at least 1`).
-    pub fn invalid(self, message: impl Into<String>) -> Error {
-        Error::InvalidField {
-            field: self,
-            message: message.into(),
-        }
-    }
-}
-
-impl std::fmt::Display for Field {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
 }
 
 /// The smallest multiple every output side must be, whatever the model (diffusers' pipelines
