@@ -337,9 +337,12 @@ pub fn serve(
         let address = listener
             .local_addr()
             .map_err(|e| Error::io(options.listen.to_string(), e))?;
+        // Listening for signals before saying so: a SIGTERM right after the `ready` line must
+        // stop the server gracefully, not kill it.
+        let signals = Signals::install()?;
         ready(address);
         let app = router(state.clone(), options.max_body);
-        let shutdown = shutdown_signal(state.clone(), options.shutdown_grace);
+        let shutdown = shutdown_signal(signals, state.clone(), options.shutdown_grace);
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await
@@ -353,27 +356,49 @@ pub fn serve(
     served
 }
 
+/// SIGTERM and Ctrl-C (SIGINT), caught from the moment this is made.
+struct Signals {
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers (inside the runtime).
+    fn install() -> Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let fail = |e| Error::io("the signal handlers", e);
+            Ok(Signals {
+                terminate: signal(SignalKind::terminate()).map_err(fail)?,
+                interrupt: signal(SignalKind::interrupt()).map_err(fail)?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    /// Resolves on the first signal.
+    async fn recv(mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.terminate.recv() => {},
+            _ = self.interrupt.recv() => {},
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = &mut self;
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
 /// Resolves on SIGTERM or Ctrl-C: new work is refused from then on, and after `grace` the
 /// accepted work still running is stopped (its requests answered 503).
-async fn shutdown_signal(state: AppState, grace: Duration) {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = terminate => {},
-    }
+async fn shutdown_signal(signals: Signals, state: AppState, grace: Duration) {
+    signals.recv().await;
     state.draining.store(true, Ordering::SeqCst);
     state.queue.close();
     let queue = state.queue.clone();

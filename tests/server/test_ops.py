@@ -142,3 +142,14 @@ def test_timeout_answers_504_and_frees_the_worker(_binary_ok, http, size):
         assert 'tcd_jobs_total{outcome="stopped"} 1' in metrics, metrics
     finally:
         assert s.stop() == 0, s.stderr()
+
+
+def test_sigterm_right_after_ready_is_graceful(_binary_ok):
+    """The signal handlers are in place before the `listening on` line: a supervisor that stops
+    the server at once gets exit status 0, never the default kill (-15)."""
+    from serverlib import Server
+
+    for _ in range(5):
+        s = Server(["--shutdown-grace", "5"])
+        rc = s.stop()
+        assert rc == 0, f"exit {rc}\n{s.stderr()}"
