@@ -23,7 +23,8 @@ pub struct SessionArgs {
     opt_level: OptLevel,
     /// Cache ONNX Runtime's optimised graphs here so later starts skip optimisation: a
     /// directory, `auto` ($XDG_CACHE_HOME/tcd-ort/sessions or ~/.cache/tcd-ort/sessions) or
-    /// `off`. Graphs with LoRA weights and TensorRT/DirectML/CoreML sessions are never cached.
+    /// `off`. Graphs with fused LoRA weights and TensorRT/DirectML/CoreML sessions are never
+    /// cached (LoRAs in the run-time slots of a `--lora-slots` export keep the cache).
     #[arg(long, value_name = "DIR|auto|off", default_value = "off")]
     session_cache: SessionCache,
     /// ONNX Runtime's memory arena for the CPU provider: on is faster (fewer page faults),

@@ -184,9 +184,24 @@ pub struct LoraSlots {
     pub lora_a: String,
     /// Initializer name pattern of B, with `{module}` for the module path.
     pub lora_b: String,
+    /// The slots are also graph inputs ("overridable" initializers): a loaded session takes
+    /// their values with every run, so LoRAs change without building it again.
+    #[serde(default)]
+    pub overridable: bool,
 }
 
 impl LoraSlots {
+    /// Every slot initializer's name.
+    pub fn tensor_names(&self) -> std::collections::HashSet<String> {
+        self.modules
+            .iter()
+            .flat_map(|m| {
+                let (a, b) = self.names(m);
+                [a, b]
+            })
+            .collect()
+    }
+
     /// The initializer names of `module`'s A and B.
     pub fn names(&self, module: &str) -> (String, String) {
         (

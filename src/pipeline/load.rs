@@ -362,25 +362,42 @@ fn check_motion(model: &ModelDir, unet: &Graph, rest: &Rest) -> Result<()> {
     }
 }
 
+/// The UNet's LoRA slot values, taken out of `overrides` when the export lets a loaded session
+/// take them at run time (the manifest's `lora_slots.unet.overridable`): the session is then
+/// built without replaced weights (so the session cache and segments serve it) and the slots
+/// are fed to it ([`Graph::swap_weights`]), as [`Engine::set_loras`] does later.
+fn run_time_slots(
+    model: &ModelDir,
+    overrides: &mut BTreeMap<String, Vec<WeightOverride>>,
+) -> Vec<WeightOverride> {
+    let Some(slots) = model
+        .manifest()
+        .and_then(|m| m.lora_slots.get("unet"))
+        .filter(|s| s.overridable)
+    else {
+        return Vec::new();
+    };
+    let names = slots.tensor_names();
+    let Some(unet) = overrides.get_mut("unet") else {
+        return Vec::new();
+    };
+    let (fed, built): (Vec<_>, Vec<_>) = std::mem::take(unet)
+        .into_iter()
+        .partition(|w| names.contains(&w.name));
+    *unet = built;
+    fed
+}
+
 /// The fingerprints of the fused weights each graph is built with ([`LoraState::fused`]): the
 /// UNet's LoRA slots are left out, since its session takes them at run time.
 fn loaded_prints(
     model: &ModelDir,
     overrides: &BTreeMap<String, Vec<WeightOverride>>,
 ) -> BTreeMap<String, u64> {
-    let slots: std::collections::HashSet<String> = model
+    let slots = model
         .manifest()
         .and_then(|m| m.lora_slots.get("unet"))
-        .map(|slots| {
-            slots
-                .modules
-                .iter()
-                .flat_map(|m| {
-                    let (a, b) = slots.names(m);
-                    [a, b]
-                })
-                .collect()
-        })
+        .map(|slots| slots.tensor_names())
         .unwrap_or_default();
     overrides
         .iter()
@@ -440,12 +457,13 @@ impl Engine {
         let ort_library = runtime::ensure_loaded(options.ort_lib.as_deref())?;
         let (providers, dropped_providers) = runtime::select_providers(&options.providers)?;
         let loras = lora_specs(&model, options);
-        let (overrides, lora_report) = lora::weight_overrides(
+        let (mut overrides, lora_report) = lora::weight_overrides(
             &model,
             &loras,
             options.lora_weight_name.as_deref(),
             options.lora_allow_unmatched,
         )?;
+        let fed_slots = run_time_slots(&model, &mut overrides);
         let mut sessions = session_options(&model, &providers, options)?;
         // Only the denoisers are fixed: they run every step and their batch is known.
         let mut denoisers = SessionOptions {
@@ -470,7 +488,8 @@ impl Engine {
             unet,
         };
         let fused = loaded_prints(&model, &overrides);
-        let (rest, unet) = plan.load(overrides)?;
+        let (rest, mut unet) = plan.load(overrides)?;
+        unet.swap_weights(fed_slots)?;
         let mut notes: Vec<String> = dropped_providers
             .into_iter()
             .chain(plan.unet.note.clone())

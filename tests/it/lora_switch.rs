@@ -199,3 +199,45 @@ fn c_hosts_switch_loras_on_a_loaded_engine() {
         tcd_engine_free(engine);
     }
 }
+
+/// On a model whose slots are run-time inputs, load-time LoRAs go into the slots by feeding
+/// them: the UNet is built without replaced weights, so the session cache serves it (a start
+/// with the TCD LoRA from the cache instead of optimising the UNet again), same images.
+#[test]
+fn slot_loras_at_load_keep_the_session_cache() {
+    use tcd_ort::runtime::{CacheStatus, SessionCache};
+
+    let dir = slots_dir("sd15");
+    let cache = std::env::temp_dir().join(format!("tcd-ort-slot-cache-{}", std::process::id()));
+    let cases = read_cases::<Loras>(&dir, "LoRA slot");
+    let case = cases
+        .iter()
+        .find(|c| {
+            !c.extra.loras.is_empty() && c.extra.loras.iter().all(|l| l.file.starts_with("tcd"))
+        })
+        .expect("a TCD-only case");
+    let options = EngineOptions {
+        session_cache: SessionCache::Dir(cache.clone()),
+        ..case.extra.engine_options(&dir)
+    };
+    let model = dir.join("slots_r8");
+    let unet_cache = |engine: &Engine| {
+        engine
+            .sessions()
+            .into_iter()
+            .find(|s| s.component == "unet")
+            .map(|s| s.cache)
+            .expect("a unet session")
+    };
+    let mut first = Engine::load(model.to_string_lossy(), &options).expect("first load");
+    assert_eq!(unet_cache(&first), CacheStatus::Stored);
+    let a = first.generate(&case.request(), &mut |_| true).expect("run");
+    drop(first);
+    let mut second = Engine::load(model.to_string_lossy(), &options).expect("second load");
+    assert_eq!(unet_cache(&second), CacheStatus::Hit);
+    let b = second
+        .generate(&case.request(), &mut |_| true)
+        .expect("run");
+    assert_eq!(a.latents, b.latents);
+    let _ = std::fs::remove_dir_all(&cache);
+}
