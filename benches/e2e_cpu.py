@@ -24,6 +24,15 @@ precision from the other engines' float32 runs), and --tcd-ort-keep-loaded with
 `--keep-loaded` (every component held to the end and the CPU arena off, as a long-lived engine
 holds them; the default releases each component after its stage and uses the arena).
 
+With --tiny-vae the job also runs with a tiny autoencoder in place of the model's VAE, in both
+engines: a random-weight TAESD (diffusers' `AutoencoderTiny()` with its default config, which is
+madebyollin/taesd's architecture; seeded weights scaled as `export/vae_tiny.py` scales the tiny
+fixture's, so images and latents are not degenerate), saved under WORKDIR/<family>/taesd-diffusers
+and exported with `python -m export vae-tiny` to taesd/. tcd-ort runs `run --tiny-vae taesd/`,
+diffusers sets `pipe.vae = AutoencoderTiny.from_pretrained(taesd-diffusers/)`; each is compared
+with tcd-ort on the same VAE (the ratio columns), and the VAE GFLOP/s of those rows count the
+TAESD decoder's FLOPs. --skip-diffusers then skips only diffusers with the model's VAE.
+
 The Python runs are this script's own worker mode, run by the environment's interpreter: it
 times the imports, `from_pretrained` (load), the pipeline call (generate) and saving the PNG, and
 each call of the text encoder(s), the UNet and the VAE decoder (PyTorch modules in diffusers,
@@ -100,8 +109,11 @@ def _timed(fn, sink: list[float]):
     return wrapper
 
 
-def worker_pipeline(engine: str, family: str, model: str, output: str, out_json: str) -> None:
-    """Loads and runs one pipeline once, writing the phases and per-call times as JSON."""
+def worker_pipeline(engine: str, family: str, model: str, output: str, out_json: str,
+                    tiny_vae: str | None = None) -> None:
+    """Loads and runs one pipeline once, writing the phases and per-call times as JSON; with
+    `tiny_vae` (diffusers only) `pipe.vae` is that AutoencoderTiny directory, loaded as part of
+    the load."""
     entered = time.perf_counter()
     calls: dict[str, list[float]] = {}
     import torch  # timed as part of the imports
@@ -152,6 +164,10 @@ def worker_pipeline(engine: str, family: str, model: str, output: str, out_json:
         pipe = cls.from_pretrained(model, torch_dtype=torch.float32)
     pipe.scheduler = TCDScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    if tiny_vae:
+        from diffusers import AutoencoderTiny
+
+        pipe.vae = AutoencoderTiny.from_pretrained(tiny_vae, torch_dtype=torch.float32)
     if engine == "diffusers":
         for name in ("text_encoder", "text_encoder_2", "unet"):
             module = getattr(pipe, name, None)
@@ -232,11 +248,12 @@ def worker_gemm(n: int, repeats: int, threads: int | None, out_json: str) -> Non
         "onnx": onnx.__version__}, indent=1) + "\n")
 
 
-def worker_flops(family: str, diffusers_dir: str, out_json: str) -> None:
-    """FLOPs of one UNet evaluation (batch 1, no CFG) and one VAE decode at the job's size,
-    counted by torch on the meta device (no weights, no arithmetic)."""
+def worker_flops(family: str, diffusers_dir: str, out_json: str, tiny_vae: str | None) -> None:
+    """FLOPs of one UNet evaluation (batch 1, no CFG) and one VAE decode at the job's size (and
+    one decode of the `tiny_vae` AutoencoderTiny), counted by torch on the meta device (no
+    weights, no arithmetic)."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
     root = pathlib.Path(diffusers_dir)
@@ -262,9 +279,33 @@ def worker_flops(family: str, diffusers_dir: str, out_json: str) -> None:
         with counter:
             vae.decode(torch.randn(1, vae.config.latent_channels, latent, latent))
         vae_flops = counter.get_total_flops()
+        tiny_flops = None
+        if tiny_vae:
+            tiny = AutoencoderTiny.from_config(AutoencoderTiny.load_config(tiny_vae))
+            counter = FlopCounterMode(display=False)
+            with counter:
+                tiny.decode(torch.randn(1, tiny.config.latent_channels, latent, latent))
+            tiny_flops = counter.get_total_flops()
     pathlib.Path(out_json).write_text(json.dumps(
         {"unet_step_flops": unet_flops, "vae_decode_flops": vae_flops,
-         "latent": [latent, latent]}, indent=1) + "\n")
+         "vae_tiny_decode_flops": tiny_flops, "latent": [latent, latent]}, indent=1) + "\n")
+
+
+def worker_taesd(out_dir: str, seed: int) -> None:
+    """A full-size random-weight TAESD: `AutoencoderTiny()` with diffusers' default config
+    (madebyollin/taesd's: 64-wide blocks, 1/3/3/3 encoder and 3/3/3/1 decoder blocks, 4 latent
+    channels, scaling factor 1.0), weights seeded and scaled as the tiny fixture's
+    (`export.vae_tiny._randomise`), saved with `save_pretrained`."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    sys.path.insert(0, str(ROOT))
+    from export.vae_tiny import _randomise
+
+    torch.manual_seed(seed)
+    vae = AutoencoderTiny()
+    _randomise(vae, seed)
+    vae.save_pretrained(out_dir, safe_serialization=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,6 +345,14 @@ def ensure_models(args, base: pathlib.Path) -> list[pathlib.Path]:
                 (out_dir / "tcd_ort.json").read_text()).get("components", {}).get("unet", {}):
             # A directory kept from before `convert` wrote the UNet's segments (--low-memory).
             run_logged([VENV_PY, "-m", "export", "segment", out_dir])
+    if args.tiny_vae and not (base / "taesd" / "tcd_ort.json").is_file():
+        taesd_src = base / "taesd-diffusers"
+        if not (taesd_src / "config.json").is_file():
+            run_logged([VENV_PY, pathlib.Path(__file__).resolve(), "--worker", "taesd",
+                        "--model", taesd_src])
+            created.append(taesd_src)
+        run_logged([VENV_PY, "-m", "export", "vae-tiny", taesd_src, base / "taesd", "--overwrite"])
+        created.append(base / "taesd")
     if not args.skip_optimum and not (optimum_dir / "model_index.json").is_file():
         # The fixtures' optimum export, on this pipeline: plain optimum-cli on a copy whose
         # CLIPTextModel weights carry the prefix transformers 4 expects.
@@ -360,7 +409,9 @@ def run_tcd_ort(args, binary, model: pathlib.Path, scratch: pathlib.Path, i,
     t = json.loads(timings.read_text())
     runs = t.get("ort_runs", {})
     calls = {name: {"calls": v["calls"], "seconds": v["seconds"]} for name, v in runs.items()}
-    unet, vae = runs.get("unet", {}), runs.get("vae_decoder", {})
+    unet = runs.get("unet", {})
+    vae = runs.get("vae_decoder") or next(
+        (v for k, v in runs.items() if "decoder" in k and "vae" in k), {})
     return {"engine": f"tcd-ort ({model.name})", **r, "load_s": t["load_s"],
             "generate_s": t["generate_s"], "encode_s": t["encode_s"], "steps_s": t["steps_s"],
             "decode_s": t["decode_s"],
@@ -371,11 +422,16 @@ def run_tcd_ort(args, binary, model: pathlib.Path, scratch: pathlib.Path, i,
 
 
 def run_python(args, engine: str, base: pathlib.Path, scratch: pathlib.Path, i: int) -> dict:
-    png, out = scratch / f"{engine}-{i}.png", scratch / f"{engine}-{i}.json"
-    python = OPTIMUM_PY if engine == "optimum" else VENV_PY
-    model = base / ("optimum" if engine == "optimum" else "diffusers")
-    cmd = [python, pathlib.Path(__file__).resolve(), "--worker", engine, "--family", args.family,
+    tiny = engine.endswith("--tiny-vae")
+    kind = engine.split()[0]
+    png = scratch / f"{kind}{'-tiny' if tiny else ''}-{i}.png"
+    out = png.with_suffix(".json")
+    python = OPTIMUM_PY if kind == "optimum" else VENV_PY
+    model = base / ("optimum" if kind == "optimum" else "diffusers")
+    cmd = [python, pathlib.Path(__file__).resolve(), "--worker", kind, "--family", args.family,
            "--model", model, "--output", png, "--out-json", out]
+    if tiny:
+        cmd += ["--tiny-vae-dir", base / "taesd-diffusers"]
     env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -433,7 +489,6 @@ def table(summary: dict, flops: dict, peak: float) -> str:
     def f(v, fmt="{:.2f}"):
         return fmt.format(v) if isinstance(v, (int, float)) else "-"
 
-    tcd = summary.get("tcd-ort")
     head = ("| engine | wall s | load s | generate s | UNet step s | VAE decode s | peak RSS GiB "
             "| Σ runtime s | wall − load − Σ runtime s | tcd-ort / engine, wall "
             "| tcd-ort / engine, generate | UNet GFLOP/s (% of GEMM peak) "
@@ -443,8 +498,13 @@ def table(summary: dict, flops: dict, peak: float) -> str:
         s = summary.get(engine)
         if s is None:
             continue
+        # Each row against tcd-ort on the same VAE (the model's, or the tiny one).
+        tiny = engine.endswith("--tiny-vae")
+        ref = "tcd-ort --tiny-vae" if tiny else "tcd-ort"
+        tcd = summary.get(ref)
+        vae_flops = flops["vae_tiny_decode_flops"] if tiny else flops["vae_decode_flops"]
 
-        def ratio(key, s=s):
+        def ratio(key, s=s, tcd=tcd):
             if tcd and s.get(key) and tcd.get(key):
                 return f"{tcd[key] / s[key]:.2f}"
             return "-"
@@ -459,10 +519,10 @@ def table(summary: dict, flops: dict, peak: float) -> str:
             f"| {engine} | {f(s['wall_s'], '{:.1f}')} | {f(s['load_s'])} | {f(s['generate_s'])} "
             f"| {f(s['unet_step_s'])} | {f(s['vae_decode_s'])} | {f(s['peak_rss_gib'])} "
             f"| {f(s['runtime_s'])} | {f(s['overhead_s'])} "
-            f"| {'1' if engine == 'tcd-ort' else ratio('wall_s')} "
-            f"| {'1' if engine == 'tcd-ort' else ratio('generate_s')} "
+            f"| {'1' if engine == ref else ratio('wall_s')} "
+            f"| {'1' if engine == ref else ratio('generate_s')} "
             f"| {rate(flops['unet_step_flops'], s['unet_step_s'])} "
-            f"| {rate(flops['vae_decode_flops'], s['vae_decode_s'])} |")
+            f"| {rate(vae_flops, s['vae_decode_s'])} |")
     return "\n".join(lines)
 
 
@@ -491,7 +551,13 @@ def main() -> int:
     p.add_argument("--tcd-ort-keep-loaded", action="store_true",
                    help="also run tcd-ort with --keep-loaded (every component loaded to the "
                         "end, the CPU arena off: what an engine serving many requests holds)")
-    p.add_argument("--skip-diffusers", action="store_true")
+    p.add_argument("--tiny-vae", action="store_true",
+                   help="also run tcd-ort `run --tiny-vae` and diffusers with pipe.vae = "
+                        "AutoencoderTiny, on a random full-size TAESD (taesd-diffusers/ and its "
+                        "export taesd/, built if missing)")
+    p.add_argument("--skip-diffusers", action="store_true",
+                   help="skip diffusers with the model's VAE (with --tiny-vae, diffusers still "
+                        "runs with the tiny one)")
     p.add_argument("--second-start", action="store_true",
                    help="time tcd-ort's second start: it runs with --session-cache, filled by "
                         "one untimed run first, so the timed runs load the optimised graphs")
@@ -501,21 +567,26 @@ def main() -> int:
     p.add_argument("--gemm-n", type=int, default=2048)
     p.add_argument("--json", type=pathlib.Path, help="also write every run and the summary here")
     # worker mode (internal)
-    p.add_argument("--worker", choices=["diffusers", "optimum", "gemm", "flops"],
+    p.add_argument("--worker", choices=["diffusers", "optimum", "gemm", "flops", "taesd"],
                    help=argparse.SUPPRESS)
+    p.add_argument("--tiny-vae-dir", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--output", help=argparse.SUPPRESS)
     p.add_argument("--out-json", help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.worker in ("diffusers", "optimum"):
-        worker_pipeline(args.worker, args.family, args.model, args.output, args.out_json)
+        worker_pipeline(args.worker, args.family, args.model, args.output, args.out_json,
+                        args.tiny_vae_dir)
+        return 0
+    if args.worker == "taesd":
+        worker_taesd(args.model, SEED)
         return 0
     if args.worker == "gemm":
         worker_gemm(args.gemm_n, 10, args.threads, args.out_json)
         return 0
     if args.worker == "flops":
-        worker_flops(args.family, args.model, args.out_json)
+        worker_flops(args.family, args.model, args.out_json, args.tiny_vae_dir)
         return 0
 
     if not shutil.which("/usr/bin/time"):
@@ -539,6 +610,8 @@ def main() -> int:
             return 0
         # tcd-ort variants: the model directory each runs and its extra flags.
         variants = {"tcd-ort": ("tcd-ort", ())}
+        if args.tiny_vae:
+            variants["tcd-ort --tiny-vae"] = ("tcd-ort", ("--tiny-vae", str(base / "taesd")))
         if args.tcd_ort_low_memory:
             variants["tcd-ort --low-memory"] = ("tcd-ort", ("--low-memory",))
         if args.tcd_ort_fp16:
@@ -550,11 +623,13 @@ def main() -> int:
         if args.tcd_ort_optimum_graphs and not args.skip_optimum:
             variants["tcd-ort on optimum's graphs"] = ("optimum", ())
         engines = list(variants) + [e for e, skip in (
-            ("diffusers", args.skip_diffusers), ("optimum", args.skip_optimum)) if not skip]
+            ("diffusers", args.skip_diffusers), ("diffusers --tiny-vae", not args.tiny_vae),
+            ("optimum", args.skip_optimum)) if not skip]
         with tempfile.TemporaryDirectory(prefix="e2e-cpu-") as tmp:
             scratch = pathlib.Path(tmp)
             flops = run_worker("flops", ["--family", args.family, "--model",
-                                         base / "diffusers"], scratch)
+                                         base / "diffusers"] + (
+                ["--tiny-vae-dir", base / "taesd-diffusers"] if args.tiny_vae else []), scratch)
             gemm_args = ["--gemm-n", str(args.gemm_n)] + (
                 ["--threads", str(args.threads)] if args.threads else [])
             gemm = [run_worker("gemm", gemm_args, scratch)]
@@ -600,10 +675,12 @@ def main() -> int:
           f"{peak:.0f} GFLOP/s ({args.gemm_n}^3 MatMul, onnxruntime {gemm[0]['onnxruntime']}, "
           f"best of before {gemm[0]['best_gflops']:.0f} / after {gemm[1]['best_gflops']:.0f}); "
           f"UNet step {flops['unet_step_flops'] / 1e9:.0f} GFLOP, VAE decode "
-          f"{flops['vae_decode_flops'] / 1e9:.0f} GFLOP")
+          f"{flops['vae_decode_flops'] / 1e9:.0f} GFLOP"
+          + (f", tiny VAE decode {flops['vae_tiny_decode_flops'] / 1e9:.0f} GFLOP"
+             if flops.get("vae_tiny_decode_flops") else ""))
     if args.second_start:
         print("tcd-ort: second start (--session-cache, filled by an untimed first run)")
-    print("tcd-ort / engine below 1: tcd-ort is faster\n")
+    print("tcd-ort / engine (tcd-ort on the same VAE) below 1: tcd-ort is faster\n")
     print(table(summary, flops, peak))
     print()
     for engine, s in summary.items():
