@@ -83,7 +83,13 @@ pub(super) fn encode_image(
         "latent_parameters"
     };
     let mut encode_tile = |part: ArrayD<f32>| -> Result<ArrayD<f32>> {
-        let mut out = encoder.run(vec![("sample", TensorInput::F32(part))], &[output])?;
+        let inputs = vec![("sample", TensorInput::F32(part))];
+        // Tiles come in several shapes: the arena would keep the activations of each.
+        let mut out = if tiles.is_some() {
+            encoder.run_releasing(inputs, &[output])?
+        } else {
+            encoder.run(inputs, &[output])?
+        };
         out.pop()
             .ok_or_else(|| Error::invariant("vae_encoder returned nothing"))
     };

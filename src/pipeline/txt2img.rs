@@ -224,8 +224,15 @@ pub(super) fn decode(
     let chunk = chunk.clamp(1, total.max(1));
     let tiles = tiling.then(|| Tiles::of(&engine.model.vae));
     let decoder = &mut engine.vae_decoder;
+    // Tiles come in several shapes: the arena would keep the activations of each.
+    let release = tiles.is_some();
     let mut decode_tile = |part: ArrayD<f32>| -> Result<ArrayD<f32>> {
-        let mut out = decoder.run(vec![("latent_sample", TensorInput::F32(part))], &["sample"])?;
+        let inputs = vec![("latent_sample", TensorInput::F32(part))];
+        let mut out = if release {
+            decoder.run_releasing(inputs, &["sample"])?
+        } else {
+            decoder.run(inputs, &["sample"])?
+        };
         out.pop()
             .ok_or_else(|| Error::invariant("vae_decoder returned nothing"))
     };

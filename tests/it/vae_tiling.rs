@@ -108,3 +108,34 @@ fn vae_tiling_with_a_tiny_vae_is_refused() {
         .expect_err("refused");
     assert!(err.to_string().starts_with("vae_tiling "), "{err}");
 }
+
+/// With ONNX Runtime's CPU arena on (as `tcd-ort run` has it), each tile hands the arena's
+/// memory back after its run: same pixels as without the arena.
+#[test]
+fn vae_tiling_with_the_cpu_arena_gives_the_same_pixels() {
+    use tcd_ort::runtime::ProviderOptions;
+
+    let dir = root().join("sd15");
+    let cases: Vec<Case> = read_cases(&dir, "VAE tiling");
+    let case = cases
+        .iter()
+        .find(|c| c.extra.image.is_some())
+        .expect("an image-to-image case (tiled encode and decode)");
+    let model = suite_model(&root(), "sd15");
+    let run = |cpu_arena: bool| {
+        let options = EngineOptions {
+            provider_options: ProviderOptions {
+                cpu_arena: Some(cpu_arena),
+                ..ProviderOptions::default()
+            },
+            ..EngineOptions::default()
+        };
+        let mut engine = Engine::load(model.to_string_lossy(), &options).expect("load");
+        engine
+            .run(&tiled(case), &task(case), &mut |_| true)
+            .expect("tiled run")
+    };
+    let (with, without) = (run(true), run(false));
+    assert_eq!(with.images, without.images);
+    assert_eq!(with.latents, without.latents);
+}

@@ -82,7 +82,9 @@ impl Graph {
                         false,
                     ) {
                         Ok(session) => {
-                            return Ok(Graph::new(name, path, session, CacheStatus::Hit))
+                            let mut graph = Graph::new(name, path, session, CacheStatus::Hit);
+                            graph.cpu_arena = options.provider_options.cpu_arena == Some(true);
+                            return Ok(graph);
                         }
                         Err(e) => {
                             entry.remove();
@@ -125,6 +127,7 @@ impl Graph {
         }
         let mut graph = Graph::new(name, path, session, status);
         graph.weights = weights;
+        graph.cpu_arena = options.provider_options.cpu_arena == Some(true);
         Ok(graph)
     }
 }

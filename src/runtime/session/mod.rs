@@ -65,6 +65,9 @@ pub struct Graph {
     swappable: Vec<String>,
     /// The values fed for them with every run.
     swapped: Vec<PreparedWeight>,
+    /// The session was built with ONNX Runtime's CPU arena ([`Graph::run_releasing`] can then
+    /// shrink it).
+    cpu_arena: bool,
 }
 
 impl std::fmt::Debug for Graph {
@@ -115,6 +118,7 @@ impl Graph {
             segments: Vec::new(),
             swappable,
             swapped: Vec::new(),
+            cpu_arena: false,
         }
     }
 

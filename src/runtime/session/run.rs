@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use half::f16;
 use ndarray::ArrayD;
-use ort::session::{SessionInputValue, SessionOutputs};
+use ort::session::{RunOptions, SessionInputValue, SessionOutputs};
 use ort::value::{DynTensor, DynValue, Tensor};
 
 use super::{not_loaded, rt_err, ElementType, Graph, IoSpec, TensorInput};
@@ -16,6 +16,28 @@ impl Graph {
         &mut self,
         inputs: Vec<(&str, TensorInput)>,
         wanted: &[&str],
+    ) -> Result<Vec<ArrayD<f32>>> {
+        self.run_host(inputs, wanted, false)
+    }
+
+    /// [`Graph::run`], then hands the CPU arena's unused memory back (ONNX Runtime's
+    /// `memory.enable_memory_arena_shrinkage`; nothing to do for a session without the arena):
+    /// for runs of many shapes, such as the tiles of
+    /// a tiled VAE decode, whose activations the arena would otherwise keep, each shape adding
+    /// its own (2.6 GiB instead of 1.3 GiB for a 1024x1024 SD1.5 decode).
+    pub fn run_releasing(
+        &mut self,
+        inputs: Vec<(&str, TensorInput)>,
+        wanted: &[&str],
+    ) -> Result<Vec<ArrayD<f32>>> {
+        self.run_host(inputs, wanted, true)
+    }
+
+    fn run_host(
+        &mut self,
+        inputs: Vec<(&str, TensorInput)>,
+        wanted: &[&str],
+        shrink_arena: bool,
     ) -> Result<Vec<ArrayD<f32>>> {
         let mut values: Vec<(String, DynValue)> = Vec::with_capacity(inputs.len());
         for (name, data) in inputs {
@@ -45,7 +67,21 @@ impl Graph {
                     .map(|w| (w.name.as_str(), SessionInputValue::from(&*w.value))),
             )
             .collect();
-        let outputs = session.run(feeds);
+        // Only an arena can shrink (ONNX Runtime refuses the option without one).
+        let shrinking = if shrink_arena && self.cpu_arena {
+            let mut options =
+                RunOptions::new().map_err(|e| rt_err(&format!("run options of {name}"), e))?;
+            options
+                .set("memory.enable_memory_arena_shrinkage", "cpu:0")
+                .map_err(|e| rt_err(&format!("run options of {name}"), e))?;
+            Some(options)
+        } else {
+            None
+        };
+        let outputs = match &shrinking {
+            Some(options) => session.run_with_options(feeds, options),
+            None => session.run(feeds),
+        };
         self.run_stats.calls += 1;
         self.run_stats.total += started.elapsed();
         let outputs = outputs.map_err(|e| rt_err(&format!("running {name}"), e))?;

@@ -149,6 +149,7 @@ impl Graph {
             segments,
             swappable: Vec::new(),
             swapped: Vec::new(),
+            cpu_arena: false,
         })
     }
 
