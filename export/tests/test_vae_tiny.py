@@ -218,7 +218,7 @@ def _cli(*args):
     )
 
 
-def test_cli_refuses_other_sources(pipeline_dir, tmp_path):
+def test_cli_refuses_other_sources(pipeline_dir, tmp_path, cli_in_process):
     # A full VAE, the pipeline holding it, and a directory without a config.
     (tmp_path / "empty").mkdir()
     for source, what in (
@@ -227,20 +227,21 @@ def test_cli_refuses_other_sources(pipeline_dir, tmp_path):
         (tmp_path / "empty", "no config.json"),
         (tmp_path / "missing", "no such file or directory"),
     ):
-        r = _cli("vae-tiny", source, tmp_path / "out")
-        assert r.returncode == 2, r.stderr
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1, r.stderr
-        assert what in lines[0] and "Traceback" not in r.stderr
+        code, err = cli_in_process("vae-tiny", source, tmp_path / "out")
+        assert code == 2, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, err
+        assert what in lines[0] and "Traceback" not in err
         assert not (tmp_path / "out").exists()
 
 
-def test_cli_writes_the_layout(vae_tiny, tmp_path):
+def test_cli_writes_the_layout(vae_tiny, tmp_path, cli_in_process):
+    # One real process for the exit status; the refusal runs in this one.
     out = tmp_path / "onnx"
     r = _cli("-q", "vae-tiny", vae_tiny.src, out)
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "tcd_ort.json").read_text())["components"] == vae_tiny.manifest[
         "components"
     ]
-    r = _cli("vae-tiny", vae_tiny.src, out)
-    assert r.returncode == 2 and "--overwrite" in r.stderr
+    code, err = cli_in_process("vae-tiny", vae_tiny.src, out)
+    assert code == 2 and "--overwrite" in err

@@ -68,6 +68,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(ROOT))  # the export package
+from goldenlib import export_cli  # noqa: E402
 from make_img2img import link  # noqa: E402
 
 GENERATED = ROOT / "tests/fixtures/generated"
@@ -204,17 +205,6 @@ def cases():
 
 
 # --- driver -------------------------------------------------------------------------------
-
-
-def export_cli(*args):
-    """`python -m export -q ARGS` in this process (one torch start-up for the whole script)."""
-    from export.cli import main as export_main
-
-    log("+ python -m export " + " ".join(str(a) for a in args))
-    t = time.perf_counter()
-    if export_main(["-q", *map(str, args)]) != 0:
-        sys.exit(f"python -m export {args[0]} failed")
-    return time.perf_counter() - t
 
 
 def check_references(ref):

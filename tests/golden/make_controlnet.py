@@ -41,7 +41,6 @@ tests compare against comes from diffusers through this script.
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,6 +51,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(ROOT))  # the export package, for the ControlNets
+from goldenlib import export_cli  # noqa: E402
 from make_img2img import link, scene  # noqa: E402
 
 PARITY = ROOT / "tests/fixtures/generated/parity"
@@ -201,10 +201,6 @@ def cases(family):
 # --- driver -------------------------------------------------------------------------------
 
 
-def run(*args):
-    print("+", " ".join(str(a) for a in args), flush=True)
-    subprocess.run([sys.executable, *map(str, args)], check=True, cwd=ROOT)
-
 
 def check_parity(family):
     src = PARITY / family
@@ -279,7 +275,7 @@ def main():
         if ref.exists():
             for old in ref.iterdir():
                 old.unlink()
-        run("-m", "export", "-q", "reference", "--model", base / "diffusers", "--cases",
+        export_cli("reference", "--model", base / "diffusers", "--cases",
             case_file, "--image-dir", out, "--out-dir", ref)
         print(f"{family}: {len(cases(family))} cases, {time.perf_counter() - t0:.0f}s", flush=True)
 

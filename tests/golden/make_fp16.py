@@ -33,12 +33,13 @@ Every number the Rust fp16 tests compare against comes from diffusers through th
 """
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from goldenlib import export_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 FAMILIES = ("sd15", "sdxl")
@@ -57,10 +58,6 @@ def cases():
          "guidance": 2.0, "seed": 11, "width": 64, "height": 64},
     ]
 
-
-def run(*args):
-    print("+", " ".join(str(a) for a in args), flush=True)
-    subprocess.run([sys.executable, *map(str, args)], check=True, cwd=ROOT)
 
 
 def load(pipe_dir, fp16):
@@ -118,9 +115,9 @@ def main():
         pipe_dir = base / "diffusers"
         onnx_dir = base / "onnx"
         if not (pipe_dir / "model_index.json").exists():
-            run("-m", "export", "-q", "tiny", "--family", family, pipe_dir)
+            export_cli("tiny", "--family", family, pipe_dir)
         if not (onnx_dir / "tcd_ort.json").exists():
-            run("-m", "export", "-q", "convert", pipe_dir, onnx_dir, "--dtype", "fp16",
+            export_cli("convert", pipe_dir, onnx_dir, "--dtype", "fp16",
                 "--overwrite")
         family_cases = cases()
         (base / "cases.json").write_text(json.dumps(family_cases, indent=1))

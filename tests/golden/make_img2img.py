@@ -30,13 +30,14 @@ this script.
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from goldenlib import export_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 PARITY = ROOT / "tests/fixtures/generated/parity"
@@ -253,10 +254,6 @@ def cases(family):
 # --- driver -------------------------------------------------------------------------------
 
 
-def run(*args):
-    print("+", " ".join(str(a) for a in args), flush=True)
-    subprocess.run([sys.executable, *map(str, args)], check=True, cwd=ROOT)
-
 
 def link(path, target):
     """`path` -> `target` as a relative symlink (replacing an older link)."""
@@ -290,16 +287,16 @@ def main():
             link(onnx_dir, src / "onnx")
         else:
             if not (pipe / "model_index.json").exists():
-                run("-m", "export", "-q", "tiny", "--family", family, pipe, "--overwrite")
+                export_cli("tiny", "--family", family, pipe, "--overwrite")
             if not (onnx_dir / "tcd_ort.json").exists():
-                run("-m", "export", "-q", "convert", pipe, onnx_dir, "--overwrite")
+                export_cli("convert", pipe, onnx_dir, "--overwrite")
         case_file = base / "cases.json"
         case_file.write_text(json.dumps(cases(family), indent=1) + "\n")
         ref = base / "reference"
         if ref.exists():
             for old in ref.iterdir():
                 old.unlink()
-        run("-m", "export", "-q", "reference", "--model", pipe, "--cases", case_file,
+        export_cli("reference", "--model", pipe, "--cases", case_file,
             "--image-dir", out, "--out-dir", ref)
         print(f"{family}: {len(cases(family))} cases, {time.perf_counter() - t0:.0f}s", flush=True)
 

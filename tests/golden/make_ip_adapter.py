@@ -64,6 +64,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(ROOT))  # the export package
+from goldenlib import export_cli  # noqa: E402
 from make_controlnet import edges  # noqa: E402
 from make_img2img import link, rect_mask, scene  # noqa: E402
 
@@ -183,15 +184,6 @@ def cases(family):
 
 
 # --- driver -------------------------------------------------------------------------------
-
-
-def export_cli(*args):
-    """`python -m export -q ARGS` in this process (one torch start-up for the whole script)."""
-    from export.cli import main as export_main
-
-    print("+ python -m export", " ".join(str(a) for a in args), flush=True)
-    if export_main(["-q", *map(str, args)]) != 0:
-        sys.exit(f"python -m export {args[0]} failed")
 
 
 def check_inputs(family):

@@ -55,6 +55,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from goldenlib import export_cli  # noqa: E402
+
 FAMILIES = ("sd15", "sdxl")
 RANK = 4
 # Per-component alpha (scale alpha / rank). Different per component so a Rust mapping that
@@ -399,20 +401,10 @@ def cases(family):
     return out
 
 
-def run(cmd):
-    """`python -m export -q CMD...`, in this process to save the interpreter and import time."""
-    from export.cli import main as export_main
-
-    t = time.perf_counter()
-    if export_main(["-q", *cmd]) != 0:
-        raise RuntimeError(f"python -m export {' '.join(cmd)} failed")
-    return time.perf_counter() - t
-
-
 def ensure_base(family):
     src = ROOT / "tests/fixtures/generated/parity" / family / "diffusers"
     if not (src / "model_index.json").exists():
-        run(["tiny", "--family", family, str(src), "--overwrite"])
+        export_cli("tiny", "--family", family, src, "--overwrite")
     return src
 
 
@@ -509,13 +501,13 @@ def make_family(family, out):
     del pipe
 
     (fam_dir / "cases.json").write_text(json.dumps(cases(family), indent=1) + "\n")
-    secs = run(["reference", "--model", str(src), "--cases", str(fam_dir / "cases.json"),
-                "--out-dir", str(fam_dir / "reference")])
+    secs = export_cli("reference", "--model", src, "--cases", fam_dir / "cases.json",
+                      "--out-dir", fam_dir / "reference")
     log(f"{family}: references in {secs:.1f}s")
     lora_args = []
     for m in multi:
         lora_args += ["--lora", f"{fam_dir / m['file']}:{m['weight']}"]
-    secs = run(["convert", str(src), str(fam_dir / "fused_onnx"), *lora_args, "--fuse-lora"])
+    secs = export_cli("convert", src, fam_dir / "fused_onnx", *lora_args, "--fuse-lora")
     index["fused_onnx"] = {"dir": "fused_onnx", "loras": multi}
     log(f"{family}: fused export in {secs:.1f}s")
     (fam_dir / "index.json").write_text(json.dumps(index, indent=1) + "\n")

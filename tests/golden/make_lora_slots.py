@@ -44,6 +44,7 @@ import torch  # noqa: E402
 from export.lora_slots import TARGET_MODULES  # noqa: E402
 
 import make_lora  # noqa: E402
+from goldenlib import export_cli  # noqa: E402
 
 FAMILIES = ("sd15", "sdxl")
 RANK = make_lora.RANK
@@ -152,24 +153,15 @@ def make_family(family, out):
     del pipe
     for rank in SLOT_RANKS[family]:
         name = f"slots_r{rank}"
-        secs = make_lora.run(["convert", str(src), str(fam_dir / name), "--lora-slots", str(rank)])
+        secs = export_cli("convert", src, fam_dir / name, "--lora-slots", rank)
         manifest = json.loads((fam_dir / name / "tcd_ort.json").read_text())
         if manifest["lora_slots"]["unet"]["modules"] != slotted:
             raise RuntimeError(f"{family}/{name}: the export slotted other modules than expected")
         index["exports"][name] = {"rank": rank, "modules": len(slotted)}
         log(f"{family}: {name} export in {secs:.1f}s")
     (fam_dir / "cases.json").write_text(json.dumps(cases(family), indent=1) + "\n")
-    secs = make_lora.run(
-        [
-            "reference",
-            "--model",
-            str(src),
-            "--cases",
-            str(fam_dir / "cases.json"),
-            "--out-dir",
-            str(fam_dir / "reference"),
-        ]
-    )
+    secs = export_cli("reference", "--model", src, "--cases", fam_dir / "cases.json",
+                      "--out-dir", fam_dir / "reference")
     log(f"{family}: references in {secs:.1f}s")
     (fam_dir / "index.json").write_text(json.dumps(index, indent=1) + "\n")
     log(f"{family}: done in {time.perf_counter() - t0:.1f}s")

@@ -24,9 +24,10 @@ Every number the Rust parity tests compare against comes from diffusers through 
 """
 
 import json
-import subprocess
 import sys
 from pathlib import Path
+
+from goldenlib import export_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -164,10 +165,6 @@ def stale_export(onnx_dir):
     )
 
 
-def run(*args):
-    print("+", " ".join(str(a) for a in args), flush=True)
-    subprocess.run([sys.executable, *map(str, args)], check=True, cwd=ROOT)
-
 
 def main():
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "tests/fixtures/generated/parity"
@@ -178,12 +175,12 @@ def main():
         pipe = base / "diffusers"
         onnx_dir = base / "onnx"
         if not (pipe / "model_index.json").exists():
-            run("-m", "export", "-q", "tiny", "--family", family, pipe)
+            export_cli("tiny", "--family", family, pipe)
         if not (onnx_dir / "tcd_ort.json").exists() or stale_export(onnx_dir):
-            run("-m", "export", "-q", "convert", pipe, onnx_dir, "--overwrite")
+            export_cli("convert", pipe, onnx_dir, "--overwrite")
         case_file = base / "cases.json"
         case_file.write_text(json.dumps(cases(family), indent=1))
-        run("-m", "export", "-q", "reference", "--model", pipe, "--cases", case_file,
+        export_cli("reference", "--model", pipe, "--cases", case_file,
             "--out-dir", base / "reference")
 
 

@@ -35,10 +35,10 @@ generator for the image latents, unlike with the full VAE.
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+from goldenlib import export_cli
 from make_img2img import case, rect_mask, scene
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,10 +84,6 @@ def write_images(out):
         image.save(out / "images" / f"{name}.png")
 
 
-def run(*args):
-    print("+", " ".join(str(a) for a in args), flush=True)
-    subprocess.run([sys.executable, *map(str, args)], check=True, cwd=ROOT)
-
 
 def link(path, target):
     """`path` -> `target` as a relative symlink (replacing an older link)."""
@@ -107,10 +103,10 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     vae, vae_onnx = out / "diffusers", out / "onnx"
     if not (vae / "config.json").exists():
-        run("-m", "export", "-q", "tiny-vae-tiny", "--vae", PARITY / "diffusers", vae,
+        export_cli("tiny-vae-tiny", "--vae", PARITY / "diffusers", vae,
             "--overwrite")
     if not (vae_onnx / "tcd_ort.json").exists():
-        run("-m", "export", "-q", "vae-tiny", vae, vae_onnx, "--overwrite")
+        export_cli("vae-tiny", vae, vae_onnx, "--overwrite")
     write_images(out)
     base = out / "sd15"
     base.mkdir(exist_ok=True)
@@ -122,7 +118,7 @@ def main():
     if ref.exists():
         for old in ref.iterdir():
             old.unlink()
-    run("-m", "export", "-q", "reference", "--model", base / "diffusers", "--vae-tiny", vae,
+    export_cli("reference", "--model", base / "diffusers", "--vae-tiny", vae,
         "--cases", case_file, "--image-dir", out, "--out-dir", ref)
     print(f"vae_tiny: {len(cases())} cases", flush=True)
 
