@@ -222,7 +222,9 @@ def main() -> int:
                 results["diffusers"]["from_pretrained"].append(
                     child(["diffusers", args.diffusers, cold])
                 )
-    med = {n: {c: statistics.median(v) for c, v in rows.items() if v} for n, rows in results.items()}
+    med = {
+        n: {c: statistics.median(v) for c, v in rows.items() if v} for n, rows in results.items()
+    }
     names = [n for n in results if n != "diffusers"]
     print(f"median of {args.repeats} fresh processes, page cache {'cold' if args.cold else 'warm'}")
     print("| configuration | " + " | ".join(f"{n} s" for n in names) + " | total s |")

@@ -705,6 +705,18 @@ tcd_status tcd_engine_options_set_session_cache(struct tcd_engine_options *optio
                                                 const char *cache);
 
 /**
+ * Sets the session cache's size limit in bytes; 0 restores the default (20 GiB). After each
+ * store the least recently used entries are deleted until the cache fits, and a graph larger
+ * than the limit is not stored.
+ *
+ * # Safety
+ *
+ * `options` is NULL or a live handle not used by another thread during the call.
+ */
+tcd_status tcd_engine_options_set_session_cache_limit(struct tcd_engine_options *options,
+                                                      uint64_t bytes);
+
+/**
  * Turns IoBinding in the denoising loop on (non-zero, the default) or off (0): with it, the
  * conditioning, control images and zero ControlNet residuals are placed once where the UNet
  * and ControlNets read them (device memory on a GPU) instead of being copied from the host at

@@ -27,6 +27,11 @@ pub struct SessionArgs {
     /// cached (LoRAs in the run-time slots of a `--lora-slots` export keep the cache).
     #[arg(long, value_name = "DIR|auto|off", default_value = "off")]
     session_cache: SessionCache,
+    /// The session cache's size limit, e.g. 8G (default 20G): after each store the least
+    /// recently used entries are deleted until the cache fits; a graph larger than the limit is
+    /// not stored.
+    #[arg(long, value_name = "BYTES", value_parser = bytes)]
+    session_cache_limit: Option<u64>,
     /// ONNX Runtime's memory arena for the CPU provider: on is faster (fewer page faults),
     /// and each component's arena lives as long as its session. Default: on, since each
     /// component is released after its stage (full-size SD1.5: 33 s at 4.05 GiB on, 36 s at
@@ -183,6 +188,7 @@ impl SessionArgs {
         }
         options.opt_level = self.opt_level;
         options.session_cache = self.session_cache.clone();
+        options.session_cache_limit = self.session_cache_limit;
         options.io_binding = !self.no_io_binding;
         options.low_memory = self.low_memory;
         options.release_after_use = !self.keep_loaded;

@@ -58,8 +58,8 @@ pub use options::{
     tcd_engine_options_set_model, tcd_engine_options_set_opt_level,
     tcd_engine_options_set_ort_library, tcd_engine_options_set_providers,
     tcd_engine_options_set_release_after_use, tcd_engine_options_set_revision,
-    tcd_engine_options_set_session_cache, tcd_engine_options_set_tensorrt,
-    tcd_engine_options_set_threads,
+    tcd_engine_options_set_session_cache, tcd_engine_options_set_session_cache_limit,
+    tcd_engine_options_set_tensorrt, tcd_engine_options_set_threads,
 };
 pub use request::{
     tcd_inpaint_mode, tcd_request, tcd_request_free, tcd_request_new, tcd_request_set_eta,

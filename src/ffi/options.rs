@@ -329,6 +329,26 @@ pub unsafe extern "C" fn tcd_engine_options_set_session_cache(
     })
 }
 
+/// Sets the session cache's size limit in bytes; 0 restores the default (20 GiB). After each
+/// store the least recently used entries are deleted until the cache fits, and a graph larger
+/// than the limit is not stored.
+///
+/// # Safety
+///
+/// `options` is NULL or a live handle not used by another thread during the call.
+#[no_mangle]
+pub unsafe extern "C" fn tcd_engine_options_set_session_cache_limit(
+    options: *mut tcd_engine_options,
+    bytes: u64,
+) -> tcd_status {
+    guard("tcd_engine_options_set_session_cache_limit", || {
+        // SAFETY: the caller's contract.
+        let options = unsafe { borrow_mut(options, "options") }?;
+        options.options.session_cache_limit = (bytes > 0).then_some(bytes);
+        Ok(())
+    })
+}
+
 /// Turns IoBinding in the denoising loop on (non-zero, the default) or off (0): with it, the
 /// conditioning, control images and zero ControlNet residuals are placed once where the UNet
 /// and ControlNets read them (device memory on a GPU) instead of being copied from the host at

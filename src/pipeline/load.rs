@@ -104,6 +104,7 @@ fn session_options(
         intra_threads: options.intra_threads,
         opt_level: options.opt_level,
         cache: options.session_cache.clone(),
+        cache_limit: options.session_cache_limit,
         fixed_shape: None,
         disable_prepacking: false,
     })

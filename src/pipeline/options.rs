@@ -54,6 +54,10 @@ pub struct EngineOptions {
     pub opt_level: OptLevel,
     /// The optimised-model cache (off by default).
     pub session_cache: SessionCache,
+    /// The session cache's size limit in bytes: after each store the least recently used
+    /// entries are deleted until the cache fits, and a graph larger than the limit is not
+    /// stored. `None`: [`crate::runtime::cache::DEFAULT_LIMIT`] (20 GiB).
+    pub session_cache_limit: Option<u64>,
     /// Run the UNet and the ControlNets through IoBindings (default on): the conditioning,
     /// control images and zero ControlNet residuals are placed once where the session reads
     /// them (device memory on a GPU) instead of being copied from the host at every step.
@@ -193,6 +197,7 @@ impl Default for EngineOptions {
             provider_options: ProviderOptions::default(),
             opt_level: OptLevel::default(),
             session_cache: SessionCache::default(),
+            session_cache_limit: None,
             io_binding: true,
             fixed_shape: None,
             low_memory: false,

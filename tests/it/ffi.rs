@@ -861,16 +861,7 @@ fn provider_and_session_options() {
             TCD_OK,
         );
         check(tcd_engine_new(options, &mut engine), TCD_OK);
-        let n = tcd_engine_session_summary(engine, null_mut(), 0);
-        let mut buf = vec![0u8; n + 1];
-        assert_eq!(
-            tcd_engine_session_summary(engine, buf.as_mut_ptr().cast(), buf.len()),
-            n
-        );
-        let summary = CStr::from_bytes_with_nul(&buf)
-            .expect("NUL-terminated")
-            .to_string_lossy()
-            .into_owned();
+        let summary = session_summary(engine);
         assert!(
             summary.contains("unet: CPUExecutionProvider [session cache: stored] [io binding]"),
             "{summary}"
@@ -879,9 +870,47 @@ fn provider_and_session_options() {
         assert_eq!(summary.lines().count(), 4, "{summary}");
         assert_eq!(tcd_engine_session_summary(null(), null_mut(), 0), 0);
         tcd_engine_free(engine);
+
+        // Under a limit smaller than every graph nothing is stored, and the summary says why.
+        check(
+            tcd_engine_options_set_session_cache_limit(null_mut(), 1),
+            TCD_ERR_NULL_POINTER,
+        );
+        check(
+            tcd_engine_options_set_session_cache_limit(options, 1 << 20),
+            TCD_OK,
+        );
+        check(tcd_engine_new(options, &mut engine), TCD_OK);
+        let summary = session_summary(engine);
+        assert_eq!(
+            summary
+                .matches("exceed the session cache's limit of 1.0 MiB")
+                .count(),
+            4,
+            "{summary}"
+        );
+        tcd_engine_free(engine);
         tcd_engine_options_free(options);
     }
     let _ = std::fs::remove_dir_all(&cache);
+}
+
+/// The engine's session summary, read as the C API documents (size, then the text).
+///
+/// # Safety
+///
+/// `engine` is a live engine.
+unsafe fn session_summary(engine: *const tcd_engine) -> String {
+    // SAFETY: the caller's contract.
+    let n = unsafe { tcd_engine_session_summary(engine, null_mut(), 0) };
+    let mut buf = vec![0u8; n + 1];
+    // SAFETY: `buf` holds `buf.len()` bytes.
+    let written = unsafe { tcd_engine_session_summary(engine, buf.as_mut_ptr().cast(), buf.len()) };
+    assert_eq!(written, n);
+    CStr::from_bytes_with_nul(&buf)
+        .expect("NUL-terminated")
+        .to_string_lossy()
+        .into_owned()
 }
 
 #[test]

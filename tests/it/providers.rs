@@ -128,6 +128,7 @@ fn provider_flags_need_their_provider_and_valid_values() {
             "min <= opt <= max",
         ),
         (&["--session-cache", ""], "empty session cache"),
+        (&["--session-cache-limit", "lots"], "bad memory size 'lots'"),
     ];
     for (extra, needle) in cases {
         assert_fails_with(&tcd(&run_args(&png, extra)), needle);
@@ -343,6 +344,51 @@ fn second_start_uses_the_cache_and_gives_byte_identical_output() {
     for s in second.sessions() {
         assert_eq!(s.assignment[0].provider, "CPUExecutionProvider");
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn graphs_over_the_cache_limit_are_not_stored() {
+    let dir = scratch_dir("ep-cache-limit");
+    let cache = dir.join("cache");
+    let model = demo_model();
+    // Between the sizes of the tiny model's graphs: the text encoder and UNet (6 MB each) are
+    // over it, the VAE's two graphs (1-2 MB) fit together.
+    let limit = 4 << 20;
+    let engine = Engine::load(
+        model.to_string_lossy(),
+        &EngineOptions {
+            intra_threads: Some(1),
+            session_cache: SessionCache::Dir(cache.clone()),
+            session_cache_limit: Some(limit),
+            ..EngineOptions::default()
+        },
+    )
+    .expect("loads");
+    let (mut bypassed, mut stored) = (0, 0);
+    for s in engine.sessions() {
+        let source: u64 = std::fs::read_dir(model.join(&s.component))
+            .expect("component dir")
+            .flatten()
+            .map(|f| f.metadata().expect("meta").len())
+            .sum();
+        if source > limit {
+            assert!(
+                matches!(&s.cache, CacheStatus::Bypassed(why)
+                    if why.contains("exceed the session cache's limit of 4.0 MiB")),
+                "{}: {:?}",
+                s.component,
+                s.cache
+            );
+            assert!(entries(&cache, &s.component).is_empty());
+            bypassed += 1;
+        } else {
+            assert_eq!(s.cache, CacheStatus::Stored, "{}", s.component);
+            assert_eq!(entries(&cache, &s.component).len(), 1);
+            stored += 1;
+        }
+    }
+    assert!(bypassed >= 2 && stored >= 1, "{:?}", engine.sessions());
     let _ = std::fs::remove_dir_all(&dir);
 }
 

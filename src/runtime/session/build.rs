@@ -9,7 +9,9 @@ use ort::session::Session;
 
 use super::weights::{prepare_weights, PreparedWeight};
 use super::{rt_err, Graph, SessionOptions, WeightOverride};
-use crate::runtime::cache::{CacheEntry, CacheKey, CacheStatus, DATA_FILE};
+use crate::runtime::cache::{
+    size_text, CacheEntry, CacheKey, CacheStatus, DATA_FILE, DEFAULT_LIMIT,
+};
 use crate::runtime::initializers::declared_inputs;
 use crate::runtime::options::{OptLevel, SessionCache};
 use crate::runtime::provider::ExecutionProvider;
@@ -65,7 +67,21 @@ impl Graph {
                         options.provider_options.device_id,
                         crate::runtime::library::loaded_library().as_deref(),
                     )?;
-                    (Some(CacheEntry::new(root, name, key)), CacheStatus::Off)
+                    let limit = options.cache_limit.unwrap_or(DEFAULT_LIMIT);
+                    if key.source_bytes() > limit {
+                        let why = format!(
+                            "the graph's {} exceed the session cache's limit of {} \
+                             (--session-cache-limit)",
+                            size_text(key.source_bytes()),
+                            size_text(limit)
+                        );
+                        (None, CacheStatus::Bypassed(why))
+                    } else {
+                        (
+                            Some(CacheEntry::new(root, name, key, limit)),
+                            CacheStatus::Off,
+                        )
+                    }
                 }
             },
         };

@@ -17,6 +17,8 @@ pub struct SessionOptions {
     pub opt_level: OptLevel,
     /// Where optimised graphs are cached.
     pub cache: SessionCache,
+    /// The cache's size limit in bytes; `None`: [`crate::runtime::cache::DEFAULT_LIMIT`].
+    pub cache_limit: Option<u64>,
     /// Build the session for exactly this image size and batch (ONNX Runtime's free-dimension
     /// overrides, see [`crate::runtime::tensorrt::dimension_overrides`]); `None` keeps every
     /// dynamic dimension dynamic.

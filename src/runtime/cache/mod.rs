@@ -29,6 +29,8 @@
 //! flipped bit in the weights) is not detected: hashing gigabytes would cost what the cache
 //! saves.
 
+mod evict;
+
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
@@ -38,6 +40,8 @@ use serde::{Deserialize, Serialize};
 use super::options::OptLevel;
 use super::provider::ExecutionProvider;
 use crate::{Error, Result};
+
+pub use evict::DEFAULT_LIMIT;
 
 /// Bump when the entry layout or key meaning changes.
 const FORMAT: u32 = 1;
@@ -160,6 +164,18 @@ pub(crate) fn cpu_features() -> String {
     found.join(",")
 }
 
+/// A byte count for messages: KiB below a MiB, MiB below a GiB, GiB above.
+pub(crate) fn size_text(bytes: u64) -> String {
+    let kib = bytes as f64 / 1024.0;
+    if kib < 1024.0 {
+        format!("{kib:.1} KiB")
+    } else if kib < 1024.0 * 1024.0 {
+        format!("{:.1} MiB", kib / 1024.0)
+    } else {
+        format!("{:.2} GiB", kib / (1024.0 * 1024.0))
+    }
+}
+
 fn fnv1a(text: &str) -> u64 {
     text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
@@ -198,6 +214,11 @@ impl CacheKey {
         })
     }
 
+    /// The size of the graph's source files: about what its entry will take.
+    pub(crate) fn source_bytes(&self) -> u64 {
+        self.model_files.iter().map(|f| f.size).sum()
+    }
+
     fn json(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
     }
@@ -209,6 +230,8 @@ pub(crate) struct CacheEntry {
     dir: PathBuf,
     root: PathBuf,
     key: CacheKey,
+    /// The whole cache's size limit in bytes, kept by [`CacheEntry::finish_store`].
+    limit: u64,
 }
 
 /// Where a store in progress writes.
@@ -232,13 +255,14 @@ impl Drop for PendingStore {
 }
 
 impl CacheEntry {
-    /// The entry for `component` under `root`.
-    pub(crate) fn new(root: &Path, component: &str, key: CacheKey) -> Self {
+    /// The entry for `component` under `root`, in a cache of at most `limit` bytes.
+    pub(crate) fn new(root: &Path, component: &str, key: CacheKey, limit: u64) -> Self {
         let hash = fnv1a(&key.json());
         CacheEntry {
             dir: root.join(format!("{component}-{hash:016x}")),
             root: root.to_path_buf(),
             key,
+            limit,
         }
     }
 
@@ -273,6 +297,7 @@ impl CacheEntry {
                 ));
             }
         }
+        evict::touch(&self.dir);
         Ok(Some(self.dir.join(MODEL_FILE)))
     }
 
@@ -294,7 +319,8 @@ impl CacheEntry {
 
     /// Completes a store after ONNX Runtime wrote the model: records the key and file sizes and
     /// moves the directory into place, then deletes entries of the same model that other keys
-    /// (an older file, another ONNX Runtime) left behind.
+    /// (an older file, another ONNX Runtime) left behind, and the least recently used entries
+    /// while the cache is over its limit.
     pub(crate) fn finish_store(&self, pending: PendingStore) -> Result<()> {
         let mut files = Vec::new();
         for name in [MODEL_FILE, DATA_FILE] {
@@ -319,6 +345,7 @@ impl CacheEntry {
         self.remove();
         std::fs::rename(&pending.tmp, &self.dir).map_err(|e| Error::io(&self.dir, e))?;
         self.prune_siblings();
+        evict::evict(&self.root, &self.dir, self.limit);
         Ok(())
     }
 
@@ -384,7 +411,7 @@ mod tests {
         let model = dir.join("source.onnx");
         std::fs::write(&model, b"model").expect("write");
         let root = dir.join("cache");
-        let entry = CacheEntry::new(&root, "unet", key(&model, OptLevel::All));
+        let entry = CacheEntry::new(&root, "unet", key(&model, OptLevel::All), DEFAULT_LIMIT);
         assert_eq!(entry.lookup(), Ok(None));
         store(&entry, b"optimised");
         let found = entry.lookup().expect("valid").expect("present");
@@ -416,7 +443,7 @@ mod tests {
         std::fs::write(&model, b"model").expect("write");
         let root = dir.join("cache");
         let base = key(&model, OptLevel::All);
-        let first = CacheEntry::new(&root, "unet", base.clone());
+        let first = CacheEntry::new(&root, "unet", base.clone(), DEFAULT_LIMIT);
         store(&first, b"v1");
 
         let mut other_cpu = base.clone();
@@ -426,18 +453,72 @@ mod tests {
         let mut other_ort = base.clone();
         other_ort.ort_build = "another build".into();
         for changed in [other_cpu, other_level, other_ort.clone()] {
-            let e = CacheEntry::new(&root, "unet", changed);
+            let e = CacheEntry::new(&root, "unet", changed, DEFAULT_LIMIT);
             assert_ne!(e.dir(), first.dir());
             assert_eq!(e.lookup(), Ok(None));
         }
 
         // The model file changes (new size): a new key; storing it deletes the stale entry.
         std::fs::write(&model, b"model, retrained").expect("rewrite");
-        let newer = CacheEntry::new(&root, "unet", key(&model, OptLevel::All));
+        let newer = CacheEntry::new(&root, "unet", key(&model, OptLevel::All), DEFAULT_LIMIT);
         assert_ne!(newer.dir(), first.dir());
         store(&newer, b"v2");
         assert!(!first.dir().exists(), "the stale entry is pruned");
         assert!(newer.dir().exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn over_the_limit_the_least_recently_used_entries_go_first() {
+        let dir = scratch("limit");
+        let root = dir.join("cache");
+        let entry = |name: &str, limit: u64| {
+            let model = dir.join(format!("{name}.onnx"));
+            std::fs::write(&model, name).expect("write");
+            CacheEntry::new(&root, name, key(&model, OptLevel::All), limit)
+        };
+        let age = |e: &CacheEntry, secs: u64| {
+            let file = std::fs::File::options()
+                .write(true)
+                .open(e.dir().join(KEY_FILE))
+                .expect("key file");
+            let when = std::time::SystemTime::now() - std::time::Duration::from_secs(secs);
+            file.set_modified(when).expect("set time");
+        };
+        let size = |e: &CacheEntry| -> u64 {
+            std::fs::read_dir(e.dir())
+                .expect("list")
+                .flatten()
+                .map(|f| f.metadata().expect("meta").len())
+                .sum()
+        };
+        // Three entries of 1000 bytes of model each, used 300, 200 and 100 s ago.
+        let (a, b, c) = (
+            entry("a", u64::MAX),
+            entry("b", u64::MAX),
+            entry("c", u64::MAX),
+        );
+        for (e, secs) in [(&a, 300), (&b, 200), (&c, 100)] {
+            store(e, &[0u8; 1000]);
+            age(e, secs);
+        }
+        // A hit on the oldest makes it the most recently used.
+        assert!(a.lookup().expect("valid").is_some());
+        // A fourth entry in a cache that holds three: the least recently used (b) goes.
+        let limit = size(&a) + size(&b) + size(&c);
+        let d = entry("d", limit);
+        store(&d, &[0u8; 1000]);
+        assert!(a.dir().exists() && c.dir().exists() && d.dir().exists());
+        assert!(
+            !b.dir().exists(),
+            "the least recently used entry is evicted"
+        );
+        // An entry larger than the whole limit is kept once stored; everything else goes.
+        let e = entry("e", 10);
+        store(&e, &[0u8; 1000]);
+        let left: Vec<_> = std::fs::read_dir(&root).expect("list").flatten().collect();
+        assert_eq!(left.len(), 1);
+        assert!(e.dir().exists());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -447,7 +528,12 @@ mod tests {
         let model = dir.join("source.onnx");
         std::fs::write(&model, b"model").expect("write");
         let root = dir.join("cache");
-        let entry = CacheEntry::new(&root, "vae_decoder", key(&model, OptLevel::All));
+        let entry = CacheEntry::new(
+            &root,
+            "vae_decoder",
+            key(&model, OptLevel::All),
+            DEFAULT_LIMIT,
+        );
         let pending = entry.begin_store().expect("begin");
         std::fs::write(pending.model_path(), b"partial").expect("write");
         drop(pending);
