@@ -681,8 +681,9 @@ tcd_status tcd_engine_options_set_lora_allow_unmatched(struct tcd_engine_options
                                                        int32_t allow);
 
 /**
- * Sets the graph optimisation level: `"disable"`, `"basic"`, `"extended"` or `"all"` (the
- * default). Anything else is `TCD_ERR_INVALID_ARGUMENT`.
+ * Sets the graph optimisation level: `"disable"`, `"basic"`, `"extended"`, `"all"` or
+ * `"auto"` (the default: `"all"` for the VAE's graphs, `"extended"` for the others). Anything
+ * else is `TCD_ERR_INVALID_ARGUMENT`.
  *
  * # Safety
  *

@@ -69,9 +69,12 @@ pub enum OptLevel {
     /// Basic plus fusions for the registered providers (GELU, layer norm, attention).
     Extended,
     /// Extended plus layout optimisations specific to this machine (NCHWc on CPU). ONNX
-    /// Runtime's default, and tcd-ort's.
-    #[default]
+    /// Runtime's default.
     All,
+    /// tcd-ort's default: `all` for the VAE's graphs, `extended` for every other graph (see
+    /// [`OptLevel::for_graph`]).
+    #[default]
+    Auto,
 }
 
 named_enum!(
@@ -81,9 +84,29 @@ named_enum!(
         (Disable, "disable"),
         (Basic, "basic"),
         (Extended, "extended"),
-        (All, "all")
+        (All, "all"),
+        (Auto, "auto")
     ]
 );
+
+impl OptLevel {
+    /// The level a graph is built at: `self`, or for [`OptLevel::Auto`] the level chosen for
+    /// the graph named `graph` (`unet`, `vae_decoder`, ...).
+    ///
+    /// `all` adds the CPU's blocked convolution layout (NCHWc) to `extended`. Measured on
+    /// full-size SD1.5 (512x512, this 2-core CPU, `benches/README.md`): rewriting the UNet's
+    /// convolutions took 3.9 of the UNet's 5.5 s of session start and made no step faster;
+    /// the VAE decoder's start grew by 0.2 s and its decode got 0.35 s (5%) faster. So the
+    /// VAE's graphs are built at `all` and everything else (UNet, ControlNets, text encoders,
+    /// image encoders, depth estimator) at `extended`.
+    pub fn for_graph(self, graph: &str) -> OptLevel {
+        match self {
+            OptLevel::Auto if graph.starts_with("vae_") => OptLevel::All,
+            OptLevel::Auto => OptLevel::Extended,
+            level => level,
+        }
+    }
+}
 
 /// How cuDNN picks convolution algorithms (`--cuda-cudnn-search`).
 #[derive(
@@ -490,6 +513,31 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_builds_the_vae_at_all_and_the_rest_at_extended() {
+        assert_eq!(OptLevel::default(), OptLevel::Auto);
+        assert_eq!("auto".parse::<OptLevel>().ok(), Some(OptLevel::Auto));
+        for graph in ["vae_decoder", "vae_encoder"] {
+            assert_eq!(OptLevel::Auto.for_graph(graph), OptLevel::All, "{graph}");
+        }
+        for graph in [
+            "unet",
+            "unet-segment-1",
+            "text_encoder_2",
+            "controlnet_0",
+            "depth",
+        ] {
+            assert_eq!(
+                OptLevel::Auto.for_graph(graph),
+                OptLevel::Extended,
+                "{graph}"
+            );
+        }
+        // An explicit level is every graph's.
+        assert_eq!(OptLevel::All.for_graph("unet"), OptLevel::All);
+        assert_eq!(OptLevel::Basic.for_graph("vae_decoder"), OptLevel::Basic);
+    }
 
     #[test]
     fn parses_enums_and_rejects_unknown_values() {

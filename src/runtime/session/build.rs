@@ -63,7 +63,7 @@ impl Graph {
                     let key = CacheKey::new(
                         path,
                         options.providers(),
-                        options.opt_level,
+                        options.opt_level.for_graph(name),
                         options.provider_options.device_id,
                         crate::runtime::library::loaded_library().as_deref(),
                     )?;
@@ -165,7 +165,9 @@ pub(in crate::runtime) fn configure(
         .with_optimization_level(match level {
             OptLevel::Disable => GraphOptimizationLevel::Disable,
             OptLevel::Basic => GraphOptimizationLevel::Level1,
-            OptLevel::Extended => GraphOptimizationLevel::Level2,
+            // `Auto` is resolved per graph by the callers (`OptLevel::for_graph`); a graph built
+            // without a name gets its default for unnamed graphs.
+            OptLevel::Extended | OptLevel::Auto => GraphOptimizationLevel::Level2,
             OptLevel::All => GraphOptimizationLevel::Level3,
         })
         .map_err(err)?;
@@ -230,7 +232,7 @@ fn build(
     let context = format!("loading {} ({})", name, model.display());
     let err = |e: ort::Error<SessionBuilder>| rt_err(&context, e);
     let level = if optimise {
-        options.opt_level
+        options.opt_level.for_graph(name)
     } else {
         OptLevel::Disable
     };
