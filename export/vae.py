@@ -45,7 +45,7 @@ def vae_scale_factor(vae: torch.nn.Module) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def _prepare(vae: torch.nn.Module) -> None:
+def prepare_for_export(vae: torch.nn.Module) -> None:
     # Tiled / sliced paths add Python control flow on the image size; the engine tiles itself.
     for name in ("disable_tiling", "disable_slicing"):
         fn = getattr(vae, name, None)
@@ -56,7 +56,7 @@ def _prepare(vae: torch.nn.Module) -> None:
 def export_vae_decoder(
     vae: torch.nn.Module, out_dir: pathlib.Path, opset: int, attention: str = "fused"
 ) -> onnx.ModelProto:
-    _prepare(vae)
+    prepare_for_export(vae)
     latent = torch.randn(2, vae.config.latent_channels, 24, 40, dtype=module_dtype(vae))
     model = export_component(
         _Decoder(vae),
@@ -75,7 +75,7 @@ def export_vae_decoder(
 def export_vae_encoder(
     vae: torch.nn.Module, out_dir: pathlib.Path, opset: int, attention: str = "fused"
 ) -> onnx.ModelProto:
-    _prepare(vae)
+    prepare_for_export(vae)
     f = vae_scale_factor(vae)
     image = (torch.rand(2, vae.config.in_channels, 24 * f, 40 * f) * 2 - 1).to(module_dtype(vae))
     model = export_component(

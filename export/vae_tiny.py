@@ -52,7 +52,7 @@ from export.layout import ONNX_FILE
 from export.manifest import FORMAT_VERSION, describe_component, exporter_info, write_manifest
 from export.onnx_io import Io, export_component, module_dtype
 from export.sources import load_model
-from export.vae import _Decoder
+from export.vae import export_vae_decoder, prepare_for_export
 
 log = logging.getLogger("export")
 
@@ -83,12 +83,6 @@ def load_vae_tiny(source: str) -> Any:
     return load_model(source, AutoencoderTiny, "vae", "madebyollin/taesd")
 
 
-def _prepare(vae: torch.nn.Module) -> None:
-    # Tiled / sliced paths add Python control flow on the image size; the engine tiles itself.
-    vae.disable_tiling()
-    vae.disable_slicing()
-
-
 def measured_scale_factor(vae: torch.nn.Module) -> int:
     """Pixels per latent, from a decode and an encode of small tensors; fails when the two
     disagree with each other or with the pipelines' `vae_scale_factor`."""
@@ -113,28 +107,10 @@ def measured_scale_factor(vae: torch.nn.Module) -> int:
     return f
 
 
-def export_vae_tiny_decoder(
-    vae: torch.nn.Module, out_dir: pathlib.Path, opset: int
-) -> onnx.ModelProto:
-    _prepare(vae)
-    latent = torch.randn(2, vae.config.latent_channels, 24, 40, dtype=module_dtype(vae))
-    model = export_component(
-        _Decoder(vae),
-        (latent,),
-        [Io("latent_sample", {0: "batch", 2: "height", 3: "width"})],
-        [Io("sample", {0: "batch", 2: "image_height", 3: "image_width"})],
-        out_dir,
-        opset,
-        prefix="vae.",
-    )
-    vae.save_config(out_dir)
-    return model
-
-
 def export_vae_tiny_encoder(
     vae: torch.nn.Module, out_dir: pathlib.Path, opset: int, scale: int
 ) -> onnx.ModelProto:
-    _prepare(vae)
+    prepare_for_export(vae)
     image = (torch.rand(2, vae.config.in_channels, 24 * scale, 40 * scale) * 2 - 1).to(
         module_dtype(vae)
     )
@@ -193,7 +169,9 @@ def export_vae_tiny(
     log.info("loaded %s (AutoencoderTiny, x%d) in %.1fs", source, scale, time.perf_counter() - t0)
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    export_vae_tiny_decoder(vae, out_dir / DECODER, opset)
+    # The full VAE's decoder export: the same input, output and module call (TAESD has no
+    # attention for the translation to touch).
+    export_vae_decoder(vae, out_dir / DECODER, opset, attention="plain")
     export_vae_tiny_encoder(vae, out_dir / ENCODER, opset, scale)
     manifest = build_vae_tiny_manifest(out_dir, vae.config, scale, opset, DTYPE_NAMES[dtype])
     write_manifest(out_dir, manifest)
